@@ -1,0 +1,3 @@
+from diffto.cli import main
+
+main()

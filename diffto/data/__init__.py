@@ -1,0 +1,1 @@
+"""Trajectory datasets and datamodules."""

@@ -1,0 +1,1 @@
+"""LightningModules: the learning methods built on diffto's layers."""

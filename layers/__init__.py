@@ -1,0 +1,1 @@
+"""Differentiable solver layers: one file per backend."""

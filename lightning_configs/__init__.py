@@ -1,0 +1,1 @@
+"""Shipped LightningCLI configs; a bare ``--config NAME`` resolves against this folder."""

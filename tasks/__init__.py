@@ -1,0 +1,1 @@
+"""Environments, robot models and experts used by diffto's learning methods."""

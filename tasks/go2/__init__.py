@@ -1,0 +1,1 @@
+"""Unitree Go2 quadruped: model, reference planner and tracking environment."""

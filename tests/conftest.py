@@ -1,0 +1,21 @@
+"""Shared test settings: hypothesis profiles sized for 2-core CI machines."""
+
+import os
+
+from hypothesis import HealthCheck, settings
+
+# Solves are slow next to hypothesis's defaults: no per-example deadline, few examples.
+settings.register_profile(
+    "default",
+    deadline=None,
+    max_examples=15,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.differing_executors],
+)
+settings.register_profile("thorough", parent=settings.get_profile("default"), max_examples=200)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+
+# One intra-op thread: the shared CI machine has 2 cores, and with MKL on this kind of machine
+# batched LAPACK calls with 2 threads have been seen to return wrong results.
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
