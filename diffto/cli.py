@@ -26,9 +26,7 @@ _CONFIG_FLAGS = ("--config", "-c")
 def shipped_configs() -> dict[str, Path]:
     """Names of the configs shipped with diffto, mapped to their paths."""
     root = importlib.resources.files("diffto.lightning_configs")
-    return {
-        p.name: Path(str(p)) for p in root.iterdir() if p.name.endswith((".yaml", ".yml"))
-    }
+    return {p.name: Path(str(p)) for p in root.iterdir() if p.name.endswith((".yaml", ".yml"))}
 
 
 def resolve_config(value: str) -> str:

@@ -57,9 +57,7 @@ def _batched(name: str, value: Tensor, trailing: tuple[int, ...], ndim_core: int
             f"({', '.join(map(str, trailing))}), got {tuple(value.shape)}"
         )
     if tuple(value.shape[1:]) != trailing:
-        raise ValueError(
-            f"{name} must have trailing shape {trailing}, got {tuple(value.shape)}"
-        )
+        raise ValueError(f"{name} must have trailing shape {trailing}, got {tuple(value.shape)}")
     return value
 
 
@@ -134,7 +132,9 @@ class QuadraticCost:
             total = total + (c * tau).sum((-1, -2))
         xT = x[:, -1]
         if C_f is not None:
-            total = total + 0.5 * torch.einsum("bi,bij,bj->b", xT, C_f.expand(xT.shape[0], -1, -1), xT)
+            total = total + 0.5 * torch.einsum(
+                "bi,bij,bj->b", xT, C_f.expand(xT.shape[0], -1, -1), xT
+            )
         if c_f is not None:
             total = total + (c_f * xT).sum(-1)
         return total
@@ -171,7 +171,9 @@ class QuadraticCost:
                 return M
             if M.dim() == 3 and M.shape[-1] == M.shape[-2]:
                 return M
-            raise ValueError(f"{name} must be (k,), (B, k), (k, k) or (B, k, k), got {tuple(M.shape)}")
+            raise ValueError(
+                f"{name} must be (k,), (B, k), (k, k) or (B, k, k), got {tuple(M.shape)}"
+            )
 
         Qm = as_matrix("Q", Q, 2)
         Rm = as_matrix("R", R, 2)
@@ -211,9 +213,7 @@ class LinearDynamics:
             shape = tuple(F.shape) if isinstance(F, Tensor) else type(F).__name__
             raise ValueError(f"F must have shape (B, T, n, n+m) or (T, n, n+m), got {shape}")
         if F.shape[-1] <= F.shape[-2]:
-            raise ValueError(
-                f"F must have shape (..., n, n+m) with m >= 1, got {tuple(F.shape)}"
-            )
+            raise ValueError(f"F must have shape (..., n, n+m) with m >= 1, got {tuple(F.shape)}")
         self.F, self.f = F, f
         check_finite("F", F)
         check_finite("f", f)
@@ -306,7 +306,9 @@ def check_bounds(
             raise ValueError(f"{names[0]} must be <= {names[1]} everywhere")
 
 
-def problem_dims(x0: Tensor, cost: QuadraticCost, n: int | None = None) -> tuple[int, int, int, int]:
+def problem_dims(
+    x0: Tensor, cost: QuadraticCost, n: int | None = None
+) -> tuple[int, int, int, int]:
     """Return ``(B, T, n, m)`` for a problem, checking that ``x0`` and ``cost`` agree."""
     if not isinstance(cost, QuadraticCost):
         raise ValueError(f"cost must be a QuadraticCost, got {type(cost).__name__}")
@@ -315,7 +317,8 @@ def problem_dims(x0: Tensor, cost: QuadraticCost, n: int | None = None) -> tuple
     m = cost.n_tau - n
     if m < 1:
         raise ValueError(
-            f"cost.C has size {cost.n_tau} in its last dims but x0 has n={n}: expected n+m with m >= 1"
+            f"cost.C has size {cost.n_tau} in its last dims but x0 has n={n}: "
+            "expected n+m with m >= 1"
         )
     B = x0.shape[0]
     for name in ("C", "c"):

@@ -1,0 +1,194 @@
+"""Every constant of the Go2 OPT-Mimic tracking environment, with where it comes from.
+
+OPT-Mimic (Fuchioka et al., 2023) tracks trajectory-optimized references with a residual PPO
+policy on a 1.7 kg Solo 8 (8 joints, 2.7 Nm actuators). The Go2 weighs 15.2 kg, has 12 joints
+and 23.7 / 45.43 Nm actuators, so some constants of that spec cannot be used as written. Each
+field below says whether it is OPT-Mimic's value or an adaptation, and why.
+
+Units: metres, radians, newton-metres, seconds. A config is immutable; make variants with
+``dataclasses.replace(config, field=value)`` or pass ``**overrides`` to ``Go2TrackingEnv``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+__all__ = ["TrackingConfig", "SOLO8_TORQUE_LIMIT", "GO2_HIP_TORQUE_LIMIT"]
+
+#: Solo 8 actuation limit in OPT-Mimic's simulation (Nm).
+SOLO8_TORQUE_LIMIT = 2.7
+#: Go2 hip and thigh actuator limit (Nm); knees have 45.43.
+GO2_HIP_TORQUE_LIMIT = 23.7
+# Ratio of the per-joint error norm over 12 joints to the one over 8 joints at equal per-joint
+# error: sqrt(12 / 8).
+_JOINT_COUNT_RATIO = math.sqrt(12.0 / 8.0)
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    """Constants of :class:`~diffto.tasks.go2.env.Go2TrackingEnv`.
+
+    Reward: ``r = Σ_k w_k exp(-e_k² / (2 σ_k²))`` over the five terms position, orientation,
+    joint, action rate and max torque; the weights sum to one, so ``r ∈ [0, 1]``. An episode
+    terminates when any ``e_k > termination_sigmas · σ_k``.
+    """
+
+    # --- timing (OPT-Mimic's values) ---------------------------------------------------------
+    control_dt: float = 0.02
+    """Policy period (s): 50 Hz, the rate of the reference knots."""
+    physics_dt: float = 0.001
+    """MuJoCo timestep (s): 1 kHz, so 20 physics substeps per control step."""
+
+    # --- actuation ---------------------------------------------------------------------------
+    kp: float = 60.0
+    """Joint stiffness (Nm/rad). Adapted: OPT-Mimic's Solo used 3; scaled by the torque-limit
+    ratio that would be 26, but a PD hold of the Go2's ``home`` pose without feedforward sags to
+    0.19 m at Kp 20 and 0.22 m at Kp 30, while Kp 60 settles at 0.251 m (measured, 1 kHz, 2 s).
+    With the reference's gravity feedforward any Kp >= 20 stands at 0.272 m; Kp 60 keeps the
+    robot up even for references without feedforward and stiffens swing-leg tracking."""
+    kd: float = 1.0
+    """Joint damping gain (Nm s/rad). Adapted from Solo's 0.3: with the model's passive joint
+    damping of 2 Nm s/rad the knee (inertia ~0.012 kg m² incl. armature) is then slightly
+    over-damped at Kp 60 (critical Kd ~1.7); larger Kd only slows tracking of swing legs."""
+    action_limit: float = 0.5
+    """Residual joint-target range (rad): an action in [-1, 1] is scaled by this. Adapted:
+    OPT-Mimic leaves its residual unbounded (exploration std 0.08 rad); a bound keeps a Gaussian
+    policy squashed into the box. 0.5 rad on one joint is already beyond what the joint term
+    tolerates on a single joint for long (2.5 σ_joint = 0.92 rad over all 12)."""
+    use_velocity_feedforward: bool = True
+    """Add ``Kd · ref_dq`` to the PD law (the spec's ``Kd (ref_dq - dq)``). OPT-Mimic's default
+    keeps only position + torque feedforward; set False for that."""
+
+    # --- reward (weights are OPT-Mimic's) ------------------------------------------------------
+    w_position: float = 0.3
+    w_orientation: float = 0.3
+    w_joint: float = 0.2
+    w_action_rate: float = 0.1
+    w_torque: float = 0.1
+    sigma_position: float = 0.05
+    """Body position σ (m), OPT-Mimic's value. Kept: the tolerance is an absolute drift (2.5 σ =
+    12.5 cm, about half the Go2's standing height); the soft-foot sink of ~1.7 cm below a
+    rigid-foot reference costs only 5% of this term."""
+    sigma_orientation: float = 0.14
+    """Orientation σ on ``‖vec(q_ref⁻¹ ⊗ q)‖ = sin(θ/2)``, OPT-Mimic's value and metric:
+    σ ≈ 16° of rotation, termination at 2.5 σ ≈ 41°."""
+    sigma_joint: float = 0.3 * _JOINT_COUNT_RATIO
+    """Joint-position σ (rad) on the norm over 12 joints. Adapted: OPT-Mimic's 0.3 was for a norm
+    over 8 joints; the same per-joint error gives a norm sqrt(12/8) ≈ 1.22× larger, so 0.367."""
+    sigma_action_rate: float = 0.35 * _JOINT_COUNT_RATIO
+    """σ (rad) on ‖Δ residual‖ between consecutive control steps over 12 joints: 0.35 × 1.22."""
+    sigma_torque: float = 3.0 * GO2_HIP_TORQUE_LIMIT / SOLO8_TORQUE_LIMIT
+    """Max-joint-torque σ (Nm). Adapted: Solo's 3 Nm with 2.5 σ termination (7.5 Nm) would end
+    every Go2 episode at once (standing needs up to 8.4 Nm per knee); scaled by the torque-limit
+    ratio 23.7 / 2.7 ≈ 8.8 to 26.3 Nm. Consequence: 2.5 σ = 66 Nm exceeds every Go2 actuator
+    limit, so with clipped torques this term shapes the reward but never terminates."""
+
+    # --- termination -----------------------------------------------------------------------
+    termination_sigmas: float = 2.5
+    """Terminate when any tracking error exceeds this many σ (OPT-Mimic)."""
+    min_body_height: float = 0.05
+    """Terminate when the base origin falls below this height (m)."""
+    contact_grace_steps: int = 3
+    """Half-width (control steps) of the window around a reference contact transition in which a
+    foot may be in either contact state (OPT-Mimic)."""
+    terminate_on_contact_mismatch: bool = True
+    """Terminate when a foot's contact disagrees with the reference outside the grace window."""
+
+    # --- domain randomization (OPT-Mimic's distributions) -----------------------------------
+    friction_mean: float = 0.8
+    friction_std: float = 0.25
+    friction_range: tuple[float, float] = (0.1, 1.0)
+    restitution_mean: float = 0.0
+    restitution_std: float = 0.25
+    restitution_range: tuple[float, float] = (0.0, 1.0)
+    joint_offset_std: float = 0.02
+    """Std (rad) of the per-joint encoder offset, drawn per episode."""
+    torque_scale_mean: float = 1.0
+    torque_scale_std: float = 0.1
+    torque_scale_range: tuple[float, float] = (0.5, 1.5)
+    """Added clip (5 σ, practically never active): the scale must stay positive, since it is
+    folded into the actuator gains and force range."""
+    contact_timeconst: float = 0.02
+    """Contact spring time constant (s) that fixes the contact stiffness when restitution is
+    mapped to contact damping: MuJoCo's default solref time constant, so restitution 0 gives
+    exactly the model's default contact (solref 0.02, 1)."""
+
+    # --- reference -------------------------------------------------------------------------
+    reference_duration: float = 4.0
+    """Duration (s) of a reference planned from a motion name (``plan_reference``)."""
+    reference_cache_dir: str | None = None
+    """Cache folder for planned references; None uses the planner's default."""
+    body_height_offset: float = 0.0
+    """Added to the reference body height (m), for initialization and the position error. The
+    Go2's soft feet sink ~1.7 cm below a rigid-foot reference; set -0.017 to compensate a
+    reference that does not already account for it."""
+
+    # --- rendering -------------------------------------------------------------------------
+    render_width: int = 320
+    render_height: int = 240
+    render_camera: str = "track"
+
+    @property
+    def substeps(self) -> int:
+        """Physics steps per control step (20 at the defaults)."""
+        return int(round(self.control_dt / self.physics_dt))
+
+    def __post_init__(self) -> None:
+        positive = (
+            "control_dt", "physics_dt", "kp", "action_limit", "sigma_position",
+            "sigma_orientation", "sigma_joint", "sigma_action_rate", "sigma_torque",
+            "termination_sigmas", "contact_timeconst", "reference_duration",
+        )
+        for name in positive:
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"TrackingConfig.{name} must be a finite number > 0, got {value!r}")
+        nonneg = (
+            "kd", "w_position", "w_orientation", "w_joint", "w_action_rate", "w_torque",
+            "friction_std", "restitution_std", "joint_offset_std", "torque_scale_std",
+        )
+        for name in nonneg:
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"TrackingConfig.{name} must be a finite number >= 0, got {value!r}")
+        ratio = self.control_dt / self.physics_dt
+        if abs(ratio - round(ratio)) > 1e-9 or round(ratio) < 1:
+            raise ValueError(
+                f"TrackingConfig.control_dt ({self.control_dt}) must be a positive integer "
+                f"multiple of physics_dt ({self.physics_dt})"
+            )
+        weights = (
+            self.w_position + self.w_orientation + self.w_joint + self.w_action_rate
+            + self.w_torque
+        )
+        if abs(weights - 1.0) > 1e-9:
+            raise ValueError(f"TrackingConfig reward weights w_* must sum to 1, got {weights!r}")
+        if self.contact_grace_steps < 0:
+            raise ValueError(
+                f"TrackingConfig.contact_grace_steps must be >= 0, got {self.contact_grace_steps}"
+            )
+        for name in ("friction_range", "restitution_range", "torque_scale_range"):
+            lo, hi = getattr(self, name)
+            if not lo <= hi:
+                raise ValueError(f"TrackingConfig.{name} must be (low, high) with low <= high, "
+                                 f"got {(lo, hi)!r}")
+        if self.friction_range[0] <= 0 or self.torque_scale_range[0] <= 0:
+            raise ValueError("TrackingConfig.friction_range and torque_scale_range must be > 0")
+        if not (0 <= self.restitution_range[0] and self.restitution_range[1] <= 1):
+            raise ValueError(
+                f"TrackingConfig.restitution_range must lie in [0, 1], got {self.restitution_range}"
+            )
+        if self.render_width < 1 or self.render_height < 1:
+            raise ValueError("TrackingConfig.render_width and render_height must be >= 1")
+
+    def replace(self, **overrides: object) -> TrackingConfig:
+        """A copy with ``overrides`` applied; an unknown name raises ``ValueError``."""
+        names = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(overrides) - names)
+        if unknown:
+            raise ValueError(
+                f"unknown TrackingConfig field(s) {unknown}; expected some of {sorted(names)}"
+            )
+        return dataclasses.replace(self, **overrides)
