@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.resources
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -87,7 +88,13 @@ def main(argv: list[str] | None = None) -> None:
     _warn_if_lightning_script_is_shared()
     argv = _rewrite_config_args(list(sys.argv[1:] if argv is None else argv))
 
+    import torch
     from lightning.pytorch.cli import LightningCLI
+
+    # Parallelism in diffto's jobs comes from environment subprocesses and batching; on small
+    # CPUs extra intra-op threads slow the many small batched factorizations down (and MKL has
+    # been seen to return wrong batched solves with 2 threads). DIFFTO_NUM_THREADS overrides.
+    torch.set_num_threads(int(os.environ.get("DIFFTO_NUM_THREADS", "1")))
 
     import diffto.learning  # noqa: F401  (registers diffto's modules for short class names)
 

@@ -2,6 +2,9 @@
 
 import os
 
+if "MUJOCO_GL" not in os.environ and not os.environ.get("DISPLAY"):
+    os.environ["MUJOCO_GL"] = "osmesa"  # before any test module imports mujoco
+
 from hypothesis import HealthCheck, settings
 
 # Solves are slow next to hypothesis's defaults: no per-example deadline, few examples.

@@ -1,0 +1,665 @@
+"""Proximal policy optimization (PPO) as a LightningModule that owns its environments.
+
+This is the learner of OPT-Mimic (residual tracking of a trajectory-optimization reference),
+with the public OPT-Mimic settings as defaults: a Gaussian policy with a fixed exploration std
+≈ 0.08, policy MLP [128, 128], value MLP [512, 512], Adam with lr 1e-4 (actor) and 1e-3
+(critic), discounted returns with γ = 0.995 and no GAE, clip 0.2, 20,000 samples per
+iteration in minibatches of 5,000, 40 gradient steps for each network per iteration.
+
+One Lightning *training step is one PPO iteration*: collect ``samples_per_iteration`` env
+steps with the current policy, then run the actor and critic updates. Everything RL-specific
+stays inside the module, the pattern that works under Lightning (see the packaging notes):
+
+- the module owns ``gymnasium.vector`` envs (subprocesses by default) and the rollout buffer;
+  the training dataloader is a dummy infinite iterable with ``num_workers=0``;
+- manual optimization with **one** optimizer (two parameter groups, actor and critic
+  learning rates). Lightning advances ``global_step`` once per ``LightningOptimizer.step``;
+  the inner minibatch updates call the wrapped torch optimizer directly and only the last
+  goes through Lightning, so ``global_step`` counts iterations and ``trainer.max_steps`` is
+  the training budget in iterations;
+- the observation normalizer (:class:`~diffto.learning.normalizer.RunningNormalizer`) is a
+  submodule with buffers, so checkpoints carry it; it is updated once per iteration from the
+  raw observations just collected (the rollout itself uses frozen statistics, so stored
+  log-probabilities are exactly those of the policy that acted) and never in validation;
+- validation runs ``eval_episodes`` deterministic episodes (policy mean, eval env kwargs,
+  e.g. no domain randomization) and logs ``val/...``.
+
+Resuming (``--ckpt_path last``) restores networks, normalizer and optimizer state; the
+environments restart from fresh episodes.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import pkgutil
+import time
+from collections.abc import Iterator
+from functools import partial
+from typing import Any, Literal
+
+import gymnasium as gym
+import lightning as L
+import numpy as np
+import torch
+from gymnasium.vector import AsyncVectorEnv, AutoresetMode, SyncVectorEnv
+from torch import Tensor, nn
+from torch.distributions import Normal
+from torch.utils.data import DataLoader, IterableDataset
+
+from diffto.learning.normalizer import RunningNormalizer
+
+__all__ = ["PPO", "pg_loss", "v_loss", "approx_kl", "discounted_returns", "make_env"]
+
+Activation = Literal["tanh", "elu", "relu"]
+_ACTIVATIONS: dict[str, type[nn.Module]] = {"tanh": nn.Tanh, "elu": nn.ELU, "relu": nn.ReLU}
+
+
+# ----------------------------------------------------------------------------- pure functions
+def approx_kl(logratio: Tensor) -> Tensor:
+    """Estimate ``KL(π_old ‖ π_new)`` from ``logratio = log π_new(a|s) − log π_old(a|s)`` ``(B,)``.
+
+    Uses the unbiased, always non-negative estimator ``E[(r − 1) − log r]`` with
+    ``r = exp(logratio)`` (Schulman, "Approximating KL divergence"). Returns a scalar.
+    """
+    return ((logratio.exp() - 1.0) - logratio).mean()
+
+
+def pg_loss(
+    logprob: Tensor, old_logprob: Tensor, advantages: Tensor, clip_coef: float
+) -> dict[str, Tensor]:
+    """PPO clipped surrogate: ``E[max(−A r, −A clip(r, 1−ε, 1+ε))]`` with ``r = π/π_old``.
+
+    Args:
+        logprob: ``(B,)`` log-probabilities of the taken actions under the current policy.
+        old_logprob: ``(B,)`` log-probabilities under the policy that collected them.
+        advantages: ``(B,)`` advantage estimates (normalize them before, if wanted).
+        clip_coef: ``ε``.
+
+    Returns:
+        ``loss_actor`` (scalar, minimized), diagnostics ``approx_kl`` and ``clip_fraction``
+        (share of samples where the ratio left ``[1−ε, 1+ε]``), all scalars.
+    """
+    if not logprob.shape == old_logprob.shape == advantages.shape:
+        raise ValueError(
+            "logprob, old_logprob and advantages must all have shape (B,), got "
+            f"{tuple(logprob.shape)}, {tuple(old_logprob.shape)}, {tuple(advantages.shape)}"
+        )
+    if clip_coef <= 0:
+        raise ValueError(f"clip_coef must be > 0, got {clip_coef}")
+    logratio = logprob - old_logprob
+    ratio = logratio.exp()
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1.0 - clip_coef, 1.0 + clip_coef)
+    with torch.no_grad():
+        kl = approx_kl(logratio)
+        clip_fraction = ((ratio - 1.0).abs() > clip_coef).to(ratio.dtype).mean()
+    return {
+        "loss_actor": torch.maximum(unclipped, clipped).mean(),
+        "approx_kl": kl,
+        "clip_fraction": clip_fraction,
+    }
+
+
+def v_loss(values: Tensor, returns: Tensor) -> dict[str, Tensor]:
+    """Critic regression ``0.5 E[(V(s) − R)²]``.
+
+    Args:
+        values: ``(B,)`` current value predictions.
+        returns: ``(B,)`` return targets.
+
+    Returns:
+        ``loss_critic`` (scalar, minimized) and ``explained_variance`` ``1 − Var[R − V]/Var[R]``
+        (1 is perfect, ≤ 0 no better than a constant; NaN when the returns are constant).
+    """
+    if values.shape != returns.shape or values.dim() != 1:
+        raise ValueError(
+            f"values and returns must both have shape (B,), got {tuple(values.shape)} and "
+            f"{tuple(returns.shape)}"
+        )
+    with torch.no_grad():
+        var_r = returns.var(unbiased=False)
+        explained = 1.0 - (returns - values).var(unbiased=False) / var_r
+    return {"loss_critic": 0.5 * ((values - returns) ** 2).mean(), "explained_variance": explained}
+
+
+def discounted_returns(
+    rewards: Tensor,
+    values: Tensor,
+    terminated: Tensor,
+    truncated: Tensor,
+    final_values: Tensor,
+    next_value: Tensor,
+    gamma: float,
+    gae_lambda: float | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Returns and advantages of a rollout of ``T`` steps in ``E`` environments.
+
+    Args:
+        rewards, values: ``(T, E)``; ``values[t]`` is ``V(s_t)``.
+        terminated: ``(T, E)`` bool, the episode ended in a terminal state at step ``t``.
+        truncated: ``(T, E)`` bool, the episode was cut (time limit) at step ``t``.
+        final_values: ``(T, E)``, ``V`` of the last observation of an episode truncated at
+            ``t`` (read only where ``truncated``).
+        next_value: ``(E,)``, ``V`` of the observation after the last step (bootstrap).
+        gamma: discount ``γ``.
+        gae_lambda: ``None`` for plain discounted returns (OPT-Mimic), else GAE(λ).
+
+    Returns:
+        ``(advantages, returns)``, both ``(T, E)``.
+
+    A truncated episode did not end: its tail is worth ``V(s_final)``, so the reward of the
+    truncating step becomes ``r̃_t = r_t + γ V(s_final)``. A terminated one is worth nothing
+    after ``t``. Either way nothing flows back from the next episode (``d_t = 1``):
+
+        R_t = r̃_t + γ (1 − d_t) R_{t+1},    R_T = V(s_T)                      (returns)
+        A_t = R_t − V(s_t)
+
+    and with GAE, ``δ_t = r̃_t + γ (1 − d_t) V_{t+1} − V_t``,
+    ``A_t = δ_t + γ λ (1 − d_t) A_{t+1}``, ``R_t = A_t + V_t``. GAE with ``λ = 1`` equals the
+    plain discounted returns.
+    """
+    if rewards.dim() != 2:
+        raise ValueError(f"rewards must have shape (T, E), got {tuple(rewards.shape)}")
+    T, E = rewards.shape
+    for name, x in (("values", values), ("terminated", terminated), ("truncated", truncated),
+                    ("final_values", final_values)):
+        if tuple(x.shape) != (T, E):
+            raise ValueError(f"{name} must have shape ({T}, {E}), got {tuple(x.shape)}")
+    if tuple(next_value.shape) != (E,):
+        raise ValueError(f"next_value must have shape ({E},), got {tuple(next_value.shape)}")
+    if not 0.0 <= gamma <= 1.0:
+        raise ValueError(f"gamma must be in [0, 1], got {gamma}")
+    if gae_lambda is not None and not 0.0 <= gae_lambda <= 1.0:
+        raise ValueError(f"gae_lambda must be in [0, 1] or None, got {gae_lambda}")
+    trunc = truncated.to(rewards.dtype)
+    # a step can be both terminated and truncated: termination wins (no bootstrap)
+    boot = trunc * (1.0 - terminated.to(rewards.dtype))
+    r = rewards + gamma * boot * final_values
+    cont = 1.0 - torch.maximum(terminated.to(rewards.dtype), trunc)
+    returns = torch.empty_like(rewards)
+    advantages = torch.empty_like(rewards)
+    if gae_lambda is None:
+        running = next_value
+        for t in reversed(range(T)):
+            running = r[t] + gamma * cont[t] * running
+            returns[t] = running
+        advantages = returns - values
+    else:
+        nxt_v, running = next_value, torch.zeros_like(next_value)
+        for t in reversed(range(T)):
+            delta = r[t] + gamma * cont[t] * nxt_v - values[t]
+            running = delta + gamma * gae_lambda * cont[t] * running
+            advantages[t] = running
+            nxt_v = values[t]
+        returns = advantages + values
+    return advantages, returns
+
+
+# ----------------------------------------------------------------------------- environments
+def _ensure_registered(env_id: str) -> None:
+    """diffto's tasks register their gymnasium ids on import: import them on first use."""
+    if ":" in env_id or env_id in gym.registry:
+        return
+    import diffto.tasks
+
+    for info in pkgutil.iter_modules(diffto.tasks.__path__, "diffto.tasks."):
+        importlib.import_module(info.name)
+
+
+def make_env(env_id: str, env_kwargs: dict[str, Any] | None = None) -> gym.Env:
+    """``gym.make(env_id, **env_kwargs)``; importable, so subprocess workers can pickle it.
+
+    diffto ids (``diffto/...``) are registered on demand. The passive env checker is off:
+    the vector env checks spaces itself, and its warnings would repeat in every worker.
+    """
+    _ensure_registered(env_id)
+    return gym.make(env_id, disable_env_checker=True, **(env_kwargs or {}))
+
+
+def _mlp(n_in: int, hidden: list[int], n_out: int, activation: str, out_gain: float) -> nn.Module:
+    layers: list[nn.Module] = []
+    sizes = [n_in, *hidden]
+    for a, b in zip(sizes[:-1], sizes[1:], strict=True):
+        lin = nn.Linear(a, b)
+        nn.init.orthogonal_(lin.weight, math.sqrt(2))
+        nn.init.zeros_(lin.bias)
+        layers += [lin, _ACTIVATIONS[activation]()]
+    head = nn.Linear(sizes[-1], n_out)
+    nn.init.orthogonal_(head.weight, out_gain)
+    nn.init.zeros_(head.bias)
+    layers.append(head)
+    return nn.Sequential(*layers)
+
+
+def _box_dim(space: gym.Space, name: str) -> int:
+    if not isinstance(space, gym.spaces.Box) or len(space.shape) != 1:
+        raise ValueError(f"PPO needs a flat Box {name} space, got {space}")
+    return int(space.shape[0])
+
+
+def _info_values(info: dict[str, Any], key: str, done: np.ndarray) -> np.ndarray:
+    """Per-env values ``(E,)`` of ``info[key]`` (NaN where absent). With same-step autoreset
+    a finished env's step info sits in ``info["final_info"]`` and replaces the reset info."""
+    out = np.full(done.shape, np.nan)
+    if key in info:
+        mask = info.get("_" + key, np.ones(done.shape, bool))
+        out[mask] = np.asarray(info[key], dtype=np.float64)[mask]
+    final = info.get("final_info")
+    if isinstance(final, dict) and key in final:
+        mask = final.get("_" + key, np.ones(done.shape, bool)) & done
+        out[mask] = np.asarray(final[key], dtype=np.float64)[mask]
+    return out
+
+
+class _Forever(IterableDataset):
+    """Training 'data': one dummy item per PPO iteration, forever (the envs are the data)."""
+
+    def __iter__(self) -> Iterator[Tensor]:
+        while True:
+            yield torch.zeros(())
+
+
+# ----------------------------------------------------------------------------- the module
+class PPO(L.LightningModule):
+    """PPO over a gymnasium env id, one training step per iteration (OPT-Mimic defaults).
+
+    Args:
+        env_id: gymnasium id, e.g. ``"diffto/Go2Tracking-v0"`` or ``"Pendulum-v1"``.
+        env_kwargs: keyword arguments for the training envs.
+        eval_env_kwargs: overrides of ``env_kwargs`` for the evaluation env (e.g.
+            ``{"randomize": false}``).
+        num_envs: parallel training envs.
+        vector_mode: ``"async"`` (one subprocess per env) or ``"sync"`` (in process).
+        samples_per_iteration: env steps collected per iteration (rounded up to a multiple
+            of ``num_envs``).
+        minibatch_size: samples per gradient step.
+        actor_steps, critic_steps: gradient steps per iteration for each network; minibatches
+            are drawn without replacement from a reshuffled rollout until it is used up.
+        actor_hidden, critic_hidden: hidden layer sizes; ``activation`` their nonlinearity.
+        init_std: exploration std of the Gaussian policy (in action units).
+        learn_std: learn a state-independent log-std (else it stays at ``init_std``).
+        actor_lr, critic_lr: Adam learning rates.
+        gamma: discount. gae_lambda: ``None`` = discounted returns, else GAE(λ).
+        clip_coef: PPO ratio clip ε. target_kl: stop the actor updates of an iteration once
+            the approximate KL exceeds it (``None``: never).
+        max_grad_norm: per-network gradient norm clip (``None``: off).
+        normalize_advantages: standardize advantages in each minibatch.
+        normalize_observations: running mean/std normalization of observations.
+        info_keys: per-step ``info`` entries averaged per episode and logged (e.g. tracking
+            errors); keys an env does not report are skipped.
+        eval_episodes: deterministic episodes per validation. eval_max_steps: cap on their
+            length (``None``: until the env ends them). eval_reset_options: ``options`` for
+            the eval env's ``reset`` (e.g. ``{"phase": 0}`` to start a clip at its start).
+    """
+
+    def __init__(
+        self,
+        env_id: str = "diffto/Go2Tracking-v0",
+        env_kwargs: dict[str, Any] | None = None,
+        eval_env_kwargs: dict[str, Any] | None = None,
+        num_envs: int = 4,
+        vector_mode: Literal["async", "sync"] = "async",
+        samples_per_iteration: int = 20_000,
+        minibatch_size: int = 5_000,
+        actor_steps: int = 40,
+        critic_steps: int = 40,
+        actor_hidden: list[int] | None = None,
+        critic_hidden: list[int] | None = None,
+        activation: Activation = "tanh",
+        init_std: float = 0.08,
+        learn_std: bool = False,
+        actor_lr: float = 1e-4,
+        critic_lr: float = 1e-3,
+        gamma: float = 0.995,
+        gae_lambda: float | None = None,
+        clip_coef: float = 0.2,
+        target_kl: float | None = None,
+        max_grad_norm: float | None = 1.0,
+        normalize_advantages: bool = True,
+        normalize_observations: bool = True,
+        info_keys: list[str] | None = None,
+        eval_episodes: int = 1,
+        eval_max_steps: int | None = None,
+        eval_reset_options: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.automatic_optimization = False
+        checks = {
+            "num_envs": num_envs, "samples_per_iteration": samples_per_iteration,
+            "minibatch_size": minibatch_size, "eval_episodes": eval_episodes,
+        }
+        for name, value in checks.items():
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if actor_steps < 0 or critic_steps < 0:
+            raise ValueError(f"actor_steps and critic_steps must be >= 0, got "
+                             f"{actor_steps}, {critic_steps}")
+        if init_std <= 0:
+            raise ValueError(f"init_std must be > 0, got {init_std}")
+        if vector_mode not in ("async", "sync"):
+            raise ValueError(f"vector_mode must be 'async' or 'sync', got {vector_mode!r}")
+        if activation not in _ACTIVATIONS:
+            raise ValueError(f"activation must be one of {list(_ACTIVATIONS)}, got {activation!r}")
+        self.env_kwargs = dict(env_kwargs or {})
+        self.eval_env_kwargs = {**self.env_kwargs, **(eval_env_kwargs or {})}
+        self.info_keys = list(info_keys) if info_keys is not None else [
+            "pos_error", "orient_error", "joint_error"
+        ]
+        self.steps_per_env = math.ceil(samples_per_iteration / num_envs)
+
+        # Probe the spaces once in this process. For the Go2 env this also plans (and caches)
+        # the reference, so subprocess workers later only load the cache.
+        probe = make_env(env_id, self.eval_env_kwargs)
+        try:
+            obs_dim = _box_dim(probe.observation_space, "observation")
+            act_dim = _box_dim(probe.action_space, "action")
+            low = torch.as_tensor(probe.action_space.low, dtype=torch.float32)
+            high = torch.as_tensor(probe.action_space.high, dtype=torch.float32)
+        finally:
+            probe.close()
+        self.obs_dim, self.act_dim = obs_dim, act_dim
+        self.register_buffer("action_low", low)
+        self.register_buffer("action_high", high)
+
+        hidden_a = [128, 128] if actor_hidden is None else list(actor_hidden)
+        hidden_c = [512, 512] if critic_hidden is None else list(critic_hidden)
+        # A small last-layer gain starts the policy near the zero action (zero residual).
+        self.actor = _mlp(obs_dim, hidden_a, act_dim, activation, out_gain=0.01)
+        self.critic = _mlp(obs_dim, hidden_c, 1, activation, out_gain=1.0)
+        self.log_std = nn.Parameter(
+            torch.full((act_dim,), math.log(init_std)), requires_grad=learn_std
+        )
+        self.normalizer = RunningNormalizer(obs_dim) if normalize_observations else None
+
+        self.envs: gym.vector.VectorEnv | None = None
+        self.eval_env: gym.Env | None = None
+        self._obs: np.ndarray | None = None
+
+    # -- policy ------------------------------------------------------------------------------
+    def normalize(self, obs: Tensor) -> Tensor:
+        """Raw observations ``(B, obs_dim)`` -> network inputs ``(B, obs_dim)``."""
+        return obs if self.normalizer is None else self.normalizer(obs)
+
+    def distribution(self, nobs: Tensor) -> Normal:
+        """Gaussian policy over actions ``(B, act_dim)`` given normalized ``nobs``."""
+        mean = self.actor(nobs)
+        std = self.log_std.exp().to(mean.dtype).expand_as(mean)
+        return Normal(mean, std, validate_args=False)
+
+    def value(self, nobs: Tensor) -> Tensor:
+        """``V(s)`` ``(B,)`` for normalized observations ``(B, obs_dim)``."""
+        return self.critic(nobs).squeeze(-1)
+
+    def forward(self, obs: Tensor) -> Tensor:
+        """Deterministic action (policy mean clipped to the action box) ``(B, act_dim)``
+        for raw observations ``(B, obs_dim)``."""
+        mean = self.actor(self.normalize(obs))
+        return torch.maximum(torch.minimum(mean, self.action_high), self.action_low)
+
+    @torch.no_grad()
+    def act(self, obs: np.ndarray | Tensor) -> np.ndarray:
+        """Deterministic action for one raw observation ``(obs_dim,)`` or a batch, as numpy."""
+        x = torch.as_tensor(np.asarray(obs), dtype=self.action_low.dtype, device=self.device)
+        single = x.dim() == 1
+        a = self(x.unsqueeze(0) if single else x)
+        return (a[0] if single else a).cpu().numpy()
+
+    # -- environments ------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        # The eval env first, in this process: any expensive first construction (the Go2
+        # reference plan) happens once here, before subprocess workers start.
+        if self.eval_env is None:
+            self.eval_env = make_env(self.hparams.env_id, self.eval_env_kwargs)
+        if stage == "fit" and self.envs is None:
+            fns = [partial(make_env, self.hparams.env_id, self.env_kwargs)] * self.hparams.num_envs
+            kwargs = {"autoreset_mode": AutoresetMode.SAME_STEP}
+            if self.hparams.vector_mode == "async":
+                self.envs = AsyncVectorEnv(fns, context="fork", **kwargs)
+            else:
+                self.envs = SyncVectorEnv(fns, **kwargs)
+
+    def teardown(self, stage: str) -> None:
+        if self.envs is not None:
+            self.envs.close()
+            self.envs = None
+        if self.eval_env is not None:
+            self.eval_env.close()
+            self.eval_env = None
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(_Forever(), batch_size=None, num_workers=0)
+
+    def val_dataloader(self) -> DataLoader:
+        episodes = list(range(self.hparams.eval_episodes))  # one item per eval episode (its seed)
+        return DataLoader(episodes, batch_size=None, num_workers=0)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        actor_params = list(self.actor.parameters())
+        if self.hparams.learn_std:
+            actor_params.append(self.log_std)
+        return torch.optim.Adam(
+            [
+                {"params": actor_params, "lr": self.hparams.actor_lr, "name": "actor"},
+                {"params": list(self.critic.parameters()), "lr": self.hparams.critic_lr,
+                 "name": "critic"},
+            ]
+        )
+
+    def on_train_start(self) -> None:
+        assert self.envs is not None
+        seed = (torch.initial_seed() + 7919 * self.global_step) % 2**31
+        self._obs, _ = self.envs.reset(seed=int(seed))
+        E = self.hparams.num_envs
+        self._ep_return = np.zeros(E)
+        self._ep_length = np.zeros(E, dtype=np.int64)
+        self._ep_info = {k: np.zeros(E) for k in self.info_keys}
+        self._ep_info_n = {k: np.zeros(E) for k in self.info_keys}
+
+    # -- rollout -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def collect_rollout(self) -> dict[str, Any]:
+        """Run ``steps_per_env`` steps in every env with the current (frozen) policy.
+
+        Returns a dict of ``(T, E, ...)`` tensors (``obs`` normalized as the policy saw them,
+        ``actions``, ``logprob``, ``rewards``, ``values``, ``terminated``, ``truncated``,
+        ``final_values``), ``next_value (E,)``, the raw observations ``(T·E, obs_dim)`` and
+        the finished episodes' statistics.
+
+        Only sampling happens per step; log-probabilities and values are computed for the
+        whole rollout in one batched pass afterwards (the policy does not change during a
+        rollout), which keeps the main process's per-step cost far below an env step's.
+        """
+        assert self.envs is not None and self._obs is not None
+        T, E = self.steps_per_env, self.hparams.num_envs
+        dev, dt = self.device, self.action_low.dtype
+        raw = np.empty((T + 1, E, self.obs_dim), dtype=np.float32)
+        actions = torch.empty(T, E, self.act_dim, device=dev, dtype=dt)
+        rewards = np.empty((T, E))
+        terminated = np.empty((T, E), dtype=bool)
+        truncated = np.empty((T, E), dtype=bool)
+        final_obs: list[np.ndarray] = []
+        final_at: list[tuple[int, int]] = []
+        finished: dict[str, list[float]] = {"ep_return": [], "ep_length": []}
+        finished.update({k: [] for k in self.info_keys})
+        low, high = self.action_low.cpu().numpy(), self.action_high.cpu().numpy()
+        std = self.log_std.exp().to(dt)
+        raw[0] = self._obs
+        for t in range(T):
+            mean = self.actor(self.normalize(torch.as_tensor(raw[t], device=dev, dtype=dt)))
+            action = mean + std * torch.randn_like(mean)
+            actions[t] = action
+            obs, reward, term, trunc, info = self.envs.step(
+                np.clip(action.cpu().numpy(), low, high)
+            )
+            raw[t + 1], rewards[t], terminated[t], truncated[t] = obs, reward, term, trunc
+            done = np.logical_or(term, trunc)
+            for i in np.flatnonzero(trunc):
+                final_obs.append(np.asarray(info["final_obs"][i], dtype=np.float32))
+                final_at.append((t, int(i)))
+            self._track_episodes(reward, done, info, finished)
+        self._obs = raw[T].copy()
+
+        nobs_all = self.normalize(torch.as_tensor(raw, device=dev, dtype=dt))  # (T+1, E, d)
+        nobs = nobs_all[:T]
+        values_all = self.value(nobs_all)  # (T+1, E)
+        final_values = torch.zeros(T, E, device=dev, dtype=dt)
+        if final_obs:
+            v = self.value(self.normalize(torch.as_tensor(np.stack(final_obs), device=dev,
+                                                          dtype=dt)))
+            rows, cols = zip(*final_at, strict=True)
+            final_values[list(rows), list(cols)] = v
+        return {
+            "obs": nobs,
+            "actions": actions,
+            "logprob": self.distribution(nobs).log_prob(actions).sum(-1),
+            "values": values_all[:T],
+            "next_value": values_all[T],
+            "rewards": torch.as_tensor(rewards, device=dev, dtype=dt),
+            "terminated": torch.as_tensor(terminated, device=dev),
+            "truncated": torch.as_tensor(truncated, device=dev),
+            "final_values": final_values,
+            "raw_obs": raw[:T].reshape(T * E, self.obs_dim),
+            "finished": finished,
+        }
+
+    def _track_episodes(
+        self, reward: np.ndarray, done: np.ndarray, info: dict[str, Any],
+        finished: dict[str, list[float]],
+    ) -> None:
+        """Accumulate per-env episode return, length and ``info_keys`` means; move finished
+        episodes' values into ``finished``."""
+        self._ep_return += reward
+        self._ep_length += 1
+        for k in self.info_keys:
+            v = _info_values(info, k, done)
+            ok = ~np.isnan(v)
+            self._ep_info[k][ok] += v[ok]
+            self._ep_info_n[k][ok] += 1
+        for i in np.flatnonzero(done):
+            finished["ep_return"].append(float(self._ep_return[i]))
+            finished["ep_length"].append(float(self._ep_length[i]))
+            for k in self.info_keys:
+                if self._ep_info_n[k][i] > 0:
+                    finished[k].append(self._ep_info[k][i] / self._ep_info_n[k][i])
+                self._ep_info[k][i] = self._ep_info_n[k][i] = 0.0
+            self._ep_return[i], self._ep_length[i] = 0.0, 0
+
+    # -- update ------------------------------------------------------------------------------
+    def _minibatches(self, n: int) -> Iterator[Tensor]:
+        """Index minibatches without replacement, reshuffled whenever the rollout is used up."""
+        size = min(self.hparams.minibatch_size, n)
+        while True:
+            perm = torch.randperm(n, device=self.device)
+            for start in range(0, n - size + 1, size):
+                yield perm[start : start + size]
+
+    def training_step(self, batch: Tensor, batch_idx: int) -> None:
+        hp = self.hparams
+        t0 = time.perf_counter()
+        roll = self.collect_rollout()
+        t_rollout = time.perf_counter() - t0
+        if self.normalizer is not None:
+            self.normalizer.update(torch.as_tensor(roll["raw_obs"], device=self.device))
+
+        advantages, returns = discounted_returns(
+            roll["rewards"], roll["values"], roll["terminated"], roll["truncated"],
+            roll["final_values"], roll["next_value"], hp.gamma, hp.gae_lambda,
+        )
+        n = advantages.numel()
+        obs = roll["obs"].reshape(n, self.obs_dim)
+        actions = roll["actions"].reshape(n, self.act_dim)
+        old_logprob = roll["logprob"].reshape(n)
+        adv, ret = advantages.reshape(n), returns.reshape(n)
+
+        opt = self.optimizers()
+        torch_opt = opt.optimizer
+        n_updates = max(hp.actor_steps, hp.critic_steps, 1)
+        batches = self._minibatches(n)
+        stats: dict[str, list[Tensor]] = {}
+        actor_active = True
+        t1 = time.perf_counter()
+        for i in range(n_updates):
+            idx = next(batches)
+            loss = torch.zeros((), device=self.device, dtype=obs.dtype)
+            terms: dict[str, Tensor] = {}
+            if actor_active and i < hp.actor_steps:
+                a = adv[idx]
+                if hp.normalize_advantages and a.numel() > 1:
+                    a = (a - a.mean()) / (a.std() + 1e-8)
+                logprob = self.distribution(obs[idx]).log_prob(actions[idx]).sum(-1)
+                terms.update(pg_loss(logprob, old_logprob[idx], a, hp.clip_coef))
+                loss = loss + terms["loss_actor"]
+            if i < hp.critic_steps:
+                terms.update(v_loss(self.value(obs[idx]), ret[idx]))
+                loss = loss + terms["loss_critic"]
+            torch_opt.zero_grad(set_to_none=True)
+            if terms:  # empty once target_kl stopped the actor and the critic is done
+                self.manual_backward(loss)
+                if hp.max_grad_norm is not None:
+                    for net in (self.actor, self.critic):
+                        nn.utils.clip_grad_norm_(net.parameters(), hp.max_grad_norm)
+            # Only the last update goes through Lightning's wrapper, so global_step counts
+            # iterations (Adam skips parameters without gradients).
+            if i == n_updates - 1:
+                opt.step()
+            elif terms:
+                torch_opt.step()
+            for k, v in terms.items():
+                stats.setdefault(k, []).append(v.detach())
+            if hp.target_kl is not None and "approx_kl" in terms:
+                actor_active = bool(terms["approx_kl"] <= hp.target_kl)
+        t_update = time.perf_counter() - t1
+
+        logs = {f"train/{k}": torch.stack(v).mean() for k, v in stats.items()}
+        logs["train/std"] = self.log_std.detach().exp().mean()
+        logs["train/value_mean"] = roll["values"].mean()
+        logs["train/return_mean"] = ret.mean()
+        logs["charts/sps"] = torch.tensor(n / max(t_rollout, 1e-9))
+        logs["charts/time_rollout"] = torch.tensor(t_rollout)
+        logs["charts/time_update"] = torch.tensor(t_update)
+        logs["charts/sps_total"] = torch.tensor(n / max(t_rollout + t_update, 1e-9))
+        logs["charts/samples"] = torch.tensor(float((self.global_step) * n))
+        fin = roll["finished"]
+        for k, v in fin.items():
+            if v:
+                logs[f"rollout/{k}"] = torch.tensor(float(np.mean(v)))
+        bar = ("rollout/ep_return", "rollout/pos_error", "rollout/joint_error")
+        for k, v in logs.items():
+            self.log(k, v.float(), on_step=True, on_epoch=False, batch_size=1, prog_bar=k in bar)
+
+    # -- evaluation --------------------------------------------------------------------------
+    @torch.no_grad()
+    def run_episode(self, env: gym.Env, seed: int, max_steps: int | None = None) -> dict[str, Any]:
+        """One deterministic episode (policy mean). Returns ``ep_return``, ``ep_length`` and
+        ``(L,)`` arrays of each reported ``info_keys`` entry."""
+        obs, _ = env.reset(seed=seed, options=self.hparams.eval_reset_options)
+        total, length = 0.0, 0
+        series: dict[str, list[float]] = {k: [] for k in self.info_keys}
+        while max_steps is None or length < max_steps:
+            obs, reward, term, trunc, info = env.step(self.act(obs))
+            total += float(reward)
+            length += 1
+            for k in self.info_keys:
+                if k in info:
+                    series[k].append(float(info[k]))
+            if term or trunc:
+                break
+        out: dict[str, Any] = {"ep_return": total, "ep_length": length}
+        out.update({k: np.asarray(v) for k, v in series.items() if v})
+        return out
+
+    def validation_step(self, batch: int, batch_idx: int) -> None:
+        assert self.eval_env is not None
+        ep = self.run_episode(self.eval_env, seed=int(batch), max_steps=self.hparams.eval_max_steps)
+        logs = {"val/ep_return": ep["ep_return"], "val/ep_length": float(ep["ep_length"])}
+        for k in self.info_keys:
+            if k in ep:
+                logs[f"val/{k}"] = float(ep[k].mean())
+                stem = k[: -len("_error")] if k.endswith("_error") else k
+                logs[f"val/{stem}_rmse"] = float(np.sqrt(np.mean(ep[k] ** 2)))
+        self.log("val/ep_return", logs.pop("val/ep_return"), on_epoch=True, batch_size=1,
+                 prog_bar=True)
+        self.log_dict(logs, on_step=False, on_epoch=True, batch_size=1)
+
