@@ -115,12 +115,13 @@ class QuadraticCost:
         """Raise unless every stage's control block ``C_uu`` is positive definite."""
         C = _batched(name, self.C, (self.horizon, n + m, n + m), 3).detach()
         C_uu = 0.5 * (C[..., n:, n:] + C[..., n:, n:].transpose(-1, -2))
+        if (torch.linalg.cholesky_ex(C_uu).info == 0).all():
+            return
         lam_min = torch.linalg.eigvalsh(C_uu.double())[..., 0]
-        if (lam_min <= 0).any():
-            raise ValueError(
-                f"{name}: the control block C[..., n:, n:] must be positive definite at every "
-                f"stage; smallest eigenvalue found {lam_min.min().item():.3g}"
-            )
+        raise ValueError(
+            f"{name}: the control block C[..., n:, n:] must be positive definite at every "
+            f"stage; smallest eigenvalue found {lam_min.min().item():.3g}"
+        )
 
     def evaluate(self, x: Tensor, u: Tensor) -> Tensor:
         """Total cost of plans ``x (B, T+1, n)``, ``u (B, T, m)``; returns ``(B,)``."""

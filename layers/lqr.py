@@ -41,36 +41,40 @@ def _factor(C: Tensor, F: Tensor, C_f: Tensor, m: int) -> tuple[Tensor, Tensor, 
 
     Returns:
         ``V (B, T+1, n, n)`` cost-to-go Hessians, ``K (B, T, m, n)`` gains,
-        ``L (B, T, m, m)`` Cholesky factors of ``Q_uu``, ``ok (B,)`` True where every
-        ``Q_uu`` was positive definite.
+        ``Q_uu_inv (B, T, m, m)``, ``ok (B,)`` True where every ``Q_uu`` was positive
+        definite (elsewhere the other outputs are meaningless).
     """
     B = torch.broadcast_shapes(C.shape[:1], F.shape[:1], C_f.shape[:1])[0]
     T, n = C.shape[1], F.shape[2]
+    # Views taken once: the loop below is dispatch-bound for the small matrices of control.
+    Cs, Fs, FTs = C.unbind(1), F.unbind(1), F.transpose(-1, -2).unbind(1)
     V_next = C_f.expand(B, n, n)
-    Vs, Ks, Ls = [V_next], [], []
-    ok = torch.ones(B, dtype=torch.bool, device=C.device)
+    Vs, Ks, Ls, infos = [V_next], [], [], []
     for t in range(T - 1, -1, -1):
-        F_t = F[:, t]  # (B, n, n+m)
         # Q_t = C_t + F_tᵀ V_{t+1} F_t, the Hessian of the stage-plus-cost-to-go in τ.
-        Q = C[:, t] + F_t.transpose(-1, -2) @ V_next @ F_t  # (B, n+m, n+m)
-        Q_uu, Q_ux = Q[:, n:, n:], Q[:, n:, :n]
-        L, info = torch.linalg.cholesky_ex(Q_uu)
-        ok = ok & (info == 0)
-        K = -torch.cholesky_solve(Q_ux, L)  # (B, m, n)
-        # V_t = Q_xx + Q_xu K_t (= Q_xx − Q_xu Q_uu⁻¹ Q_ux); symmetrized against round-off.
-        V_next = Q[:, :n, :n] + Q[:, :n, n:] @ K
-        V_next = 0.5 * (V_next + V_next.transpose(-1, -2))
+        Q = torch.baddbmm(Cs[t].expand(B, -1, -1), FTs[t].expand(B, -1, -1), V_next @ Fs[t])
+        # Q_uu⁻¹ from its Cholesky factor: the info flags rows where Q_uu is not PD, and for
+        # the small m of control an explicit inverse makes every later solve one bmm.
+        L, info = torch.linalg.cholesky_ex(Q[:, n:, n:])
+        Q_uu_inv = torch.cholesky_inverse(L)  # (B, m, m)
+        K = (Q_uu_inv @ Q[:, n:, :n]).neg_()  # (B, m, n)
+        # V_t = Q_xx + Q_xu K_t (= Q_xx − Q_xu Q_uu⁻¹ Q_ux).
+        V_next = torch.baddbmm(Q[:, :n, :n], Q[:, :n, n:], K)
+        # Kept symmetric: over long horizons with unstable dynamics the round-off asymmetry
+        # otherwise grows until V diverges.
+        V_next = (V_next + V_next.transpose(-1, -2)).mul_(0.5)
         Vs.append(V_next)
         Ks.append(K)
-        Ls.append(L)
-    V = torch.stack(Vs[::-1], 1)
-    return V, torch.stack(Ks[::-1], 1), torch.stack(Ls[::-1], 1), ok
+        Ls.append(Q_uu_inv)
+        infos.append(info)
+    ok = (torch.stack(infos, 0) == 0).all(0)
+    return torch.stack(Vs[::-1], 1), torch.stack(Ks[::-1], 1), torch.stack(Ls[::-1], 1), ok
 
 
 def _affine_solve(
     V: Tensor,
     K: Tensor,
-    L: Tensor,
+    Q_uu_inv: Tensor,
     F: Tensor,
     c: Tensor,
     c_f: Tensor,
@@ -90,30 +94,32 @@ def _affine_solve(
     """
     B = x0.shape[0]
     T, n = F.shape[1], F.shape[2]
-    v_next = c_f.expand(B, n)
+    Vs, Ks, Ls = V.unbind(1), K.unbind(1), Q_uu_inv.unbind(1)
+    KTs = K.transpose(-1, -2).unbind(1)
+    Fs, FTs = F.unbind(1), F.transpose(-1, -2).unbind(1)
+    cs, fs = c.unsqueeze(-1).unbind(1), f.unsqueeze(-1).unbind(1)  # column vectors
+    v_next = c_f.expand(B, n).unsqueeze(-1)
     vs, ks = [v_next], []
     for t in range(T - 1, -1, -1):
-        F_t = F[:, t]
-        Vf = (V[:, t + 1] @ f[:, t].unsqueeze(-1)).squeeze(-1)
-        q = c[:, t] + (F_t.transpose(-1, -2) @ (Vf + v_next).unsqueeze(-1)).squeeze(-1)
-        q_x, q_u = q[:, :n], q[:, n:]
-        k = -torch.cholesky_solve(q_u.unsqueeze(-1), L[:, t]).squeeze(-1)  # (B, m)
-        v_next = q_x + (K[:, t].transpose(-1, -2) @ q_u.unsqueeze(-1)).squeeze(-1)
+        q = torch.baddbmm(cs[t], FTs[t].expand(B, -1, -1), torch.baddbmm(v_next, Vs[t + 1], fs[t]))
+        k = (Ls[t] @ q[:, n:]).neg_()  # (B, m, 1)
+        v_next = torch.baddbmm(q[:, :n], KTs[t], q[:, n:])
         vs.append(v_next)
         ks.append(k)
-    v = torch.stack(vs[::-1], 1)  # (B, T+1, n)
-    k = torch.stack(ks[::-1], 1)  # (B, T, m)
+    v = torch.stack(vs[::-1], 1).squeeze(-1)  # (B, T+1, n)
+    ks = ks[::-1]
 
-    xs, us = [x0], []
-    x = x0
+    x = x0.unsqueeze(-1)
+    xs, us = [x], []
     for t in range(T):
-        u = (K[:, t] @ x.unsqueeze(-1)).squeeze(-1) + k[:, t]
-        x = (F[:, t] @ torch.cat([x, u], -1).unsqueeze(-1)).squeeze(-1) + f[:, t]
+        u = torch.baddbmm(ks[t], Ks[t], x)
+        F_t = Fs[t].expand(B, -1, -1)
+        x = torch.baddbmm(torch.baddbmm(fs[t], F_t[..., :n], x), F_t[..., n:], u)
         xs.append(x)
         us.append(u)
-    x_all = torch.stack(xs, 1)
+    x_all = torch.stack(xs, 1).squeeze(-1)
     lam = (V @ x_all.unsqueeze(-1)).squeeze(-1) + v
-    return x_all, torch.stack(us, 1), lam
+    return x_all, torch.stack(us, 1).squeeze(-1), lam
 
 
 def _lqr_data(x0: Tensor, cost: QuadraticCost, dynamics: LinearDynamics):
@@ -165,8 +171,8 @@ def solve_lqr_tensors(
     c = x0.new_zeros(1, T, n + m) if c is None else c
     c_final = x0.new_zeros(1, n) if c_final is None else c_final
     f = x0.new_zeros(1, T, n) if f is None else f
-    V, K, L, _ = _factor(C, F, C_final, m)
-    return _affine_solve(V, K, L, F, c.expand(B, -1, -1), c_final, f.expand(B, -1, -1), x0)
+    V, K, Q_uu_inv, _ = _factor(C, F, C_final, m)
+    return _affine_solve(V, K, Q_uu_inv, F, c.expand(B, -1, -1), c_final, f.expand(B, -1, -1), x0)
 
 
 def _sum_to(grad: Tensor, like: Tensor) -> Tensor:
@@ -180,17 +186,19 @@ class _LQRFunction(torch.autograd.Function):
     @staticmethod
     def forward(x0, C, c, C_f, c_f, F, f):
         m = F.shape[-1] - F.shape[-2]
-        V, K, L, ok = _factor(C, F, C_f, m)
+        V, K, Q_uu_inv, ok = _factor(C, F, C_f, m)
         B = x0.shape[0]
-        x, u, lam = _affine_solve(V, K, L, F, c.expand(B, -1, -1), c_f, f.expand(B, -1, -1), x0)
-        return x, u, lam, K, V, L, ok
+        x, u, lam = _affine_solve(
+            V, K, Q_uu_inv, F, c.expand(B, -1, -1), c_f, f.expand(B, -1, -1), x0
+        )
+        return x, u, lam, K, V, Q_uu_inv, ok
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         x0, C, c, C_f, c_f, F, f = inputs
-        x, u, lam, K, V, L, ok = output
-        ctx.save_for_backward(x0, C, c, C_f, c_f, F, f, x, u, lam, K, V, L)
-        ctx.mark_non_differentiable(lam, K, V, L, ok)
+        x, u, lam, K, V, Q_uu_inv, ok = output
+        ctx.save_for_backward(x0, C, c, C_f, c_f, F, f, x, u, lam, K, V, Q_uu_inv)
+        ctx.mark_non_differentiable(lam, K, V, Q_uu_inv, ok)
 
     # Backward. Stack the primal-dual unknowns z = (τ_0..τ_{T-1}, x_T, λ_0..λ_T). The KKT
     # conditions of the LQR are linear, r(z) = M z + b = 0, with M symmetric (built from C,
@@ -208,13 +216,20 @@ class _LQRFunction(torch.autograd.Function):
     # (C enters only through its symmetric part, hence the symmetrized outer products.)
     @staticmethod
     def backward(ctx, grad_x, grad_u, *_):
-        x0, C, c, C_f, c_f, F, f, x, u, lam, K, V, L = ctx.saved_tensors
+        x0, C, c, C_f, c_f, F, f, x, u, lam, K, V, Q_uu_inv = ctx.saved_tensors
         B, T = u.shape[:2]
         grad_x = torch.zeros_like(x) if grad_x is None else grad_x
         grad_u = torch.zeros_like(u) if grad_u is None else grad_u
         g_tau = torch.cat([grad_x[:, :-1], grad_u], -1)  # (B, T, n+m)
         d_x, d_u, d_lam = _affine_solve(
-            V, K, L, F, g_tau, grad_x[:, -1], torch.zeros_like(x[:, 1:]), torch.zeros_like(x0)
+            V,
+            K,
+            Q_uu_inv,
+            F,
+            g_tau,
+            grad_x[:, -1],
+            torch.zeros_like(x[:, 1:]),
+            torch.zeros_like(x0),
         )
         tau = torch.cat([x[:, :-1], u], -1)  # (B, T, n+m)
         d_tau = torch.cat([d_x[:, :-1], d_u], -1)
