@@ -69,8 +69,11 @@ class FeedforwardComputer:
 
         ``body_quat`` is (w, x, y, z), base to world, as in MuJoCo's qpos.
         """
-        for name, value, n in (("joint_pos", joint_pos, 12), ("grf", grf, 12),
-                               ("body_quat", body_quat, 4)):
+        for name, value, n in (
+            ("joint_pos", joint_pos, 12),
+            ("grf", grf, 12),
+            ("body_quat", body_quat, 4),
+        ):
             if np.shape(value) != (n,):
                 raise ValueError(f"{name} must have shape ({n},), got {np.shape(value)}")
         return self.compute_batch(joint_pos, grf, body_quat)

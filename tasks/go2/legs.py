@@ -78,7 +78,7 @@ def rpy_to_rotation(rpy: np.ndarray) -> np.ndarray:
 
 
 def rpy_to_quat(rpy: np.ndarray) -> np.ndarray:
-    """Roll-pitch-yaw ``(..., 3)`` -> unit quaternion ``(..., 4)`` (w, x, y, z), ``qz ⊗ qy ⊗ qx``."""
+    """Roll-pitch-yaw ``(..., 3)`` -> quaternion ``(..., 4)`` (w, x, y, z) ``= qz ⊗ qy ⊗ qx``."""
     rpy = np.asarray(rpy, dtype=float)
     cr, sr = np.cos(rpy[..., 0] / 2), np.sin(rpy[..., 0] / 2)
     cp, sp = np.cos(rpy[..., 1] / 2), np.sin(rpy[..., 1] / 2)
@@ -114,8 +114,9 @@ def quat_to_rotation(quat: np.ndarray) -> np.ndarray:
 def _check_trailing(name: str, value: np.ndarray, trailing: tuple[int, ...]) -> np.ndarray:
     value = np.asarray(value, dtype=float)
     if value.shape[value.ndim - len(trailing) :] != trailing or value.ndim < len(trailing):
-        raise ValueError(f"{name} must have shape (..., {', '.join(map(str, trailing))}), "
-                         f"got {value.shape}")
+        raise ValueError(
+            f"{name} must have shape (..., {', '.join(map(str, trailing))}), got {value.shape}"
+        )
     if not np.all(np.isfinite(value)):
         raise ValueError(f"{name} contains NaN/Inf entries")
     return value
@@ -209,7 +210,8 @@ class LegGeometry:
     def inverse_kinematics(self, foot_pos: np.ndarray, check_limits: bool = True) -> np.ndarray:
         """Analytic IK: foot centres ``(..., 4, 3)`` in the base frame -> joints ``(..., 12)``.
 
-        Picks the Go2's working branch (foot below the hip, knee bent backwards, q3 < 0).
+        Picks the Go2's working branch: the foot below the thigh axis in the leg plane and
+        the knee bent backwards (q3 < 0).
         Raises ``ValueError`` naming the leg if a target is out of reach or, with
         ``check_limits``, if a joint leaves its range.
         """

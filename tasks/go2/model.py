@@ -41,6 +41,8 @@ __all__ = [
     "LEG_NAMES",
     "FOOT_SITE_NAMES",
     "HOME_QPOS",
+    "QPOS_JOINTS",
+    "QVEL_JOINTS",
     "TOTAL_MASS",
     "PARAMS_PATH",
     "params",
@@ -69,6 +71,11 @@ def params() -> dict[str, Any]:
         return json.load(fh)
 
 
+QPOS_JOINTS = slice(7, 19)  # joint angles inside qpos (19,)
+QVEL_JOINTS = slice(6, 18)  # joint velocities inside qvel (18,)
+# The ``home`` keyframe (19,): base at z 0.27, joints (0, 0.9, -1.8) per leg. Read-only so a
+# shared constant cannot be corrupted: copy it (``HOME_QPOS.copy()``, ``torch.tensor(...)``)
+# before editing; ``torch.from_numpy`` would warn about the read-only buffer.
 HOME_QPOS: np.ndarray = np.asarray(params()["keyframe_home"]["qpos"], dtype=np.float64)
 HOME_QPOS.setflags(write=False)
 TOTAL_MASS: float = float(sum(b["inertial"]["mass"] for b in params()["bodies"]))
@@ -81,6 +88,24 @@ _RGBA = {
     "foot": "0.05 0.05 0.05 1",
     "eye": "0.35 0.65 0.95 1",
 }
+
+
+# Tracking camera (mode trackcom: follows the trunk's centre of mass, world-fixed orientation):
+# 1.1 m from the trunk, front-right, looking down about 18 degrees at it.
+_TRACK_POS = (0.45, -0.95, 0.35)
+_TRACK_FOVY = 50.0
+
+
+def _track_quat() -> np.ndarray:
+    """Camera orientation looking at the trunk from ``_TRACK_POS``: camera -z toward the
+    target, camera x horizontal, camera y up-ish (MuJoCo camera convention)."""
+    z = np.asarray(_TRACK_POS) / np.linalg.norm(_TRACK_POS)  # camera looks along -z
+    x = np.cross([0.0, 0.0, 1.0], z)
+    x /= np.linalg.norm(x)
+    y = np.cross(z, x)
+    quat = np.empty(4)
+    mujoco.mju_mat2Quat(quat, np.column_stack([x, y, z]).reshape(-1))
+    return quat
 
 
 def _fmt(values: Any) -> str:
@@ -152,7 +177,9 @@ def _robot_body_xml(p: dict[str, Any]) -> str:
     def body_xml(b: dict[str, Any], indent: str) -> list[str]:
         inner = indent + "  "
         ine = b["inertial"]
-        lines = [f'{indent}<body name="{b["name"]}" pos="{_fmt(b["pos"])}" quat="{_fmt(b["quat"])}">']
+        lines = [
+            f'{indent}<body name="{b["name"]}" pos="{_fmt(b["pos"])}" quat="{_fmt(b["quat"])}">'
+        ]
         lines.append(
             f'{inner}<inertial pos="{_fmt(ine["pos"])}" quat="{_fmt(ine["quat"])}" '
             f'mass="{_fmt(ine["mass"])}" diaginertia="{_fmt(ine["diaginertia"])}"/>'
@@ -160,8 +187,8 @@ def _robot_body_xml(p: dict[str, Any]) -> str:
         if b.get("freejoint"):
             lines.append(f'{inner}<freejoint name="root"/>')
             lines.append(
-                f'{inner}<camera name="track" mode="trackcom" pos="0.45 -0.95 0.35" '
-                'xyaxes="0.904 0.428 0 -0.135 0.286 0.948" fovy="50"/>'
+                f'{inner}<camera name="track" mode="trackcom" pos="{_fmt(_TRACK_POS)}" '
+                f'quat="{_fmt(_track_quat())}" fovy="{_TRACK_FOVY!r}"/>'
             )
         if b["name"] in joints_by_body:
             j = joints_by_body[b["name"]]
@@ -174,7 +201,9 @@ def _robot_body_xml(p: dict[str, Any]) -> str:
         lines += [inner + _collision_geom(g) for g in geoms_by_body.get(b["name"], [])]
         lines += [inner + v for v in _visuals(b["name"])]
         for s in sites_by_body.get(b["name"], []):
-            lines.append(f'{inner}<site name="{s["name"]}" pos="{_fmt(s["pos"])}" size="0.01" group="5"/>')
+            lines.append(
+                f'{inner}<site name="{s["name"]}" pos="{_fmt(s["pos"])}" size="0.01" group="5"/>'
+            )
         for g in geoms_by_body.get(b["name"], []):
             if g.get("name") in LEG_NAMES:  # foot-sphere centre: end frame for leg kinematics
                 lines.append(
@@ -235,8 +264,9 @@ def model_xml(timestep: float = 0.001, *, scene: bool = True) -> str:
 
     Args:
         timestep: physics step in seconds (default 1 ms; Menagerie leaves MuJoCo's 2 ms).
-        scene: add floor, lights, sky and the ``home`` keyframe around the robot. With
-            ``scene=False`` only the robot, its actuators and the keyframe are emitted.
+        scene: add floor, lights and sky around the robot. With ``scene=False`` only the
+            robot (with its ``track`` camera and foot sites), its actuators and the ``home``
+            keyframe are emitted, e.g. for kinematics or to embed the Go2 in another scene.
 
     Options kept from Menagerie: elliptic friction cone, impratio 100, Euler integrator,
     Newton solver (100 iterations, 50 line-search iterations), gravity -9.81 z.
@@ -248,14 +278,15 @@ def model_xml(timestep: float = 0.001, *, scene: bool = True) -> str:
     parts = [
         '<mujoco model="go2">',
         f'  <compiler angle="{p["compiler"]["angle"]}" autolimits="true"/>',
-        f'  <option timestep="{timestep!r}" cone="{opt["cone"]}" impratio="{_fmt(opt["impratio"])}" '
+        f'  <option timestep="{timestep!r}" cone="{opt["cone"]}" '
+        f'impratio="{_fmt(opt["impratio"])}" '
         f'iterations="{int(opt["iterations"])}" ls_iterations="{int(opt["ls_iterations"])}" '
         f'gravity="{_fmt(opt["gravity"])}"/>',
         '  <statistic center="0 0 0.2" extent="0.8"/>',
-        '  <visual>',
+        "  <visual>",
         '    <headlight diffuse="0.5 0.5 0.5" ambient="0.35 0.35 0.35" specular="0 0 0"/>',
         '    <global azimuth="-130" elevation="-20" offwidth="1280" offheight="720"/>',
-        '  </visual>',
+        "  </visual>",
     ]
     if scene:
         parts.append(_SCENE_ASSETS)
@@ -310,19 +341,43 @@ def _load_menagerie(path: Path, timestep: float) -> mujoco.MjModel:
     world = spec.worldbody
     f = p["scene"]["floor"]
     world.add_geom(
-        name="floor", type=mujoco.mjtGeom.mjGEOM_PLANE, size=f["size"], friction=f["friction"],
-        condim=f["condim"], priority=f["priority"], material="floor",
+        name="floor",
+        type=mujoco.mjtGeom.mjGEOM_PLANE,
+        size=f["size"],
+        friction=f["friction"],
+        condim=f["condim"],
+        priority=f["priority"],
+        material="floor",
     )
-    world.add_light(name="sun", pos=[0, 0, 4], dir=[0, 0, -1], directional=True,
-                    diffuse=[0.6] * 3, castshadow=False)
-    src_cam = scene.camera("track")
+    world.add_light(
+        name="sun",
+        pos=[0, 0, 4],
+        dir=[0, 0, -1],
+        directional=True,
+        diffuse=[0.6] * 3,
+        castshadow=False,
+    )
+    world.add_light(
+        name="spot",
+        mode=mujoco.mjtCamLight.mjCAMLIGHT_TRACKCOM,
+        pos=[0, -1.5, 2.5],
+        dir=[0, 0.5, -1],
+        diffuse=[0.5] * 3,
+        cutoff=60,
+    )
     if spec.camera("track") is None:
-        spec.body("base").add_camera(name="track", mode=mujoco.mjtCamLight.mjCAMLIGHT_TRACKCOM, pos=src_cam.pos,
-                    quat=src_cam.quat, fovy=src_cam.fovy)
+        spec.body("base").add_camera(
+            name="track",
+            mode=mujoco.mjtCamLight.mjCAMLIGHT_TRACKCOM,
+            pos=_TRACK_POS,
+            quat=_track_quat(),
+            fovy=_TRACK_FOVY,
+        )
     for g in p["collision_geoms"]:
-        if g.get("name") in LEG_NAMES and spec.site(f'{g["name"]}_foot') is None:
-            spec.body(g["body"]).add_site(name=f'{g["name"]}_foot', pos=g["pos"], size=[0.005] * 3,
-                                          group=5)
+        if g.get("name") in LEG_NAMES and spec.site(f"{g['name']}_foot") is None:
+            spec.body(g["body"]).add_site(
+                name=f"{g['name']}_foot", pos=g["pos"], size=[0.005] * 3, group=5
+            )
     return spec.compile()
 
 

@@ -48,8 +48,9 @@ def _check_array(name: str, value: Any, shape: tuple[int, ...], shape_text: str)
     """Return ``value`` as float64 after checking its shape and finiteness."""
     arr = np.asarray(value)
     if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
-        raise ValueError(f"{name} must be a numeric array of shape {shape_text}, "
-                         f"got dtype {arr.dtype}")
+        raise ValueError(
+            f"{name} must be a numeric array of shape {shape_text}, got dtype {arr.dtype}"
+        )
     if arr.shape != shape:
         raise ValueError(f"{name} must have shape {shape_text} = {shape}, got {arr.shape}")
     arr = arr.astype(np.float64)
@@ -62,9 +63,17 @@ def _check_contact(name: str, value: Any, shape: tuple[int, ...], shape_text: st
     """Contact flags as bool; only 0/1 (or True/False) are accepted."""
     arr = _check_array(name, value, shape, shape_text)
     if not np.all((arr == 0) | (arr == 1)):
-        raise ValueError(f"{name} must hold only 0/1 (or booleans), got values "
-                         f"{np.unique(arr)[:8]}")
+        raise ValueError(
+            f"{name} must hold only 0/1 (or booleans), got values {np.unique(arr)[:8]}"
+        )
     return arr.astype(bool)
+
+
+def _as_int(name: str, value: Any) -> int:
+    try:
+        return operator.index(value)
+    except TypeError as err:
+        raise ValueError(f"{name} must be an integer, got {value!r}") from err
 
 
 def _check_dt(dt: Any) -> float:
@@ -87,8 +96,10 @@ def _read_npy(name: str, source: Any) -> tuple[np.ndarray, str]:
         except ValueError as err:  # object arrays need pickle: refuse them
             raise ValueError(f"{label}: not a plain numeric .npy array ({err})") from err
         if not isinstance(data, np.ndarray):
-            raise ValueError(f"{label}: expected a single .npy array, got an archive of "
-                             f"{list(getattr(data, 'files', []))}")
+            raise ValueError(
+                f"{label}: expected a single .npy array, got an archive of "
+                f"{list(getattr(data, 'files', []))}"
+            )
         return data, label
     return np.asarray(source), name
 
@@ -104,6 +115,12 @@ class ReferenceTrajectory:
         dt: phase length in seconds.
         meta: JSON-serializable description (motion, options, solver statistics).
     """
+
+    body_pos: np.ndarray
+    body_vel: np.ndarray
+    body_euler: np.ndarray
+    body_ang_vel: np.ndarray
+    joint_pos: np.ndarray
 
     def __init__(
         self,
@@ -121,11 +138,19 @@ class ReferenceTrajectory:
     ) -> None:
         n = np.shape(joint_vel)[0] if np.ndim(joint_vel) >= 1 else 0
         if n < 1:
-            raise ValueError(f"joint_vel must have shape (N, 12) with N >= 1, "
-                             f"got {np.shape(joint_vel)}")
-        given = dict(body_pos=body_pos, body_vel=body_vel, body_euler=body_euler,
-                     body_ang_vel=body_ang_vel, joint_pos=joint_pos, joint_vel=joint_vel,
-                     grf=grf, contact=contact)
+            raise ValueError(
+                f"joint_vel must have shape (N, 12) with N >= 1, got {np.shape(joint_vel)}"
+            )
+        given = dict(
+            body_pos=body_pos,
+            body_vel=body_vel,
+            body_euler=body_euler,
+            body_ang_vel=body_ang_vel,
+            joint_pos=joint_pos,
+            joint_vel=joint_vel,
+            grf=grf,
+            contact=contact,
+        )
         for name, cols in _KNOT_ARRAYS.items():
             setattr(self, name, _check_array(name, given[name], (n + 1, cols), f"(N+1, {cols})"))
         self.joint_vel = _check_array("joint_vel", joint_vel, (n, 12), "(N, 12)")
@@ -133,17 +158,14 @@ class ReferenceTrajectory:
         self.contact = _check_contact("contact", contact, (n, 4), "(N, 4)")
         self.dt = _check_dt(dt)
         self.meta = dict(meta or {})
-        json.dumps(self.meta)  # fail now, not at save time, if meta cannot be stored
+        try:  # fail now, not at save time, if meta cannot be stored
+            json.dumps(self.meta)
+        except TypeError as err:
+            raise ValueError(f"meta must be JSON-serializable: {err}") from err
         self._quat = rpy_to_quat(self.body_euler)  # (N+1, 4)
         if tau_ff is None:
             tau_ff = FeedforwardComputer().precompute_trajectory(self)
         self.tau_ff = _check_array("tau_ff", tau_ff, (n, 12), "(N, 12)")
-
-    body_pos: np.ndarray
-    body_vel: np.ndarray
-    body_euler: np.ndarray
-    body_ang_vel: np.ndarray
-    joint_pos: np.ndarray
 
     @property
     def num_phases(self) -> int:
@@ -156,10 +178,10 @@ class ReferenceTrajectory:
         return self.num_phases * self.dt
 
     def _knot(self, phase: int) -> int:
-        return min(max(operator.index(phase), 0), self.num_phases)
+        return min(max(_as_int("phase", phase), 0), self.num_phases)
 
     def _interval(self, phase: int) -> int:
-        return min(max(operator.index(phase), 0), self.num_phases - 1)
+        return min(max(_as_int("phase", phase), 0), self.num_phases - 1)
 
     def get_body_pos(self, phase: int) -> np.ndarray:
         """Base position ``(3,)``, world frame."""
@@ -213,13 +235,13 @@ class ReferenceTrajectory:
         ``phase + window`` (clamped to the reference): the grace region around touch-down
         and lift-off where a tracking reward should not insist on contact consistency.
         """
-        foot = operator.index(foot)
+        foot = _as_int("foot", foot)
         if not 0 <= foot < 4:
             raise ValueError(f"foot must be an index in 0..3 (FL, FR, RL, RR), got {foot}")
-        window = operator.index(window)
+        window = _as_int("window", window)
         if window < 0:
             raise ValueError(f"window must be >= 0, got {window}")
-        p = operator.index(phase)
+        p = _as_int("phase", phase)
         lo, hi = self._interval(p - window), self._interval(p + window)
         flags = self.contact[lo : hi + 1, foot]
         return bool(flags.min() != flags.max())
@@ -247,8 +269,9 @@ class ReferenceTrajectory:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         try:
             with os.fdopen(fd, "wb") as f:
-                np.savez(f, **self.arrays(), dt=np.float64(self.dt),
-                         meta=np.array(json.dumps(self.meta)))
+                np.savez(
+                    f, **self.arrays(), dt=np.float64(self.dt), meta=np.array(json.dumps(self.meta))
+                )
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -266,8 +289,10 @@ class ReferenceTrajectory:
             if missing := required - files:
                 raise ValueError(f"{path.name}: missing arrays {sorted(missing)}")
             if extra := files - allowed:
-                raise ValueError(f"{path.name}: unexpected arrays {sorted(extra)}; "
-                                 f"a reference holds exactly {sorted(allowed)}")
+                raise ValueError(
+                    f"{path.name}: unexpected arrays {sorted(extra)}; "
+                    f"a reference holds exactly {sorted(allowed)}"
+                )
             arrays = {name: data[name] for name in required - {"dt"}}
             meta = json.loads(str(data["meta"])) if "meta" in files else {}
             dt = data["dt"]
@@ -307,8 +332,10 @@ class ReferenceTrajectory:
         """
         state, state_label = _read_npy("state_traj", state_traj)
         if state.ndim != 2 or state.shape[1] != _STATE_COLUMNS or state.shape[0] < 2:
-            raise ValueError(f"{state_label}: expected shape (N+1, {_STATE_COLUMNS}) with "
-                             f"N >= 1, got {state.shape}")
+            raise ValueError(
+                f"{state_label}: expected shape (N+1, {_STATE_COLUMNS}) with "
+                f"N >= 1, got {state.shape}"
+            )
         n = state.shape[0] - 1
         state = _check_array(state_label, state, (n + 1, _STATE_COLUMNS), "(N+1, 30)")
         grf, grf_label = _read_npy("grf_traj", grf_traj)

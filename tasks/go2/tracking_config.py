@@ -15,7 +15,9 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-__all__ = ["TrackingConfig", "SOLO8_TORQUE_LIMIT", "GO2_HIP_TORQUE_LIMIT"]
+__all__ = [
+    "TrackingConfig", "SOLO8_TORQUE_LIMIT", "GO2_HIP_TORQUE_LIMIT", "restitution_to_damping_ratio",
+]
 
 #: Solo 8 actuation limit in OPT-Mimic's simulation (Nm).
 SOLO8_TORQUE_LIMIT = 2.7
@@ -42,21 +44,27 @@ class TrackingConfig:
     """MuJoCo timestep (s): 1 kHz, so 20 physics substeps per control step."""
 
     # --- actuation ---------------------------------------------------------------------------
-    kp: float = 60.0
-    """Joint stiffness (Nm/rad). Adapted: OPT-Mimic's Solo used 3; scaled by the torque-limit
-    ratio that would be 26, but a PD hold of the Go2's ``home`` pose without feedforward sags to
-    0.19 m at Kp 20 and 0.22 m at Kp 30, while Kp 60 settles at 0.251 m (measured, 1 kHz, 2 s).
-    With the reference's gravity feedforward any Kp >= 20 stands at 0.272 m; Kp 60 keeps the
-    robot up even for references without feedforward and stiffens swing-leg tracking."""
-    kd: float = 1.0
-    """Joint damping gain (Nm s/rad). Adapted from Solo's 0.3: with the model's passive joint
-    damping of 2 Nm s/rad the knee (inertia ~0.012 kg m² incl. armature) is then slightly
-    over-damped at Kp 60 (critical Kd ~1.7); larger Kd only slows tracking of swing legs."""
+    kp: float = 100.0
+    """Joint stiffness (Nm/rad). Adapted: OPT-Mimic's Solo used 3 (26 if scaled by the torque
+    limits), which cannot hold the Go2 up: a PD hold of ``home`` without feedforward sags to
+    0.19 m at Kp 20, 0.25 m at Kp 60 and settles at 0.26 m at Kp 100 (1 kHz, 2 s). With zero
+    residual on the planned references (measured, 4 s clips, 5 start phases): trot 0.5 m/s
+    survives 31 steps at Kp 40, 38 at Kp 60, 100-133 at Kp 100 (Kd 2), all 200 at Kp 120;
+    trot-in-place runs every clip to its end from Kp 40, mean reward 0.84-0.97 at Kp 60,
+    0.96-0.98 at Kp 100. Kp 100 makes the references nearly trackable without the policy while
+    leaving it real work (the 0.5 m/s trot); stiffer gains would hide model errors behind
+    torque that a real actuator's bandwidth would not deliver."""
+    kd: float = 2.0
+    """Joint damping gain (Nm s/rad). Adapted from Solo's 0.3 (Kd 1.5-3 measured about equal in
+    tracking). With the model's passive joint damping of 2 Nm s/rad, the knee (inertia ~0.012
+    kg m² incl. armature; critical damping 2 sqrt(Kp I) ≈ 2.2) is over-damped (ζ ≈ 1.8)."""
     action_limit: float = 0.5
-    """Residual joint-target range (rad): an action in [-1, 1] is scaled by this. Adapted:
-    OPT-Mimic leaves its residual unbounded (exploration std 0.08 rad); a bound keeps a Gaussian
-    policy squashed into the box. 0.5 rad on one joint is already beyond what the joint term
-    tolerates on a single joint for long (2.5 σ_joint = 0.92 rad over all 12)."""
+    """Residual joint-target range (rad): an action in [-1, 1] is scaled by this. Added:
+    OPT-Mimic leaves its residual unbounded (fixed exploration std 0.08 rad). 0.5 rad per joint
+    leaves room for real corrections, while the step-to-step change is held by the action-rate
+    term: a Gaussian policy with std 0.08 (action units, 0.04 rad) changes the residual by
+    ‖Δ‖ ≈ 0.2 rad per step, far inside the termination at 2.5 σ = 1.07 rad. (Uniformly random
+    actions, ‖Δ‖ ≈ 1.4 rad rms, end episodes within a few steps.)"""
     use_velocity_feedforward: bool = True
     """Add ``Kd · ref_dq`` to the PD law (the spec's ``Kd (ref_dq - dq)``). OPT-Mimic's default
     keeps only position + torque feedforward; set False for that."""
@@ -70,7 +78,7 @@ class TrackingConfig:
     sigma_position: float = 0.05
     """Body position σ (m), OPT-Mimic's value. Kept: the tolerance is an absolute drift (2.5 σ =
     12.5 cm, about half the Go2's standing height); the soft-foot sink of ~1.7 cm below a
-    rigid-foot reference costs only 5% of this term."""
+    rigid-foot reference would cost about 6% of this term."""
     sigma_orientation: float = 0.14
     """Orientation σ on ``‖vec(q_ref⁻¹ ⊗ q)‖ = sin(θ/2)``, OPT-Mimic's value and metric:
     σ ≈ 16° of rotation, termination at 2.5 σ ≈ 41°."""
@@ -92,7 +100,8 @@ class TrackingConfig:
     """Terminate when the base origin falls below this height (m)."""
     contact_grace_steps: int = 3
     """Half-width (control steps) of the window around a reference contact transition in which a
-    foot may be in either contact state (OPT-Mimic)."""
+    foot may be in either contact state (OPT-Mimic). The clip's first and last ``w`` intervals
+    count as such windows too: a reference cannot show a transition at its own ends."""
     terminate_on_contact_mismatch: bool = True
     """Terminate when a foot's contact disagrees with the reference outside the grace window."""
 
@@ -144,7 +153,7 @@ class TrackingConfig:
         for name in positive:
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
-                raise ValueError(f"TrackingConfig.{name} must be a finite number > 0, got {value!r}")
+                raise ValueError(f"TrackingConfig.{name} must be finite and > 0, got {value!r}")
         nonneg = (
             "kd", "w_position", "w_orientation", "w_joint", "w_action_rate", "w_torque",
             "friction_std", "restitution_std", "joint_offset_std", "torque_scale_std",
@@ -152,7 +161,7 @@ class TrackingConfig:
         for name in nonneg:
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
-                raise ValueError(f"TrackingConfig.{name} must be a finite number >= 0, got {value!r}")
+                raise ValueError(f"TrackingConfig.{name} must be finite and >= 0, got {value!r}")
         ratio = self.control_dt / self.physics_dt
         if abs(ratio - round(ratio)) > 1e-9 or round(ratio) < 1:
             raise ValueError(
@@ -192,3 +201,23 @@ class TrackingConfig:
                 f"unknown TrackingConfig field(s) {unknown}; expected some of {sorted(names)}"
             )
         return dataclasses.replace(self, **overrides)
+
+
+def restitution_to_damping_ratio(restitution: float) -> float:
+    """Contact damping ratio ``ζ`` whose bounce has coefficient of restitution ``restitution``.
+
+    MuJoCo has no restitution coefficient; its soft contact is a spring-damper on the
+    penetration ``r``, ``r̈ + 2ζω ṙ + ω² r = 0``, acting only while ``r < 0``. An underdamped
+    contact (ζ < 1) leaves after half a period with speed ratio ``e = exp(-ζπ / sqrt(1 - ζ²))``;
+    inverted, ``ζ = -ln e / sqrt(π² + ln² e)``: ``e = 0`` → 1 (critically damped, no bounce),
+    ``e = 1`` → 0 (undamped). The env keeps MuJoCo's default stiffness (time constant ``c``) and
+    sets ``solref = (-1/c², -2ζ/c)``, MuJoCo's direct (stiffness, damping) form; at ζ = 1 that is
+    the default ``solref = (c, 1)`` exactly. The mapping is approximate: MuJoCo's impedance
+    (``solimp``) scales both terms with penetration depth.
+    """
+    if not 0.0 <= restitution <= 1.0:
+        raise ValueError(f"restitution must lie in [0, 1], got {restitution!r}")
+    if restitution == 0.0:
+        return 1.0
+    log_e = math.log(restitution)
+    return -log_e / math.sqrt(math.pi**2 + log_e**2)
