@@ -153,8 +153,10 @@ class QuadraticCost:
         """Goal tracking ``Σ ½(x−x_g)ᵀQ(x−x_g) + ½(u−u_g)ᵀR(u−u_g)`` + ``½(x_T−x_g)ᵀQ_f(x_T−x_g)``.
 
         Args:
-            Q: ``(n, n)``, ``(B, n, n)`` or a diagonal ``(n,)`` / ``(B, n)``.
-            R: ``(m, m)``, ``(B, m, m)`` or a diagonal ``(m,)`` / ``(B, m)``.
+            Q: ``(n, n)``, ``(B, n, n)`` or a diagonal ``(n,)`` / ``(B, n)``. A square 2-D
+                tensor is read as a matrix, so pass batched diagonals with ``B == n`` as
+                ``torch.diag_embed(q)``.
+            R: ``(m, m)``, ``(B, m, m)`` or a diagonal ``(m,)`` / ``(B, m)`` (same rule).
             horizon: T.
             x_goal: ``(n,)`` or ``(B, n)``; ``None`` means the origin.
             u_goal: ``(m,)`` or ``(B, m)``; ``None`` means zero.

@@ -15,6 +15,10 @@ weights, seeds ...) stored as one JSON string so that loading never needs pickle
 ``os.replace``), so a reader never sees a half-written file and concurrent writers of the same
 cache entry are safe. :func:`load_trajectories` reads one file or a folder of them
 (concatenated along rows; ``episode_ids`` are offset so they stay unique).
+
+Expert data in this format: :func:`generate_expert_trajectories` solves one batched expert MPC
+on a classic system (:func:`make_system`), and :class:`ExpertMPCDataModule` serves those plans
+to Lightning, generated once and cached as ``.npz``.
 """
 
 from __future__ import annotations

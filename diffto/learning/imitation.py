@@ -83,7 +83,11 @@ class MPCImitation(L.LightningModule):
             ``"state_goal"`` (a network of ``x0`` and the goal).
         hidden: hidden widths of that network.
         loss_on: imitate ``"u"`` (controls), ``"x"`` (states) or ``"xu"`` (both).
-        lr: Adam learning rate (on log-weights: a step of 0.1 changes a weight by ~10%).
+        optimizer: ``"adam"``, or ``"lbfgs"`` (L-BFGS with a strong-Wolfe line search, 5
+            iterations per training step; for full-batch training of a few parameters, where
+            it converges without Adam's overshoot).
+        lr: Adam's learning rate (on log-weights: a step of 0.1 changes a weight by ~10%), or
+            L-BFGS's initial step length (use 1.0).
         lr_schedule: ``"cosine"`` anneals the rate to zero over the run's optimizer steps
             (Adam with a constant rate keeps hopping around the optimum at ±lr in log space);
             ``"constant"`` keeps it.
@@ -108,6 +112,7 @@ class MPCImitation(L.LightningModule):
         conditioning: Literal["none", "state", "state_goal"] = "none",
         hidden: list[int] | None = None,
         loss_on: Literal["u", "x", "xu"] = "u",
+        optimizer: Literal["adam", "lbfgs"] = "adam",
         lr: float = 0.2,
         lr_schedule: Literal["constant", "cosine"] = "cosine",
         max_iter: int = 30,
@@ -128,6 +133,8 @@ class MPCImitation(L.LightningModule):
             raise ValueError(f"dtype must be 'float64' or 'float32', got {dtype!r}")
         if not lr > 0:
             raise ValueError(f"lr must be > 0, got {lr}")
+        if optimizer not in ("adam", "lbfgs"):
+            raise ValueError(f"optimizer must be 'adam' or 'lbfgs', got {optimizer!r}")
         if lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}")
         self.learn_dynamics = list(learn_dynamics or [])
@@ -224,6 +231,9 @@ class MPCImitation(L.LightningModule):
         self._step(batch, "val")
 
     def configure_optimizers(self) -> Any:
+        if self.hparams.optimizer == "lbfgs":  # its line search sets the step: no schedule
+            return torch.optim.LBFGS(self.parameters(), lr=self.hparams.lr, max_iter=5,
+                                     history_size=20, line_search_fn="strong_wolfe")
         opt = torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
         if self.hparams.lr_schedule == "constant":
             return opt

@@ -104,7 +104,7 @@ class _PhysicalSystem(nn.Module):
 
     def physical_parameters(self) -> dict[str, float]:
         """Current values of the physical parameters as plain floats."""
-        return {name: float(getattr(self, name)) for name in self._physical_names}
+        return {name: float(getattr(self, name).detach()) for name in self._physical_names}
 
     def extra_repr(self) -> str:
         values = ", ".join(f"{k}={v:.4g}" for k, v in self.physical_parameters().items())

@@ -39,13 +39,13 @@ def test_step_shapes_and_dtype(name, dtype):
 
 @pytest.mark.parametrize("name", list(SYSTEMS))
 @given(seed=st.integers(0, 2**16))
-@settings(max_examples=5)
+@settings(max_examples=2)
 def test_energy_conserved_without_input(name, seed):
-    """RK4 with a small step keeps T + V constant over 2 s of free motion."""
-    sys_ = SYSTEMS[name](dt=0.002)
+    """RK4 with a small step keeps T + V constant over 1.5 s of free motion."""
+    sys_ = SYSTEMS[name](dt=0.005)
     x = _states(name, 4, torch.Generator().manual_seed(seed))
     e0 = sys_.energy(x)
-    xs = rollout(sys_, x, torch.zeros(4, 1000, 1, dtype=torch.float64))
+    xs = rollout(sys_, x, torch.zeros(4, 300, 1, dtype=torch.float64))
     drift = (sys_.energy(xs) - e0[:, None]).abs().max()
     assert drift < 1e-7, f"max energy drift {drift:.3g}"
     # the motion is not trivial: the state did change
@@ -71,9 +71,9 @@ def test_damping_and_input_change_energy(name):
 
 def test_pendulum_small_angle_period():
     """Small oscillations about the hanging position have period 2π √(l/g)."""
-    pend = Pendulum(dt=0.001, length=0.7)
+    pend = Pendulum(dt=0.002, length=0.7)
     x = torch.tensor([[math.pi - 0.01, 0.0]], dtype=torch.float64)
-    xs = rollout(pend, x, torch.zeros(1, 3000, 1, dtype=torch.float64))
+    xs = rollout(pend, x, torch.zeros(1, 1100, 1, dtype=torch.float64))
     phase = xs[0, :, 0] - math.pi
     crossings = torch.nonzero((phase[:-1] < 0) & (phase[1:] >= 0)).flatten()
     period = (crossings[1] - crossings[0]).item() * pend.dt
@@ -83,8 +83,8 @@ def test_pendulum_small_angle_period():
 def test_semi_implicit_euler_is_first_order_and_bounded():
     """Semi-implicit Euler tracks RK4 to O(dt) and keeps energy bounded (symplectic)."""
     x = torch.tensor([[0.5, 0.0]], dtype=torch.float64)
-    u = torch.zeros(1, 2000, 1, dtype=torch.float64)
-    ref = rollout(Pendulum(dt=0.001), x, u)[:, ::10]
+    u = torch.zeros(1, 800, 1, dtype=torch.float64)
+    ref = rollout(Pendulum(dt=0.0025), x, u)[:, ::4]
     errs = []
     for dt, steps in ((0.01, 200), (0.005, 400)):
         sie = Pendulum(dt=dt, integrator="semi_implicit_euler")
