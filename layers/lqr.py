@@ -94,14 +94,17 @@ def _affine_solve(
     """
     B = x0.shape[0]
     T, n = F.shape[1], F.shape[2]
+    # Batched products do not broadcast: give every factor and datum the batch of x0 (views).
+    V, K, Q_uu_inv, F = (t.expand(B, *t.shape[1:]) for t in (V, K, Q_uu_inv, F))
+    c, f, c_f = c.expand(B, *c.shape[1:]), f.expand(B, *f.shape[1:]), c_f.expand(B, n)
     Vs, Ks, Ls = V.unbind(1), K.unbind(1), Q_uu_inv.unbind(1)
     KTs = K.transpose(-1, -2).unbind(1)
     Fs, FTs = F.unbind(1), F.transpose(-1, -2).unbind(1)
     cs, fs = c.unsqueeze(-1).unbind(1), f.unsqueeze(-1).unbind(1)  # column vectors
-    v_next = c_f.expand(B, n).unsqueeze(-1)
+    v_next = c_f.unsqueeze(-1)
     vs, ks = [v_next], []
     for t in range(T - 1, -1, -1):
-        q = torch.baddbmm(cs[t], FTs[t].expand(B, -1, -1), torch.baddbmm(v_next, Vs[t + 1], fs[t]))
+        q = torch.baddbmm(cs[t], FTs[t], torch.baddbmm(v_next, Vs[t + 1], fs[t]))
         k = (Ls[t] @ q[:, n:]).neg_()  # (B, m, 1)
         v_next = torch.baddbmm(q[:, :n], KTs[t], q[:, n:])
         vs.append(v_next)
@@ -113,8 +116,7 @@ def _affine_solve(
     xs, us = [x], []
     for t in range(T):
         u = torch.baddbmm(ks[t], Ks[t], x)
-        F_t = Fs[t].expand(B, -1, -1)
-        x = torch.baddbmm(torch.baddbmm(fs[t], F_t[..., :n], x), F_t[..., n:], u)
+        x = torch.baddbmm(torch.baddbmm(fs[t], Fs[t][..., :n], x), Fs[t][..., n:], u)
         xs.append(x)
         us.append(u)
     x_all = torch.stack(xs, 1).squeeze(-1)

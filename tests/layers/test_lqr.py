@@ -216,3 +216,14 @@ def test_device_round_trip_on_cpu():
     device = torch.device("cpu")
     sol = LQR().to(device)(x0.to(device), cost, dyn)
     assert sol.x.device == device
+
+
+def test_unbatched_cost_and_dynamics_broadcast_over_x0():
+    x0, cost, dyn = random_problem(13, 3, 4, 3, 2, batched_cost=False)
+    F, f = (t[0].clone().requires_grad_() for t in (dyn.F, dyn.f))  # (T, n, n+m), (T, n)
+    sol = LQR()(x0, cost, LinearDynamics(F, f))
+    rows = [LQR()(x0[b : b + 1], cost, LinearDynamics(dyn.F[:1], dyn.f[:1])).u for b in range(3)]
+    torch.testing.assert_close(sol.u, torch.cat(rows))
+    assert torch.autograd.gradcheck(
+        lambda F, f: LQR()(x0, cost, LinearDynamics(F, f)).u, (F, f), atol=1e-6, rtol=1e-5
+    )
