@@ -17,6 +17,7 @@ _LAZY = {
     # general NLPs (CasADi + IPOPT), and the standard TO problem built from them
     "CasadiNLP": "diffto.layers.casadi",
     "CasadiTO": "diffto.layers.casadi",
+    "NLPResult": "diffto.layers.casadi",
     "solve_nlp": "diffto.layers.casadi",
     # nonlinear least squares (Theseus)
     "TheseusTO": "diffto.layers.theseus",
