@@ -1,0 +1,351 @@
+"""Box-DDP: iLQR with control bounds, for any dynamics; the general forward solver of MPC.
+
+iLQR whose backward pass solves, at every stage, the box-constrained QP in the control by
+projected Newton (Bertsekas 1982) and gives clamped controls zero feedback gain (Tassa, Mansard
+& Todorov, ICRA 2014); a line search on the true cost accepts the step per batch row. With
+``exact=True`` the stage Hessians carry the dynamics curvature ``Σ_i λ_{t+1,i} ∇²f_i`` (Newton
+steps, quadratic local convergence).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.func import hessian, jacrev, vmap
+
+__all__: list[str] = []
+
+_ALPHAS = [2.0**-i for i in range(11)]  # line-search step sizes, tried largest first
+_MU_MIN, _MU_MAX = 1e-6, 1e10  # Levenberg-Marquardt factor on Q_uu, relative to the cost scale
+
+
+def _bmv(M: Tensor, v: Tensor) -> Tensor:
+    """Batched matrix-vector product ``M (..., i, j) @ v (..., j) -> (..., i)``."""
+    return (M @ v.unsqueeze(-1)).squeeze(-1)
+
+
+def _masked_matrix(H: Tensor, free: Tensor, eye: Tensor | None = None) -> Tensor:
+    """``H (..., m, m)`` restricted to the free set, identity on clamped rows and columns.
+
+    Solving with it gives zero on clamped entries when the right-hand side is zero there."""
+    both = free.unsqueeze(-1) & free.unsqueeze(-2)  # (..., m, m)
+    if eye is None:
+        eye = torch.eye(H.shape[-1], dtype=H.dtype, device=H.device)
+    return torch.where(both, H, eye * (~free).unsqueeze(-1))
+
+
+def _box_qp(H: Tensor, g: Tensor, lo: Tensor, hi: Tensor, max_iter: int = 30):
+    """Solve ``min_d ½ dᵀH d + gᵀd`` s.t. ``lo <= d <= hi`` for a batch, by projected Newton.
+
+    Args:
+        H: ``(N, m, m)`` symmetric, positive definite on the free set.
+        g: ``(N, m)``; lo, hi: ``(N, m)`` with ``lo <= 0 <= hi`` (entries may be ±inf).
+
+    Returns ``(d (N, m), side (N, m) int8, ok (N,) bool, L (N, m, m))``: ``side`` is -1 / +1
+    for entries held at the lower / upper bound by the gradient and 0 for free ones (even when
+    ``lo == hi`` it names the bound that binds), ``ok`` is False where the free block of ``H``
+    was not positive definite, ``L`` is the Cholesky factor of ``H`` restricted to the free set
+    (identity on clamped rows; identity where not ``ok``). Starts at ``d = 0`` (the current
+    plan), so a converged iLQR sweep costs one factorization per stage.
+    """
+    d = torch.zeros_like(g)
+    ok = torch.ones(d.shape[0], dtype=torch.bool, device=d.device)
+    running = ok.clone()
+    tiny = torch.finfo(d.dtype).eps ** 0.6
+    betas = torch.tensor(_ALPHAS, dtype=d.dtype, device=d.device).view(-1, 1, 1)
+    prev_free = exact = None
+    eye = torch.eye(d.shape[-1], dtype=d.dtype, device=d.device)
+    L_last, free_last = eye.expand_as(H), torch.ones_like(d, dtype=torch.bool)
+
+    for _ in range(max_iter):
+        grad = g + _bmv(H, d)
+        free = ~(((d <= lo) & (grad > 0)) | ((d >= hi) & (grad < 0)))
+        if exact is not None:
+            # After an unclipped full Newton step d minimizes q on its face; if the clamped set
+            # is unchanged (its gradient signs still point out of the box) d meets the KKT
+            # conditions and is the solution.
+            running = running & ~(exact & (free == prev_free).all(-1))
+            if not running.any():
+                break
+        L, info = torch.linalg.cholesky_ex(_masked_matrix(H, free, eye))
+        ok = ok & ((info == 0) | ~running)
+        keep = (running & (info == 0)).view(-1, 1, 1)
+        L_last = torch.where(keep, L, L_last)
+        free_last = torch.where(keep.view(-1, 1), free, free_last)
+        # Newton step on the free set; zero on the clamped set (masked matrix, masked rhs).
+        s = -torch.cholesky_solve((grad * free).unsqueeze(-1), L).squeeze(-1)
+        s = torch.where((info == 0).unsqueeze(-1), s, torch.zeros_like(s))
+        # A step this small is the exact Newton step on a settled free set: take it and stop.
+        small = running & (s.abs().amax(-1) <= tiny * (1 + d.abs().amax(-1)))
+        d = torch.where(small.unsqueeze(-1), torch.minimum(torch.maximum(d + s, lo), hi), d)
+        running = running & ~small & (info == 0)
+        if not running.any():
+            break
+        # Projected Armijo search along the Newton direction, all step sizes at once.
+        cand = torch.minimum(torch.maximum(d + betas * s, lo), hi)  # (S, N, m)
+        # q(d + Δ) − q(d) = gradᵀΔ + ½ ΔᵀHΔ <= 0.1 gradᵀΔ  (Armijo on the projected arc)
+        step = cand - d
+        armijo = 0.9 * (step * grad).sum(-1) + 0.5 * (step * _bmv(H, step)).sum(-1) <= 0
+        newton_ok = armijo.any(0)
+        if bool((running & ~newton_ok).any()):
+            # The projected Newton arc need not descend (the free set was taken at d, not
+            # within a margin of the bounds): those rows take the projected arc of the
+            # diagonally scaled gradient instead, a descent direction for box constraints.
+            s_g = -grad / H.diagonal(dim1=-2, dim2=-1)
+            cand_g = torch.minimum(torch.maximum(d + betas * s_g, lo), hi)
+            step_g = cand_g - d
+            armijo_g = ((0.9 * (step_g * grad).sum(-1)
+                         + 0.5 * (step_g * _bmv(H, step_g)).sum(-1) < 0)
+                        & (step_g.abs().amax(-1) > 0))
+            use_g = (~newton_ok).view(1, -1, 1)
+            cand = torch.where(use_g, cand_g, cand)
+            armijo = torch.where(use_g.squeeze(-1), armijo_g, armijo)
+        first = torch.argmax(armijo.to(torch.int8), 0)  # largest accepted step per row
+        accepted = armijo.any(0) & running
+        exact = accepted & newton_ok & (first == 0) & (cand[0] == d + s).all(-1)
+        pick = cand.gather(0, first.view(1, -1, 1).expand(1, *d.shape)).squeeze(0)
+        d = torch.where(accepted.unsqueeze(-1), pick, d)
+        running = running & accepted
+        prev_free = free
+    grad = g + _bmv(H, d)
+    at_lo, at_hi = (d <= lo) & (grad > 0), (d >= hi) & (grad < 0)
+    free = ~(at_lo | at_hi)
+    if not torch.equal(free, free_last):
+        L, info = torch.linalg.cholesky_ex(_masked_matrix(H, free, eye))
+        ok = ok & (info == 0)
+        L_last = torch.where((info == 0).view(-1, 1, 1), L, eye)
+    return d, at_hi.to(torch.int8) - at_lo.to(torch.int8), ok, L_last
+
+
+class _Dynamics:
+    """One interface over the two kinds of dynamics: steps, Jacobians, curvature.
+
+    ``fn(x (N, n), u (N, m)) -> (N, n)`` is a row-wise time-invariant map; or ``F (B, T, n, n+m)``
+    and ``f (B, T, n)`` give time-varying affine dynamics (indexed by batch row and time).
+    """
+
+    def __init__(self, n: int, m: int, fn=None, F: Tensor | None = None, f: Tensor | None = None):
+        self.n, self.m, self.fn, self.F, self.f = n, m, fn, F, f
+
+    def step(self, x: Tensor, u: Tensor, t: int, rows: Tensor) -> Tensor:
+        """``x (N, n)``, ``u (N, m)`` at time ``t`` for batch rows ``rows (N,)`` -> ``(N, n)``."""
+        if self.F is None:
+            out = self.fn(x, u)
+            if out.shape != x.shape:
+                raise ValueError(
+                    f"dynamics must map x {tuple(x.shape)}, u {tuple(u.shape)} to x_next of "
+                    f"shape {tuple(x.shape)}, got {tuple(out.shape)}"
+                )
+            return out
+        out = _bmv(self.F[rows, t], torch.cat([x, u], -1))
+        return out if self.f is None else out + self.f[rows, t]
+
+    def _single(self, tau: Tensor) -> Tensor:
+        return self.fn(tau[: self.n].unsqueeze(0), tau[self.n :].unsqueeze(0)).squeeze(0)
+
+    def jacobian(self, x: Tensor, u: Tensor, rows: Tensor) -> Tensor:
+        """``∂x_{t+1}/∂τ_t`` at ``x (N, T, n)``, ``u (N, T, m)`` -> ``(N, T, n, n+m)``."""
+        if self.F is not None:
+            return self.F[rows]
+        N, T = u.shape[:2]
+        tau = torch.cat([x, u], -1).reshape(N * T, -1)
+        return vmap(jacrev(self._single))(tau).reshape(N, T, self.n, self.n + self.m)
+
+    def curvature(self, x: Tensor, u: Tensor, lam_next: Tensor) -> Tensor | None:
+        """``Σ_i λ_{t+1,i} ∇²_ττ f_i(τ_t)`` -> ``(N, T, n+m, n+m)``; ``None`` if affine."""
+        if self.F is not None:
+            return None
+        N, T = u.shape[:2]
+        tau = torch.cat([x, u], -1).reshape(N * T, -1)
+        lam = lam_next.reshape(N * T, -1)
+        hess = vmap(hessian(lambda tt, ll: (ll * self._single(tt)).sum()))(tau, lam)
+        return hess.reshape(N, T, self.n + self.m, self.n + self.m)
+
+
+def _riccati(Q, q, Q_f, q_f, J, m, mu=None, lo=None, hi=None):
+    """Backward Riccati sweep of an LQ problem in deviations ``δτ`` with ``δx_0 = 0``.
+
+    Stage cost ``½ δτᵀQ_t δτ + q_tᵀδτ``, terminal ``½ δxᵀQ_f δx + q_fᵀδx``, dynamics
+    ``δx_{t+1} = J_t δτ_t``. Shapes: ``Q (N, T, k, k)``, ``q (N, T, k)``, ``Q_f (N, n, n)``,
+    ``q_f (N, n)``, ``J (N, T, n, k)``. Two modes: ``lo, hi (N, T, m)`` box the control
+    deviation (box-DDP: each stage QP solved by :func:`_box_qp`); without them, unconstrained,
+    by Cholesky. ``mu (N,)`` is added to ``Q_uu``.
+
+    Returns ``K (N, T, m, n)``, ``k (N, T, m)``, ``side (N, T, m)`` (int8: -1 / +1 held at
+    the lower / upper bound by the box QP, 0 otherwise), the expected cost change
+    terms ``dV1 = Σ kᵀQ_u`` and ``dV2 = Σ ½ kᵀQ_uu k`` (N,), and ``ok (N,)`` (``Q_uu`` positive
+    definite on the free set at every stage).
+    """
+    N, T, k_dim = q.shape
+    n = k_dim - m
+    V_xx, v_x = Q_f, q_f
+    K_all = q.new_zeros(N, T, m, n)
+    k_all = q.new_zeros(N, T, m)
+    side_all = torch.zeros(N, T, m, dtype=torch.int8, device=q.device)
+    dV1, dV2 = q.new_zeros(N), q.new_zeros(N)
+    ok = torch.ones(N, dtype=torch.bool, device=q.device)
+    eye_m = torch.eye(m, dtype=q.dtype, device=q.device)
+    for t in reversed(range(T)):
+        Jt = J[:, t]  # (N, n, k)
+        Qt = Q[:, t] + Jt.transpose(-1, -2) @ V_xx @ Jt  # (N, k, k)
+        qt = q[:, t] + _bmv(Jt.transpose(-1, -2), v_x)  # (N, k)
+        Q_xx, Q_ux, Q_uu = Qt[:, :n, :n], Qt[:, n:, :n], Qt[:, n:, n:]
+        q_x, q_u = qt[:, :n], qt[:, n:]
+        if mu is not None:
+            Q_uu = Q_uu + mu.view(-1, 1, 1) * eye_m
+        if lo is not None:
+            kt, side, ok_t, L = _box_qp(Q_uu, q_u, lo[:, t], hi[:, t])
+            ok = ok & ok_t
+            side_all[:, t] = side
+            # Zero gain rows where clamped.
+            Kt = -torch.cholesky_solve(Q_ux * (side == 0).unsqueeze(-1), L)
+        else:
+            # Unbounded forward sweep: Cholesky doubles as the positive-definiteness test.
+            L, info = torch.linalg.cholesky_ex(Q_uu)
+            ok = ok & (info == 0)
+            L = torch.where((info == 0).view(-1, 1, 1), L, eye_m.expand_as(L))
+            sol = -torch.cholesky_solve(torch.cat([q_u.unsqueeze(-1), Q_ux], -1), L)
+            kt, Kt = sol[..., 0], sol[..., 1:]
+        # Value function of stage t: V(δx) = min_δu Q(δx, δu) along u = k + K δx.
+        KtT = Kt.transpose(-1, -2)
+        v_x = q_x + _bmv(KtT @ Q_uu, kt) + _bmv(KtT, q_u) + _bmv(Q_ux.transpose(-1, -2), kt)
+        V_xx = Q_xx + KtT @ Q_uu @ Kt + KtT @ Q_ux + Q_ux.transpose(-1, -2) @ Kt
+        V_xx = 0.5 * (V_xx + V_xx.transpose(-1, -2))
+        dV1 = dV1 + (kt * q_u).sum(-1)
+        dV2 = dV2 + 0.5 * (kt * _bmv(Q_uu, kt)).sum(-1)
+        K_all[:, t], k_all[:, t] = Kt, kt
+    return K_all, k_all, side_all, dV1, dV2, ok
+
+
+def _cost(C: Tensor, c: Tensor, C_f: Tensor, c_f: Tensor, x: Tensor, u: Tensor) -> Tensor:
+    """Total quadratic cost ``(N,)`` of ``x (N, T+1, n)``, ``u (N, T, m)``; tensors batched."""
+    tau = torch.cat([x[:, :-1], u], -1)
+    xT = x[:, -1]
+    stage = (tau * (0.5 * _bmv(C, tau) + c)).sum((-1, -2))
+    return stage + (xT * (0.5 * _bmv(C_f, xT) + c_f)).sum(-1)
+
+
+def _costates(C, c, C_f, c_f, J, x, u) -> Tensor:
+    """Costates ``λ (N, T+1, n)``: ``λ_T = C_f x_T + c_f``, ``λ_t = ℓ_x + A_tᵀλ_{t+1}``; at a KKT
+    point these are the multipliers of ``x_{t+1} = f(x_t, u_t)`` (``λ_0`` that of ``x_0 = x0``)."""
+    n = x.shape[-1]
+    grad = _bmv(C, torch.cat([x[:, :-1], u], -1)) + c  # (N, T, k)
+    lam = [_bmv(C_f, x[:, -1]) + c_f]
+    for t in reversed(range(u.shape[1])):
+        lam.append(grad[:, t, :n] + _bmv(J[:, t, :, :n].transpose(-1, -2), lam[-1]))
+    return torch.stack(lam[::-1], 1)
+
+
+def _rollout(dyn, x0, x_ref, u_ref, K, k, alpha, lo, hi, rows):
+    """Closed-loop rollout ``u_t = clamp(ū_t + α k_t + K_t (x_t - x̄_t))`` from ``x0 (N, n)``."""
+    xs, us = [x0], []
+    for t in range(u_ref.shape[1]):
+        u = u_ref[:, t] + alpha.unsqueeze(-1) * k[:, t] + _bmv(K[:, t], xs[-1] - x_ref[:, t])
+        u = torch.minimum(torch.maximum(u, lo[:, t]), hi[:, t])
+        us.append(u)
+        xs.append(dyn.step(xs[-1], u, t, rows))
+    return torch.stack(xs, 1), torch.stack(us, 1)
+
+
+def _solve(dyn, x0, C, c, C_f, c_f, lo, hi, u_init, max_iter: int, tol: float,
+           exact: bool = False) -> dict:
+    """Box-DDP on batch-expanded tensors (``C (B, T, k, k)`` symmetric, ``c (B, T, k)``,
+    ``C_f (B, n, n)``, ``c_f (B, n)``, ``lo, hi, u_init (B, T, m)``); no input checks.
+
+    ``exact`` adds the dynamics curvature ``Σ λ_{t+1,i} ∇²f_i`` to each stage Hessian (Newton
+    instead of Gauss-Newton iLQR: quadratic instead of linear local convergence on nonlinear
+    dynamics). Each row iterates until its feed-forward step is below ``tol·(1 + max|u|)``
+    (converged), ``max_iter`` steps were tried, or the regularization ran out (stalled). Only
+    rows still running are linearized and swept. Returns a dict of ``(B, ...)`` tensors.
+    """
+    B, T, m = u_init.shape
+    n = x0.shape[-1]
+    dev, dt = x0.device, x0.dtype
+    rows = torch.arange(B, device=dev)
+    eps = torch.finfo(dt).eps
+    u = torch.minimum(torch.maximum(u_init, lo), hi)
+    zeros_K = x0.new_zeros(B, T, m, n)
+    x, u = _rollout(dyn, x0, x0.new_zeros(B, T + 1, n), u, zeros_K, torch.zeros_like(u),
+                    x0.new_zeros(B), lo, hi, rows)
+    J = _cost(C, c, C_f, c_f, x, u)
+    # Regularization is relative to the size of the control cost, so scaling the whole cost
+    # by α > 0 leaves every iterate unchanged.
+    scale = C[..., n:, n:].diagonal(dim1=-2, dim2=-1).abs().mean((-1, -2)).clamp_min(eps)
+    mu = x0.new_zeros(B)
+    converged = torch.zeros(B, dtype=torch.bool, device=dev)
+    running = torch.ones_like(converged)
+    stalled = torch.zeros_like(converged)
+    iterations = torch.zeros(B, dtype=torch.long, device=dev)
+    K_out, k_out = zeros_K.clone(), torch.zeros_like(u)
+    side_out = torch.zeros_like(u, dtype=torch.int8)
+    jac_out = x0.new_zeros(B, T, n, n + m)
+    alphas = torch.tensor(_ALPHAS, dtype=dt, device=dev)
+    bounded = bool(torch.isfinite(lo).any() or torch.isfinite(hi).any())
+    for it in range(max_iter + 1):
+        idx = running.nonzero().squeeze(-1)
+        xa, ua = x[idx], u[idx]
+        Ja = dyn.jacobian(xa[:, :-1], ua, idx)
+        q = _bmv(C[idx], torch.cat([xa[:, :-1], ua], -1)) + c[idx]
+        Qa = C[idx]
+        if exact:
+            lam_a = _costates(Qa, c[idx], C_f[idx], c_f[idx], Ja, xa, ua)
+            curv = dyn.curvature(xa[:, :-1], ua, lam_a[:, 1:])
+            Qa = Qa if curv is None else Qa + curv
+        q_f = _bmv(C_f[idx], xa[:, -1]) + c_f[idx]
+        lo_d, hi_d = (lo[idx] - ua, hi[idx] - ua) if bounded else (None, None)
+        mu_a = mu[idx]
+        # A non-finite model (the dynamics left their domain) cannot be cured by regularizing.
+        finite = (torch.isfinite(Qa).flatten(1).all(1) & torch.isfinite(q).flatten(1).all(1)
+                  & torch.isfinite(Ja).flatten(1).all(1) & torch.isfinite(q_f).all(1))
+        while True:
+            K, k, side, dV1, dV2, ok = _riccati(
+                Qa, q, C_f[idx], q_f, Ja, m, mu_a * scale[idx], lo_d, hi_d
+            )
+            ok = ok & finite
+            retry = ~ok & finite & (mu_a < _MU_MAX)
+            if not retry.any():
+                break
+            mu_a = torch.where(retry, (10 * mu_a).clamp_min(_MU_MIN), mu_a)
+        K_out[idx], k_out[idx], side_out[idx], jac_out[idx] = K, k, side, Ja
+        done = ok & (k.abs().amax((-1, -2)) <= tol * (1 + ua.abs().amax((-1, -2))))
+        converged[idx[done]] = True
+        running[idx[done | ~ok]] = False
+        stalled[idx[~ok]] = True
+        mu[idx] = mu_a
+        go = ~(done | ~ok)
+        if it == max_iter or not go.any():
+            break
+        # Line search on the true cost, per row: α = 1 first, then all smaller α stacked.
+        sel, K, k, dV1, dV2 = idx[go], K[go], k[go], dV1[go], dV2[go]
+        slack = 64 * eps * (1 + J[sel].abs())
+        x_new, u_new = _rollout(dyn, x0[sel], x[sel], u[sel], K, k, alphas[:1].expand(len(sel)),
+                                lo[sel], hi[sel], sel)
+        J_new = _cost(C[sel], c[sel], C_f[sel], c_f[sel], x_new, u_new)
+        accept = J_new - J[sel] <= 1e-4 * (dV1 + dV2) + slack
+        if not accept.all():
+            rej = (~accept).nonzero().squeeze(-1)
+            R, S = len(rej), len(_ALPHAS) - 1
+            r_rows = sel[rej].repeat(S)  # (S*R,), α-major
+            a = alphas[1:].repeat_interleave(R)
+            xs, us = _rollout(dyn, x0[r_rows], x[r_rows], u[r_rows], K[rej].repeat(S, 1, 1, 1),
+                              k[rej].repeat(S, 1, 1), a, lo[r_rows], hi[r_rows], r_rows)
+            Js = _cost(C[r_rows], c[r_rows], C_f[r_rows], c_f[r_rows], xs, us).view(S, R)
+            expected = a.view(S, R) * dV1[rej] + a.view(S, R) ** 2 * dV2[rej]
+            ok_s = Js - J[sel[rej]] <= 1e-4 * expected + slack[rej]
+            first = torch.argmax(ok_s.to(torch.int8), 0)  # largest accepted α
+            pick = first * R + torch.arange(R, device=dev)
+            x_new[rej], u_new[rej], J_new[rej] = xs[pick], us[pick], Js.view(-1)[pick]
+            accept[rej] = ok_s.any(0)
+        acc_rows = sel[accept]
+        x[acc_rows], u[acc_rows], J[acc_rows] = x_new[accept], u_new[accept], J_new[accept]
+        iterations[sel] += 1
+        mu_sel = mu[sel]
+        mu_sel = torch.where(accept, mu_sel / 10, (10 * mu_sel).clamp_min(_MU_MIN))
+        mu[sel] = torch.where(mu_sel < _MU_MIN, torch.zeros_like(mu_sel), mu_sel)
+        running[sel[mu_sel > _MU_MAX]] = False
+        stalled[sel[mu_sel > _MU_MAX]] = True
+    lam = _costates(C, c, C_f, c_f, jac_out, x, u)
+    at_lower, at_upper = side_out == -1, side_out == 1
+    return dict(x=x, u=u, cost=J, costates=lam, gains=K_out, feedforward=k_out,
+                at_lower=at_lower, at_upper=at_upper, converged=converged,
+                iterations=iterations, regularization=mu, stalled=stalled)
