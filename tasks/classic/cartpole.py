@@ -78,14 +78,7 @@ class CartPole(_PhysicalSystem):
         learnable: Sequence[str] = (),
     ) -> None:
         super().__init__()
-        if not dt > 0:
-            raise ValueError(f"dt must be > 0, got {dt}")
-        if integrator not in ("rk4", "semi_implicit_euler"):
-            raise ValueError(
-                f"integrator must be 'rk4' or 'semi_implicit_euler', got {integrator!r}"
-            )
-        self.dt = float(dt)
-        self.integrator: Integrator = integrator
+        self._set_integration(dt, integrator)
         self._register_physical(
             {
                 "cart_mass": cart_mass,

@@ -81,7 +81,18 @@ def _check_step_inputs(x: Tensor, u: Tensor, n: int, m: int) -> None:
 
 
 class _PhysicalSystem(nn.Module):
-    """Holds named positive physical parameters, each a parameter or a buffer."""
+    """Holds named positive physical parameters, each a parameter or a buffer, and the
+    integration settings ``dt`` and ``integrator``."""
+
+    def _set_integration(self, dt: float, integrator: Integrator) -> None:
+        if not dt > 0:
+            raise ValueError(f"dt must be > 0, got {dt}")
+        if integrator not in ("rk4", "semi_implicit_euler"):
+            raise ValueError(
+                f"integrator must be 'rk4' or 'semi_implicit_euler', got {integrator!r}"
+            )
+        self.dt = float(dt)
+        self.integrator: Integrator = integrator
 
     def _register_physical(
         self, values: dict[str, float], learnable: Sequence[str], nonnegative: Sequence[str] = ()
@@ -143,14 +154,7 @@ class Pendulum(_PhysicalSystem):
         learnable: Sequence[str] = (),
     ) -> None:
         super().__init__()
-        if not dt > 0:
-            raise ValueError(f"dt must be > 0, got {dt}")
-        if integrator not in ("rk4", "semi_implicit_euler"):
-            raise ValueError(
-                f"integrator must be 'rk4' or 'semi_implicit_euler', got {integrator!r}"
-            )
-        self.dt = float(dt)
-        self.integrator: Integrator = integrator
+        self._set_integration(dt, integrator)
         self._register_physical(
             {"mass": mass, "length": length, "gravity": gravity, "damping": damping},
             learnable,
