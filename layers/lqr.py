@@ -47,28 +47,30 @@ def _factor(C: Tensor, F: Tensor, C_f: Tensor, m: int) -> tuple[Tensor, Tensor, 
     B = torch.broadcast_shapes(C.shape[:1], F.shape[:1], C_f.shape[:1])[0]
     T, n = C.shape[1], F.shape[2]
     # Views taken once: the loop below is dispatch-bound for the small matrices of control.
+    C, F = C.expand(B, *C.shape[1:]), F.expand(B, *F.shape[1:])
     Cs, Fs, FTs = C.unbind(1), F.unbind(1), F.transpose(-1, -2).unbind(1)
     V_next = C_f.expand(B, n, n)
     Vs, Ks, Ls, infos = [V_next], [], [], []
     for t in range(T - 1, -1, -1):
         # Q_t = C_t + F_tᵀ V_{t+1} F_t, the Hessian of the stage-plus-cost-to-go in τ.
-        Q = torch.baddbmm(Cs[t].expand(B, -1, -1), FTs[t].expand(B, -1, -1), V_next @ Fs[t])
+        Q = torch.baddbmm(Cs[t], FTs[t], torch.bmm(V_next, Fs[t]))
         # Q_uu⁻¹ from its Cholesky factor: the info flags rows where Q_uu is not PD, and for
         # the small m of control an explicit inverse makes every later solve one bmm.
         L, info = torch.linalg.cholesky_ex(Q[:, n:, n:])
         Q_uu_inv = torch.cholesky_inverse(L)  # (B, m, m)
-        K = (Q_uu_inv @ Q[:, n:, :n]).neg_()  # (B, m, n)
+        G = Q_uu_inv @ Q[:, n:, :n]  # −K_t, (B, m, n)
         # V_t = Q_xx + Q_xu K_t (= Q_xx − Q_xu Q_uu⁻¹ Q_ux).
-        V_next = torch.baddbmm(Q[:, :n, :n], Q[:, :n, n:], K)
+        V_next = torch.baddbmm(Q[:, :n, :n], Q[:, :n, n:], G, alpha=-1)
         # Kept symmetric: over long horizons with unstable dynamics the round-off asymmetry
         # otherwise grows until V diverges.
         V_next = (V_next + V_next.transpose(-1, -2)).mul_(0.5)
         Vs.append(V_next)
-        Ks.append(K)
+        Ks.append(G)
         Ls.append(Q_uu_inv)
         infos.append(info)
     ok = (torch.stack(infos, 0) == 0).all(0)
-    return torch.stack(Vs[::-1], 1), torch.stack(Ks[::-1], 1), torch.stack(Ls[::-1], 1), ok
+    K = torch.stack(Ks[::-1], 1).neg_()
+    return torch.stack(Vs[::-1], 1), K, torch.stack(Ls[::-1], 1), ok
 
 
 def _affine_solve(
@@ -78,7 +80,7 @@ def _affine_solve(
     F: Tensor,
     c: Tensor,
     c_f: Tensor,
-    f: Tensor,
+    f: Tensor | None,
     x0: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Propagate the linear data through the factors.
@@ -89,26 +91,27 @@ def _affine_solve(
     Costates ``λ_t = V_t x_t + v_t``: the multipliers of ``x_{t+1} = F_t τ_t + f_t``
     (``λ_0`` that of ``x_0 = x_init``), i.e. the gradient of the optimal cost-to-go.
 
-    Shapes: ``c (B, T, n+m)``, ``c_f (B, n)``, ``f (B, T, n)``, ``x0 (B, n)``; returns
-    ``x (B, T+1, n)``, ``u (B, T, m)``, ``λ (B, T+1, n)``.
+    Shapes: ``c (B, T, n+m)``, ``c_f (B, n)``, ``f (B, T, n)`` or ``None`` for zero,
+    ``x0 (B, n)``; returns ``x (B, T+1, n)``, ``u (B, T, m)``, ``λ (B, T+1, n)``.
     """
     B = x0.shape[0]
     T, n = F.shape[1], F.shape[2]
-    # Batched products do not broadcast: give every factor and datum the batch of x0 (views).
+    # Batched products do not broadcast: give every factor and datum the batch of x0 (views),
+    # and take per-stage views once: these loops are bound by dispatch, not arithmetic.
     V, K, Q_uu_inv, F = (t.expand(B, *t.shape[1:]) for t in (V, K, Q_uu_inv, F))
-    c, f, c_f = c.expand(B, *c.shape[1:]), f.expand(B, *f.shape[1:]), c_f.expand(B, n)
-    Vs, Ks, Ls = V.unbind(1), K.unbind(1), Q_uu_inv.unbind(1)
-    KTs = K.transpose(-1, -2).unbind(1)
-    Fs, FTs = F.unbind(1), F.transpose(-1, -2).unbind(1)
-    cs, fs = c.unsqueeze(-1).unbind(1), f.unsqueeze(-1).unbind(1)  # column vectors
-    v_next = c_f.unsqueeze(-1)
+    Vs, Ks, KTs = V.unbind(1), K.unbind(1), K.transpose(-1, -2).unbind(1)
+    neg_inv = Q_uu_inv.neg().unbind(1)
+    FTs, Fxs, Fus = F.transpose(-1, -2).unbind(1), F[..., :n].unbind(1), F[..., n:].unbind(1)
+    cs = c.expand(B, *c.shape[1:]).unsqueeze(-1).unbind(1)  # column vectors
+    fs = None if f is None else f.expand(B, *f.shape[1:]).unsqueeze(-1).unbind(1)
+    v_next = c_f.expand(B, n).unsqueeze(-1)
     vs, ks = [v_next], []
     for t in range(T - 1, -1, -1):
-        q = torch.baddbmm(cs[t], FTs[t], torch.baddbmm(v_next, Vs[t + 1], fs[t]))
-        k = (Ls[t] @ q[:, n:]).neg_()  # (B, m, 1)
+        w = v_next if fs is None else torch.baddbmm(v_next, Vs[t + 1], fs[t])
+        q = torch.baddbmm(cs[t], FTs[t], w)
+        ks.append(neg_inv[t] @ q[:, n:])  # (B, m, 1)
         v_next = torch.baddbmm(q[:, :n], KTs[t], q[:, n:])
         vs.append(v_next)
-        ks.append(k)
     v = torch.stack(vs[::-1], 1).squeeze(-1)  # (B, T+1, n)
     ks = ks[::-1]
 
@@ -116,7 +119,8 @@ def _affine_solve(
     xs, us = [x], []
     for t in range(T):
         u = torch.baddbmm(ks[t], Ks[t], x)
-        x = torch.baddbmm(torch.baddbmm(fs[t], Fs[t][..., :n], x), Fs[t][..., n:], u)
+        x_next = Fxs[t] @ x if fs is None else torch.baddbmm(fs[t], Fxs[t], x)
+        x = torch.baddbmm(x_next, Fus[t], u)
         xs.append(x)
         us.append(u)
     x_all = torch.stack(xs, 1).squeeze(-1)
@@ -147,8 +151,7 @@ def _lqr_data(x0: Tensor, cost: QuadraticCost, dynamics: LinearDynamics):
     c = zeros(1, T, n + m) if c is None else c
     C_f = zeros(1, n, n) if C_f is None else C_f
     c_f = zeros(1, n) if c_f is None else c_f
-    f = zeros(1, T, n) if f is None else f
-    return x0, C, c, C_f, c_f, F, f
+    return x0, C, c, C_f, c_f, F, f  # f stays None when omitted: the solve skips it
 
 
 def solve_lqr_tensors(
@@ -172,9 +175,8 @@ def solve_lqr_tensors(
     C_final = x0.new_zeros(1, n, n) if C_final is None else C_final
     c = x0.new_zeros(1, T, n + m) if c is None else c
     c_final = x0.new_zeros(1, n) if c_final is None else c_final
-    f = x0.new_zeros(1, T, n) if f is None else f
     V, K, Q_uu_inv, _ = _factor(C, F, C_final, m)
-    return _affine_solve(V, K, Q_uu_inv, F, c.expand(B, -1, -1), c_final, f.expand(B, -1, -1), x0)
+    return _affine_solve(V, K, Q_uu_inv, F, c, c_final, f, x0)
 
 
 def _sum_to(grad: Tensor, like: Tensor) -> Tensor:
@@ -189,10 +191,7 @@ class _LQRFunction(torch.autograd.Function):
     def forward(x0, C, c, C_f, c_f, F, f):
         m = F.shape[-1] - F.shape[-2]
         V, K, Q_uu_inv, ok = _factor(C, F, C_f, m)
-        B = x0.shape[0]
-        x, u, lam = _affine_solve(
-            V, K, Q_uu_inv, F, c.expand(B, -1, -1), c_f, f.expand(B, -1, -1), x0
-        )
+        x, u, lam = _affine_solve(V, K, Q_uu_inv, F, c, c_f, f, x0)
         return x, u, lam, K, V, Q_uu_inv, ok
 
     @staticmethod
@@ -219,40 +218,37 @@ class _LQRFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_x, grad_u, *_):
         x0, C, c, C_f, c_f, F, f, x, u, lam, K, V, Q_uu_inv = ctx.saved_tensors
-        B, T = u.shape[:2]
         grad_x = torch.zeros_like(x) if grad_x is None else grad_x
         grad_u = torch.zeros_like(u) if grad_u is None else grad_u
         g_tau = torch.cat([grad_x[:, :-1], grad_u], -1)  # (B, T, n+m)
         d_x, d_u, d_lam = _affine_solve(
-            V,
-            K,
-            Q_uu_inv,
-            F,
-            g_tau,
-            grad_x[:, -1],
-            torch.zeros_like(x[:, 1:]),
-            torch.zeros_like(x0),
+            V, K, Q_uu_inv, F, g_tau, grad_x[:, -1], None, torch.zeros_like(x0)
         )
         tau = torch.cat([x[:, :-1], u], -1)  # (B, T, n+m)
         d_tau = torch.cat([d_x[:, :-1], d_u], -1)
-        outer = d_tau.unsqueeze(-1) * tau.unsqueeze(-2)  # (B, T, n+m, n+m)
-        outer_f = d_x[:, -1].unsqueeze(-1) * x[:, -1].unsqueeze(-2)  # (B, n, n)
-        grads = (
-            d_lam[:, 0],
-            _sum_to(0.5 * (outer + outer.transpose(-1, -2)), C),
-            _sum_to(d_tau, c),
-            _sum_to(0.5 * (outer_f + outer_f.transpose(-1, -2)), C_f),
-            _sum_to(d_x[:, -1], c_f),
-            _sum_to(
+        need = ctx.needs_input_grad
+
+        def sym(outer: Tensor) -> Tensor:
+            return 0.5 * (outer + outer.transpose(-1, -2))
+
+        grads = [d_lam[:, 0] if need[0] else None, None, None, None, None, None, None]
+        if need[1]:
+            grads[1] = _sum_to(sym(d_tau.unsqueeze(-1) * tau.unsqueeze(-2)), C)
+        if need[2]:
+            grads[2] = _sum_to(d_tau, c)
+        if need[3]:
+            grads[3] = _sum_to(sym(d_x[:, -1].unsqueeze(-1) * x[:, -1].unsqueeze(-2)), C_f)
+        if need[4]:
+            grads[4] = _sum_to(d_x[:, -1], c_f)
+        if need[5]:
+            grads[5] = _sum_to(
                 d_lam[:, 1:].unsqueeze(-1) * tau.unsqueeze(-2)
                 + lam[:, 1:].unsqueeze(-1) * d_tau.unsqueeze(-2),
                 F,
-            ),
-            _sum_to(d_lam[:, 1:], f),
-        )
-        return tuple(
-            g if need else None for g, need in zip(grads, ctx.needs_input_grad, strict=True)
-        )
+            )
+        if need[6]:
+            grads[6] = _sum_to(d_lam[:, 1:], f)
+        return tuple(grads)
 
 
 def solve_lqr(x0: Tensor, cost: QuadraticCost, dynamics: LinearDynamics) -> Solution:
