@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import multiprocessing
 import pkgutil
 import time
 from collections.abc import Iterator
@@ -198,13 +199,20 @@ def discounted_returns(
 
 # ----------------------------------------------------------------------------- environments
 def _ensure_registered(env_id: str) -> None:
-    """diffto's tasks register their gymnasium ids on import: import them on first use."""
-    if ":" in env_id or env_id in gym.registry:
+    """diffto's task packages register their gymnasium ids on import: for an unknown
+    ``diffto/...`` id, import them one by one until it is known (a package whose optional
+    dependencies are missing is skipped; gym.make then reports the unknown id)."""
+    if not env_id.startswith("diffto/") or env_id in gym.registry:
         return
     import diffto.tasks
 
     for info in pkgutil.iter_modules(diffto.tasks.__path__, "diffto.tasks."):
-        importlib.import_module(info.name)
+        try:
+            importlib.import_module(info.name)
+        except ImportError:
+            continue
+        if env_id in gym.registry:
+            return
 
 
 def make_env(env_id: str, env_kwargs: dict[str, Any] | None = None) -> gym.Env:
@@ -416,7 +424,10 @@ class PPO(L.LightningModule):
             fns = [partial(make_env, self.hparams.env_id, self.env_kwargs)] * self.hparams.num_envs
             kwargs = {"autoreset_mode": AutoresetMode.SAME_STEP}
             if self.hparams.vector_mode == "async":
-                self.envs = AsyncVectorEnv(fns, context="fork", **kwargs)
+                # fork: workers inherit the registry and any cache warmed in this process
+                # (spawn where fork does not exist)
+                fork = "fork" in multiprocessing.get_all_start_methods()
+                self.envs = AsyncVectorEnv(fns, context="fork" if fork else None, **kwargs)
             else:
                 self.envs = SyncVectorEnv(fns, **kwargs)
 

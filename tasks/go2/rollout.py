@@ -1,0 +1,362 @@
+"""Closed-loop and open-loop rollouts of a Go2 reference, returned like a simulation would.
+
+Both functions return the same tuple, so a trained tracking policy drops into a pipeline that
+consumes open-loop simulations:
+
+    qpos_traj (T, 19), qvel_traj (T, 18), grf_traj (T, 12), images (list of (H, W, 3) uint8)
+
+Row ``k`` is sampled at time ``k · dt`` (``dt`` = the reference's 0.02 s), i.e. at reference
+knot ``start_phase + k``; row 0 is the initial state, so ``T = steps + 1``. ``grf_traj[k]`` is
+the force the ground exerts on each foot (FL, FR, RL, RR × xyz, world frame) in the contacts
+at that instant, read from MuJoCo's constraint forces.
+
+- :func:`execute_policy_rollout`: the residual policy acting in
+  :class:`~diffto.tasks.go2.env.Go2TrackingEnv` (PD + feedforward + residual). By default the
+  env's early-termination rules are switched off, so the rollout covers the whole clip like an
+  open-loop simulation; physics divergence still ends it.
+- :func:`execute_open_loop_rollout`: the baseline without feedback. ``mode="inverse_dynamics"``
+  (default) holds, per 20 ms interval, the joint torques that MuJoCo's inverse dynamics
+  (``mj_inverse``, contacts off) needs to follow the reference motion while the reference GRF
+  act on the feet: ``τ = [M q̈ + c − Σ_feet J_footᵀ f_foot]_joints`` with ``q̈`` from finite
+  differences of the reference velocities. ``mode="feedforward"`` holds the reference's
+  ``tau_ff = −Jᵀ f`` (the same torque the tracking controller adds), without the leg dynamics.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+# Headless rendering needs OSMesa chosen before mujoco creates a GL context (see env.py).
+if "MUJOCO_GL" not in os.environ and not os.environ.get("DISPLAY"):
+    os.environ["MUJOCO_GL"] = "osmesa"
+
+import mujoco  # noqa: E402
+import numpy as np  # noqa: E402
+
+from diffto.tasks.go2 import model as go2_model  # noqa: E402
+
+__all__ = [
+    "execute_policy_rollout",
+    "execute_open_loop_rollout",
+    "inverse_dynamics_forces",
+    "foot_contact_forces",
+    "load_policy",
+    "resolve_reference",
+]
+
+Policy = Callable[[np.ndarray], np.ndarray]
+RolloutResult = tuple[np.ndarray, np.ndarray, np.ndarray, list[np.ndarray]]
+
+# TrackingConfig overrides that switch the env's early termination off (a rollout for
+# evaluation should cover the clip; training uses termination to cut hopeless episodes).
+_NO_TERMINATION = {
+    "termination_sigmas": 1e9,
+    "terminate_on_contact_mismatch": False,
+    "min_body_height": -1e9,
+}
+
+
+def load_policy(policy: Any) -> Policy:
+    """An ``obs (30,) -> action (12,)`` function from a PPO module, a checkpoint path, or a
+    callable (returned as is). Modules are put in eval mode with a frozen normalizer."""
+    return _load_policy(policy)[0]
+
+
+def _load_policy(policy: Any) -> tuple[Policy, dict[str, Any]]:
+    """The policy function and the env kwargs it was evaluated with (``{}`` for callables)."""
+    from diffto.learning.ppo import PPO
+
+    if isinstance(policy, str | os.PathLike):
+        path = Path(policy)
+        if not path.is_file():
+            raise ValueError(f"policy checkpoint {str(path)!r} does not exist")
+        policy = PPO.load_from_checkpoint(path, map_location="cpu")
+    if isinstance(policy, PPO):
+        policy.eval()
+        if policy.normalizer is not None:
+            policy.normalizer.frozen = True
+        return policy.act, dict(policy.eval_env_kwargs)
+    if callable(policy):
+        return policy, {}
+    raise ValueError(
+        "policy must be a PPO module, a checkpoint path, or a callable obs -> action, got "
+        f"{type(policy).__name__}"
+    )
+
+
+def foot_contact_forces(
+    model: mujoco.MjModel, data: mujoco.MjData, foot_geoms: np.ndarray
+) -> np.ndarray:
+    """Ground reaction force on each foot ``(12,)`` = 4 feet × xyz, world frame.
+
+    ``mj_contactForce`` gives a contact's force in its frame (rows of ``contact.frame``:
+    normal, tangent 1, tangent 2; the normal points from ``geom1`` to ``geom2``), as exerted
+    by ``geom1`` on ``geom2``. In world frame that is ``frameᵀ f``; the force on the foot is
+    ``+`` that when the foot is ``geom2`` and ``−`` when it is ``geom1``. Only foot contacts
+    with a body that is not the robot count (the floor).
+    """
+    out = np.zeros((4, 3))
+    f6 = np.zeros(6)
+    foot_of = {int(g): i for i, g in enumerate(foot_geoms)}
+    robot_root = model.body_rootid[model.geom_bodyid[int(foot_geoms[0])]]
+    for i in range(data.ncon):
+        c = data.contact[i]
+        g1, g2 = int(c.geom1), int(c.geom2)
+        if g2 in foot_of:
+            foot, other, sign = foot_of[g2], g1, 1.0
+        elif g1 in foot_of:
+            foot, other, sign = foot_of[g1], g2, -1.0
+        else:
+            continue
+        if model.body_rootid[model.geom_bodyid[other]] == robot_root:
+            continue
+        mujoco.mj_contactForce(model, data, i, f6)
+        out[foot] += sign * (c.frame.reshape(3, 3).T @ f6[:3])
+    return out.reshape(12)
+
+
+def resolve_reference(reference: Any, duration: float | None = None) -> Any:
+    """A ``ReferenceTrajectory`` from itself, a ``.npz`` path, or a motion name (planned with
+    ``duration`` seconds, default :class:`TrackingConfig`'s, and cached)."""
+    if not isinstance(reference, str | os.PathLike):
+        if not hasattr(reference, "num_phases") or not hasattr(reference, "qpos"):
+            raise ValueError(
+                "reference must be a ReferenceTrajectory, a .npz path or a motion name, got "
+                f"{type(reference).__name__}"
+            )
+        return reference
+    path = Path(reference)
+    if path.suffix == ".npz":
+        from diffto.tasks.go2.reference import ReferenceTrajectory
+
+        if not path.is_file():
+            raise ValueError(f"reference file {str(path)!r} does not exist")
+        return ReferenceTrajectory.load(path)
+    from diffto.tasks.go2.planner import plan_reference
+    from diffto.tasks.go2.tracking_config import TrackingConfig
+
+    config = TrackingConfig()
+    duration = config.reference_duration if duration is None else duration
+    return plan_reference(str(reference), duration, dt=config.control_dt)
+
+
+def _check_steps(steps: int | None, start_phase: int, num_phases: int) -> int:
+    if not 0 <= start_phase < num_phases:
+        raise ValueError(f"start_phase must lie in [0, {num_phases}), got {start_phase}")
+    available = num_phases - start_phase
+    if steps is None:
+        return available
+    if not 1 <= steps <= available:
+        raise ValueError(
+            f"steps must lie in [1, {available}] (reference has {num_phases} phases, start "
+            f"{start_phase}), got {steps}"
+        )
+    return int(steps)
+
+
+def _safe_render(render_fn: Callable[[], np.ndarray | None], images: list[np.ndarray]) -> bool:
+    """Append a frame; on a GL failure warn once and report that rendering is off."""
+    try:
+        frame = render_fn()
+    except Exception as err:  # OSMesa/EGL/GLFW failures come as assorted types
+        warnings.warn(f"rendering unavailable, no video frames: {err}", RuntimeWarning,
+                      stacklevel=3)
+        return False
+    if frame is not None:
+        images.append(np.asarray(frame).copy())
+    return True
+
+
+def execute_policy_rollout(
+    policy: Any,
+    reference: Any,
+    *,
+    steps: int | None = None,
+    render: bool = False,
+    randomize: bool = False,
+    seed: int = 0,
+    start_phase: int = 0,
+    terminate: bool = False,
+    env_kwargs: dict[str, Any] | None = None,
+) -> RolloutResult:
+    """Run a tracking policy on ``reference`` in :class:`Go2TrackingEnv`.
+
+    Args:
+        policy: a trained :class:`~diffto.learning.ppo.PPO`, a checkpoint path, or a callable
+            ``obs (30,) -> action (12,)``.
+        reference: a ``ReferenceTrajectory``, a reference ``.npz`` path, a motion name
+            (planned with the policy's training ``reference_duration`` where known), or
+            ``None`` for the reference a PPO policy was trained on.
+        steps: control steps (default: to the end of the reference).
+        render: also return RGB frames (initial state and after every step); if rendering is
+            unavailable a warning is issued and ``images`` stays empty.
+        randomize: draw the env's domain randomization (seeded by ``seed``).
+        seed: reset seed. start_phase: reference phase to start from.
+        terminate: keep the env's early-termination rules (the rollout may end early).
+        env_kwargs: :class:`TrackingConfig` overrides; a PPO policy's own training env
+            settings (gains, limits, ...) apply by default.
+
+    Returns:
+        ``(qpos_traj (T, 19), qvel_traj (T, 18), grf_traj (T, 12), images)``, ``T ≤ steps+1``.
+    """
+    from diffto.tasks.go2.env import Go2TrackingEnv
+
+    act, trained_kwargs = _load_policy(policy)
+    # a PPO policy runs with the env settings it was trained with, unless overridden
+    overrides = {**trained_kwargs, **(env_kwargs or {})}
+    if reference is None:
+        reference = overrides.get("reference", "trot")
+    for key in ("reference", "randomize", "render_mode"):
+        overrides.pop(key, None)
+    reference = resolve_reference(reference, overrides.get("reference_duration"))
+    if not terminate:
+        overrides.update(_NO_TERMINATION)
+    env = Go2TrackingEnv(
+        reference=reference, randomize=randomize,
+        render_mode="rgb_array" if render else None, **overrides,
+    )
+    try:
+        steps = _check_steps(steps, start_phase, env.num_phases)
+        feet = go2_model.foot_geom_ids(env.model)
+        obs, _ = env.reset(seed=seed, options={"phase": start_phase})
+        qpos, qvel, grf, images = [], [], [], []
+
+        def record() -> None:
+            qpos.append(env.data.qpos.copy())
+            qvel.append(env.data.qvel.copy())
+            grf.append(foot_contact_forces(env.model, env.data, feet))
+
+        record()
+        rendering = render and _safe_render(env.render, images)
+        for _ in range(steps):
+            action = np.asarray(act(obs), dtype=np.float32).reshape(-1)
+            if action.shape != env.action_space.shape:
+                raise ValueError(
+                    f"policy must return an action of shape {env.action_space.shape}, "
+                    f"got {action.shape}"
+                )
+            obs, _, terminated, truncated, _ = env.step(action)
+            record()
+            if rendering:
+                rendering = _safe_render(env.render, images)
+            if terminated or truncated:
+                break
+    finally:
+        env.close()
+    return np.asarray(qpos), np.asarray(qvel), np.asarray(grf), images
+
+
+def inverse_dynamics_forces(reference: Any, model: mujoco.MjModel | None = None) -> np.ndarray:
+    """Generalized forces ``(N, 18)`` that realize the reference motion under its GRF.
+
+    For interval ``k``: state ``(q_k, v_k)`` from the reference, ``q̈_k = (v_{k+1} − v_k)/dt``
+    (free-joint angular velocity in the body frame, as MuJoCo's ``qvel``), and MuJoCo's
+    inverse dynamics with contacts disabled gives ``τ_all = M q̈ + c − τ_passive``. The ground
+    is replaced by the reference forces: ``τ = τ_all − Σ_feet J_footᵀ f_foot`` (``J_foot`` the
+    translational Jacobian at the foot sphere centre). ``τ[:, 6:]`` are the joint torques
+    (joint order); ``τ[:, :6]`` is what the base would need beyond the GRF (unactuated: zero
+    for a dynamically consistent reference, so it measures the reference's inconsistency).
+    """
+    model = go2_model.load_model() if model is None else model
+    m = model
+    flags_before = m.opt.disableflags
+    m.opt.disableflags = flags_before | int(mujoco.mjtDisableBit.mjDSBL_CONTACT)
+    try:
+        data = mujoco.MjData(m)
+        sites = go2_model.foot_site_ids(m)
+        n, dt = int(reference.num_phases), float(reference.dt)
+        jac = np.zeros((3, m.nv))
+        tau = np.zeros((n, m.nv))
+        for k in range(n):
+            data.qpos[:] = reference.qpos(k)
+            data.qvel[:] = reference.qvel(k)
+            data.qacc[:] = (reference.qvel(k + 1) - reference.qvel(k)) / dt
+            mujoco.mj_inverse(m, data)
+            total = data.qfrc_inverse.copy()
+            f = np.asarray(reference.get_grf(k)).reshape(4, 3)
+            for foot, site in enumerate(sites):
+                mujoco.mj_jacSite(m, data, jac, None, int(site))
+                total -= jac.T @ f[foot]
+            tau[k] = total
+    finally:
+        m.opt.disableflags = flags_before
+    return tau
+
+
+def execute_open_loop_rollout(
+    reference: Any,
+    *,
+    steps: int | None = None,
+    mode: Literal["inverse_dynamics", "feedforward"] = "inverse_dynamics",
+    render: bool = False,
+    start_phase: int = 0,
+    width: int = 320,
+    height: int = 240,
+    camera: str = "track",
+) -> RolloutResult:
+    """Play ``reference`` open loop: precomputed joint torques, no feedback (see module doc).
+
+    Starts from the reference state at ``start_phase``; torques are clipped to the actuator
+    limits (the motors' ``ctrlrange``) and held for each 20 ms interval at 1 kHz physics.
+    Returns the same tuple as :func:`execute_policy_rollout`.
+    """
+    if mode not in ("inverse_dynamics", "feedforward"):
+        raise ValueError(f"mode must be 'inverse_dynamics' or 'feedforward', got {mode!r}")
+    reference = resolve_reference(reference)
+    model = go2_model.load_model(timestep=0.001)
+    n = int(reference.num_phases)
+    steps = _check_steps(steps, start_phase, n)
+    substeps = int(round(float(reference.dt) / model.opt.timestep))
+    if mode == "inverse_dynamics":
+        tau = inverse_dynamics_forces(reference, model)[:, 6:]
+    else:
+        tau = np.array([reference.get_feedforward_torque(k) for k in range(n)])
+    a2j = go2_model.actuator_joint_order(model)  # joint driven by each actuator
+    gear = model.actuator_gear[:, 0]
+    data = mujoco.MjData(model)
+    data.qpos[:] = reference.qpos(start_phase)
+    data.qvel[:] = reference.qvel(start_phase)
+    mujoco.mj_forward(model, data)
+    feet = go2_model.foot_geom_ids(model)
+    renderer = None
+    images: list[np.ndarray] = []
+    rendering = render
+    if render:
+        try:
+            renderer = mujoco.Renderer(model, height, width)
+        except Exception as err:
+            warnings.warn(f"rendering unavailable, no video frames: {err}", RuntimeWarning,
+                          stacklevel=2)
+            rendering = False
+
+    def frame() -> np.ndarray:
+        assert renderer is not None
+        renderer.update_scene(data, camera=camera)
+        return renderer.render()
+
+    qpos, qvel, grf = [data.qpos.copy()], [data.qvel.copy()], [
+        foot_contact_forces(model, data, feet)
+    ]
+    if rendering:
+        rendering = _safe_render(frame, images)
+    try:
+        for k in range(start_phase, start_phase + steps):
+            data.ctrl[:] = tau[k][a2j] / gear  # motors: force = gear · ctrl, ctrlrange clips
+            mujoco.mj_step(model, data, nstep=substeps)
+            qpos.append(data.qpos.copy())
+            qvel.append(data.qvel.copy())
+            grf.append(foot_contact_forces(model, data, feet))
+            if rendering:
+                rendering = _safe_render(frame, images)
+            if not np.all(np.isfinite(data.qpos)):
+                warnings.warn("open-loop rollout diverged; stopping", RuntimeWarning,
+                              stacklevel=2)
+                break
+    finally:
+        if renderer is not None:
+            renderer.close()
+    return np.asarray(qpos), np.asarray(qvel), np.asarray(grf), images
