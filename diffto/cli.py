@@ -86,7 +86,8 @@ def _warn_if_lightning_script_is_shared() -> None:
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the console scripts; returns ``None`` so the process exits 0."""
     _warn_if_lightning_script_is_shared()
-    argv = _rewrite_config_args(list(sys.argv[1:] if argv is None else argv))
+    from_command_line = argv is None
+    argv = _rewrite_config_args(list(sys.argv[1:] if from_command_line else argv))
 
     import torch
     from lightning.pytorch.cli import LightningCLI
@@ -98,7 +99,13 @@ def main(argv: list[str] | None = None) -> None:
 
     import diffto.learning  # noqa: F401  (registers diffto's modules for short class names)
 
-    LightningCLI(args=argv, save_config_kwargs={"overwrite": True})
+    if from_command_line:
+        # LightningCLI warns when given args beside a non-empty sys.argv: hand it the
+        # rewritten command line the usual way instead.
+        sys.argv[1:] = argv
+        LightningCLI(save_config_kwargs={"overwrite": True})
+    else:
+        LightningCLI(args=argv, save_config_kwargs={"overwrite": True})
 
 
 if __name__ == "__main__":

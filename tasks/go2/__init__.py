@@ -14,6 +14,7 @@
 import gymnasium
 
 from diffto.tasks.go2.env import Go2TrackingEnv, RenderingUnavailableError
+from diffto.tasks.go2.evaluate import Go2TrackingReport, evaluate_tracking, tracking_errors
 from diffto.tasks.go2.feedforward import FeedforwardComputer
 from diffto.tasks.go2.model import (
     FOOT_NAMES,
@@ -52,6 +53,10 @@ __all__ = [
     "RenderingUnavailableError",
     "execute_policy_rollout",
     "execute_open_loop_rollout",
+    # evaluation: RMS errors, plots and videos
+    "evaluate_tracking",
+    "tracking_errors",
+    "Go2TrackingReport",
 ]
 
 ENV_ID = "diffto/Go2Tracking-v0"
