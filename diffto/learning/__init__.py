@@ -8,7 +8,8 @@
 
 from diffto.learning.imitation import MPCImitation, imitation_loss, weight_error
 from diffto.learning.normalizer import RunningNormalizer
-from diffto.learning.ppo import PPO, approx_kl, discounted_returns, pg_loss, v_loss
+from diffto.learning.ppo import PPO
+from diffto.learning.ppo_losses import approx_kl, discounted_returns, pg_loss, v_loss
 
 __all__ = [
     "MPCImitation",
