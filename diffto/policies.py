@@ -21,6 +21,7 @@ direction in which a loss on the plan is flat and makes learned weights comparab
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -43,6 +44,8 @@ class MLP(nn.Sequential):
         small_last: scale the output layer's initial weight by 0.01, so the output starts
             near its bias whatever the input (to start a parameter head near given values)
             while every layer still receives gradient.
+        orthogonal_out_gain: if given, orthogonal initialization as in PPO implementations:
+            hidden layers with gain √2, the output layer with this gain, zero biases.
     """
 
     def __init__(
@@ -52,6 +55,7 @@ class MLP(nn.Sequential):
         hidden: Sequence[int] = (64, 64),
         activation: type[nn.Module] = nn.Tanh,
         small_last: bool = False,
+        orthogonal_out_gain: float | None = None,
     ) -> None:
         if in_dim < 1 or out_dim < 1 or any(h < 1 for h in hidden):
             raise ValueError(
@@ -64,6 +68,12 @@ class MLP(nn.Sequential):
             layers += [nn.Linear(width, h), activation()]
             width = h
         last = nn.Linear(width, out_dim)
+        if orthogonal_out_gain is not None:
+            for layer in layers[::2]:
+                nn.init.orthogonal_(layer.weight, math.sqrt(2))
+                nn.init.zeros_(layer.bias)
+            nn.init.orthogonal_(last.weight, orthogonal_out_gain)
+            nn.init.zeros_(last.bias)
         if small_last:
             with torch.no_grad():
                 last.weight.mul_(0.01)
@@ -161,8 +171,10 @@ class SolverPolicy(nn.Module):
 
         q0 = self._positive_vector("init_q", init_q, n_state)
         r0 = self._positive_vector("init_r", init_r, n_ctrl)
-        goal0 = torch.zeros(n_state) if default_goal is None else torch.as_tensor(
-            default_goal, dtype=torch.get_default_dtype()
+        goal0 = (
+            torch.zeros(n_state)
+            if default_goal is None
+            else torch.as_tensor(default_goal, dtype=torch.get_default_dtype())
         )
         if goal0.shape != (n_state,):
             raise ValueError(f"default_goal must have shape ({n_state},), got {tuple(goal0.shape)}")

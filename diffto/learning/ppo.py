@@ -50,6 +50,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from diffto.learning.normalizer import RunningNormalizer
 from diffto.learning.ppo_losses import approx_kl, discounted_returns, pg_loss, v_loss
+from diffto.policies import MLP
 
 __all__ = ["PPO", "pg_loss", "v_loss", "approx_kl", "discounted_returns", "make_env"]
 
@@ -83,21 +84,6 @@ def make_env(env_id: str, env_kwargs: dict[str, Any] | None = None) -> gym.Env:
     """
     _ensure_registered(env_id)
     return gym.make(env_id, disable_env_checker=True, **(env_kwargs or {}))
-
-
-def _mlp(n_in: int, hidden: list[int], n_out: int, activation: str, out_gain: float) -> nn.Module:
-    layers: list[nn.Module] = []
-    sizes = [n_in, *hidden]
-    for a, b in zip(sizes[:-1], sizes[1:], strict=True):
-        lin = nn.Linear(a, b)
-        nn.init.orthogonal_(lin.weight, math.sqrt(2))
-        nn.init.zeros_(lin.bias)
-        layers += [lin, _ACTIVATIONS[activation]()]
-    head = nn.Linear(sizes[-1], n_out)
-    nn.init.orthogonal_(head.weight, out_gain)
-    nn.init.zeros_(head.bias)
-    layers.append(head)
-    return nn.Sequential(*layers)
 
 
 def _box_dim(space: gym.Space, name: str) -> int:
@@ -239,8 +225,10 @@ class PPO(L.LightningModule):
         hidden_a = [128, 128] if actor_hidden is None else list(actor_hidden)
         hidden_c = [512, 512] if critic_hidden is None else list(critic_hidden)
         # A small last-layer gain starts the policy near the zero action (zero residual).
-        self.actor = _mlp(obs_dim, hidden_a, act_dim, activation, out_gain=0.01)
-        self.critic = _mlp(obs_dim, hidden_c, 1, activation, out_gain=1.0)
+        self.actor = MLP(
+            obs_dim, act_dim, hidden_a, _ACTIVATIONS[activation], orthogonal_out_gain=0.01
+        )
+        self.critic = MLP(obs_dim, 1, hidden_c, _ACTIVATIONS[activation], orthogonal_out_gain=1.0)
         self.log_std = nn.Parameter(
             torch.full((act_dim,), math.log(init_std)), requires_grad=learn_std
         )

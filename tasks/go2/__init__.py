@@ -9,12 +9,13 @@
 - :class:`Go2TrackingEnv` (gymnasium id ``diffto/Go2Tracking-v0``): residual tracking.
 - :func:`execute_policy_rollout`: a policy played on a reference, returning what an
   open-loop simulation would.
+- :mod:`diffto.tasks.go2.evaluate` (``python -m diffto.tasks.go2.evaluate``): RMS tracking
+  errors, plots and videos, and the ``Go2TrackingReport`` callback.
 """
 
 import gymnasium
 
 from diffto.tasks.go2.env import Go2TrackingEnv, RenderingUnavailableError
-from diffto.tasks.go2.evaluate import Go2TrackingReport, evaluate_tracking, tracking_errors
 from diffto.tasks.go2.feedforward import FeedforwardComputer
 from diffto.tasks.go2.model import (
     FOOT_NAMES,
@@ -53,10 +54,6 @@ __all__ = [
     "RenderingUnavailableError",
     "execute_policy_rollout",
     "execute_open_loop_rollout",
-    # evaluation: RMS errors, plots and videos
-    "evaluate_tracking",
-    "tracking_errors",
-    "Go2TrackingReport",
 ]
 
 ENV_ID = "diffto/Go2Tracking-v0"
