@@ -10,26 +10,10 @@ from hypothesis import strategies as st
 from diffto.layers.casadi import CasadiNLP, CasadiTO
 from diffto.layers.lqr import LQR
 from diffto.problem import LinearDynamics, QuadraticCost
+from diffto.testing import random_lq
 
 D = torch.float64
 DT = 0.1
-
-
-def random_lq(seed: int, B: int, T: int, n: int, m: int, dtype=D):
-    """A well-posed random LQ problem: PD stage and terminal costs, mildly stable dynamics."""
-    g = torch.Generator().manual_seed(seed)
-    k = n + m
-    A = torch.randn(B, T, k, k, generator=g, dtype=dtype)
-    C = A @ A.transpose(-1, -2) / k + 0.5 * torch.eye(k, dtype=dtype)
-    c = torch.randn(B, T, k, generator=g, dtype=dtype)
-    Af = torch.randn(n, n, generator=g, dtype=dtype)
-    C_f = Af @ Af.T / n + torch.eye(n, dtype=dtype)
-    c_f = torch.randn(B, n, generator=g, dtype=dtype)
-    F = torch.randn(T, n, k, generator=g, dtype=dtype) * 0.4
-    F[:, :, :n] += torch.eye(n, dtype=dtype)
-    f = torch.randn(T, n, generator=g, dtype=dtype) * 0.1
-    x0 = torch.randn(B, n, generator=g, dtype=dtype)
-    return x0, C, c, C_f, c_f, F, f
 
 
 def pendulum_ca(x, u, theta):
@@ -79,8 +63,13 @@ def test_nlp_equality_with_zero_multiplier(toy_nlp):
 
 
 @settings(max_examples=4)
-@given(seed=st.integers(0, 2**16), B=st.integers(1, 3), T=st.integers(1, 5),
-       n=st.integers(1, 3), m=st.integers(1, 2))
+@given(
+    seed=st.integers(0, 2**16),
+    B=st.integers(1, 3),
+    T=st.integers(1, 5),
+    n=st.integers(1, 3),
+    m=st.integers(1, 2),
+)
 def test_trajectory_matches_lqr(seed, B, T, n, m):
     x0, C, c, C_f, c_f, F, f = random_lq(seed, B, T, n, m)
     for t in (x0, C, c, c_f, F, f):
@@ -146,8 +135,9 @@ def test_unconverged_row_is_flagged_with_gradient():
     layer = CasadiTO(pendulum_ca, T, 2, 1, n_theta=1, max_iter=1, warm_start=False)
     x0 = torch.tensor([[0.0, 0.0], [0.0, 0.0]], dtype=D, requires_grad=True)
     goal = torch.tensor([[0.0, 0.0], [np.pi, 0.0]], dtype=D)
-    cost = QuadraticCost.tracking(torch.ones(2, dtype=D), 0.1 * torch.ones(1, dtype=D), T,
-                                  x_goal=goal)
+    cost = QuadraticCost.tracking(
+        torch.ones(2, dtype=D), 0.1 * torch.ones(1, dtype=D), T, x_goal=goal
+    )
     sol = layer(x0, cost, torch.full((2, 1), 9.81, dtype=D))
     # row 0 sits at its goal (the initial rollout is optimal); row 1 needs a swing-up
     assert sol.converged.tolist() == [True, False]
@@ -177,16 +167,21 @@ def test_warm_start_from_previous_row():
     """Identical rows: with chaining, SQP starts row 1 at row 0's optimum and stops at once."""
     T = 6
     x0 = torch.tensor([[0.2, 0.0]] * 2, dtype=D)
-    cost = swing_up_cost(torch.tensor([1.0, 0.1], dtype=D), torch.tensor([0.05], dtype=D),
-                         torch.tensor([1.0, 0.0], dtype=D), T)
+    cost = swing_up_cost(
+        torch.tensor([1.0, 0.1], dtype=D),
+        torch.tensor([0.05], dtype=D),
+        torch.tensor([1.0, 0.0], dtype=D),
+        T,
+    )
     theta = torch.full((2, 1), 9.81, dtype=D)
     opts = {"qpsol": "qrqp"}
     chained = CasadiTO(pendulum_ca, T, 2, 1, n_theta=1, solver="sqpmethod", options=opts)
     sol = chained(x0, cost, theta)
     assert sol.converged.all()
     assert sol.iterations[1] < sol.iterations[0]
-    cold = CasadiTO(pendulum_ca, T, 2, 1, n_theta=1, solver="sqpmethod", options=opts,
-                    warm_start=False)
+    cold = CasadiTO(
+        pendulum_ca, T, 2, 1, n_theta=1, solver="sqpmethod", options=opts, warm_start=False
+    )
     assert (cold(x0, cost, theta).iterations == sol.iterations[0]).all()
 
 
@@ -250,8 +245,12 @@ def test_trajectory_bound_gradients():
     T = 6
     x0 = torch.tensor([[0.3, -0.2], [-0.4, 0.1]], dtype=D)
     u_max = torch.full((T, 1), 1.5, dtype=D, requires_grad=True)
-    cost = swing_up_cost(torch.tensor([1.0, 0.1], dtype=D), torch.tensor([0.05], dtype=D),
-                         torch.tensor([np.pi, 0.0], dtype=D), T)
+    cost = swing_up_cost(
+        torch.tensor([1.0, 0.1], dtype=D),
+        torch.tensor([0.05], dtype=D),
+        torch.tensor([np.pi, 0.0], dtype=D),
+        T,
+    )
     theta = torch.full((2, 1), 9.81, dtype=D)
 
     def fn(u_max):

@@ -22,28 +22,12 @@ from diffto.layers.mpc import MPC
 from diffto.layers.qp import QPMPC
 from diffto.layers.theseus import TheseusTO
 from diffto.problem import LinearDynamics, QuadraticCost
+from diffto.testing import random_lq
 
 D = torch.float64
 DT = 0.1
 PLAN_TOL = {"MPC": 1e-7, "TheseusTO": 1e-7, "CasadiNLP": 1e-7, "QPMPC": 1e-4}
 GRAD_TOL = {"MPC": 1e-6, "TheseusTO": 1e-6, "CasadiNLP": 1e-6, "QPMPC": 1e-3}
-
-
-def random_lq(seed: int, B: int, T: int, n: int, m: int, dtype=D):
-    """A well-posed random LQ problem: PD stage and terminal costs, mildly stable dynamics."""
-    g = torch.Generator().manual_seed(seed)
-    k = n + m
-    A = torch.randn(B, T, k, k, generator=g, dtype=dtype)
-    C = A @ A.transpose(-1, -2) / k + 0.5 * torch.eye(k, dtype=dtype)
-    c = torch.randn(B, T, k, generator=g, dtype=dtype)
-    Af = torch.randn(n, n, generator=g, dtype=dtype)
-    C_f = Af @ Af.T / n + torch.eye(n, dtype=dtype)
-    c_f = torch.randn(B, n, generator=g, dtype=dtype)
-    F = torch.randn(T, n, k, generator=g, dtype=dtype) * 0.4
-    F[:, :, :n] += torch.eye(n, dtype=dtype)
-    f = torch.randn(T, n, generator=g, dtype=dtype) * 0.1
-    x0 = torch.randn(B, n, generator=g, dtype=dtype)
-    return x0, C, c, C_f, c_f, F, f
 
 
 def plan_and_grads(solve, x0, C, c, C_f, c_f, seed_u):
@@ -71,8 +55,13 @@ def assert_agree(name, sol, grads, ref, ref_grads, rows=None, plan_tol=None, gra
 
 
 @settings(max_examples=3)
-@given(seed=st.integers(0, 2**16), B=st.integers(1, 3), T=st.integers(1, 5),
-       n=st.integers(1, 3), m=st.integers(1, 2))
+@given(
+    seed=st.integers(0, 2**16),
+    B=st.integers(1, 3),
+    T=st.integers(1, 5),
+    n=st.integers(1, 3),
+    m=st.integers(1, 2),
+)
 def test_unconstrained_lq_all_backends_agree(seed, B, T, n, m):
     x0, C, c, C_f, c_f, F, f = random_lq(seed, B, T, n, m)
     dyn = LinearDynamics(F, f)
@@ -83,8 +72,9 @@ def test_unconstrained_lq_all_backends_agree(seed, B, T, n, m):
         "TheseusTO": lambda x0, cost: TheseusTO(dyn, T)(x0, cost),
         "CasadiNLP": lambda x0, cost: CasadiNLP.trajectory(None, T, n, m)(x0, cost, dyn),
     }
-    ref, ref_grads = plan_and_grads(lambda x0, cost: LQR()(x0, cost, dyn), x0, C, c, C_f, c_f,
-                                    seed_u)
+    ref, ref_grads = plan_and_grads(
+        lambda x0, cost: LQR()(x0, cost, dyn), x0, C, c, C_f, c_f, seed_u
+    )
     for name, solve in backends.items():
         sol, grads = plan_and_grads(solve, x0, C, c, C_f, c_f, seed_u)
         assert sol.converged.all(), f"{name}: {sol.converged}"
@@ -124,8 +114,7 @@ def test_state_bounds_qpmpc_casadi_agree(seed):
     dyn = LinearDynamics(F, f)
     seed_u = torch.randn(B, T, m, generator=torch.Generator().manual_seed(seed), dtype=D)
     qp = QPMPC(T, n, m, x_lower=-0.5, x_upper=0.5)
-    ref, ref_grads = plan_and_grads(lambda x0, cost: qp(x0, cost, dyn), x0, C, c, C_f, c_f,
-                                    seed_u)
+    ref, ref_grads = plan_and_grads(lambda x0, cost: qp(x0, cost, dyn), x0, C, c, C_f, c_f, seed_u)
     nlp = CasadiNLP.trajectory(None, T, n, m, x_lower=-0.5, x_upper=0.5)
     sol, grads = plan_and_grads(lambda x0, cost: nlp(x0, cost, dyn), x0, C, c, C_f, c_f, seed_u)
     assert sol.converged.tolist() == ref.converged.tolist(), (sol.extras, ref.extras)
@@ -142,11 +131,13 @@ def test_state_bounds_active_case():
     dyn = LinearDynamics(F, f)
     seed_u = torch.ones(B, T, m, dtype=D)
     qp = QPMPC(T, n, m, x_lower=-0.5, x_upper=0.5)
-    ref, ref_grads = plan_and_grads(lambda x0, cost: qp(x0, cost, dyn), 0.3 * x0, C, c, C_f,
-                                    c_f, seed_u)
+    ref, ref_grads = plan_and_grads(
+        lambda x0, cost: qp(x0, cost, dyn), 0.3 * x0, C, c, C_f, c_f, seed_u
+    )
     nlp = CasadiNLP.trajectory(None, T, n, m, x_lower=-0.5, x_upper=0.5)
-    sol, grads = plan_and_grads(lambda x0, cost: nlp(x0, cost, dyn), 0.3 * x0, C, c, C_f, c_f,
-                                seed_u)
+    sol, grads = plan_and_grads(
+        lambda x0, cost: nlp(x0, cost, dyn), 0.3 * x0, C, c, C_f, c_f, seed_u
+    )
     assert ref.converged.all() and sol.converged.all()
     assert ((sol.x[:, 1:].abs() - 0.5).abs() < 1e-7).sum() >= 3, "test needs active bounds"
     assert_agree("QPMPC", sol, grads, ref, ref_grads)
@@ -155,8 +146,9 @@ def test_state_bounds_active_case():
 class Pendulum(nn.Module):
     def forward(self, x, u):
         th, om = x[..., 0], x[..., 1]
-        return torch.stack([th + DT * om, om + DT * (-9.81 * torch.sin(th) + u[..., 0]
-                                                     - 0.1 * om)], -1)
+        return torch.stack(
+            [th + DT * om, om + DT * (-9.81 * torch.sin(th) + u[..., 0] - 0.1 * om)], -1
+        )
 
 
 def pendulum_ca(x, u):

@@ -11,26 +11,10 @@ from torch import nn
 from diffto.layers.lqr import LQR
 from diffto.layers.theseus import TheseusTO
 from diffto.problem import LinearDynamics, QuadraticCost
+from diffto.testing import random_lq
 
 D = torch.float64
 DT = 0.1
-
-
-def random_lq(seed: int, B: int, T: int, n: int, m: int, dtype=D):
-    """A well-posed random LQ problem: PD stage and terminal costs, mildly stable dynamics."""
-    g = torch.Generator().manual_seed(seed)
-    k = n + m
-    A = torch.randn(B, T, k, k, generator=g, dtype=dtype)
-    C = A @ A.transpose(-1, -2) / k + 0.5 * torch.eye(k, dtype=dtype)
-    c = torch.randn(B, T, k, generator=g, dtype=dtype)
-    Af = torch.randn(n, n, generator=g, dtype=dtype)
-    C_f = Af @ Af.T / n + torch.eye(n, dtype=dtype)
-    c_f = torch.randn(B, n, generator=g, dtype=dtype)
-    F = torch.randn(T, n, k, generator=g, dtype=dtype) * 0.4
-    F[:, :, :n] += torch.eye(n, dtype=dtype)
-    f = torch.randn(T, n, generator=g, dtype=dtype) * 0.1
-    x0 = torch.randn(B, n, generator=g, dtype=dtype)
-    return x0, C, c, C_f, c_f, F, f
 
 
 class Pendulum(nn.Module):
@@ -42,8 +26,9 @@ class Pendulum(nn.Module):
 
     def forward(self, x, u):
         th, om = x[..., 0], x[..., 1]
-        return torch.stack([th + DT * om, om + DT * (-self.g * torch.sin(th) + u[..., 0]
-                                                     - 0.1 * om)], -1)
+        return torch.stack(
+            [th + DT * om, om + DT * (-self.g * torch.sin(th) + u[..., 0] - 0.1 * om)], -1
+        )
 
 
 def swing_up(T: int):
@@ -59,8 +44,13 @@ def make_cost(Q, R, goal, T):
 
 
 @settings(max_examples=3)
-@given(seed=st.integers(0, 2**16), B=st.integers(1, 3), T=st.integers(1, 5),
-       n=st.integers(1, 3), m=st.integers(1, 2))
+@given(
+    seed=st.integers(0, 2**16),
+    B=st.integers(1, 3),
+    T=st.integers(1, 5),
+    n=st.integers(1, 3),
+    m=st.integers(1, 2),
+)
 def test_implicit_matches_lqr(seed, B, T, n, m):
     """Plan and gradients w.r.t. every input (C and F included) equal LQR's."""
     x0, C, c, C_f, c_f, F, f = random_lq(seed, B, T, n, m)
@@ -153,8 +143,9 @@ def test_levenberg_marquardt_reaches_the_same_plan():
     x0, Q, R, goal = swing_up(T)
     cost = make_cost(Q, R, goal, T)
     gn = TheseusTO(Pendulum(), T, max_iter=100)(x0, cost)
-    lm = TheseusTO(Pendulum(), T, optimizer="levenberg_marquardt", damping=1e-4,
-                   max_iter=100)(x0, cost)
+    lm = TheseusTO(Pendulum(), T, optimizer="levenberg_marquardt", damping=1e-4, max_iter=100)(
+        x0, cost
+    )
     assert gn.converged.all() and lm.converged.all()
     torch.testing.assert_close(lm.u, gn.u, atol=1e-5, rtol=1e-5)
 
@@ -163,8 +154,9 @@ def test_iteration_cap_is_flagged_per_row():
     T = 8
     x0 = torch.zeros(2, 2, dtype=D, requires_grad=True)
     goal = torch.tensor([[0.0, 0.0], [math.pi, 0.0]], dtype=D)
-    cost = QuadraticCost.tracking(torch.ones(2, dtype=D), 0.1 * torch.ones(1, dtype=D), T,
-                                  x_goal=goal)
+    cost = QuadraticCost.tracking(
+        torch.ones(2, dtype=D), 0.1 * torch.ones(1, dtype=D), T, x_goal=goal
+    )
     sol = TheseusTO(Pendulum(), T, max_iter=1)(x0, cost)
     # row 0 starts at its optimum (hanging at rest, zero control); row 1 needs a swing-up
     assert sol.converged.tolist() == [True, False]
@@ -184,8 +176,16 @@ def test_float32_and_regularized_psd_cost():
         TheseusTO(dyn, 3)(x0, cost)
     sol = TheseusTO(dyn, 3, cost_regularization=1e-9)(x0, cost)
     C_b, c_b, Cf_b, cf_b = cost.batched(2, 1)
-    ref = LQR()(x0, QuadraticCost(C_b.expand(2, -1, -1, -1), c_b.expand(2, -1, -1),
-                                  Cf_b.expand(2, -1, -1), cf_b.expand(2, -1)), dyn)
+    ref = LQR()(
+        x0,
+        QuadraticCost(
+            C_b.expand(2, -1, -1, -1),
+            c_b.expand(2, -1, -1),
+            Cf_b.expand(2, -1, -1),
+            cf_b.expand(2, -1),
+        ),
+        dyn,
+    )
     torch.testing.assert_close(sol.u, ref.u, atol=1e-6, rtol=1e-6)
     dyn32 = LinearDynamics(F.float(), f.float())
     x32 = x0.float().requires_grad_(True)

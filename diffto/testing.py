@@ -1,0 +1,32 @@
+"""Random well-posed problems for property tests of solver layers (diffto's and yours)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["random_lq"]
+
+
+def random_lq(
+    seed: int, B: int, T: int, n: int, m: int, dtype: torch.dtype = torch.float64
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """A random LQ problem with positive definite stage and terminal costs and mildly stable,
+    time-varying dynamics shared by the batch.
+
+    Returns ``x0 (B, n)``, ``C (B, T, n+m, n+m)``, ``c (B, T, n+m)``, ``C_final (n, n)``,
+    ``c_final (B, n)``, ``F (T, n, n+m)``, ``f (T, n)``.
+    """
+    g = torch.Generator().manual_seed(seed)
+    k = n + m
+    A = torch.randn(B, T, k, k, generator=g, dtype=dtype)
+    C = A @ A.transpose(-1, -2) / k + 0.5 * torch.eye(k, dtype=dtype)
+    c = torch.randn(B, T, k, generator=g, dtype=dtype)
+    Af = torch.randn(n, n, generator=g, dtype=dtype)
+    C_f = Af @ Af.T / n + torch.eye(n, dtype=dtype)
+    c_f = torch.randn(B, n, generator=g, dtype=dtype)
+    F = torch.randn(T, n, k, generator=g, dtype=dtype) * 0.4
+    F[:, :, :n] += torch.eye(n, dtype=dtype)
+    f = torch.randn(T, n, generator=g, dtype=dtype) * 0.1
+    x0 = torch.randn(B, n, generator=g, dtype=dtype)
+    return x0, C, c, C_f, c_f, F, f
