@@ -33,6 +33,7 @@ __all__ = [
     "check_x0",
     "check_bounds",
     "problem_dims",
+    "sum_to_batch",
 ]
 
 
@@ -329,3 +330,9 @@ def problem_dims(
         if t is not None and t.dim() == 4 and t.shape[0] not in (1, B):
             raise ValueError(f"cost.{name} has batch {t.shape[0]} but x0 has batch {B}")
     return B, cost.horizon, n, m
+
+
+def sum_to_batch(grad: Tensor, like: Tensor) -> Tensor:
+    """Reduce a gradient computed per batch row ``(B, ...)`` to the shape of an input that was
+    broadcast over the batch from a leading dimension of 1 (what a custom backward returns)."""
+    return grad.sum(0, keepdim=True) if like.shape[0] == 1 and grad.shape[0] != 1 else grad

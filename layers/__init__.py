@@ -16,7 +16,7 @@ _LAZY = {
     "build_mpc_problem": "diffto.layers.qp",
     # general NLPs (CasADi + IPOPT), and the standard TO problem built from them
     "CasadiNLP": "diffto.layers.casadi",
-    "CasadiTO": "diffto.layers.casadi",
+    "CasadiTO": "diffto.layers.casadi_to",
     "NLPResult": "diffto.layers.casadi",
     "solve_nlp": "diffto.layers.casadi",
     # nonlinear least squares (Theseus)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from diffto.problem import LinearDynamics, QuadraticCost, Solution, problem_dims
+from diffto.problem import LinearDynamics, QuadraticCost, Solution, problem_dims, sum_to_batch
 
 __all__ = ["LQR", "solve_lqr", "solve_lqr_tensors"]
 
@@ -179,13 +179,6 @@ def solve_lqr_tensors(
     return _affine_solve(V, K, Q_uu_inv, F, c, c_final, f, x0)
 
 
-def _sum_to(grad: Tensor, like: Tensor) -> Tensor:
-    """Reduce a batch-expanded gradient to the (possibly broadcast) shape of an input."""
-    if grad.shape[0] != like.shape[0]:
-        grad = grad.sum(0, keepdim=True)
-    return grad
-
-
 class _LQRFunction(torch.autograd.Function):
     @staticmethod
     def forward(x0, C, c, C_f, c_f, F, f):
@@ -233,21 +226,21 @@ class _LQRFunction(torch.autograd.Function):
 
         grads = [d_lam[:, 0] if need[0] else None, None, None, None, None, None, None]
         if need[1]:
-            grads[1] = _sum_to(sym(d_tau.unsqueeze(-1) * tau.unsqueeze(-2)), C)
+            grads[1] = sum_to_batch(sym(d_tau.unsqueeze(-1) * tau.unsqueeze(-2)), C)
         if need[2]:
-            grads[2] = _sum_to(d_tau, c)
+            grads[2] = sum_to_batch(d_tau, c)
         if need[3]:
-            grads[3] = _sum_to(sym(d_x[:, -1].unsqueeze(-1) * x[:, -1].unsqueeze(-2)), C_f)
+            grads[3] = sum_to_batch(sym(d_x[:, -1].unsqueeze(-1) * x[:, -1].unsqueeze(-2)), C_f)
         if need[4]:
-            grads[4] = _sum_to(d_x[:, -1], c_f)
+            grads[4] = sum_to_batch(d_x[:, -1], c_f)
         if need[5]:
-            grads[5] = _sum_to(
+            grads[5] = sum_to_batch(
                 d_lam[:, 1:].unsqueeze(-1) * tau.unsqueeze(-2)
                 + lam[:, 1:].unsqueeze(-1) * d_tau.unsqueeze(-2),
                 F,
             )
         if need[6]:
-            grads[6] = _sum_to(d_lam[:, 1:], f)
+            grads[6] = sum_to_batch(d_lam[:, 1:], f)
         return tuple(grads)
 
 

@@ -7,7 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from diffto.layers.casadi import CasadiNLP, CasadiTO
+from diffto.layers.casadi import CasadiNLP
+from diffto.layers.casadi_to import CasadiTO
 from diffto.layers.lqr import LQR
 from diffto.problem import LinearDynamics, QuadraticCost
 from diffto.testing import random_lq
