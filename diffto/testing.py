@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["random_lq"]
+__all__ = ["random_lq", "small_lq_dims"]
 
 
 def random_lq(
@@ -30,3 +30,17 @@ def random_lq(
     f = torch.randn(T, n, generator=g, dtype=dtype) * 0.1
     x0 = torch.randn(B, n, generator=g, dtype=dtype)
     return x0, C, c, C_f, c_f, F, f
+
+
+def small_lq_dims() -> dict:
+    """Hypothesis strategies for the keyword arguments ``seed, B, T, n, m`` of
+    :func:`random_lq`, sized for slow backends (use as ``@given(**small_lq_dims())``)."""
+    from hypothesis import strategies as st  # a test-time dependency only
+
+    return {
+        "seed": st.integers(0, 2**16),
+        "B": st.integers(1, 3),
+        "T": st.integers(1, 5),
+        "n": st.integers(1, 3),
+        "m": st.integers(1, 2),
+    }

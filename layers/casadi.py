@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from diffto.layers._checked_solve import checked_solve
 from diffto.problem import (
     check_finite,
     sum_to_batch,
@@ -428,21 +429,9 @@ class _NLPFunction(torch.autograd.Function):
         idx = torch.arange(n_w, size)
         K[:, idx, idx] = (~act_g_t).double()
         rhs = torch.cat([v * free, v.new_zeros(B, n_g)], 1)
-        sol, info = torch.linalg.solve_ex(K, rhs)
-        # A backward-stable solve leaves a tiny residual even when K is ill-conditioned; a large
-        # one means the LAPACK call itself went wrong (seen with MKL at > 1 thread on 2 cores).
-        resid = (K @ sol.unsqueeze(-1)).squeeze(-1) - rhs
-        scale = 1 + K.abs().amax((-1, -2)) * sol.abs().amax(-1)
-        bad = resid.abs().amax(-1) > 1e4 * torch.finfo(K.dtype).eps * scale
-        info = torch.where(bad, torch.ones_like(info), info)
-        if (info != 0).any():
-            rows = torch.nonzero(info).flatten().tolist()
-            raise RuntimeError(
-                f"CasadiNLP backward: the KKT solve failed for rows {rows}: the matrix is singular "
-                "(active constraints not linearly independent, or a singular reduced Hessian), "
-                "so the sensitivity is not defined, or the linear solve returned a wrong result "
-                "(check torch.get_num_threads())"
-            )
+        sol = checked_solve(
+            K, rhs, "CasadiNLP backward: the KKT solve failed (active constraints dependent?)"
+        )
         a, b_g = sol[:, :n_w], sol[:, n_w:]
         Ha = (H @ a.unsqueeze(-1)).squeeze(-1)
         b_w = (v - Ha - (Ja.transpose(1, 2) @ b_g.unsqueeze(-1)).squeeze(-1)) * (1 - free)

@@ -51,6 +51,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from diffto.layers._checked_solve import checked_solve
 from diffto.problem import LinearDynamics, QuadraticCost, Solution, problem_dims
 
 __all__ = ["TheseusTO", "BackwardMode"]
@@ -236,8 +237,16 @@ def _shooting_cost_class(th) -> type:
 
         def _copy_impl(self, new_name=None):
             aux = [getattr(self, a).copy() for a in self._aux_names]
-            return ShootingCost(self.U.copy(), aux, self.problem, self.shared, self.n_batched,
-                                self.shapes, self.weight.copy(), name=new_name)
+            return ShootingCost(
+                self.U.copy(),
+                aux,
+                self.problem,
+                self.shared,
+                self.n_batched,
+                self.shapes,
+                self.weight.copy(),
+                name=new_name,
+            )
 
     _SHOOTING_COST.append(ShootingCost)
     return ShootingCost
@@ -280,19 +289,7 @@ class _ImplicitShooting(torch.autograd.Function):
                     (h,) = torch.autograd.grad(G[:, j].sum(), U, retain_graph=True)
                     cols.append(h)  # (B, T·m) = H[:, :, j]
                 H = torch.stack(cols, -1)  # (B, T·m, T·m)
-            lam, info = torch.linalg.solve_ex(H, v)
-            # residual check: catches a LAPACK call gone wrong (MKL, > 1 thread, 2 cores)
-            resid = (H @ lam.unsqueeze(-1)).squeeze(-1) - v
-            scale = 1 + H.abs().amax((-1, -2)) * lam.abs().amax(-1)
-            tol = 1e4 * torch.finfo(H.dtype).eps * scale
-            info = torch.where(resid.abs().amax(-1) > tol, torch.ones_like(info), info)
-            if (info != 0).any():
-                rows = torch.nonzero(info).flatten().tolist()
-                raise RuntimeError(
-                    f"TheseusTO implicit backward: the Hessian solve failed for rows {rows} "
-                    "(singular: the solution does not depend smoothly on the inputs there; or "
-                    "a wrong LAPACK result, check torch.get_num_threads())"
-                )
+            lam = checked_solve(H, v, "TheseusTO implicit backward: the Hessian solve failed")
             grads = torch.autograd.grad(G, th, grad_outputs=-lam, allow_unused=True)
         return (None, None, *grads)
 
@@ -378,8 +375,10 @@ class TheseusTO(nn.Module):
             raise ValueError(
                 f"backward must be one of implicit, {', '.join(_THESEUS_MODES)}; got {backward!r}"
             )
-        for name, val in (("max_iter", max_iter), ("backward_num_iterations",
-                                                   backward_num_iterations)):
+        for name, val in (
+            ("max_iter", max_iter),
+            ("backward_num_iterations", backward_num_iterations),
+        ):
             if val < 1:
                 raise ValueError(f"{name} must be >= 1, got {val}")
         if cost_regularization < 0:
@@ -515,15 +514,23 @@ class TheseusTO(nn.Module):
             )
         else:
             cost_fn = th.AutoDiffCostFunction(
-                [U_var], err_fn, T * k + n, aux_vars=aux, name="trajectory_cost",
-                cost_weight=weight, autograd_mode=self.autograd_mode,
+                [U_var],
+                err_fn,
+                T * k + n,
+                aux_vars=aux,
+                name="trajectory_cost",
+                cost_weight=weight,
+                autograd_mode=self.autograd_mode,
             )
         objective = th.Objective(dtype=U0.dtype)
         objective.add(cost_fn)
         cls = th.GaussNewton if self.optimizer == "gauss_newton" else th.LevenbergMarquardt
         opt = cls(
-            objective, max_iterations=self.max_iter, step_size=self.step_size,
-            abs_err_tolerance=self.abs_err_tolerance, rel_err_tolerance=self.rel_err_tolerance,
+            objective,
+            max_iterations=self.max_iter,
+            step_size=self.step_size,
+            abs_err_tolerance=self.abs_err_tolerance,
+            rel_err_tolerance=self.rel_err_tolerance,
         )
         layer = th.TheseusLayer(opt).to(U0.device)
         inputs = {"U": U0.detach().clone()}

@@ -11,7 +11,7 @@ from diffto.layers.casadi import CasadiNLP
 from diffto.layers.casadi_to import CasadiTO
 from diffto.layers.lqr import LQR
 from diffto.problem import LinearDynamics, QuadraticCost
-from diffto.testing import random_lq
+from diffto.testing import random_lq, small_lq_dims
 
 D = torch.float64
 DT = 0.1
@@ -64,13 +64,7 @@ def test_nlp_equality_with_zero_multiplier(toy_nlp):
 
 
 @settings(max_examples=4)
-@given(
-    seed=st.integers(0, 2**16),
-    B=st.integers(1, 3),
-    T=st.integers(1, 5),
-    n=st.integers(1, 3),
-    m=st.integers(1, 2),
-)
+@given(**small_lq_dims())
 def test_trajectory_matches_lqr(seed, B, T, n, m):
     x0, C, c, C_f, c_f, F, f = random_lq(seed, B, T, n, m)
     for t in (x0, C, c, c_f, F, f):

@@ -22,7 +22,7 @@ from diffto.layers.mpc import MPC
 from diffto.layers.qp import QPMPC
 from diffto.layers.theseus import TheseusTO
 from diffto.problem import LinearDynamics, QuadraticCost
-from diffto.testing import random_lq
+from diffto.testing import random_lq, small_lq_dims
 
 D = torch.float64
 DT = 0.1
@@ -55,13 +55,7 @@ def assert_agree(name, sol, grads, ref, ref_grads, rows=None, plan_tol=None, gra
 
 
 @settings(max_examples=3)
-@given(
-    seed=st.integers(0, 2**16),
-    B=st.integers(1, 3),
-    T=st.integers(1, 5),
-    n=st.integers(1, 3),
-    m=st.integers(1, 2),
-)
+@given(**small_lq_dims())
 def test_unconstrained_lq_all_backends_agree(seed, B, T, n, m):
     x0, C, c, C_f, c_f, F, f = random_lq(seed, B, T, n, m)
     dyn = LinearDynamics(F, f)

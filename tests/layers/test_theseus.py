@@ -5,13 +5,12 @@ import math
 import pytest
 import torch
 from hypothesis import given, settings
-from hypothesis import strategies as st
 from torch import nn
 
 from diffto.layers.lqr import LQR
 from diffto.layers.theseus import TheseusTO
 from diffto.problem import LinearDynamics, QuadraticCost
-from diffto.testing import random_lq
+from diffto.testing import random_lq, small_lq_dims
 
 D = torch.float64
 DT = 0.1
@@ -44,13 +43,7 @@ def make_cost(Q, R, goal, T):
 
 
 @settings(max_examples=3)
-@given(
-    seed=st.integers(0, 2**16),
-    B=st.integers(1, 3),
-    T=st.integers(1, 5),
-    n=st.integers(1, 3),
-    m=st.integers(1, 2),
-)
+@given(**small_lq_dims())
 def test_implicit_matches_lqr(seed, B, T, n, m):
     """Plan and gradients w.r.t. every input (C and F included) equal LQR's."""
     x0, C, c, C_f, c_f, F, f = random_lq(seed, B, T, n, m)
