@@ -25,6 +25,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from diffto.costs import Derivatives, HessianKind, _Cost
+
 __all__ = [
     "QuadraticCost",
     "LinearDynamics",
@@ -62,7 +64,7 @@ def _batched(name: str, value: Tensor, trailing: tuple[int, ...], ndim_core: int
     return value
 
 
-class QuadraticCost:
+class QuadraticCost(_Cost):
     """Stage cost ``0.5 τᵀC_tτ + c_tᵀτ`` (``τ = [x; u]``) plus terminal ``0.5 xᵀC_f x + c_fᵀx``.
 
     Args:
@@ -123,6 +125,31 @@ class QuadraticCost:
             f"{name}: the control block C[..., n:, n:] must be positive definite at every "
             f"stage; smallest eigenvalue found {lam_min.min().item():.3g}"
         )
+
+    def gradients(self, x: Tensor, u: Tensor, create_graph: bool = False) -> tuple[Tensor, Tensor]:
+        """``∇_τ ℓ = C τ + c`` ``(B, T, n+m)`` and ``∇ℓ_T = C_f x_T + c_f`` ``(B, n)``."""
+        H, g, H_f, g_f = self.derivatives(x, u, create_graph=create_graph)
+        return g, g_f
+
+    def derivatives(self, x: Tensor, u: Tensor, hessian: HessianKind = "exact",
+                    create_graph: bool = False) -> Derivatives:
+        """The cost's own quadratic model at the plan ``x (B, T+1, n)``, ``u (B, T, m)``:
+        ``C (B, T, k, k)``, ``Cτ + c (B, T, k)``, ``C_f (B, n, n)``, ``C_f x_T + c_f (B, n)``
+        (``hessian`` is accepted for the protocol: a quadratic's model is exact and convex
+        wherever the cost is)."""
+        n, m = x.shape[-1], u.shape[-1]
+        C, c, C_f, c_f = self.batched(n, m)
+        B = x.shape[0]
+        tau = torch.cat([x[:, :-1], u], dim=-1)
+        g = (C @ tau.unsqueeze(-1)).squeeze(-1)
+        g = g if c is None else g + c
+        xT = x[:, -1]
+        C_f = x.new_zeros(1, n, n) if C_f is None else C_f
+        g_f = (C_f @ xT.unsqueeze(-1)).squeeze(-1)
+        g_f = g_f if c_f is None else g_f + c_f
+        out = (C.expand(B, *C.shape[1:]), g.expand(B, *g.shape[1:]), C_f.expand(B, n, n),
+               g_f.expand(B, n))
+        return out if create_graph else tuple(t.detach() for t in out)
 
     def evaluate(self, x: Tensor, u: Tensor) -> Tensor:
         """Total cost of plans ``x (B, T+1, n)``, ``u (B, T, m)``; returns ``(B,)``."""
@@ -277,6 +304,18 @@ class Solution:
     converged: Tensor
     iterations: Tensor
     extras: dict[str, Any] = field(default_factory=dict)
+
+    def shifted(self, steps: int = 1) -> Tensor:
+        """The controls moved ``steps`` stages forward, the last one repeated: ``(B, T, m)``,
+        the warm start of the next receding-horizon call after ``steps`` applied controls."""
+        if not isinstance(steps, int) or not 0 <= steps:
+            raise ValueError(f"steps must be an int >= 0, got {steps!r}")
+        u = self.u.detach()
+        if steps == 0:
+            return u
+        steps = min(steps, u.shape[1])
+        tail = u[:, -1:].expand(-1, steps, -1)
+        return torch.cat([u[:, steps:], tail], 1)
 
 
 def check_x0(x0: Tensor, n: int | None = None) -> Tensor:
