@@ -114,6 +114,21 @@ class QuadraticCost(_Cost):
         c_f = None if self.c_final is None else _batched("c_final", self.c_final, (n,), 1)
         return C, c, C_f, c_f
 
+    def expanded(self, B: int, n: int, m: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The one dense form every solver uses: ``C (B, T, n+m, n+m)`` symmetrized,
+        ``c (B, T, n+m)``, ``C_final (B, n, n)`` symmetrized, ``c_final (B, n)``; omitted terms
+        are zeros, leading dims expanded (views where possible), shapes checked."""
+        C, c, C_f, c_f = self.batched(n, m)
+        T, k = self.horizon, n + m
+        for name, t in (("C", C), ("c", c), ("C_final", C_f), ("c_final", c_f)):
+            if t is not None and t.shape[0] not in (1, B):
+                raise ValueError(f"cost.{name} has batch {t.shape[0]} but x0 has batch {B}")
+        c = C.new_zeros(1, T, k) if c is None else c
+        C_f = C.new_zeros(1, n, n) if C_f is None else C_f
+        c_f = C.new_zeros(1, n) if c_f is None else c_f
+        return (C.expand(B, T, k, k), c.expand(B, T, k), C_f.expand(B, n, n),
+                c_f.expand(B, n))
+
     def check_control_pd(self, n: int, m: int, name: str = "cost.C") -> None:
         """Raise unless every stage's control block ``C_uu`` is positive definite."""
         C = _batched(name, self.C, (self.horizon, n + m, n + m), 3).detach()
