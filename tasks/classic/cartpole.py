@@ -26,6 +26,19 @@ Eliminating ``θ̈``:
     \\ddot θ = \\frac{g \\sin θ - \\cos θ\\, \\ddot p}{l}.
 
 With ``F = 0`` and ``μ = 0`` the energy ``T + V`` is conserved, which the tests check.
+
+Jacobians of the accelerations (``D = m_c + m_p \\sin² θ``, ``s = \\sin θ``, ``c = \\cos θ``):
+
+.. math::
+
+    ∂\\ddot p/∂θ = \\frac{m_p (l θ̇² c - g (c² - s²)) - 2 m_p s c\\, \\ddot p}{D},\\quad
+    ∂\\ddot p/∂ṗ = -μ/D,\\quad ∂\\ddot p/∂θ̇ = 2 m_p l s θ̇ / D,\\quad ∂\\ddot p/∂F = 1/D, \\\\
+    ∂\\ddot θ/∂θ = (g c + s \\ddot p - c\\, ∂\\ddot p/∂θ) / l,\\qquad
+    ∂\\ddot θ/∂(ṗ, θ̇, F) = -c\\, ∂\\ddot p/∂(ṗ, θ̇, F) / l;
+
+:meth:`CartPole.jacobians` chains them through the integrator's stages
+(:func:`~diffto.tasks.classic.pendulum.integrate_jacobians`). The result is a plain torch
+expression, differentiable again w.r.t. the state, the control and the learnable parameters.
 """
 
 from __future__ import annotations
@@ -40,6 +53,7 @@ from diffto.tasks.classic.pendulum import (
     _check_step_inputs,
     _PhysicalSystem,
     integrate,
+    integrate_jacobians,
     rollout,
 )
 
@@ -59,7 +73,9 @@ class CartPole(_PhysicalSystem):
         integrator: ``"rk4"`` or ``"semi_implicit_euler"``.
         learnable: names of the parameters exposed as ``nn.Parameter``; the rest are buffers.
 
-    Call: ``cartpole(x (B, 4), u (B, 1)) -> x_next (B, 4)``.
+    Call: ``cartpole(x (B, 4), u (B, 1)) -> x_next (B, 4)``;
+    ``cartpole.jacobians(x, u) -> (A (B, 4, 4), B (B, 4, 1))`` gives the analytic Jacobians of
+    that step (see the module docstring); the solver layers use them instead of autograd.
     """
 
     n_state = 4
@@ -103,10 +119,49 @@ class CartPole(_PhysicalSystem):
         theta_ddot = (g * sin - cos * p_ddot) / ell
         return torch.stack([p_dot, theta_dot, p_ddot, theta_ddot], dim=-1)
 
+    def derivative_jacobians(self, x: Tensor, u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``ẋ (B, 4)``, ``f_x = ∂ẋ/∂x (B, 4, 4)``, ``f_u = ∂ẋ/∂u (B, 4, 1)`` at ``x (B, 4)``,
+        ``u (B, 1)``; the formulas are in the module docstring."""
+        mc, mp, ell, g, mu = (getattr(self, k).to(x.dtype) for k in self._physical_names)
+        theta, p_dot, theta_dot = x[..., 1], x[..., 2], x[..., 3]
+        sin, cos = torch.sin(theta), torch.cos(theta)
+        denom = mc + mp * sin**2
+        p_ddot = (u[..., 0] - mu * p_dot + mp * sin * (ell * theta_dot**2 - g * cos)) / denom
+        theta_ddot = (g * sin - cos * p_ddot) / ell
+        # p̈ = N / D: ∂p̈ = (∂N − p̈ ∂D) / D with ∂N/∂θ = m_p (l θ̇² c − g (c² − s²)),
+        # ∂D/∂θ = 2 m_p s c; ṗ, θ̇ and F enter N only.
+        pdd_theta = (mp * (ell * theta_dot**2 * cos - g * (cos**2 - sin**2))
+                     - 2.0 * mp * sin * cos * p_ddot) / denom
+        pdd_pdot = -mu / denom
+        pdd_thetadot = 2.0 * mp * ell * sin * theta_dot / denom
+        pdd_force = 1.0 / denom
+        # θ̈ = (g s − c p̈) / l
+        tdd_theta = (g * cos + sin * p_ddot - cos * pdd_theta) / ell
+        zero, one = torch.zeros_like(theta), torch.ones_like(theta)
+        f_x = torch.stack(
+            [torch.stack([zero, zero, one, zero], -1),
+             torch.stack([zero, zero, zero, one], -1),
+             torch.stack([zero, pdd_theta, pdd_pdot, pdd_thetadot], -1),
+             torch.stack([zero, tdd_theta, -cos * pdd_pdot / ell, -cos * pdd_thetadot / ell],
+                         -1)],
+            dim=-2,
+        )
+        f_u = torch.stack([zero, zero, pdd_force, -cos * pdd_force / ell], -1).unsqueeze(-1)
+        f = torch.stack([p_dot, theta_dot, p_ddot, theta_ddot], dim=-1)
+        return f, f_x, f_u
+
     def forward(self, x: Tensor, u: Tensor) -> Tensor:
         """One step: ``x (B, 4)``, ``u (B, 1)`` -> ``x_next (B, 4)``."""
         _check_step_inputs(x, u, self.n_state, self.n_ctrl)
         return integrate(self.derivative, x, u, self.dt, self.integrator)
+
+    def jacobians(self, x: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
+        """Analytic Jacobians of one step: ``x (B, 4)``, ``u (B, 1)`` ->
+        ``A = ∂x_next/∂x (B, 4, 4)``, ``B = ∂x_next/∂u (B, 4, 1)``, differentiable w.r.t. ``x``,
+        ``u`` and the learnable parameters."""
+        _check_step_inputs(x, u, self.n_state, self.n_ctrl)
+        _, A, B = integrate_jacobians(self.derivative_jacobians, x, u, self.dt, self.integrator)
+        return A, B
 
     def energy(self, x: Tensor) -> Tensor:
         """Mechanical energy ``T + V`` of states ``x (..., 4)`` -> ``(...)``."""

@@ -14,7 +14,17 @@ semi-implicit (symplectic) Euler. Physical parameters named in ``learnable`` are
 (:class:`diffto.layers.MPC` differentiates through the dynamics module) reach them; the others
 are buffers and move with ``.to(device)`` without being trained.
 
-This file also holds :func:`integrate`, the one-step integrator shared by the classic systems.
+Analytic Jacobians. :meth:`Pendulum.jacobians` returns ``A = ∂x_next/∂x`` and
+``B = ∂x_next/∂u`` of one integrator step in closed form: the Jacobians ``f_x``, ``f_u`` of the
+continuous dynamics are written out by hand and chained through the integrator's stages
+(:func:`integrate_jacobians`). They are plain torch expressions of ``x``, ``u`` and the physical
+parameters, so autograd differentiates them again: the gradient of ``λᵀA`` w.r.t. ``x`` is the
+dynamics curvature a Newton-type solver (or the exact MPC backward) needs, and gradients reach
+the learnable parameters through ``A`` and ``B`` as well. :class:`diffto.layers.MPC` uses
+``jacobians`` instead of ``torch.func`` whenever a dynamics module defines it.
+
+This file also holds :func:`integrate` and :func:`integrate_jacobians`, the one-step
+integrator and its derivative, shared by the classic systems.
 """
 
 from __future__ import annotations
@@ -26,7 +36,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Pendulum", "integrate", "rollout", "Integrator"]
+__all__ = ["Pendulum", "integrate", "integrate_jacobians", "rollout", "Integrator"]
 
 Integrator = Literal["rk4", "semi_implicit_euler"]
 
@@ -66,6 +76,61 @@ def integrate(
         qd_next = x[..., half:] + dt * qdd
         q_next = x[..., :half] + dt * qd_next
         return torch.cat([q_next, qd_next], dim=-1)
+    raise ValueError(f"integrator must be 'rk4' or 'semi_implicit_euler', got {integrator!r}")
+
+
+def integrate_jacobians(
+    derivative_jacobians: Callable[[Tensor, Tensor], tuple[Tensor, Tensor, Tensor]],
+    x: Tensor,
+    u: Tensor,
+    dt: float,
+    integrator: Integrator = "rk4",
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One step of :func:`integrate` and its Jacobians, chained analytically through the stages.
+
+    Args:
+        derivative_jacobians: ``(x (B, n), u (B, m)) -> (ẋ (B, n), f_x (B, n, n), f_u (B, n, m))``,
+            the continuous dynamics and their Jacobians.
+        x: ``(B, n)`` state (``[q; q̇]`` for ``"semi_implicit_euler"``).
+        u: ``(B, m)`` control.
+        dt: step length.
+        integrator: ``"rk4"`` or ``"semi_implicit_euler"``, as in :func:`integrate`.
+
+    Returns:
+        ``x_next (B, n)``, ``A = ∂x_next/∂x (B, n, n)``, ``B = ∂x_next/∂u (B, n, m)``; equal to
+        autograd's Jacobians of :func:`integrate` to rounding, and differentiable again.
+    """
+    n = x.shape[-1]
+    eye = torch.eye(n, dtype=x.dtype, device=x.device)
+    if integrator == "rk4":
+        # Stage i evaluates k_i = f(y_i, u) at y_1 = x, y_2 = x + h/2 k_1, y_3 = x + h/2 k_2,
+        # y_4 = x + h k_3. By the chain rule, with F_i = f_x(y_i), G_i = f_u(y_i):
+        #   ∂k_i/∂x = F_i (I + c_i ∂k_{i-1}/∂x),   ∂k_i/∂u = F_i c_i ∂k_{i-1}/∂u + G_i,
+        # c = (0, h/2, h/2, h), and x_next = x + h/6 (k_1 + 2 k_2 + 2 k_3 + k_4) gives
+        #   A = I + h/6 Σ w_i ∂k_i/∂x,   B = h/6 Σ w_i ∂k_i/∂u,   w = (1, 2, 2, 1).
+        k, K_x, K_u = derivative_jacobians(x, u)
+        k_sum, A_sum, B_sum = k, K_x, K_u
+        for c, w in ((0.5 * dt, 2.0), (0.5 * dt, 2.0), (dt, 1.0)):
+            k, F, G = derivative_jacobians(x + c * k, u)
+            K_x = F + c * (F @ K_x)  # F (I + c K_x)
+            K_u = c * (F @ K_u) + G
+            k_sum = k_sum + w * k
+            A_sum = A_sum + w * K_x
+            B_sum = B_sum + w * K_u
+        h6 = dt / 6.0
+        return x + h6 * k_sum, eye + h6 * A_sum, h6 * B_sum
+    if integrator == "semi_implicit_euler":
+        # v' = v + h a(x, u), q' = q + h v'  with a the lower half of f:
+        #   ∂v'/∂x = [0 I] + h a_x,  ∂v'/∂u = h a_u,  ∂q'/∂(x, u) = [I 0 | 0] + h ∂v'/∂(x, u).
+        half = n // 2
+        f, f_x, f_u = derivative_jacobians(x, u)
+        v_next = x[..., half:] + dt * f[..., half:]
+        V_x = eye[half:] + dt * f_x[..., half:, :]  # (B, n/2, n)
+        V_u = dt * f_u[..., half:, :]  # (B, n/2, m)
+        x_next = torch.cat([x[..., :half] + dt * v_next, v_next], dim=-1)
+        A = torch.cat([eye[:half] + dt * V_x, V_x], dim=-2)
+        B = torch.cat([dt * V_u, V_u], dim=-2)
+        return x_next, A, B
     raise ValueError(f"integrator must be 'rk4' or 'semi_implicit_euler', got {integrator!r}")
 
 
@@ -137,6 +202,8 @@ class Pendulum(_PhysicalSystem):
 
     Call: ``pendulum(x (B, 2), u (B, 1)) -> x_next (B, 2)``. Parameters are cast to the dtype
     of ``x`` inside the call, so float32 and float64 inputs both work.
+    ``pendulum.jacobians(x, u) -> (A (B, 2, 2), B (B, 2, 1))`` gives the analytic Jacobians of
+    that step (see the module docstring); the solver layers use them instead of autograd.
     """
 
     n_state = 2
@@ -170,10 +237,36 @@ class Pendulum(_PhysicalSystem):
         alpha = (m * g * ell * torch.sin(theta) - b * omega + u[..., 0]) / inertia
         return torch.stack([omega, alpha], dim=-1)
 
+    def derivative_jacobians(self, x: Tensor, u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``ẋ (B, 2)``, ``f_x = ∂ẋ/∂x (B, 2, 2)``, ``f_u = ∂ẋ/∂u (B, 2, 1)`` at ``x (B, 2)``,
+        ``u (B, 1)``."""
+        m, ell, g, b = (getattr(self, k).to(x.dtype) for k in self._physical_names)
+        theta, omega = x[..., 0], x[..., 1]
+        inertia = m * ell * ell
+        sin, cos = torch.sin(theta), torch.cos(theta)
+        alpha = (m * g * ell * sin - b * omega + u[..., 0]) / inertia
+        zero, one = torch.zeros_like(theta), torch.ones_like(theta)
+        # ∂θ̈/∂θ = g cos θ / l,  ∂θ̈/∂ω = −b / (m l²),  ∂θ̈/∂τ = 1 / (m l²)
+        f_x = torch.stack(
+            [torch.stack([zero, one], -1),
+             torch.stack([g * cos / ell, (-b / inertia) * one], -1)],
+            dim=-2,
+        )
+        f_u = torch.stack([zero, one / inertia], -1).unsqueeze(-1)
+        return torch.stack([omega, alpha], dim=-1), f_x, f_u
+
     def forward(self, x: Tensor, u: Tensor) -> Tensor:
         """One step: ``x (B, 2)``, ``u (B, 1)`` -> ``x_next (B, 2)``."""
         _check_step_inputs(x, u, self.n_state, self.n_ctrl)
         return integrate(self.derivative, x, u, self.dt, self.integrator)
+
+    def jacobians(self, x: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
+        """Analytic Jacobians of one step: ``x (B, 2)``, ``u (B, 1)`` ->
+        ``A = ∂x_next/∂x (B, 2, 2)``, ``B = ∂x_next/∂u (B, 2, 1)``, differentiable w.r.t. ``x``,
+        ``u`` and the learnable parameters."""
+        _check_step_inputs(x, u, self.n_state, self.n_ctrl)
+        _, A, B = integrate_jacobians(self.derivative_jacobians, x, u, self.dt, self.integrator)
+        return A, B
 
     def energy(self, x: Tensor) -> Tensor:
         """Mechanical energy ``½ m l² ω² + m g l cos θ`` of states ``x (..., 2)`` -> ``(...)``."""

@@ -1,4 +1,5 @@
-"""Classic systems: shapes, energy conservation, integrators, parameter gradients, bad input."""
+"""Classic systems: shapes, energy conservation, integrators, parameter gradients, analytic
+Jacobians against autograd, bad input."""
 
 import math
 
@@ -8,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from diffto.tasks.classic.cartpole import CartPole
-from diffto.tasks.classic.pendulum import Pendulum, integrate, rollout
+from diffto.tasks.classic.pendulum import Pendulum, integrate, integrate_jacobians, rollout
 
 SYSTEMS = {
     "pendulum": lambda **kw: Pendulum(**kw),
@@ -173,3 +174,115 @@ def test_bad_step_input_raises(name):
         sys_(torch.zeros(3, n), torch.zeros(2, 1))
     with pytest.raises(ValueError, match="integrator"):
         integrate(sys_.derivative, torch.zeros(3, n), torch.zeros(3, 1), 0.1, "leapfrog")
+
+
+# ------------------------------------------------------------------------------ Jacobians
+def _jac_setup(name, integrator, learnable, seed, N=5, dtype=torch.float64):
+    """A system with randomized (learnable) parameters and random rows ``x (N, n)``,
+    ``u (N, 1)``."""
+    gen = torch.Generator().manual_seed(seed)
+    kw = {"integrator": integrator, "dt": 0.02 + 0.08 * torch.rand(1, generator=gen).item()}
+    if name == "pendulum":
+        kw["damping"] = 0.3
+    else:
+        kw["friction"] = 0.4
+    sys_ = SYSTEMS[name](learnable=LEARNABLE[name] if learnable else (), **kw).to(dtype)
+    with torch.no_grad():
+        for p in sys_.parameters():  # away from the defaults, still physical
+            p.mul_(0.5 + torch.rand((), generator=gen, dtype=dtype))
+    x = 3.0 * _states(name, N, gen, dtype)
+    u = 4.0 * torch.randn(N, 1, generator=gen, dtype=dtype)
+    return sys_, x, u
+
+
+def _autograd_jacobians(sys_, x, u, create_graph=False):
+    """Reference ``A (N, n, n)``, ``B (N, n, m)`` by autograd of the step, row by row."""
+    A, B = torch.autograd.functional.jacobian(
+        lambda xx, uu: sys_(xx, uu).sum(0), (x, u), create_graph=create_graph, vectorize=True
+    )  # (n, N, n), (n, N, m): rows are independent, so summing over them loses nothing
+    return A.transpose(0, 1), B.transpose(0, 1)
+
+
+INTEGRATORS = ["rk4", "semi_implicit_euler"]
+
+
+@pytest.mark.parametrize("name", list(SYSTEMS))
+@pytest.mark.parametrize("integrator", INTEGRATORS)
+@given(seed=st.integers(0, 2**16), N=st.integers(1, 6))
+@settings(max_examples=5, deadline=None)
+def test_jacobians_match_autograd(name, integrator, seed, N):
+    sys_, x, u = _jac_setup(name, integrator, True, seed, N)
+    A, B = sys_.jacobians(x, u)
+    n = x.shape[1]
+    assert A.shape == (N, n, n) and B.shape == (N, n, 1)
+    A_ref, B_ref = _autograd_jacobians(sys_, x, u)
+    err = max((A - A_ref).abs().max().item(), (B - B_ref).abs().max().item())
+    assert err < 1e-10, f"max |analytic − autograd| = {err:.3g}"
+    # against torch.func as well (the path the layers take without `jacobians`)
+    A_f, B_f = torch.func.vmap(
+        torch.func.jacrev(lambda xx, uu: sys_(xx[None], uu[None])[0], argnums=(0, 1))
+    )(x, u)
+    assert torch.allclose(A, A_f, rtol=0, atol=1e-10)
+    assert torch.allclose(B, B_f, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", list(SYSTEMS))
+@pytest.mark.parametrize("integrator", INTEGRATORS)
+def test_jacobians_second_derivatives_match_autograd(name, integrator):
+    """Autograd through ``jacobians`` gives the dynamics curvature: ``∂(λᵀ[A B])/∂(x, u)``
+    equals the Hessian of ``λᵀ x_next`` from autograd of the step, and the derivatives of
+    ``A``, ``B`` w.r.t. the learnable parameters equal autograd's."""
+    sys_, x, u = _jac_setup(name, integrator, True, seed=7, N=4)
+    x.requires_grad_()
+    u.requires_grad_()
+    gen = torch.Generator().manual_seed(8)
+    W_A = torch.randn(x.shape[0], x.shape[1], x.shape[1], generator=gen, dtype=x.dtype)
+    W_B = torch.randn(x.shape[0], x.shape[1], 1, generator=gen, dtype=x.dtype)
+    params = list(sys_.parameters())
+    inputs = [x, u, *params]
+
+    A, B = sys_.jacobians(x, u)
+    # (semi-implicit Euler's Jacobians do not depend on u: a zero, not a missing, gradient)
+    got = torch.autograd.grad((W_A * A).sum() + (W_B * B).sum(), inputs, allow_unused=True,
+                              materialize_grads=True)
+    A_ref, B_ref = _autograd_jacobians(sys_, x, u, create_graph=True)
+    want = torch.autograd.grad((W_A * A_ref).sum() + (W_B * B_ref).sum(), inputs,
+                               allow_unused=True, materialize_grads=True)
+    for label, g, w in zip(["x", "u", *LEARNABLE[name]], got, want, strict=True):
+        err = (g - w).abs().max().item()
+        assert err < 1e-10, f"d/d{label}: max |analytic − autograd| = {err:.3g}"
+    assert got[0].abs().max() > 1e-3, "no curvature in x: the check would be empty"
+
+
+@pytest.mark.parametrize("name", list(SYSTEMS))
+@pytest.mark.parametrize("integrator", INTEGRATORS)
+def test_jacobians_float32_and_batched_shapes(name, integrator):
+    sys64, x, u = _jac_setup(name, integrator, False, seed=3, N=6)
+    A64, B64 = sys64.jacobians(x, u)
+    sys32 = sys64.float()
+    A32, B32 = sys32.jacobians(x.float(), u.float())
+    assert A32.dtype == B32.dtype == torch.float32
+    assert torch.allclose(A32.double(), A64, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(B32.double(), B64, rtol=1e-5, atol=1e-5)
+    # float32 inputs against float64 parameters: cast inside, like the step itself
+    A_mixed, _ = sys64.jacobians(x.float(), u.float())
+    assert A_mixed.dtype == torch.float32
+    # rows are independent: one row alone gives that row of the batch
+    A1, B1 = sys64.jacobians(x[2:3], u[2:3])
+    assert torch.allclose(A1[0], A64[2], rtol=0, atol=1e-14)
+    assert torch.allclose(B1[0], B64[2], rtol=0, atol=1e-14)
+    A0, B0 = sys64.jacobians(x[:0], u[:0])
+    assert A0.shape == (0, x.shape[1], x.shape[1]) and B0.shape == (0, x.shape[1], 1)
+
+
+@pytest.mark.parametrize("name", list(SYSTEMS))
+def test_jacobians_bad_input_raises(name):
+    sys_ = SYSTEMS[name]()
+    n = sys_.n_state
+    with pytest.raises(ValueError, match=rf"x must have shape \(B, {n}\)"):
+        sys_.jacobians(torch.zeros(3, n + 1), torch.zeros(3, 1))
+    with pytest.raises(ValueError, match=r"u must have shape \(B, 1\)"):
+        sys_.jacobians(torch.zeros(3, n), torch.zeros(3, 1, 1))
+    with pytest.raises(ValueError, match="integrator"):
+        integrate_jacobians(sys_.derivative_jacobians, torch.zeros(3, n), torch.zeros(3, 1),
+                            0.1, "leapfrog")
