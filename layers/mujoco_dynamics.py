@@ -1,0 +1,351 @@
+"""MuJoCo models as differentiable discrete-time dynamics: ``x_next = f(x, u)`` by MuJoCo steps.
+
+:class:`MujocoDynamics` wraps any ``mujoco.MjModel`` whose joints are hinges and slides as a
+dynamics module of the solver layers: ``(x (N, n), u (N, m)) -> x_next (N, n)`` with
+``x = [qpos; qvel]`` and ``u = ctrl``, plus ``jacobians(x, u) -> (A, B)`` from MuJoCo's
+finite-difference transition derivatives (``mjd_transitionFD``). The layers use ``jacobians``
+instead of ``torch.func`` when a dynamics module has one; plain autograd through ``forward``
+uses the same matrices (a private autograd Function), so unrolled rollouts differentiate too.
+
+The file is named ``mujoco_dynamics.py`` and not ``mujoco.py``: a module of that name inside
+``layers/`` would shadow the ``mujoco`` package for code that imports it from here.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from concurrent.futures import ThreadPoolExecutor
+
+import mujoco
+import numpy as np
+import torch
+from mujoco import rollout as mj_rollout
+from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+
+__all__ = ["MujocoDynamics"]
+
+# MuJoCo's own test for a bad value (mju_isBad): NaN, or |v| > mjMAXVAL.
+_MAXVAL = float(mujoco.mjMAXVAL)
+_UNSUPPORTED_JOINTS = {
+    int(mujoco.mjtJoint.mjJNT_FREE): "free",
+    int(mujoco.mjtJoint.mjJNT_BALL): "ball",
+}
+_STATE_SPEC = int(mujoco.mjtState.mjSTATE_QPOS | mujoco.mjtState.mjSTATE_QVEL)
+
+
+class _MujocoStep(torch.autograd.Function):
+    """``(x (N, n), u (N, m), dynamics) -> x_next (N, n)`` with the finite-difference
+    Jacobians of :meth:`MujocoDynamics.jacobians` as its derivative."""
+
+    @staticmethod
+    def forward(x: Tensor, u: Tensor, dynamics: MujocoDynamics) -> Tensor:
+        return dynamics._step(x, u)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        x, u, dynamics = inputs
+        ctx.save_for_backward(x, u)
+        ctx.dynamics = dynamics
+
+    # Vector-Jacobian products of x_next = f(x, u): x̄ = Aᵀ ḡ, ū = Bᵀ ḡ with A = ∂f/∂x and
+    # B = ∂f/∂u evaluated at the saved inputs (recomputed here, so a forward whose output is
+    # never differentiated costs no Jacobians). The matrices are finite differences, not
+    # functions of x and u that autograd could differentiate again: once_differentiable.
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):
+        x, u = ctx.saved_tensors
+        A, B = ctx.dynamics.jacobians(x, u)
+        g = grad.to(A.dtype).unsqueeze(-2)  # (N, 1, n)
+        gx = (g @ A).squeeze(-2).to(x.dtype) if ctx.needs_input_grad[0] else None  # (N, n)
+        gu = (g @ B).squeeze(-2).to(u.dtype) if ctx.needs_input_grad[1] else None  # (N, m)
+        return gx, gu, None
+
+
+class MujocoDynamics(nn.Module):
+    """A MuJoCo model as the dynamics ``x_{k+1} = f(x_k, u_k)`` of a solver layer.
+
+    **One call.** With ``x = [q; v]`` (``qpos``, ``qvel``; ``n = nq + nv``) and ``u = ctrl``
+    (``m = nu``), one call runs ``s = substeps`` MuJoCo steps with the control held:
+
+    .. math::
+
+        f(x, u) = Φ^s(x, u) = Φ(Φ(\\dots Φ(x, u) \\dots, u), u),
+
+    where ``Φ`` is one ``mj_step`` of the model's own integrator and ``timestep`` ``h``, so
+    one call advances ``dt = s h`` seconds. Each call starts from rest of everything else:
+    time 0, zero warm start, no applied forces, so ``f`` is a function of ``(x, u)`` alone.
+    MuJoCo clamps ``ctrl`` to ``ctrlrange`` where an actuator is ``ctrllimited``; ``f`` is
+    flat in such a control outside its range.
+
+    **Jacobians.** ``mjd_transitionFD`` gives ``A_j = ∂Φ/∂x`` and ``B_j = ∂Φ/∂u`` at
+    ``(x_{j-1}, u)`` by forward or centered differences with step ``eps`` (centered: error
+    ``O(eps²)`` plus rounding ``O(ε_mach / eps)``). Over the substeps, by the chain rule,
+
+    .. math::
+
+        A = A_s A_{s-1} \\cdots A_1, \\qquad
+        B = \\sum_{j=1}^{s} A_s \\cdots A_{j+1} B_j ,
+
+    computed as ``A ← A_j A``, ``B ← A_j B + B_j``. MuJoCo differentiates in tangent space;
+    for hinge and slide joints the tangent space is the ``qpos`` coordinates themselves, which
+    is why only those joints are accepted so far (free and ball joints have quaternions in
+    ``qpos``, ``nq != nv``, and actuator activations ``act`` would be part of the state: both
+    raise ``ValueError`` until a tangent-space state is supported). ``B`` is zero in the
+    columns of controls outside their ``ctrlrange`` (clamped): :attr:`u_lower` and
+    :attr:`u_upper` ``(m,)`` give those ranges (``±inf`` where not limited) so that an MPC can
+    check that its own control bounds lie inside them.
+
+    **What the gradients are.** Gradients reach ``x`` and ``u`` (and through a solver layer
+    its ``x0``, cost and goals); the model's parameters (masses, gains, geometry) are plain
+    numbers in a C struct and are not differentiable. Contacts, joint limits and friction make
+    ``f`` nonsmooth: a finite difference across a contact change (a contact that appears or
+    breaks, stick to slip) is the secant slope over ``[x - eps, x + eps]``, a local slope of
+    one smooth piece or a blend of two, not a derivative; gradients through such states are
+    as meaningful as that slope. MuJoCo gives first derivatives only, so the curvature of the
+    dynamics is unavailable: the exact implicit gradient of an MPC plan contains, in the
+    Hessian of the Lagrangian, the term ``Σ_i λ_{t+1,i} ∇²_{ττ} f_i(τ_t)`` (costates ``λ``,
+    ``τ = [x; u]``), and the MPC backward over a ``MujocoDynamics`` treats it as zero. Its
+    effect grows with the costates and the curvature of ``f`` and vanishes for dynamics that
+    are affine in ``(x, u)``.
+
+    **Failed rows.** A row whose input or any intermediate state is bad by MuJoCo's own test
+    (NaN, ±inf, or ``|v| > mjMAXVAL = 1e10``), whose implied acceleration ``Δv / h`` is bad,
+    or during whose stepping MuJoCo raised a warning (``mjWARN_BADQACC``, a full contact
+    buffer, ...) returns NaN in that row (and NaN Jacobians) instead of raising, so that a
+    batched solver can flag the row and carry on with the others. Inputs that are not finite
+    are a caller's error and raise ``ValueError``. MuJoCo's automatic reset on bad values is
+    disabled in the module's copy of the model, so a bad state is reported, not replaced.
+
+    **Where it runs.** MuJoCo runs on the CPU in float64: inputs are moved there, and outputs
+    (and gradients) come back in ``x``'s dtype and device, so the module works beside CUDA
+    tensors at the cost of the transfers. Steps go through ``mujoco.rollout`` (fastest from 16
+    rows up on this project's machines, equal to a Python loop below that; see
+    ``benchmarks/bench_mujoco_dynamics.py``); Jacobians are one ``mjd_transitionFD`` per row
+    and substep, on ``nthread`` threads when ``nthread > 0``. ``torch.func`` transforms
+    (``vmap``, ``jacrev``) cannot trace into MuJoCo: use :meth:`jacobians`.
+
+    Args:
+        model: a ``mujoco.MjModel`` with hinge and slide joints only, no actuator activations,
+            at least one actuator. The module keeps its own copy (taken here): later edits of
+            ``model`` do not reach it; edit :attr:`model` instead.
+        substeps: physics steps per call, ``>= 1``.
+        eps: finite-difference step of ``mjd_transitionFD``, ``> 0``.
+        centered: centered (``True``) or forward differences.
+        nthread: ``0`` steps and differentiates on the calling thread; ``k > 0`` uses ``k``
+            threads (MuJoCo releases the GIL), worth it on machines with idle cores.
+
+    Example::
+
+        import mujoco, torch
+        from diffto.layers import MujocoDynamics
+
+        model = mujoco.MjModel.from_xml_path("pendulum.xml")   # one hinge, one motor
+        dynamics = MujocoDynamics(model, substeps=5)             # dt = 5 * timestep
+        x = torch.zeros(8, dynamics.n_state, dtype=torch.float64, requires_grad=True)
+        u = torch.zeros(8, dynamics.n_ctrl, dtype=torch.float64, requires_grad=True)
+        x_next = dynamics(x, u)                   # (8, n)
+        A, B = dynamics.jacobians(x, u)           # (8, n, n), (8, n, m)
+        x_next.sum().backward()                   # x.grad = Σ_i A[:, i, :]
+    """
+
+    def __init__(
+        self,
+        model: mujoco.MjModel,
+        substeps: int = 1,
+        eps: float = 1e-6,
+        centered: bool = True,
+        nthread: int = 0,
+    ) -> None:
+        super().__init__()
+        if not isinstance(model, mujoco.MjModel):
+            raise ValueError(f"model must be a mujoco.MjModel, got {type(model).__name__}")
+        _check_supported(model)
+        if isinstance(substeps, bool) or not isinstance(substeps, int) or substeps < 1:
+            raise ValueError(f"substeps must be an int >= 1, got {substeps!r}")
+        if not (isinstance(eps, int | float) and math.isfinite(eps) and eps > 0):
+            raise ValueError(f"eps must be a finite float > 0, got {eps!r}")
+        if isinstance(nthread, bool) or not isinstance(nthread, int) or nthread < 0:
+            raise ValueError(f"nthread must be an int >= 0, got {nthread!r}")
+        self.model = copy.copy(model)  # mj_copyModel: our flags never touch the caller's model
+        # A bad state is to be reported (NaN row), not silently reset to qpos0.
+        self.model.opt.disableflags |= int(mujoco.mjtDisableBit.mjDSBL_AUTORESET)
+        self.substeps, self.eps, self.centered = substeps, float(eps), bool(centered)
+        self.nthread = nthread
+        self.n_state, self.n_ctrl = model.nq + model.nv, model.nu
+        self.timestep = float(model.opt.timestep)
+        self.dt = substeps * self.timestep
+        lower, upper = _control_limits(self.model)
+        self.register_buffer("u_lower", torch.as_tensor(lower, dtype=torch.float64))
+        self.register_buffer("u_upper", torch.as_tensor(upper, dtype=torch.float64))
+        self._data = [mujoco.MjData(self.model) for _ in range(max(nthread, 1))]
+        self._runner = self._pool = None  # created on first use; not pickled
+
+    # ------------------------------------------------------------------ public calls
+    def forward(self, x: Tensor, u: Tensor) -> Tensor:
+        """One call, ``substeps`` physics steps: ``x (N, n)``, ``u (N, m)`` -> ``(N, n)``.
+
+        Differentiable w.r.t. ``x`` and ``u`` (backward by :meth:`jacobians`); NaN in rows
+        that failed (see the class docstring)."""
+        self._check(x, u)
+        if torch.is_grad_enabled() and (x.requires_grad or u.requires_grad):
+            return _MujocoStep.apply(x, u, self)
+        return self._step(x, u)
+
+    def jacobians(self, x: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
+        """``A = ∂f/∂x (N, n, n)`` and ``B = ∂f/∂u (N, n, m)`` of one call at ``x (N, n)``,
+        ``u (N, m)``, chained over the substeps; in ``x``'s dtype and device, not
+        differentiable; NaN in rows that failed."""
+        self._check(x, u)
+        xn, un = _to_numpy(x), _to_numpy(u)
+        path, bad = self._simulate(xn, un)
+        A, B = self._transition_fd(np.concatenate([xn[:, None], path[:, :-1]], 1), un, bad)
+        return _to_torch(A, x), _to_torch(B, x)
+
+    # ------------------------------------------------------------------ internals
+    def _step(self, x: Tensor, u: Tensor) -> Tensor:
+        path, bad = self._simulate(_to_numpy(x), _to_numpy(u))
+        out = path[:, -1]
+        out[bad] = np.nan
+        return _to_torch(out, x)
+
+    def _check(self, x: Tensor, u: Tensor) -> None:
+        for name, value, dim in (("x", x, self.n_state), ("u", u, self.n_ctrl)):
+            if not isinstance(value, Tensor) or value.dim() != 2 or value.shape[-1] != dim:
+                shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+                raise ValueError(f"{name} must be a tensor of shape (N, {dim}), got {shape}")
+            if not value.is_floating_point():
+                raise ValueError(f"{name} must be a floating-point tensor, got {value.dtype}")
+            if not bool(torch.isfinite(value).all()):
+                raise ValueError(f"{name} must be finite, got NaN or inf entries")
+        if x.shape[0] != u.shape[0]:
+            raise ValueError(
+                f"x and u must share the batch size N, got {x.shape[0]} and {u.shape[0]}"
+            )
+
+    def _simulate(self, x: np.ndarray, u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """States after each substep ``(N, s, n)`` and the failed rows ``(N,)`` bool, from
+        float64 ``x (N, n)``, ``u (N, m)``."""
+        N, s, nq, h = x.shape[0], self.substeps, self.model.nq, self.timestep
+        path = np.empty((N, s, self.n_state))
+        # MuJoCo would warn on these inputs (mj_checkPos/Vel, BADCTRL) and replace them:
+        # flag them here and step a harmless zero row in their place.
+        bad = (np.abs(x) > _MAXVAL).any(-1) | (np.abs(u) > _MAXVAL).any(-1)
+        if N == 0:
+            return path, bad
+        # rollout's full physics state is [time, qpos, qvel] for these models (checked).
+        state0 = np.zeros((N, 1 + self.n_state))
+        state0[:, 1:] = np.where(bad[:, None], 0.0, x)
+        ctrl = np.where(bad[:, None], 0.0, u)[:, None]  # (N, 1, m): held over the substeps
+        if self._runner is None:
+            self._runner = mj_rollout.Rollout(nthread=self.nthread)
+        data = self._data if self.nthread > 0 else self._data[0]
+        states, _ = self._runner.rollout(self.model, data, state0, ctrl, nstep=s)
+        path[:] = states[:, :, 1:]
+        # rollout stops a row at a MuJoCo warning and repeats its last state: its clock then
+        # ends short of s h. A warning in the last step leaves the clock alone, but the bad
+        # qpos/qvel/qacc it reports show in the states (autoreset is off) or in Δv / h.
+        stalled = states[:, -1, 0] < (s - 0.5) * h
+        v = np.concatenate([x[:, None, nq:], path[:, :, nq:]], 1)  # (N, s+1, nv)
+        accel = np.abs(np.diff(v, axis=1)) / h
+        bad |= stalled | ~np.isfinite(path).all((1, 2)) | (np.abs(path) > _MAXVAL).any((1, 2))
+        with np.errstate(invalid="ignore"):
+            bad |= (accel > _MAXVAL).any((1, 2))
+        return path, bad
+
+    def _transition_fd(
+        self, starts: np.ndarray, u: np.ndarray, bad: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Chained ``A (N, n, n)``, ``B (N, n, m)`` from the states ``starts (N, s, n)`` at
+        which each substep begins."""
+        N, n, m = u.shape[0], self.n_state, self.n_ctrl
+        A = np.full((N, n, n), np.nan)
+        B = np.full((N, n, m), np.nan)
+        rows = np.flatnonzero(~bad)
+        if self.nthread > 0 and len(rows) > 1:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.nthread)
+            chunks = np.array_split(rows, min(self.nthread, len(rows)))
+            list(self._pool.map(self._fd_rows, self._data, chunks,
+                                [starts] * len(chunks), [u] * len(chunks),
+                                [A] * len(chunks), [B] * len(chunks)))
+        else:
+            self._fd_rows(self._data[0], rows, starts, u, A, B)
+        return A, B
+
+    def _fd_rows(self, d, rows, starts, u, A, B) -> None:
+        """Fill ``A[rows]``, ``B[rows]`` using the MjData ``d`` (one per thread)."""
+        mdl, n, m = self.model, self.n_state, self.n_ctrl
+        A_j, B_j = np.empty((n, n)), np.empty((n, m))
+        for i in rows:
+            A_i, B_i = np.eye(n), np.zeros((n, m))
+            failed = False
+            for j in range(self.substeps):
+                mujoco.mj_resetData(mdl, d)  # time 0, zero warm start, warnings cleared
+                mujoco.mj_setState(mdl, d, starts[i, j], _STATE_SPEC)
+                d.ctrl[:] = u[i]
+                mujoco.mjd_transitionFD(mdl, d, self.eps, self.centered, A_j, B_j, None, None)
+                if d.warning.number.any():
+                    failed = True
+                    break
+                A_i, B_i = A_j @ A_i, A_j @ B_i + B_j
+            if not failed:
+                A[i], B[i] = A_i, B_i
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_runner"] = state["_pool"] = None  # thread pools do not copy or pickle
+        return state
+
+    def extra_repr(self) -> str:
+        return (
+            f"n_state={self.n_state}, n_ctrl={self.n_ctrl}, substeps={self.substeps}, "
+            f"dt={self.dt:g}, eps={self.eps:g}, centered={self.centered}, nthread={self.nthread}"
+        )
+
+
+def _check_supported(model: mujoco.MjModel) -> None:
+    """ValueError for models whose state is not ``[qpos; qvel]`` in plain coordinates."""
+    kinds = sorted({_UNSUPPORTED_JOINTS[int(t)] for t in model.jnt_type
+                    if int(t) in _UNSUPPORTED_JOINTS})
+    if kinds or model.nq != model.nv:
+        raise ValueError(
+            f"model has {' and '.join(kinds) or 'quaternion'} joints (nq={model.nq}, "
+            f"nv={model.nv}): MujocoDynamics supports hinge and slide joints only so far "
+            f"(a tangent-space state for free and ball joints is not supported yet)"
+        )
+    if model.na > 0:
+        raise ValueError(
+            f"model has actuator activations (na={model.na}): MujocoDynamics does not "
+            f"support activation states yet; use actuators without dynamics (dyntype none)"
+        )
+    if model.nu == 0:
+        raise ValueError("model has no actuators (nu=0): MujocoDynamics needs a control")
+    full = mujoco.mj_stateSize(model, int(mujoco.mjtState.mjSTATE_FULLPHYSICS))
+    if full != 1 + model.nq + model.nv:
+        raise ValueError(
+            f"model carries plugin state ({full - 1 - model.nq - model.nv} numbers): "
+            f"MujocoDynamics supports states [qpos; qvel] only"
+        )
+
+
+def _control_limits(model: mujoco.MjModel) -> tuple[np.ndarray, np.ndarray]:
+    """``(lower (m,), upper (m,))``: ``ctrlrange`` where MuJoCo clamps the control, ±inf
+    elsewhere (not limited, or clamping disabled by ``mjDSBL_CLAMPCTRL``)."""
+    limited = model.actuator_ctrllimited.astype(bool)
+    if model.opt.disableflags & int(mujoco.mjtDisableBit.mjDSBL_CLAMPCTRL):
+        limited[:] = False
+    lower = np.where(limited, model.actuator_ctrlrange[:, 0], -np.inf)
+    upper = np.where(limited, model.actuator_ctrlrange[:, 1], np.inf)
+    return lower, upper
+
+
+def _to_numpy(t: Tensor) -> np.ndarray:
+    """A float64, C-contiguous CPU copy-or-view of ``t`` for MuJoCo."""
+    return np.ascontiguousarray(t.detach().to("cpu", torch.float64).numpy())
+
+
+def _to_torch(a: np.ndarray, like: Tensor) -> Tensor:
+    return torch.from_numpy(a).to(device=like.device, dtype=like.dtype)
