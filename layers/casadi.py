@@ -23,15 +23,24 @@ constraint Jacobians with CasADi (mapped over the batch) and solves one KKT syst
 one batched torch solve. A non-converged row is flagged in ``converged`` and still gets the
 sensitivity of the point the solver returned (never a silent zero).
 
-:class:`CasadiNLP` is the general layer; :meth:`CasadiNLP.trajectory` builds the standard
-trajectory optimization problem of :mod:`diffto.problem` as a
-:class:`~diffto.layers.casadi_to.CasadiTO`.
+:class:`CasadiNLP` is the general layer. The standard trajectory optimization problem is
+:class:`~diffto.layers.casadi_to.CasadiTO`, built on this module (the dependency is one-way).
+
+**Objective terms from outside CasADi.** An objective may contain a ``casadi.Callback`` (a
+torch function, say). IPOPT differentiates it through the callback's own Jacobians, but the
+backward pass cannot see the tensors that term closes over, so a caller with such a term
+passes three things with the solution (see :func:`nlp_solution`): the term's Hessian
+``(B, n_w, n_w)`` at ``w*``, and its gradient ``r_w (B, n_w)`` and value ``r_f (B,)`` at
+``w*`` *as differentiable functions of its own parameters*. The KKT adjoint ``a`` (below)
+then reaches those parameters through ordinary autograd as ``−aᵀ ∂r_w/∂θ + s ∂r_f/∂θ``: the
+residual-injection form of the implicit function theorem. The symbolic sensitivity functions
+are built from ``f`` without that term (``external=`` in :class:`CasadiNLP`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import casadi as ca
 import numpy as np
@@ -44,10 +53,7 @@ from diffto.problem import (
     sum_to_batch,
 )
 
-if TYPE_CHECKING:
-    from diffto.layers.casadi_to import CasadiTO
-
-__all__ = ["CasadiNLP", "NLPResult", "solve_nlp"]
+__all__ = ["CasadiNLP", "NLPResult", "solve_nlp", "nlp_solution"]
 
 _SYM = (ca.SX, ca.MX)
 
@@ -132,6 +138,10 @@ class CasadiNLP(nn.Module):
             A call can override it (``layer(p, w_init, warm_start=False)``).
         active_tol: an inequality (or a bound on ``w``) counts as active in the backward pass
             when its multiplier exceeds this in magnitude; equalities are always active.
+        external: an objective term the solver adds to ``f`` but the backward pass does not
+            differentiate symbolically (a ``casadi.Callback`` of a torch function, with
+            Jacobians; an ``MX`` expression). Its derivatives are the caller's to pass in, see
+            the module docstring; :meth:`forward` refuses a layer that has one.
 
     Call as ``layer(p, w_init=None, warm_start=None, lbw=None, ubw=None, lbg=None, ubg=None)``
     with ``p (B, n_p)`` or ``(n_p,)``, ``w_init (B, n_w)`` or ``(n_w,)``; bound tensors
@@ -157,6 +167,7 @@ class CasadiNLP(nn.Module):
         max_iter: int | None = 500,
         warm_start: bool = True,
         active_tol: float = 1e-7,
+        external: Any = None,
     ) -> None:
         super().__init__()
         for name, sym in (("w", w), ("p", p)):
@@ -186,7 +197,11 @@ class CasadiNLP(nn.Module):
         opts = _default_options(solver, max_iter)
         opts["error_on_fail"] = False
         opts.update(options or {})
-        self.solver = ca.nlpsol("nlp", solver, {"x": w, "p": p, "f": f, "g": g}, opts)
+        if external is not None and (not isinstance(external, ca.MX) or external.numel() != 1):
+            raise ValueError("external must be a scalar casadi.MX expression or None")
+        self.has_external = external is not None
+        f_solve = f if external is None else f + external
+        self.solver = ca.nlpsol("nlp", solver, {"x": w, "p": p, "f": f_solve, "g": g}, opts)
 
         # Sensitivity pieces, built once. With L = f + λ_gᵀ g the Lagrangian (bound terms are
         # linear in w, so they do not enter second derivatives):
@@ -255,9 +270,15 @@ class CasadiNLP(nn.Module):
         ):
             if (lo > hi).any():
                 raise ValueError(f"bounds must satisfy {names} everywhere")
+        if self.has_external:
+            raise ValueError(
+                "this CasadiNLP has an external objective term: its owner solves it (see "
+                "nlp_solution), a plain call cannot differentiate it"
+            )
         chain = self.warm_start if warm_start is None else warm_start
-        w, f, lam_g, lam_w, ok, iters, status = _NLPFunction.apply(p, *bounds, self, w_init, chain)
-        return NLPResult(w, f, ok, iters, lam_g, lam_w, status)
+        to_np = lambda t: t.detach().cpu().double().numpy()  # noqa: E731
+        solved = solve_nlp(self, to_np(p), w_init, chain, tuple(to_np(b) for b in bounds))
+        return nlp_solution(self, p, bounds, solved)
 
     @staticmethod
     def _rows(name: str, value: Any, size: int, B: int) -> Tensor:
@@ -271,13 +292,6 @@ class CasadiNLP(nn.Module):
             )
         return value
 
-    @staticmethod
-    def trajectory(dynamics: Any, horizon: int, n: int, m: int, **kwargs: Any) -> CasadiTO:
-        """Build the standard trajectory optimization layer ``(x0, cost, dynamics=None) ->
-        Solution``; the arguments are those of :class:`~diffto.layers.casadi_to.CasadiTO`."""
-        from diffto.layers.casadi_to import CasadiTO
-
-        return CasadiTO(dynamics, horizon, n, m, **kwargs)
 
 
 def solve_nlp(
@@ -334,6 +348,37 @@ def solve_nlp(
     return w, f, lam_g, lam_w, ok, iters, status
 
 
+def nlp_solution(
+    nlp: CasadiNLP,
+    p: Tensor,
+    bounds: list[Tensor] | tuple[Tensor, ...],
+    solved: tuple[np.ndarray, ...],
+    external: tuple[Tensor, Tensor, Tensor] | None = None,
+) -> NLPResult:
+    """Wrap the output of :func:`solve_nlp` as a differentiable :class:`NLPResult`.
+
+    Args:
+        nlp: the layer that solved.
+        p: ``(B, n_p)`` parameters the solve used (gradients reach them).
+        bounds: ``(lbw, ubw, lbg, ubg)`` tensors, ``(B, ·)`` or ``(1, ·)`` (gradients too).
+        solved: ``solve_nlp``'s tuple.
+        external: for a layer with an external objective term: its Hessian ``(B, n_w, n_w)``
+            at ``w*`` (no gradient), its gradient ``r_w (B, n_w)`` and value ``r_f (B,)`` at
+            ``w*``, computed with a graph to the term's own parameters (see the module
+            docstring).
+    """
+    if nlp.has_external != (external is not None):
+        raise ValueError("external derivatives must be given exactly when nlp has an external term")
+    H_ext, r_w, r_f = (None, None, None) if external is None else external
+    w, f, lam_g, lam_w, ok, iters, status = solved
+    as_t = lambda a: torch.as_tensor(a, dtype=p.dtype, device=p.device)  # noqa: E731
+    sol = (as_t(w), as_t(f), as_t(lam_g), as_t(lam_w))
+    w_t, f_t, lam_g_t, lam_w_t = _NLPFunction.apply(p, *bounds, r_w, r_f, H_ext, nlp, sol)
+    ok_t = torch.as_tensor(ok, device=p.device)
+    it_t = torch.as_tensor(iters, device=p.device)
+    return NLPResult(w_t, f_t, ok_t, it_t, lam_g_t, lam_w_t, status)
+
+
 def _active(lam: np.ndarray, lo: np.ndarray, hi: np.ndarray, tol: float) -> np.ndarray:
     """Rows whose constraint enters the KKT sensitivity: equalities always, inequalities
     (finite side) when their multiplier exceeds ``tol`` in magnitude."""
@@ -353,26 +398,23 @@ def _side_split(grad: Tensor, lam: Tensor, equality: Tensor) -> tuple[Tensor, Te
 
 
 class _NLPFunction(torch.autograd.Function):
-    """``(p, lbw, ubw, lbg, ubg) -> (w*, f*)`` with KKT-based reverse mode; multipliers and
-    status ride along."""
+    """``(p, lbw, ubw, lbg, ubg, r_w, r_f, H_ext) -> (w*, f*, λ_g, λ_w)`` for an NLP solved
+    beforehand (``solution``), with KKT-based reverse mode; ``r_w``, ``r_f``, ``H_ext`` are the
+    external objective term's (``None`` without one, see :func:`nlp_solution`)."""
 
     @staticmethod
-    def forward(p, lbw, ubw, lbg, ubg, nlp: CasadiNLP, w_init: np.ndarray | None, chain: bool):
-        to_np = lambda t: t.detach().cpu().double().numpy()  # noqa: E731
-        bounds = tuple(to_np(b) for b in (lbw, ubw, lbg, ubg))
-        w, f, lam_g, lam_w, ok, iters, status = solve_nlp(nlp, to_np(p), w_init, chain, bounds)
-        as_t = lambda a: torch.as_tensor(a, dtype=p.dtype, device=p.device)  # noqa: E731
-        ok_t = torch.as_tensor(ok, device=p.device)
-        it_t = torch.as_tensor(iters, device=p.device)
-        return as_t(w), as_t(f), as_t(lam_g), as_t(lam_w), ok_t, it_t, status
+    def forward(p, lbw, ubw, lbg, ubg, r_w, r_f, H_ext, nlp: CasadiNLP, solution):
+        return tuple(t.clone() for t in solution)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        p, lbw, ubw, lbg, ubg, nlp, _, _ = inputs
-        w, _, lam_g, lam_w, ok, it, _ = output
+        p, lbw, ubw, lbg, ubg, r_w, r_f, H_ext, nlp, _ = inputs
+        w, _, lam_g, lam_w = output
         ctx.nlp = nlp
-        ctx.save_for_backward(p, w, lam_g, lam_w, lbw, ubw, lbg, ubg)
-        ctx.mark_non_differentiable(lam_g, lam_w, ok, it)
+        ctx.has_external = r_w is not None
+        H_ext = H_ext if H_ext is not None else w.new_zeros(0)
+        ctx.save_for_backward(p, w, lam_g, lam_w, lbw, ubw, lbg, ubg, H_ext)
+        ctx.mark_non_differentiable(lam_g, lam_w)
 
     # Reverse mode by the implicit function theorem on the KKT system at the optimum.
     # Let h(w, p, β) = 0 collect the active constraints: the equalities and active inequalities
@@ -385,6 +427,9 @@ class _NLPFunction(torch.autograd.Function):
     # K [a; b] = [v; 0] (K is symmetric),
     #     vᵀ dw/dθ = −aᵀ ∇²_wθ L − bᵀ ∂h/∂θ,
     # and by the envelope theorem df*/dθ = ∂/∂θ [f + νᵀ h] = ∇_p L for p and −ν_i for β_i.
+    # An external objective term φ(w; θ') enters ∇_w L as r_w = ∇_w φ and f* as r_f = φ, so
+    # its parameters θ' get −aᵀ ∂r_w/∂θ' + s ∂r_f/∂θ': the gradients −a for r_w and s for r_f
+    # (autograd finishes the chain), and its Hessian adds to H.
     # Hence, with b_g the entries of b on g's rows,
     #     ∂ℓ/∂p   = ∇_p [ s L − aᵀ ∇_w L − b_gᵀ g ]    (one CasADi reverse sweep, `_vjp`),
     #     ∂ℓ/∂β_i = b_i − s ν_i                         (∂h_i/∂β_i = −1),
@@ -393,7 +438,7 @@ class _NLPFunction(torch.autograd.Function):
     # bounds on w are eliminated (see below), so K is (n_w + n_g)² per row.
     @staticmethod
     def backward(ctx, gw, gf, *_):
-        p, w, lam_g, lam_w, lbw, ubw, lbg, ubg = ctx.saved_tensors
+        p, w, lam_g, lam_w, lbw, ubw, lbg, ubg, H_ext = ctx.saved_tensors
         nlp: CasadiNLP = ctx.nlp
         if gw is None:
             gw = torch.zeros_like(w)
@@ -412,6 +457,8 @@ class _NLPFunction(torch.autograd.Function):
         # Assembled and solved with torch (MKL, one thread): NumPy's OpenBLAS spawns threads that
         # were measured 40x slower on a shared 2-core machine.
         H = torch.from_numpy(H.full().reshape(n_w, B, n_w).transpose(1, 0, 2))  # (B, n_w, n_w)
+        if ctx.has_external:
+            H = H + H_ext.detach().cpu().double()
         J = torch.from_numpy(J.full().reshape(n_g, B, n_w).transpose(1, 0, 2))  # (B, n_g, n_w)
         act_g_t, act_w_t = torch.from_numpy(act_g), torch.from_numpy(act_w)
         # Active bounds fix their variable (a_i = 0), so their rows and columns of H are
@@ -436,7 +483,10 @@ class _NLPFunction(torch.autograd.Function):
         Ha = (H @ a.unsqueeze(-1)).squeeze(-1)
         b_w = (v - Ha - (Ja.transpose(1, 2) @ b_g.unsqueeze(-1)).squeeze(-1)) * (1 - free)
         gf_np = to_np(gf)
-        grads: list[Tensor | None] = [None] * 5
+        grads: list[Tensor | None] = [None] * 8
+        if ctx.has_external:
+            grads[5] = (-a).to(dtype=w.dtype, device=w.device)
+            grads[6] = gf.detach()
         if ctx.needs_input_grad[0]:
             vjp = nlp.mapped(nlp._vjp, B)
             grad_p = vjp(w_np.T, p_np.T, lg_np.T, a.numpy().T, b_g.numpy().T, gf_np[None, :])
@@ -453,4 +503,4 @@ class _NLPFunction(torch.autograd.Function):
                 if ctx.needs_input_grad[1 + i]:
                     g = g.to(dtype=like.dtype, device=like.device)
                     grads[1 + i] = sum_to_batch(g, like)
-        return (*grads, None, None, None)
+        return (*grads, None, None)

@@ -1,7 +1,24 @@
 """Trajectory optimization as a CasADi NLP: the standard problem of :mod:`diffto.problem`
-(``x0``, :class:`~diffto.QuadraticCost`, dynamics, state and control bounds) built on
+(``x0``, a cost, dynamics, state and control bounds) built on
 :class:`~diffto.layers.casadi.CasadiNLP`, so its gradients are the NLP's exact KKT
-sensitivities. Built by :meth:`CasadiNLP.trajectory`.
+sensitivities.
+
+**Costs.** A :class:`~diffto.QuadraticCost` is written symbolically (its tensors are NLP
+parameters). Any other cost speaking the cost protocol of :mod:`diffto.costs`
+(:class:`~diffto.NonlinearCost`, :class:`~diffto.LeastSquaresCost`, sums) enters the NLP as a
+**torch-evaluated callback**, not a symbolic twin: a twin would make the user write every cost
+twice (once in torch for the other layers, once in CasADi) and could not express a cost that
+calls torch code such as pytorch-kinematics' FK; a callback runs the user's own module. IPOPT
+gets exact first and second derivatives from it (``cost.derivatives(..., "exact")``, block
+diagonal over the stages, which is the sparsity declared), and the backward pass gets the
+cost's parameter derivatives by residual injection (see :mod:`diffto.layers.casadi`): after the
+solve the cost gradient ``∇_w J(w*, θ)`` is recomputed with a graph to every tensor the cost
+uses, so gradients reach its module parameters and everything it closes over (goals, weights).
+
+The price of the callback: IPOPT solves the rows one after the other and a callback evaluates
+the cost on the whole batch (the other rows held at their current iterates, the cost being
+row-separable), so each evaluation costs one batched torch call. That is the right trade at the
+small batches this backend serves; use :class:`~diffto.layers.MPC` for large ones.
 """
 
 from __future__ import annotations
@@ -13,13 +30,14 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from diffto.layers.casadi import CasadiNLP
+from diffto.layers.casadi import CasadiNLP, nlp_solution, solve_nlp
 from diffto.problem import (
     LinearDynamics,
     QuadraticCost,
     Solution,
     check_bounds,
     check_finite,
+    check_x0,
     problem_dims,
 )
 
@@ -53,6 +71,210 @@ def _bound_rows(value: Any, T: int, k: int, default: float, like: Tensor) -> Ten
     return value.reshape(value.shape[0], T * k)
 
 
+class _Layout:
+    """Where the plan sits in the decision vector ``w = [x_1..x_T, u_0..u_{T-1}]``
+    (``n_w = T(n+m)``), and the maps between per-stage cost derivatives and ``w``."""
+
+    def __init__(self, T: int, n: int, m: int) -> None:
+        self.T, self.n, self.m, self.n_w = T, n, m, T * (n + m)
+        # idx[t, j]: position in w of entry j of τ_t = [x_t; u_t] (−1 for x_0, not in w)
+        x_idx = torch.arange(T * n).reshape(T, n) - n  # x_t at (t−1)n, t ≥ 1
+        x_idx[0] = -1
+        u_idx = T * n + torch.arange(T * m).reshape(T, m)
+        self.idx = torch.cat([x_idx, u_idx], -1)  # (T, n+m)
+        self.x_T = torch.arange((T - 1) * n, T * n)
+        mask = np.zeros((self.n_w, self.n_w), dtype=bool)
+        for t in range(T):
+            ok = self.idx[t][self.idx[t] >= 0].numpy()
+            mask[np.ix_(ok, ok)] = True
+        mask[np.ix_(self.x_T.numpy(), self.x_T.numpy())] = True
+        rows, cols = np.nonzero(mask.T)  # column-major, CasADi's nonzero order
+        self.sparsity = ca.Sparsity.triplet(self.n_w, self.n_w, cols.tolist(), rows.tolist())
+        r, c = self.sparsity.get_triplet()
+        self.nz_rows, self.nz_cols = torch.tensor(r), torch.tensor(c)
+
+    def plan(self, x0: Tensor, W: Tensor) -> tuple[Tensor, Tensor]:
+        """``x (B, T+1, n)``, ``u (B, T, m)`` from ``x0 (B, n)`` and ``W (B, n_w)``."""
+        B, T, n, m = W.shape[0], self.T, self.n, self.m
+        x = torch.cat([x0.unsqueeze(1), W[:, : T * n].reshape(B, T, n)], 1)
+        return x, W[:, T * n :].reshape(B, T, m)
+
+    def hessian(self, H: Tensor, H_f: Tensor) -> Tensor:
+        """Stage Hessians ``H (B, T, n+m, n+m)`` and terminal ``H_f (B, n, n)`` as the Hessian
+        in ``w``, ``(B, n_w, n_w)`` (entries of ``x_0`` dropped: it is not a variable)."""
+        B = H.shape[0]
+        out = H.new_zeros(B, self.n_w, self.n_w)
+        for t in range(self.T):
+            keep = self.idx[t] >= 0
+            pos = self.idx[t][keep]
+            out[:, pos[:, None], pos[None, :]] += H[:, t][:, keep][:, :, keep]
+        out[:, self.x_T[:, None], self.x_T[None, :]] += H_f
+        return out
+
+
+class _TorchObjective:
+    """A cost of the protocol of :mod:`diffto.costs` evaluated for CasADi callbacks: value,
+    gradient and Hessian in ``w`` for one row of the current call's batch.
+
+    :meth:`bind` attaches the call's cost and ``x0`` for the duration of the solve (the
+    callbacks are built once per layer); rows other than the one asked for are held at
+    ``W`` (their initial guesses), which changes nothing for a row-separable cost.
+    """
+
+    def __init__(self, layout: _Layout) -> None:
+        self.layout = layout
+        self.cost = self.x0 = self.W = None
+        self._key: tuple | None = None
+        self._value_grad: tuple[float, np.ndarray] = (0.0, np.zeros(0))
+
+    def bind(self, cost: Any, x0: Tensor, W: np.ndarray) -> None:
+        self.cost, self.x0, self.W = cost, x0.detach().double(), W.copy()
+        self._key = None
+
+    def unbind(self) -> None:
+        self.cost = self.x0 = self.W = None
+        self._key = None
+
+    def _batch(self, w: np.ndarray, row: int) -> Tensor:
+        if self.cost is None:
+            raise RuntimeError("CasadiTO's cost callback was evaluated outside a solve")
+        W = torch.as_tensor(self.W, dtype=torch.float64, device=self.x0.device).clone()
+        W[row] = torch.as_tensor(w, dtype=torch.float64, device=self.x0.device)
+        return W
+
+    def value_grad(self, w: np.ndarray, row: int) -> tuple[float, np.ndarray]:
+        key = (row, w.tobytes())
+        if key != self._key:
+            with torch.enable_grad():
+                W = self._batch(w, row).requires_grad_(True)
+                J = self.cost.evaluate(*self.layout.plan(self.x0, W))
+                (G,) = torch.autograd.grad(J.sum(), W, allow_unused=True)
+            G = torch.zeros_like(W) if G is None else G
+            self._key = key
+            self._value_grad = (float(J[row].detach()), G[row].detach().cpu().numpy())
+        return self._value_grad
+
+    def hessian(self, w: np.ndarray, row: int) -> np.ndarray:
+        """The nonzeros of the Hessian of row ``row`` in the layout's sparsity order."""
+        x, u = self.layout.plan(self.x0, self._batch(w, row))
+        H, _, H_f, _ = self.cost.derivatives(x, u, "exact")
+        Hw = self.layout.hessian(H[row : row + 1], H_f[row : row + 1])[0]
+        return Hw[self.layout.nz_rows, self.layout.nz_cols].cpu().numpy()
+
+
+def _dense(r: int, c: int) -> Any:
+    return ca.Sparsity.dense(r, c)
+
+
+def _zero(r: int, c: int) -> Any:
+    return ca.Sparsity(r, c)
+
+
+class _CostHessian(ca.Callback):
+    """Second level: the Jacobian of :class:`_CostGradient`. Inputs ``(w, row, J, ∇J, ∂J/∂row)``;
+    outputs the six blocks ``∂(∇J, ∂J/∂row)/∂(w, row, J)``, all structurally zero but the first
+    (the row index selects a row, it is not differentiated)."""
+
+    def __init__(self, name: str, obj: _TorchObjective, opts: dict) -> None:
+        ca.Callback.__init__(self)
+        self.obj, self.n_w = obj, obj.layout.n_w
+        self.construct(name, opts)
+
+    def get_n_in(self) -> int:
+        return 5
+
+    def get_n_out(self) -> int:
+        return 6
+
+    def get_sparsity_in(self, i: int) -> Any:
+        n_w = self.n_w
+        return [_dense(n_w, 1), _dense(1, 1), _dense(1, 1), _dense(1, n_w), _zero(1, 1)][i]
+
+    def get_sparsity_out(self, i: int) -> Any:
+        n_w = self.n_w
+        if i == 0:
+            return self.obj.layout.sparsity
+        return [None, _zero(n_w, 1), _zero(n_w, 1), _zero(1, n_w), _zero(1, 1), _zero(1, 1)][i]
+
+    def eval(self, arg: list) -> list:
+        w, row = np.asarray(arg[0]).ravel(), int(round(float(arg[1])))
+        H = ca.DM(self.obj.layout.sparsity, self.obj.hessian(w, row))
+        return [H] + [ca.DM(self.get_sparsity_out(i)) for i in range(1, 6)]
+
+
+class _CostGradient(ca.Callback):
+    """First level: the Jacobian of :class:`_CostValue`. Inputs ``(w, row, J)``; outputs
+    ``∇_w J (1, n_w)`` and ``∂J/∂row`` (structurally zero)."""
+
+    def __init__(self, name: str, obj: _TorchObjective, opts: dict) -> None:
+        ca.Callback.__init__(self)
+        self.obj, self.n_w = obj, obj.layout.n_w
+        self.construct(name, opts)
+
+    def get_n_in(self) -> int:
+        return 3
+
+    def get_n_out(self) -> int:
+        return 2
+
+    def get_sparsity_in(self, i: int) -> Any:
+        return [_dense(self.n_w, 1), _dense(1, 1), _dense(1, 1)][i]
+
+    def get_sparsity_out(self, i: int) -> Any:
+        return [_dense(1, self.n_w), _zero(1, 1)][i]
+
+    def eval(self, arg: list) -> list:
+        w, row = np.asarray(arg[0]).ravel(), int(round(float(arg[1])))
+        return [ca.DM(self.obj.value_grad(w, row)[1]).T, ca.DM(_zero(1, 1))]
+
+    def has_jacobian(self) -> bool:
+        return True
+
+    def get_jacobian(self, name: str, inames: list, onames: list, opts: dict) -> Any:
+        self.hess = _CostHessian(name, self.obj, opts)  # CasADi keeps no reference
+        return self.hess
+
+
+class _CostValue(ca.Callback):
+    """The total cost ``J (1, 1)`` of row ``row`` at ``w``, by torch."""
+
+    def __init__(self, name: str, obj: _TorchObjective) -> None:
+        ca.Callback.__init__(self)
+        self.obj, self.n_w = obj, obj.layout.n_w
+        self.construct(name, {})
+
+    def get_n_in(self) -> int:
+        return 2
+
+    def get_n_out(self) -> int:
+        return 1
+
+    def get_sparsity_in(self, i: int) -> Any:
+        return [_dense(self.n_w, 1), _dense(1, 1)][i]
+
+    def get_sparsity_out(self, i: int) -> Any:
+        return _dense(1, 1)
+
+    def eval(self, arg: list) -> list:
+        w, row = np.asarray(arg[0]).ravel(), int(round(float(arg[1])))
+        return [self.obj.value_grad(w, row)[0]]
+
+    def has_jacobian(self) -> bool:
+        return True
+
+    def get_jacobian(self, name: str, inames: list, onames: list, opts: dict) -> Any:
+        self.grad = _CostGradient(name, self.obj, opts)
+        return self.grad
+
+
+class _Built:
+    """One NLP of the layer: ``quadratic`` (symbolic cost) or ``general`` (torch callback)."""
+
+    def __init__(self, nlp: CasadiNLP, rollout: Any, lam0: Any, objective: Any = None) -> None:
+        self.nlp, self.rollout, self.lam0, self.objective = nlp, rollout, lam0, objective
+        self.callback: Any = None
+
+
 class CasadiTO(nn.Module):
     """Trajectory optimization through IPOPT (or another ``nlpsol`` plugin), differentiable.
 
@@ -60,23 +282,26 @@ class CasadiTO(nn.Module):
 
     .. math::
 
-        \\min_{x_{1:T}, u_{0:T-1}} \\sum_{t<T} \\tfrac12 \\tau_t^\\top C_t \\tau_t
-            + c_t^\\top\\tau_t + \\tfrac12 x_T^\\top C_f x_T + c_f^\\top x_T
+        \\min_{x_{1:T}, u_{0:T-1}} \\sum_{t<T} \\ell_t(x_t, u_t) + \\ell_T(x_T)
         \\quad\\text{s.t.}\\quad x_{t+1} = \\phi(x_t, u_t),\\;
         u_\\text{lo} \\le u_t \\le u_\\text{hi},\\; x_\\text{lo} \\le x_{t+1} \\le x_\\text{hi},
 
-    as a :class:`CasadiNLP` whose parameters are ``x0``, the cost tensors and the dynamics
-    parameters, so gradients reach all of them (exact at a regular optimum, see
-    :class:`_NLPFunction`). Decision variables are ``w = [x_1..x_T, u_0..u_{T-1}]``.
+    as a :class:`CasadiNLP` (decision variables ``w = [x_1..x_T, u_0..u_{T-1}]``), with a
+    :class:`~diffto.QuadraticCost` (symbolic) or any cost of :mod:`diffto.costs` (a torch
+    callback, see the module docstring). Gradients reach ``x0``, the cost (its tensors, or
+    every tensor a general cost uses), the dynamics parameters and bound tensors that require
+    grad; exact at a regular optimum (see :class:`~diffto.layers.casadi.CasadiNLP`).
 
     Args:
         dynamics: ``None`` (or ``"linear"``): each call passes a
-            :class:`~diffto.problem.LinearDynamics`, whose ``F``, ``f`` become parameters.
+            :class:`~diffto.problem.LinearDynamics`, whose ``F``, ``f`` become parameters; a
+            :class:`~diffto.problem.LinearDynamics`: the same, used when a call passes none.
             Otherwise a Python function ``(x, u) -> x_next`` written with CasADi operations on
-            columns ``x (n, 1)``, ``u (m, 1)``; with ``n_theta > 0`` it is called as
-            ``(x, u, theta)`` and each call passes ``theta`` as a tensor ``(B, n_theta)``.
+            columns ``x (n, 1)``, ``u (m, 1)`` (valid for ``SX`` and ``MX``); with
+            ``n_theta > 0`` it is called as ``(x, u, theta)`` and each call passes ``theta``
+            as its ``dynamics`` argument, a tensor ``(B, n_theta)``.
         horizon: T.
-        n, m: state and control dimensions.
+        n, m: state and control dimensions (``None``: taken from a ``LinearDynamics``).
         u_lower, u_upper: control bounds, a scalar, ``(m,)``, ``(T, m)`` or ``(B, T, m)``;
             ``None`` = none. A tensor that requires grad receives gradients.
         x_lower, x_upper: bounds on ``x_1..x_T`` (``x_0`` is given), a scalar, ``(n,)``,
@@ -85,20 +310,24 @@ class CasadiTO(nn.Module):
         solver, options, max_iter, warm_start, active_tol: as in :class:`CasadiNLP`.
 
     Call as ``layer(x0, cost, dynamics=None, u_init=None) -> Solution`` with ``x0 (B, n)``, a
-    :class:`~diffto.problem.QuadraticCost` with horizon T, and ``u_init (B, T, m)`` (each row
-    then starts from its own rollout of ``u_init``; without it row 0 starts from the rollout
-    of ``u = 0`` and, with ``warm_start``, later rows from the previous row's solution).
-    ``Solution.extras``: ``status`` (IPOPT return status per row), ``lam_dynamics
-    (B, T, n)`` (multipliers of the dynamics constraints, i.e. costates), ``objective (B,)``.
+    cost of horizon T, the dynamics (or theta) for this call, and ``u_init (B, T, m)`` (each
+    row then starts from its own rollout of ``u_init``; without it row 0 starts from the
+    rollout of ``u = 0`` and, with ``warm_start``, later rows from the previous row's
+    solution). ``Solution.extras``: ``costates (B, T+1, n)`` (the multipliers λ of
+    ``x_0 = x0`` and of the dynamics, in MPC's sign convention: ``λ_T = ∇ℓ_T``),
+    ``active_lower``/``active_upper (B, T, m)`` bool (control bounds whose multiplier exceeds
+    ``active_tol``), ``active_state_lower``/``active_state_upper (B, T, n)`` (the same for the
+    state bounds on ``x_1..x_T``), and ``status`` (the solver's return status per row). None
+    of the extras carries gradients.
 
     Example::
 
         >>> import casadi as ca, torch
         >>> from diffto import QuadraticCost
-        >>> from diffto.layers import CasadiNLP
+        >>> from diffto.layers import CasadiTO
         >>> def pendulum(x, u, theta):  # CasADi ops; theta = [g/l]
         ...     return ca.vertcat(x[0] + 0.1 * x[1], x[1] + 0.1 * (u[0] - theta[0] * ca.sin(x[0])))
-        >>> layer = CasadiNLP.trajectory(pendulum, 10, 2, 1, n_theta=1, u_lower=-2.0, u_upper=2.0)
+        >>> layer = CasadiTO(pendulum, 10, 2, 1, n_theta=1, u_lower=-2.0, u_upper=2.0)
         >>> cost = QuadraticCost.tracking(torch.ones(2), 0.1 * torch.ones(1), 10,
         ...                               x_goal=torch.tensor([3.14, 0.0]))
         >>> sol = layer(torch.zeros(4, 2), cost, torch.full((4, 1), 9.81))
@@ -110,8 +339,8 @@ class CasadiTO(nn.Module):
         self,
         dynamics: Any,
         horizon: int,
-        n: int,
-        m: int,
+        n: int | None = None,
+        m: int | None = None,
         u_lower: Any = None,
         u_upper: Any = None,
         x_lower: Any = None,
@@ -124,17 +353,34 @@ class CasadiTO(nn.Module):
         active_tol: float = 1e-7,
     ) -> None:
         super().__init__()
+        self.default_dynamics = dynamics if isinstance(dynamics, LinearDynamics) else None
+        if self.default_dynamics is not None:
+            n = dynamics.n_state if n is None else n
+            m = dynamics.n_ctrl if m is None else m
+            if (n, m) != (dynamics.n_state, dynamics.n_ctrl) or dynamics.horizon != horizon:
+                raise ValueError(
+                    f"dynamics.F has shape {tuple(dynamics.F.shape)}, expected "
+                    f"(B, {horizon}, {n}, {n + m})"
+                )
+        if n is None or m is None:
+            raise ValueError("n and m are required unless dynamics is a LinearDynamics")
         if horizon < 1 or n < 1 or m < 1:
             raise ValueError(f"horizon, n, m must be >= 1, got {horizon}, {n}, {m}")
         if n_theta < 0:
             raise ValueError(f"n_theta must be >= 0, got {n_theta}")
-        self.linear = dynamics is None or dynamics == "linear"
+        self.linear = dynamics is None or isinstance(dynamics, LinearDynamics) or (
+            isinstance(dynamics, str) and dynamics == "linear"
+        )
         if not self.linear and not callable(dynamics):
-            raise ValueError("dynamics must be None, 'linear' or a CasADi function (x, u) -> x")
+            raise ValueError(
+                "dynamics must be None, 'linear', a LinearDynamics or a CasADi function "
+                f"(x, u) -> x_next, got {type(dynamics).__name__}"
+            )
         if self.linear and n_theta:
             raise ValueError("n_theta applies to a CasADi dynamics function, not linear dynamics")
-        T, k = horizon, n + m
+        T = horizon
         self.T, self.n, self.m, self.n_theta = T, n, m, n_theta
+        self._fn = None if self.linear else dynamics
         lo_u, hi_u = (
             _time_bound(nm, v, T, m, d)
             for nm, v, d in (("u_lower", u_lower, -np.inf), ("u_upper", u_upper, np.inf))
@@ -148,77 +394,97 @@ class CasadiTO(nn.Module):
         # Kept as given: a tensor that requires grad (an nn.Parameter is registered) gets
         # gradients through the NLP's bound sensitivities.
         self.u_lower, self.u_upper, self.x_lower, self.x_upper = u_lower, u_upper, x_lower, x_upper
-
-        # Parameter vector p, in this order (each flattened row-major, as torch does):
-        # x0 (n) | C (T,k,k) | c (T,k) | C_f (n,n) | c_f (n) | [F (T,n,k) | f (T,n)] | [theta]
-        sym = ca.SX.sym
-        x0, C, c = sym("x0", n), sym("C", T * k * k), sym("c", T * k)
-        C_f, c_f = sym("C_f", n * n), sym("c_f", n)
-        parts = [x0, C, c, C_f, c_f]
-        if self.linear:
-            F, f = sym("F", T * n * k), sym("f", T * n)
-            parts += [F, f]
-        theta = sym("theta", n_theta)
-        parts.append(theta)
-        p = ca.vertcat(*parts)
-        X, U = sym("x", T * n), sym("u", T * m)
-
-        def step(x: Any, u: Any, t: int) -> Any:
-            if self.linear:
-                # casadi reshapes column-major: reshape(., k, n).T reads a row-major (n, k).
-                F_t = ca.reshape(F[t * n * k : (t + 1) * n * k], k, n).T
-                return F_t @ ca.vertcat(x, u) + f[t * n : (t + 1) * n]
-            out = dynamics(x, u, theta) if n_theta else dynamics(x, u)
-            out = ca.vertcat(*out) if isinstance(out, (list, tuple)) else out
-            if out.numel() != n:
-                raise ValueError(f"dynamics must return {n} entries, got {out.numel()}")
-            return ca.reshape(out, n, 1)
-
-        obj, gs, x_t, x_roll, rolled = 0, [], x0, [], x0
-        for t in range(T):
-            u_t = U[t * m : (t + 1) * m]
-            tau = ca.vertcat(x_t, u_t)
-            C_t = ca.reshape(C[t * k * k : (t + 1) * k * k], k, k).T
-            obj += 0.5 * ca.dot(tau, C_t @ tau) + ca.dot(c[t * k : (t + 1) * k], tau)
-            x_next = X[t * n : (t + 1) * n]
-            gs.append(x_next - step(x_t, u_t, t))
-            x_t = x_next
-            rolled = step(rolled, u_t, t)
-            x_roll.append(rolled)
-        obj += 0.5 * ca.dot(x_t, ca.reshape(C_f, n, n).T @ x_t) + ca.dot(c_f, x_t)
-        self._rollout = ca.Function("rollout", [p, U], [ca.vertcat(*x_roll)])
-        self.nlp = CasadiNLP(
-            ca.vertcat(X, U),
-            p,
-            obj,
-            ca.vertcat(*gs),
-            solver=solver,
-            options=options,
-            max_iter=max_iter,
-            warm_start=warm_start,
+        self._nlp_options = dict(
+            solver=solver, options=options, max_iter=max_iter, warm_start=warm_start,
             active_tol=active_tol,
         )
+        self.layout = _Layout(T, n, m)
+        self._built: dict[str, _Built] = {}
+        self._build("quadratic")  # checks a dynamics function's output size once, here
 
-    def _nlp_parameters(self, x0: Tensor, cost: QuadraticCost, dynamics: Any) -> Tensor:
-        """Stack ``x0``, cost and dynamics tensors into the NLP parameters ``(B, n_p)``."""
-        B, T, n, m = problem_dims(x0, cost, self.n)
-        if T != self.T:
-            raise ValueError(f"cost has horizon {T} but the layer was built for {self.T}")
-        if m != self.m:
-            raise ValueError(f"cost.C has size {n + m}, expected n+m = {self.n + self.m}")
-        cost.check_control_pd(n, m)
-        x0 = x0.reshape(-1, n)
-        C, c, C_f, c_f = cost.batched(n, m)
-        zeros = x0.new_zeros
-        c = zeros(1, T, n + m) if c is None else c
-        C_f = zeros(1, n, n) if C_f is None else C_f
-        c_f = zeros(1, n) if c_f is None else c_f
-        parts = [x0, C, c, C_f, c_f]
-        names = ["x0", "C", "c", "C_final", "c_final"]
+    def _step(self, x: Any, u: Any, t: int, F: Any, f: Any, theta: Any) -> Any:
+        """One dynamics step on CasADi columns."""
+        n, k = self.n, self.n + self.m
         if self.linear:
+            # casadi reshapes column-major: reshape(., k, n).T reads a row-major (n, k).
+            F_t = ca.reshape(F[t * n * k : (t + 1) * n * k], k, n).T
+            return F_t @ ca.vertcat(x, u) + f[t * n : (t + 1) * n]
+        out = self._fn(x, u, theta) if self.n_theta else self._fn(x, u)
+        out = ca.vertcat(*out) if isinstance(out, (list, tuple)) else out
+        if out.numel() != n:
+            raise ValueError(f"dynamics must return {n} entries, got {out.numel()}")
+        return ca.reshape(out, n, 1)
+
+    def _build(self, kind: str) -> _Built:
+        """Build (once) the NLP for a ``"quadratic"`` or a ``"general"`` (torch) cost.
+
+        Parameter vector ``p``, each part flattened row-major as torch does: ``x0 (n)``, for a
+        quadratic cost ``C (T,k,k) | c (T,k) | C_f (n,n) | c_f (n)``, for linear dynamics
+        ``F (T,n,k) | f (T,n)``, then ``theta``, and for a general cost the row index."""
+        if kind in self._built:
+            return self._built[kind]
+        T, n, m, k = self.T, self.n, self.m, self.n + self.m
+        Sym = ca.SX if kind == "quadratic" else ca.MX  # a callback needs MX
+        x0 = Sym.sym("x0", n)
+        parts = [x0]
+        if kind == "quadratic":
+            C, c = Sym.sym("C", T * k * k), Sym.sym("c", T * k)
+            C_f, c_f = Sym.sym("C_f", n * n), Sym.sym("c_f", n)
+            parts += [C, c, C_f, c_f]
+        F = f = None
+        if self.linear:
+            F, f = Sym.sym("F", T * n * k), Sym.sym("f", T * n)
+            parts += [F, f]
+        theta = Sym.sym("theta", self.n_theta)
+        parts.append(theta)
+        row = Sym.sym("row", 1 if kind == "general" else 0)
+        parts.append(row)
+        p = ca.vertcat(*parts)
+        X, U = Sym.sym("x", T * n), Sym.sym("u", T * m)
+        w = ca.vertcat(X, U)
+        obj, gs, x_t, x_roll, rolled = Sym(0), [], x0, [], x0
+        for t in range(T):
+            u_t = U[t * m : (t + 1) * m]
+            if kind == "quadratic":
+                tau = ca.vertcat(x_t, u_t)
+                C_t = ca.reshape(C[t * k * k : (t + 1) * k * k], k, k).T
+                obj += 0.5 * ca.dot(tau, C_t @ tau) + ca.dot(c[t * k : (t + 1) * k], tau)
+            x_next = X[t * n : (t + 1) * n]
+            gs.append(x_next - self._step(x_t, u_t, t, F, f, theta))
+            x_t = x_next
+            rolled = self._step(rolled, u_t, t, F, f, theta)
+            x_roll.append(rolled)
+        external = objective = None
+        if kind == "quadratic":
+            obj += 0.5 * ca.dot(x_t, ca.reshape(C_f, n, n).T @ x_t) + ca.dot(c_f, x_t)
+        else:
+            objective = _TorchObjective(self.layout)
+            callback = _CostValue("torch_cost", objective)
+            external = callback(w, row)
+        g = ca.vertcat(*gs)
+        lam = Sym.sym("lam_g", T * n)
+        nlp = CasadiNLP(w, p, obj, g, external=external, **self._nlp_options)
+        built = _Built(
+            nlp,
+            ca.Function("rollout", [p, U], [ca.vertcat(*x_roll)]),
+            # λ_0 = ∇_{x0} (f + λ_gᵀ g): the symbolic part of the initial costate
+            ca.Function("lam0", [w, p, lam], [ca.gradient(obj + ca.dot(lam, g), x0)]),
+            objective,
+        )
+        if kind == "general":
+            built.callback = callback  # CasADi keeps no Python reference
+        self._built[kind] = built
+        return built
+
+    def _dynamics_parameters(self, dynamics: Any, B: int, T: int, n: int, m: int,
+                             like: Tensor) -> tuple[list[Tensor], list[str]]:
+        """The dynamics part of the NLP parameters (``F, f`` or ``theta``), each ``(b, ·)``."""
+        if self.linear:
+            dynamics = self.default_dynamics if dynamics is None else dynamics
             if not isinstance(dynamics, LinearDynamics):
                 raise ValueError(
-                    f"dynamics must be a LinearDynamics for this layer, got {type(dynamics)}"
+                    "dynamics must be a LinearDynamics for this layer (given per call or at "
+                    f"construction), got {type(dynamics).__name__}"
                 )
             if (dynamics.horizon, dynamics.n_state, dynamics.n_ctrl) != (T, n, m):
                 raise ValueError(
@@ -226,35 +492,69 @@ class CasadiTO(nn.Module):
                     f"got {tuple(dynamics.F.shape)}"
                 )
             F, f = dynamics.batched()
-            parts += [F, zeros(1, T, n) if f is None else f]
-            names += ["dynamics.F", "dynamics.f"]
-        elif self.n_theta:
+            return [F, like.new_zeros(1, T, n) if f is None else f], ["dynamics.F", "dynamics.f"]
+        if self.n_theta:
             if not isinstance(dynamics, Tensor) or dynamics.shape[-1] != self.n_theta:
                 raise ValueError(
                     f"dynamics must be the parameter tensor theta of shape (B, {self.n_theta})"
                 )
             check_finite("dynamics", dynamics)
-            parts.append(dynamics.reshape(-1, self.n_theta))
-            names.append("dynamics")
-        elif dynamics is not None:
+            return [dynamics.reshape(-1, self.n_theta)], ["dynamics"]
+        if dynamics is not None:
             raise ValueError("dynamics must be None: this layer's dynamics is fixed")
+        return [], []
+
+    def _nlp_parameters(self, x0: Tensor, cost: Any, dynamics: Any) -> tuple[Tensor, str]:
+        """Check the call; stack the NLP parameters ``(B, n_p)``; say which NLP serves it."""
+        T, n, m = self.T, self.n, self.m
+        if isinstance(cost, QuadraticCost):
+            B, T_c, n, m_c = problem_dims(x0, cost, self.n)
+            if T_c != T:
+                raise ValueError(f"cost has horizon {T_c} but the layer was built for {T}")
+            if m_c != m:
+                raise ValueError(f"cost.C has size {n + m_c}, expected n+m = {n + m}")
+            cost.check_control_pd(n, m)
+            kind = "quadratic"
+        elif hasattr(cost, "evaluate") and hasattr(cost, "derivatives"):
+            B = check_x0(x0, n).shape[0]
+            horizon = getattr(cost, "horizon", None)
+            if horizon is not None and horizon != T:
+                raise ValueError(f"cost has horizon {horizon} but the layer was built for {T}")
+            kind = "general"
+        else:
+            raise ValueError(
+                "cost must be a QuadraticCost, NonlinearCost, LeastSquaresCost or a sum of "
+                f"them, got {type(cost).__name__}"
+            )
+        x0 = x0.reshape(-1, n)
+        parts, names = [x0], ["x0"]
+        if kind == "quadratic":
+            parts += list(cost.expanded(B, n, m))
+            names += ["C", "c", "C_final", "c_final"]
+        dyn, dyn_names = self._dynamics_parameters(dynamics, B, T, n, m, x0)
+        parts += dyn
+        names += dyn_names
         for name, t in zip(names, parts, strict=True):
             if t.shape[0] not in (1, B):
                 raise ValueError(f"{name} has batch {t.shape[0]} but x0 has batch {B}")
-        flat = [t.reshape(t.shape[0], -1).expand(B, -1) for t in parts]
         dtype = torch.promote_types(x0.dtype, torch.float32)
-        return torch.cat([t.to(dtype) for t in flat], dim=-1)
+        flat = [t.reshape(t.shape[0], -1).expand(B, -1).to(dtype) for t in parts]
+        if kind == "general":
+            flat.append(torch.arange(B, dtype=dtype, device=x0.device).unsqueeze(-1))
+        return torch.cat(flat, dim=-1), kind
 
     def forward(
         self,
         x0: Tensor,
-        cost: QuadraticCost,
+        cost: Any,
         dynamics: Any = None,
         u_init: Tensor | None = None,
     ) -> Solution:
         """Solve the batch; see the class docstring for shapes."""
-        p = self._nlp_parameters(x0, cost, dynamics)
+        p, kind = self._nlp_parameters(x0, cost, dynamics)
+        built = self._build(kind)
         B, T, n, m = p.shape[0], self.T, self.n, self.m
+        x0 = x0.reshape(-1, n).expand(B, n)
         if u_init is None:
             U0 = np.zeros((B, T * m))
         else:
@@ -265,27 +565,86 @@ class CasadiTO(nn.Module):
             U0 = u_init.detach().cpu().double().reshape(-1, T * m).numpy()
             U0 = np.broadcast_to(U0, (B, T * m))
         p_np = p.detach().cpu().double().numpy()
-        X0 = self.nlp.mapped(self._rollout, B)(p_np.T, U0.T).full().T  # (B, T*n)
-        w_init = torch.as_tensor(np.concatenate([X0, U0], axis=1))
-        lbw, ubw = [], []
-        for out, (xb, ub, d) in (
-            (lbw, (self.x_lower, self.u_lower, -np.inf)),
-            (ubw, (self.x_upper, self.u_upper, np.inf)),
-        ):
-            x_rows, u_rows = _bound_rows(xb, T, n, d, p), _bound_rows(ub, T, m, d, p)
+        X0 = built.nlp.mapped(built.rollout, B)(p_np.T, U0.T).full().T  # (B, T*n)
+        w_init = np.concatenate([X0, U0], axis=1)
+        bounds = self._bounds(p, B)
+        chain = False if u_init is not None else built.nlp.warm_start
+        bounds_np = tuple(b.detach().cpu().double().numpy() for b in bounds)
+        if kind == "general":
+            built.objective.bind(cost, x0, w_init)
+            try:
+                solved = solve_nlp(built.nlp, p_np, w_init, chain, bounds_np)
+            finally:
+                built.objective.unbind()
+            external = self._external(cost, x0, solved[0])
+        else:
+            solved = solve_nlp(built.nlp, p_np, w_init, chain, bounds_np)
+            external = None
+        res = nlp_solution(built.nlp, p, bounds, solved, external)
+        x = torch.cat([x0.to(res.w.dtype).unsqueeze(1), res.w[:, : T * n].reshape(B, T, n)], 1)
+        u = res.w[:, T * n :].reshape(B, T, m)
+        extras = self._extras(built, res, bounds_np, p_np, cost, x, u, kind)
+        return Solution(x, u, cost.evaluate(x, u), res.converged, res.iterations, extras)
+
+    def _bounds(self, like: Tensor, B: int) -> list[Tensor]:
+        """``(lbw, ubw, lbg, ubg)`` rows for the NLP (``lbg = ubg = 0``: the dynamics)."""
+        T, n, m = self.T, self.n, self.m
+        out = []
+        for xb, ub, d in ((self.x_lower, self.u_lower, -np.inf), (self.x_upper, self.u_upper,
+                                                                  np.inf)):
+            x_rows, u_rows = _bound_rows(xb, T, n, d, like), _bound_rows(ub, T, m, d, like)
             b = max(x_rows.shape[0], u_rows.shape[0])
             if b not in (1, B):
                 raise ValueError(f"state/control bounds have batch {b} but x0 has batch {B}")
             out.append(torch.cat([x_rows.expand(b, -1), u_rows.expand(b, -1)], -1))
-        res = self.nlp(
-            p, w_init, warm_start=False if u_init is not None else None, lbw=lbw[0], ubw=ubw[0]
-        )
-        x0b = x0.reshape(-1, n).expand(B, n).to(res.w.dtype)
-        x = torch.cat([x0b.unsqueeze(1), res.w[:, : T * n].reshape(B, T, n)], dim=1)
-        u = res.w[:, T * n :].reshape(B, T, m)
-        extras = {
+        zeros = like.new_zeros(1, T * n)
+        return [out[0], out[1], zeros, zeros]
+
+    def _external(self, cost: Any, x0: Tensor, w: np.ndarray) -> tuple[Tensor, Tensor, Tensor]:
+        """A torch cost's part of the KKT sensitivity at ``w* (B, n_w)``: its Hessian in ``w``
+        (no graph), and its gradient and value with a graph to ``x0`` and every tensor the
+        cost uses (see :mod:`diffto.layers.casadi`)."""
+        dtype = torch.promote_types(x0.dtype, torch.float32)
+        W = torch.as_tensor(w, dtype=dtype, device=x0.device)
+        x, u = self.layout.plan(x0.detach().to(dtype), W)
+        H, _, H_f, _ = cost.derivatives(x, u, "exact")
+        H_w = self.layout.hessian(H.detach(), H_f.detach())
+        with torch.enable_grad():
+            W = W.requires_grad_(True)
+            J = cost.evaluate(*self.layout.plan(x0.to(dtype), W))
+            (r_w,) = torch.autograd.grad(
+                J.sum(), W, create_graph=torch.is_grad_enabled(), allow_unused=True
+            )
+        r_w = torch.zeros_like(W) if r_w is None else r_w
+        if not torch.is_grad_enabled():
+            r_w, J = r_w.detach(), J.detach()
+        return H_w, r_w, J
+
+    def _extras(self, built: _Built, res: Any, bounds_np: tuple, p_np: np.ndarray, cost: Any,
+                x: Tensor, u: Tensor, kind: str) -> dict[str, Any]:
+        """Costates and active sets from the multipliers (no gradients)."""
+        B, T, n, m = x.shape[0], self.T, self.n, self.m
+        lam_g = res.lam_g.detach()
+        lam0 = built.nlp.mapped(built.lam0, B)(
+            res.w.detach().cpu().double().numpy().T, p_np.T, lam_g.cpu().double().numpy().T
+        ).full().T
+        lam0 = torch.as_tensor(lam0, dtype=x.dtype, device=x.device)
+        if kind == "general":  # the cost's share of λ_0: ∂ℓ_0/∂x_0
+            g, _ = cost.gradients(x.detach(), u.detach())
+            lam0 = lam0 + g[:, 0, :n].to(x.dtype)
+        # CasADi's Lagrangian is f + λ_gᵀ(x_{t+1} − φ): MPC's λ_{t+1} is −λ_g
+        costates = torch.cat([lam0.unsqueeze(1), -lam_g.reshape(B, T, n)], 1)
+        lam_w = res.lam_w.detach()
+        lo, hi = (torch.as_tensor(np.broadcast_to(b, (B, b.shape[-1])).copy(), device=x.device)
+                  for b in bounds_np[:2])
+        tol = built.nlp.active_tol
+        at_lo = (lam_w < -tol) & torch.isfinite(lo)
+        at_hi = (lam_w > tol) & torch.isfinite(hi)
+        return {
+            "costates": costates,
+            "active_lower": at_lo[:, T * n :].reshape(B, T, m),
+            "active_upper": at_hi[:, T * n :].reshape(B, T, m),
+            "active_state_lower": at_lo[:, : T * n].reshape(B, T, n),
+            "active_state_upper": at_hi[:, : T * n].reshape(B, T, n),
             "status": res.status,
-            "lam_dynamics": res.lam_g.reshape(B, T, n),
-            "objective": res.f,
         }
-        return Solution(x, u, cost.evaluate(x, u), res.converged, res.iterations, extras)

@@ -71,7 +71,7 @@ def test_trajectory_matches_lqr(seed, B, T, n, m):
         t.requires_grad_(True)
     cost, dyn = QuadraticCost(C, c, C_f, c_f), LinearDynamics(F, f)
     ref = LQR()(x0, cost, dyn)
-    sol = CasadiNLP.trajectory(None, T, n, m)(x0, cost, dyn)
+    sol = CasadiTO(None, T, n, m)(x0, cost, dyn)
     assert sol.converged.all()
     torch.testing.assert_close(sol.x, ref.x, atol=1e-7, rtol=1e-7)
     torch.testing.assert_close(sol.u, ref.u, atol=1e-7, rtol=1e-7)
@@ -87,7 +87,7 @@ def test_trajectory_matches_lqr(seed, B, T, n, m):
 def test_pendulum_swing_up_gradcheck():
     """Nonlinear dynamics with a learnable parameter and active control bounds."""
     T = 8
-    layer = CasadiNLP.trajectory(pendulum_ca, T, 2, 1, n_theta=1, u_lower=-2.0, u_upper=2.0)
+    layer = CasadiTO(pendulum_ca, T, 2, 1, n_theta=1, u_lower=-2.0, u_upper=2.0)
     x0 = torch.tensor([[0.0, 0.0], [0.3, -0.2]], dtype=D, requires_grad=True)
     Q = torch.tensor([1.0, 0.1], dtype=D, requires_grad=True)
     R = torch.tensor([0.05], dtype=D, requires_grad=True)
