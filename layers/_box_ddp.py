@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.func import hessian, jacrev, vmap
 
 __all__: list[str] = []
 
@@ -117,51 +116,6 @@ def _box_qp(H: Tensor, g: Tensor, lo: Tensor, hi: Tensor, max_iter: int = 30):
     return d, at_hi.to(torch.int8) - at_lo.to(torch.int8), ok, L_last
 
 
-class _Dynamics:
-    """One interface over the two kinds of dynamics: steps, Jacobians, curvature.
-
-    ``fn(x (N, n), u (N, m)) -> (N, n)`` is a row-wise time-invariant map; or ``F (B, T, n, n+m)``
-    and ``f (B, T, n)`` give time-varying affine dynamics (indexed by batch row and time).
-    """
-
-    def __init__(self, n: int, m: int, fn=None, F: Tensor | None = None, f: Tensor | None = None):
-        self.n, self.m, self.fn, self.F, self.f = n, m, fn, F, f
-
-    def step(self, x: Tensor, u: Tensor, t: int, rows: Tensor) -> Tensor:
-        """``x (N, n)``, ``u (N, m)`` at time ``t`` for batch rows ``rows (N,)`` -> ``(N, n)``."""
-        if self.F is None:
-            out = self.fn(x, u)
-            if out.shape != x.shape:
-                raise ValueError(
-                    f"dynamics must map x {tuple(x.shape)}, u {tuple(u.shape)} to x_next of "
-                    f"shape {tuple(x.shape)}, got {tuple(out.shape)}"
-                )
-            return out
-        out = _bmv(self.F[rows, t], torch.cat([x, u], -1))
-        return out if self.f is None else out + self.f[rows, t]
-
-    def _single(self, tau: Tensor) -> Tensor:
-        return self.fn(tau[: self.n].unsqueeze(0), tau[self.n :].unsqueeze(0)).squeeze(0)
-
-    def jacobian(self, x: Tensor, u: Tensor, rows: Tensor) -> Tensor:
-        """``∂x_{t+1}/∂τ_t`` at ``x (N, T, n)``, ``u (N, T, m)`` -> ``(N, T, n, n+m)``."""
-        if self.F is not None:
-            return self.F[rows]
-        N, T = u.shape[:2]
-        tau = torch.cat([x, u], -1).reshape(N * T, -1)
-        return vmap(jacrev(self._single))(tau).reshape(N, T, self.n, self.n + self.m)
-
-    def curvature(self, x: Tensor, u: Tensor, lam_next: Tensor) -> Tensor | None:
-        """``Σ_i λ_{t+1,i} ∇²_ττ f_i(τ_t)`` -> ``(N, T, n+m, n+m)``; ``None`` if affine."""
-        if self.F is not None:
-            return None
-        N, T = u.shape[:2]
-        tau = torch.cat([x, u], -1).reshape(N * T, -1)
-        lam = lam_next.reshape(N * T, -1)
-        hess = vmap(hessian(lambda tt, ll: (ll * self._single(tt)).sum()))(tau, lam)
-        return hess.reshape(N, T, self.n + self.m, self.n + self.m)
-
-
 def _riccati(Q, q, Q_f, q_f, J, m, mu=None, lo=None, hi=None):
     """Backward Riccati sweep of an LQ problem in deviations ``δτ`` with ``δx_0 = 0``.
 
@@ -217,23 +171,34 @@ def _riccati(Q, q, Q_f, q_f, J, m, mu=None, lo=None, hi=None):
     return K_all, k_all, side_all, dV1, dV2, ok
 
 
-def _cost(C: Tensor, c: Tensor, C_f: Tensor, c_f: Tensor, x: Tensor, u: Tensor) -> Tensor:
-    """Total quadratic cost ``(N,)`` of ``x (N, T+1, n)``, ``u (N, T, m)``; tensors batched."""
-    tau = torch.cat([x[:, :-1], u], -1)
-    xT = x[:, -1]
-    stage = (tau * (0.5 * _bmv(C, tau) + c)).sum((-1, -2))
-    return stage + (xT * (0.5 * _bmv(C_f, xT) + c_f)).sum(-1)
-
-
-def _costates(C, c, C_f, c_f, J, x, u) -> Tensor:
-    """Costates ``λ (N, T+1, n)``: ``λ_T = C_f x_T + c_f``, ``λ_t = ℓ_x + A_tᵀλ_{t+1}``; at a KKT
-    point these are the multipliers of ``x_{t+1} = f(x_t, u_t)`` (``λ_0`` that of ``x_0 = x0``)."""
-    n = x.shape[-1]
-    grad = _bmv(C, torch.cat([x[:, :-1], u], -1)) + c  # (N, T, k)
-    lam = [_bmv(C_f, x[:, -1]) + c_f]
-    for t in reversed(range(u.shape[1])):
-        lam.append(grad[:, t, :n] + _bmv(J[:, t, :, :n].transpose(-1, -2), lam[-1]))
+def costates(q: Tensor, q_f: Tensor, J: Tensor) -> Tensor:
+    """Costates ``λ (N, T+1, n)`` of a plan from the cost gradients ``q = ∇_τℓ (N, T, k)``,
+    ``q_f = ∇ℓ_T (N, n)`` and the dynamics Jacobians ``J (N, T, n, k)``: ``λ_T = q_f``,
+    ``λ_t = q_x + A_tᵀλ_{t+1}``. At a KKT point these are the multipliers of
+    ``x_{t+1} = f(x_t, u_t)`` (``λ_0`` that of ``x_0 = x0``), and for any plan that satisfies
+    the dynamics ``q_u + B_tᵀλ_{t+1}`` is the gradient of the cost in ``u_t`` with the states
+    eliminated."""
+    n = q_f.shape[-1]
+    A_T = J[..., :n].transpose(-1, -2)
+    lam = [q_f]
+    for t in reversed(range(q.shape[1])):
+        lam.append(q[:, t, :n] + _bmv(A_T[:, t], lam[-1]))
     return torch.stack(lam[::-1], 1)
+
+
+def reduced_gradient(q: Tensor, J: Tensor, lam: Tensor) -> Tensor:
+    """``∂J/∂u_t = q_u + B_tᵀλ_{t+1}`` ``(N, T, m)`` (``λ`` the costates of the same plan)."""
+    n = lam.shape[-1]
+    return q[..., n:] + _bmv(J[..., n:].transpose(-1, -2), lam[:, 1:])
+
+
+def stationarity(u: Tensor, grad_u: Tensor, lo: Tensor, hi: Tensor, scale: Tensor) -> Tensor:
+    """The unregularized optimality measure ``(N,)``: ``max |u − P(u − ∇_u J / s)|``, the
+    projected gradient step in control units (``s (N,)`` the control curvature scale, ``P`` the
+    projection onto the box). Zero exactly at a KKT point of the box-constrained problem in
+    the controls, whatever regularization the iterations used."""
+    step = u - grad_u / scale.view(-1, 1, 1)
+    return (u - torch.minimum(torch.maximum(step, lo), hi)).abs().amax((-1, -2))
 
 
 def _rollout(dyn, x0, x_ref, u_ref, K, k, alpha, lo, hi, rows):
@@ -247,16 +212,28 @@ def _rollout(dyn, x0, x_ref, u_ref, K, k, alpha, lo, hi, rows):
     return torch.stack(xs, 1), torch.stack(us, 1)
 
 
-def _solve(dyn, x0, C, c, C_f, c_f, lo, hi, u_init, max_iter: int, tol: float,
-           exact: bool = False) -> dict:
-    """Box-DDP on batch-expanded tensors (``C (B, T, k, k)`` symmetric, ``c (B, T, k)``,
-    ``C_f (B, n, n)``, ``c_f (B, n)``, ``lo, hi, u_init (B, T, m)``); no input checks.
+def _finite_rows(*tensors: Tensor) -> Tensor:
+    ok = torch.ones(tensors[0].shape[0], dtype=torch.bool, device=tensors[0].device)
+    for t in tensors:
+        ok = ok & torch.isfinite(t).flatten(1).all(1)
+    return ok
+
+
+def solve(dyn, cost, x0, lo, hi, u_init, max_iter: int, tol: float, exact: bool = False,
+          create_graph: bool = False) -> dict:
+    """Box-DDP on a batch: ``dyn`` a :class:`~diffto.layers._dynamics_model.DynamicsModel`,
+    ``cost`` a :class:`~diffto.layers._cost_model.CostModel`, ``x0 (B, n)``,
+    ``lo, hi, u_init (B, T, m)``; no input checks.
 
     ``exact`` adds the dynamics curvature ``Σ λ_{t+1,i} ∇²f_i`` to each stage Hessian (Newton
     instead of Gauss-Newton iLQR: quadratic instead of linear local convergence on nonlinear
-    dynamics). Each row iterates until its feed-forward step is below ``tol·(1 + max|u|)``
-    (converged), ``max_iter`` steps were tried, or the regularization ran out (stalled). Only
-    rows still running are linearized and swept. Returns a dict of ``(B, ...)`` tensors.
+    dynamics); a general cost enters with its PSD-projected (or Gauss-Newton) Hessian. Each row
+    iterates until its feed-forward step is below ``tol·(1 + max|u|)``, ``max_iter`` steps
+    were tried, or the regularization ran out (stalled). Only rows still running are
+    linearized and swept. A row is reported converged only if its last step was an
+    unregularized Newton step or its projected gradient (:func:`stationarity`) is below the
+    same threshold. ``create_graph`` keeps the graph of the cost derivatives (unrolled
+    differentiation). Returns a dict of ``(B, ...)`` tensors.
     """
     B, T, m = u_init.shape
     n = x0.shape[-1]
@@ -267,46 +244,45 @@ def _solve(dyn, x0, C, c, C_f, c_f, lo, hi, u_init, max_iter: int, tol: float,
     zeros_K = x0.new_zeros(B, T, m, n)
     x, u = _rollout(dyn, x0, x0.new_zeros(B, T + 1, n), u, zeros_K, torch.zeros_like(u),
                     x0.new_zeros(B), lo, hi, rows)
-    J = _cost(C, c, C_f, c_f, x, u)
-    # Regularization is relative to the size of the control cost, so scaling the whole cost
-    # by α > 0 leaves every iterate unchanged.
-    scale = C[..., n:, n:].diagonal(dim1=-2, dim2=-1).abs().mean((-1, -2)).clamp_min(eps)
+    cost.track(x, u)
+    J = cost.values(rows, x, u)
+    scale = None  # control curvature scale per row, from the first quadratization
     mu = x0.new_zeros(B)
+    mu_last = x0.new_zeros(B)  # the regularization of each row's last sweep
     converged = torch.zeros(B, dtype=torch.bool, device=dev)
     running = torch.ones_like(converged)
     stalled = torch.zeros_like(converged)
     iterations = torch.zeros(B, dtype=torch.long, device=dev)
     K_out, k_out = zeros_K.clone(), torch.zeros_like(u)
     side_out = torch.zeros_like(u, dtype=torch.int8)
-    jac_out = x0.new_zeros(B, T, n, n + m)
     alphas = torch.tensor(_ALPHAS, dtype=dt, device=dev)
     bounded = bool(torch.isfinite(lo).any() or torch.isfinite(hi).any())
     for it in range(max_iter + 1):
         idx = running.nonzero().squeeze(-1)
         xa, ua = x[idx], u[idx]
         Ja = dyn.jacobian(xa[:, :-1], ua, idx)
-        q = _bmv(C[idx], torch.cat([xa[:, :-1], ua], -1)) + c[idx]
-        Qa = C[idx]
+        Qa, q, Q_f, q_f = cost.quadratize(idx, xa, ua, create_graph=create_graph)
+        if scale is None:
+            scale = cost.control_scale(Qa, eps)
         if exact:
-            lam_a = _costates(Qa, c[idx], C_f[idx], c_f[idx], Ja, xa, ua)
+            lam_a = costates(q, q_f, Ja)
             curv = dyn.curvature(xa[:, :-1], ua, lam_a[:, 1:])
             Qa = Qa if curv is None else Qa + curv
-        q_f = _bmv(C_f[idx], xa[:, -1]) + c_f[idx]
         lo_d, hi_d = (lo[idx] - ua, hi[idx] - ua) if bounded else (None, None)
         mu_a = mu[idx]
         # A non-finite model (the dynamics left their domain) cannot be cured by regularizing.
-        finite = (torch.isfinite(Qa).flatten(1).all(1) & torch.isfinite(q).flatten(1).all(1)
-                  & torch.isfinite(Ja).flatten(1).all(1) & torch.isfinite(q_f).all(1))
+        finite = _finite_rows(Qa, q, Ja, q_f, Q_f, xa, ua)
         while True:
             K, k, side, dV1, dV2, ok = _riccati(
-                Qa, q, C_f[idx], q_f, Ja, m, mu_a * scale[idx], lo_d, hi_d
+                Qa, q, Q_f, q_f, Ja, m, mu_a * scale[idx], lo_d, hi_d
             )
             ok = ok & finite
             retry = ~ok & finite & (mu_a < _MU_MAX)
             if not retry.any():
                 break
             mu_a = torch.where(retry, (10 * mu_a).clamp_min(_MU_MIN), mu_a)
-        K_out[idx], k_out[idx], side_out[idx], jac_out[idx] = K, k, side, Ja
+        K_out[idx], k_out[idx], side_out[idx] = K, k, side
+        mu_last[idx] = mu_a
         done = ok & (k.abs().amax((-1, -2)) <= tol * (1 + ua.abs().amax((-1, -2))))
         converged[idx[done]] = True
         running[idx[done | ~ok]] = False
@@ -320,7 +296,7 @@ def _solve(dyn, x0, C, c, C_f, c_f, lo, hi, u_init, max_iter: int, tol: float,
         slack = 64 * eps * (1 + J[sel].abs())
         x_new, u_new = _rollout(dyn, x0[sel], x[sel], u[sel], K, k, alphas[:1].expand(len(sel)),
                                 lo[sel], hi[sel], sel)
-        J_new = _cost(C[sel], c[sel], C_f[sel], c_f[sel], x_new, u_new)
+        J_new = cost.values(sel, x_new, u_new)
         accept = J_new - J[sel] <= 1e-4 * (dV1 + dV2) + slack
         if not accept.all():
             rej = (~accept).nonzero().squeeze(-1)
@@ -329,7 +305,7 @@ def _solve(dyn, x0, C, c, C_f, c_f, lo, hi, u_init, max_iter: int, tol: float,
             a = alphas[1:].repeat_interleave(R)
             xs, us = _rollout(dyn, x0[r_rows], x[r_rows], u[r_rows], K[rej].repeat(S, 1, 1, 1),
                               k[rej].repeat(S, 1, 1), a, lo[r_rows], hi[r_rows], r_rows)
-            Js = _cost(C[r_rows], c[r_rows], C_f[r_rows], c_f[r_rows], xs, us).view(S, R)
+            Js = cost.values(r_rows, xs, us, groups=S).view(S, R)
             expected = a.view(S, R) * dV1[rej] + a.view(S, R) ** 2 * dV2[rej]
             ok_s = Js - J[sel[rej]] <= 1e-4 * expected + slack[rej]
             first = torch.argmax(ok_s.to(torch.int8), 0)  # largest accepted α
@@ -338,14 +314,24 @@ def _solve(dyn, x0, C, c, C_f, c_f, lo, hi, u_init, max_iter: int, tol: float,
             accept[rej] = ok_s.any(0)
         acc_rows = sel[accept]
         x[acc_rows], u[acc_rows], J[acc_rows] = x_new[accept], u_new[accept], J_new[accept]
+        cost.track(x, u)
         iterations[sel] += 1
         mu_sel = mu[sel]
         mu_sel = torch.where(accept, mu_sel / 10, (10 * mu_sel).clamp_min(_MU_MIN))
         mu[sel] = torch.where(mu_sel < _MU_MIN, torch.zeros_like(mu_sel), mu_sel)
         running[sel[mu_sel > _MU_MAX]] = False
         stalled[sel[mu_sel > _MU_MAX]] = True
-    lam = _costates(C, c, C_f, c_f, jac_out, x, u)
+    # Optimality of the returned plans, judged without regularization.
+    with torch.no_grad():
+        jac = dyn.jacobian(x[:, :-1].detach(), u.detach(), rows)
+        _, q, _, q_f = cost.quadratize(rows, x.detach(), u.detach())
+        lam = costates(q, q_f, jac)
+        residual = stationarity(u.detach(), reduced_gradient(q, jac, lam), lo, hi, scale)
+        residual = torch.where(_finite_rows(x, u, lam), residual, torch.inf)
+    settled = (mu_last == 0) | (residual <= tol * (1 + u.detach().abs().amax((-1, -2))))
+    converged = converged & settled & torch.isfinite(residual)
     at_lower, at_upper = side_out == -1, side_out == 1
     return dict(x=x, u=u, cost=J, costates=lam, gains=K_out, feedforward=k_out,
                 at_lower=at_lower, at_upper=at_upper, converged=converged,
-                iterations=iterations, regularization=mu, stalled=stalled)
+                iterations=iterations, regularization=mu, stalled=stalled, residual=residual,
+                jacobians=jac)

@@ -332,16 +332,18 @@ def test_reused_factorization_gives_the_general_adjoint(monkeypatch):
         assert sol.converged.all() and sol.extras["active_upper"].any()
         return torch.autograd.grad((sol.x * w_x).sum() + (sol.u * w_u).sum(), [*leaves, hi])
 
+    import diffto.layers._implicit as implicit_module
+
     sweeps = []
-    adjoint_sweep = mpc_module.adjoint_sweep
-    monkeypatch.setattr(mpc_module, "adjoint_sweep",
+    adjoint_sweep = implicit_module.adjoint_sweep
+    monkeypatch.setattr(implicit_module, "adjoint_sweep",
                         lambda *a: sweeps.append(1) or adjoint_sweep(*a))
     reused = gradients()
     assert sweeps == [1]  # the fast path did run
     solve_linear = mpc_module._solve_linear
 
     def no_reuse(*args):
-        return {**solve_linear(*args), "factored": False}
+        return {**solve_linear(*args), "value": torch.zeros(0, dtype=F64)}
 
     monkeypatch.setattr(mpc_module, "_solve_linear", no_reuse)
     general = gradients()
@@ -733,7 +735,7 @@ def test_ill_posed_inputs_raise_value_error():
     with pytest.raises(ValueError, match="dynamics"):
         MPC(dyn, 4)(torch.zeros(2, 2, dtype=F64), QuadraticCost(cost.C[..., 1:, 1:]))
     with pytest.raises(ValueError, match="dynamics"):
-        MPC(lambda x, u: x, 4)
+        MPC(42, 4)  # neither a callable nor a LinearDynamics
     with pytest.raises(ValueError, match="dtype"):
         MPC(dyn, 4)(x0.float(), cost)
     with pytest.raises(ValueError, match="dynamics.F"):
