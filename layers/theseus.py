@@ -23,11 +23,22 @@ Theseus minimizes the sum of these squared residuals (and the terminal one). Thi
 used with ``cost_regularization = ε > 0``, which solves the problem with ``C + εI`` instead
 (the plan moves by ``O(ε)``; the backward pass differentiates the same regularized problem).
 
+**General costs.** A :class:`~diffto.LeastSquaresCost` is what Theseus solves natively: its
+stage residuals ``r(x_t, u_t) (B, T, r)`` and terminal residual become the error vector, and
+their Jacobians ``∂r_t/∂τ_t`` (by autograd, per stage) enter the same forward sensitivities.
+A :class:`~diffto.NonlinearCost` is refused with a ``ValueError``: Theseus minimizes sums of
+squared residuals, and the only residual of a general ``ℓ ≥ 0`` is ``√(2ℓ)``, which is not
+differentiable where ``ℓ = 0`` (at the goal, where a tracking cost ends) and turns Gauss-Newton
+into a method that stalls there; a cost that is a sum of squares should say so as a
+``LeastSquaresCost``, and any other cost goes to ``MPC`` or ``CasadiTO`` (exact Hessians).
+
 **Backward modes** (``backward=``, a string so YAML configs can set it):
 
 * ``"implicit"`` (default): diffto's exact implicit differentiation of the stationarity
   condition ``∇_U J = 0`` with the full Hessian (see :class:`_ImplicitShooting`). Exact for
-  nonlinear dynamics and w.r.t. every input, including ``C``, ``F`` and dynamics parameters.
+  nonlinear dynamics and w.r.t. every tensor the problem uses: ``x0``, the cost's tensors, a
+  general cost's parameters and closed-over tensors, ``F``, and a dynamics module's parameters
+  and the tensors it closes over. Only ``"implicit"`` and ``"unroll"`` take general costs.
 * ``"theseus_implicit"``: Theseus's own implicit mode, one Gauss-Newton step at the solution
   with the Hessian detached. It uses ``JᵀJ`` in place of the full Hessian, dropping
   ``Σ r_i ∇²r_i``: exact when the residuals are linear in ``U`` (linear dynamics) or vanish at
@@ -51,8 +62,10 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from diffto.autodiff import rowwise_jacobian
+from diffto.costs import LeastSquaresCost, NonlinearCost
 from diffto.layers._checked_solve import checked_solve
-from diffto.problem import LinearDynamics, QuadraticCost, Solution, problem_dims
+from diffto.problem import LinearDynamics, QuadraticCost, Solution, check_x0, problem_dims
 
 __all__ = ["TheseusTO", "BackwardMode"]
 
@@ -93,65 +106,91 @@ def _factor(name: str, C: Tensor, reg: float) -> Tensor:
 class _Problem:
     """Tensors of one call, batch-expanded, and the shooting maps on them.
 
-    ``theta`` holds, in order: ``x0 (B, n)``, ``C (B, T, k, k)`` (regularized),
-    ``c (B, T, k)``, ``C_f (B, n, n)``, ``c_f (B, n)``, ``F (B, T, n, k)``, ``f (B, T, n)``
-    (the last two only for :class:`LinearDynamics`), then the dynamics module's parameters.
+    ``theta`` holds, in order: ``x0 (B, n)``; for a :class:`~diffto.QuadraticCost`,
+    ``C (B, T, k, k)`` (regularized), ``c (B, T, k)``, ``C_f (B, n, n)``, ``c_f (B, n)``; for
+    :class:`~diffto.problem.LinearDynamics`, ``F (B, T, n, k)``, ``f (B, T, n)``; then a
+    dynamics module's parameters. A :class:`~diffto.LeastSquaresCost` is held as ``cost``
+    (its tensors stay in its closures).
     """
 
-    def __init__(self, layer: TheseusTO, T: int, n: int, m: int) -> None:
-        self.layer, self.T, self.n, self.m = layer, T, n, m
+    def __init__(self, dynamics: Any, cost: Any, T: int, n: int, m: int) -> None:
+        self.dynamics, self.T, self.n, self.m = dynamics, T, n, m
+        self.quadratic = isinstance(cost, QuadraticCost)
+        self.cost = None if self.quadratic else cost
+        self.n_cost = 4 if self.quadratic else 0  # cost tensors in theta after x0
+        self.param_names: list[str] = []
+        self.res_dim = 0  # length of the residual vector, set by the layer
+        self.B = 0
 
-    def rollout(self, U: Tensor, theta: tuple[Tensor, ...], functional: bool = False) -> Tensor:
+    def rollout(self, U: Tensor, theta: tuple[Tensor, ...], functional: bool = False,
+                eps: Tensor | None = None) -> Tensor:
         """States ``(B, T+1, n)`` from controls ``U (B, T·m)``. With ``functional`` a dynamics
-        module runs with the parameters in ``theta`` (copies), else with its own."""
+        module runs with the parameters in ``theta`` (copies), else with its own. ``eps
+        (B, T+1, n)`` is added to every state (zeros whose gradients are the costates)."""
         x0, F, f, params = theta[0], *self._dyn(theta)
         params = params if functional else None
-        dyn = self.layer.dynamics
+        dyn = self.dynamics
         u = U.reshape(U.shape[0], self.T, self.m)
         xs = [x0.expand(U.shape[0], -1)]
+        if eps is not None:
+            xs[0] = xs[0] + eps[:, 0]
         for t in range(self.T):
             if F is not None:
                 tau = torch.cat([xs[-1], u[:, t]], -1)
-                xs.append(torch.einsum("bij,bj->bi", F[:, t], tau) + f[:, t])
+                x_next = torch.einsum("bij,bj->bi", F[:, t], tau) + f[:, t]
             elif params is not None:
-                xs.append(torch.func.functional_call(dyn, params, (xs[-1], u[:, t])))
+                x_next = torch.func.functional_call(dyn, params, (xs[-1], u[:, t]))
             else:
-                xs.append(dyn(xs[-1], u[:, t]))
+                x_next = dyn(xs[-1], u[:, t])
+            xs.append(x_next if eps is None else x_next + eps[:, t + 1])
         return torch.stack(xs, 1)
 
     def _dyn(self, theta):
-        if isinstance(self.layer.dynamics, LinearDynamics):
-            return theta[5], theta[6], None
-        if isinstance(self.layer.dynamics, nn.Module):
-            return None, None, dict(zip(self.layer._param_names, theta[5:], strict=True))
+        i = 1 + self.n_cost
+        if isinstance(self.dynamics, LinearDynamics):
+            return theta[i], theta[i + 1], None
+        if isinstance(self.dynamics, nn.Module):
+            return None, None, dict(zip(self.param_names, theta[i:], strict=True))
         return None, None, None
 
-    def objective(self, U: Tensor, theta: tuple[Tensor, ...], functional: bool = True) -> Tensor:
+    def objective(self, U: Tensor, theta: tuple[Tensor, ...], functional: bool = True,
+                  eps: Tensor | None = None) -> Tensor:
         """The trajectory cost ``J (B,)`` of controls ``U (B, T·m)``."""
+        x = self.rollout(U, theta, functional, eps)
+        u = U.reshape(U.shape[0], self.T, self.m)
+        if not self.quadratic:
+            return self.cost.evaluate(x, u)
         _, C, c, C_f, c_f = theta[:5]
-        x = self.rollout(U, theta, functional)
-        tau = torch.cat([x[:, :-1], U.reshape(U.shape[0], self.T, self.m)], -1)  # (B, T, k)
+        tau = torch.cat([x[:, :-1], u], -1)  # (B, T, k)
         J = 0.5 * torch.einsum("bti,btij,btj->b", tau, C, tau) + (c * tau).sum((-1, -2))
         xT = x[:, -1]
         return J + 0.5 * torch.einsum("bi,bij,bj->b", xT, C_f, xT) + (c_f * xT).sum(-1)
 
-    def residuals(self, U: Tensor, theta: tuple[Tensor, ...], factors) -> Tensor:
-        """Least-squares residuals ``(B, T·k + n)``: ``L_tᵀ τ_t + L_t⁻¹ c_t`` and terminal."""
+    def _stage_residuals(self, x: Tensor, u: Tensor, factors) -> tuple[Tensor, Tensor]:
+        """``r (B, T, r)`` and ``r_f (B, r_f)``: ``L_tᵀ τ_t + L_t⁻¹ c_t`` and the terminal one
+        for a quadratic cost (``factors``), the cost's own residuals otherwise."""
+        if not self.quadratic:
+            r, r_f = self.cost.residuals(x, u)
+            return r, x.new_zeros(x.shape[0], 0) if r_f is None else r_f
         L, a, L_f, a_f = factors
-        x = self.rollout(U, theta)
-        tau = torch.cat([x[:, :-1], U.reshape(U.shape[0], self.T, self.m)], -1)  # (B, T, k)
+        tau = torch.cat([x[:, :-1], u], -1)  # (B, T, k)
         r = torch.einsum("btji,btj->bti", L, tau) + a  # L_tᵀ τ_t + a_t
-        r_f = torch.einsum("bji,bj->bi", L_f, x[:, -1]) + a_f
+        return r, torch.einsum("bji,bj->bi", L_f, x[:, -1]) + a_f
+
+    def residuals(self, U: Tensor, theta: tuple[Tensor, ...], factors) -> Tensor:
+        """Least-squares residuals ``(B, T·r + r_f)``, stages then terminal."""
+        x = self.rollout(U, theta)
+        r, r_f = self._stage_residuals(x, U.reshape(U.shape[0], self.T, self.m), factors)
         return torch.cat([r.reshape(U.shape[0], -1), r_f], -1)
 
     def stage_jacobians(self, x: Tensor, u: Tensor, theta) -> tuple[Tensor, Tensor]:
         """``A_t = ∂φ/∂x (B, T, n, n)`` and ``B_t = ∂φ/∂u (B, T, n, m)`` at ``x (B, T, n)``,
         ``u (B, T, m)``; one vmapped ``jacrev`` over all ``B·T`` stages for a module."""
         n, m = self.n, self.m
-        if isinstance(self.layer.dynamics, LinearDynamics):
-            F = theta[5]  # (B, T, n, n+m)
+        if isinstance(self.dynamics, LinearDynamics):
+            F = theta[1 + self.n_cost]  # (B, T, n, n+m)
             return F[..., :n], F[..., n:]
-        dyn = self.layer.dynamics
+        dyn = self.dynamics
         B, T = x.shape[:2]
 
         def step(xi: Tensor, ui: Tensor) -> Tensor:
@@ -162,34 +201,60 @@ class _Problem:
         return A.reshape(B, T, n, n), Bm.reshape(B, T, n, m)
 
     def gauss_newton_hessian(self, U: Tensor, theta) -> Tensor:
-        """``JᵀJ (B, T·m, T·m)`` with ``J = ∂r/∂U`` for the factors of ``theta``'s costs."""
+        """``JᵀJ (B, T·m, T·m)`` with ``J = ∂r/∂U`` for the factors of ``theta``'s quadratic
+        cost."""
         L = torch.linalg.cholesky(theta[1])
         L_f = torch.linalg.cholesky(theta[3]) if theta[3].abs().sum() > 0 else theta[3]
         zeros = (L.new_zeros(L.shape[:-1]), L_f.new_zeros(L_f.shape[:-1]))
         J, _ = self.residual_jacobian(U, theta, (L, zeros[0], L_f, zeros[1]))
         return J.transpose(-1, -2) @ J
 
+    def _residual_stage_jacobians(self, x: Tensor, u: Tensor, factors):
+        """``∂r_t/∂τ_t (B, T, r, k)``, ``∂r_f/∂x_T (B, r_f, n)`` and the residuals. For a
+        quadratic cost these are ``L_tᵀ`` and ``L_fᵀ``; for least squares they come from
+        autograd, one reverse pass per residual entry over all stages at once (the residual
+        of stage t depends on τ_t only), with a graph when grad mode is on (``"unroll"``)."""
+        if self.quadratic:
+            L, _, L_f, _ = factors
+            r, r_f = self._stage_residuals(x, u, factors)
+            return L.transpose(-1, -2), L_f.transpose(-1, -2), r, r_f
+        graph = torch.is_grad_enabled()
+        with torch.enable_grad():
+            tau = torch.cat([x[:, :-1], u], -1)
+            xT = x[:, -1]
+            if not (graph and tau.requires_grad):
+                tau, xT = tau.detach().requires_grad_(), xT.detach().requires_grad_()
+            n = self.n
+            r, _ = self.cost.residuals(tau[..., :n], tau[..., n:])
+            J = rowwise_jacobian(r, tau, create_graph=graph)
+            if self.cost.terminal_residual is None:
+                r_f = x.new_zeros(x.shape[0], 0)
+                J_f = x.new_zeros(x.shape[0], 0, n)
+            else:
+                r_f = self.cost.terminal_residual(xT)
+                J_f = rowwise_jacobian(r_f, xT, create_graph=graph)
+        if not graph:
+            J, J_f, r, r_f = J.detach(), J_f.detach(), r.detach(), r_f.detach()
+        return J, J_f, r, r_f
+
     def residual_jacobian(self, U: Tensor, theta, factors) -> tuple[Tensor, Tensor]:
-        """``∂r/∂U (B, T·k + n, T·m)`` and ``r``, by forward sensitivities of the rollout:
+        """``∂r/∂U (B, T·r + r_f, T·m)`` and ``r``, by forward sensitivities of the rollout:
         ``S_{t+1} = A_t S_t + B_t E_t`` with ``S_t = ∂x_t/∂U`` and ``E_t`` selecting ``u_t``,
-        then ``∂r_t/∂U = L_tᵀ [S_t; E_t]``."""
-        L, a, L_f, a_f = factors
+        then ``∂r_t/∂U = R_t [S_t; E_t]`` with ``R_t = ∂r_t/∂τ_t``."""
         B, T, n, m = U.shape[0], self.T, self.n, self.m
         x = self.rollout(U, theta)
         u = U.reshape(B, T, m)
         A, Bm = self.stage_jacobians(x[:, :-1], u, theta)
-        tau = torch.cat([x[:, :-1], u], -1)
-        r = torch.einsum("btji,btj->bti", L, tau) + a  # (B, T, k)
-        r_f = torch.einsum("bji,bj->bi", L_f, x[:, -1]) + a_f
+        R, R_f, r, r_f = self._residual_stage_jacobians(x, u, factors)
         width = T * m
         S = U.new_zeros(B, n, width)  # ∂x_0/∂U
         rows = []
         for t in range(T):
-            Lt = L[:, t].transpose(-1, -2)  # (B, k, k) = L_tᵀ
+            Rt = R[:, t]  # (B, r, k)
             pad = (t * m, width - (t + 1) * m)
-            rows.append(Lt[:, :, :n] @ S + nn.functional.pad(Lt[:, :, n:], pad))
+            rows.append(Rt[:, :, :n] @ S + nn.functional.pad(Rt[:, :, n:], pad))
             S = A[:, t] @ S + nn.functional.pad(Bm[:, t], pad)
-        rows.append(L_f.transpose(-1, -2) @ S)
+        rows.append(R_f @ S)
         return torch.cat(rows, 1), torch.cat([r.reshape(B, -1), r_f], -1)
 
 
@@ -232,8 +297,7 @@ def _shooting_cost_class(th) -> type:
             return [J], err
 
         def dim(self) -> int:
-            p = self.problem
-            return p.T * (p.n + p.m) + p.n
+            return self.problem.res_dim
 
         def _copy_impl(self, new_name=None):
             aux = [getattr(self, a).copy() for a in self._aux_names]
@@ -253,45 +317,51 @@ def _shooting_cost_class(th) -> type:
 
 
 class _ImplicitShooting(torch.autograd.Function):
-    """Identity on the solution ``U*`` whose backward is exact implicit differentiation."""
+    """Identity on the solution ``U*``; its backward hands the stationarity residual ``G`` the
+    adjoint, so autograd finishes the implicit derivative through ``G``'s own graph."""
 
     @staticmethod
-    def forward(U_star: Tensor, problem: _Problem, *theta: Tensor) -> Tensor:
+    def forward(U_star: Tensor, G: Tensor, problem: _Problem, theta: tuple) -> Tensor:
         return U_star.clone()
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        U_star, problem, *theta = inputs
-        ctx.problem = problem
-        ctx.save_for_backward(U_star, *theta)
+        U_star, _, problem, theta = inputs
+        ctx.problem, ctx.theta = problem, tuple(t.detach() for t in theta)
+        ctx.save_for_backward(U_star)
 
     # U*(θ) satisfies the stationarity condition G(U*, θ) = ∇_U J(U*, θ) = 0. Differentiating,
     #     H dU* + (∂G/∂θ) dθ = 0,   H = ∇²_UU J   (the full Hessian, not JᵀJ),
     # so for a seed v on U*:  vᵀ dU*/dθ = −λᵀ ∂G/∂θ with H λ = v (H is symmetric).
-    # λᵀ ∂G/∂θ is one vector-Jacobian product of G = ∇_U J (a double backward). Rows are
-    # independent, so H is block diagonal over the batch: its column j for every row at once
-    # is the Hessian-vector product with the unit seed e_j in every row (T·m products). With
-    # linear dynamics the residuals are linear in U and H = JᵀJ exactly, formed directly.
+    # The forward pass computed G at U* with a graph to every tensor J uses (x0, the cost's
+    # tensors and whatever a cost or dynamics module closes over), with U* a detached leaf; this
+    # backward returns −λ as G's gradient and autograd forms −λᵀ ∂G/∂θ along that graph: the
+    # residual-injection form of the implicit function theorem, which reaches tensors no
+    # argument list names. Rows are independent, so H is block diagonal over the batch: its
+    # column j for every row at once is the Hessian-vector product with the unit seed e_j in
+    # every row (T·m products). With linear dynamics and a quadratic cost the residuals are
+    # linear in U and H = JᵀJ exactly, formed directly.
     @staticmethod
     def backward(ctx, v: Tensor):
-        U_star, *theta = ctx.saved_tensors
+        (U_star,) = ctx.saved_tensors
         problem: _Problem = ctx.problem
         with torch.enable_grad():
             U = U_star.detach().requires_grad_(True)
-            th = tuple(t.detach().requires_grad_(True) for t in theta)
-            J = problem.objective(U, th).sum()
-            (G,) = torch.autograd.grad(J, U, create_graph=True)  # (B, T·m)
-            if isinstance(problem.layer.dynamics, LinearDynamics):
+            th = ctx.theta
+            if isinstance(problem.dynamics, LinearDynamics) and problem.quadratic:
                 H = problem.gauss_newton_hessian(U.detach(), th)
             else:
+                J = problem.objective(U, th, functional=False).sum()
+                (G,) = torch.autograd.grad(J, U, create_graph=True)  # (B, T·m)
                 cols = []
                 for j in range(U.shape[1]):
                     (h,) = torch.autograd.grad(G[:, j].sum(), U, retain_graph=True)
                     cols.append(h)  # (B, T·m) = H[:, :, j]
                 H = torch.stack(cols, -1)  # (B, T·m, T·m)
-            lam = checked_solve(H, v, "TheseusTO implicit backward: the Hessian solve failed")
-            grads = torch.autograd.grad(G, th, grad_outputs=-lam, allow_unused=True)
-        return (None, None, *grads)
+        lam = checked_solve(
+            H.detach(), v, "TheseusTO implicit backward: the Hessian solve failed"
+        )
+        return None, -lam, None, None
 
 
 class TheseusTO(nn.Module):
@@ -299,9 +369,11 @@ class TheseusTO(nn.Module):
 
     Args:
         dynamics: an ``nn.Module`` (or function) ``(x (B, n), u (B, m)) -> x_next (B, n)``,
-            or a :class:`~diffto.problem.LinearDynamics` (its ``F``, ``f`` get gradients).
-            Gradients reach an ``nn.Module``'s parameters in every mode; tensors captured by a
-            plain function get them only in the ``unroll``/``truncated`` modes.
+            or a :class:`~diffto.problem.LinearDynamics` (its ``F``, ``f`` get gradients), or
+            ``None`` when every call passes its dynamics (a call's dynamics wins). With
+            ``backward="implicit"`` gradients reach a module's parameters and every tensor it
+            closes over; in Theseus's own modes, a module's parameters (and closed-over tensors
+            only in ``unroll``/``truncated``).
         horizon: T.
         optimizer: ``"gauss_newton"`` or ``"levenberg_marquardt"``.
         backward: ``"implicit"`` | ``"theseus_implicit"`` | ``"truncated"`` | ``"unroll"`` |
@@ -317,15 +389,20 @@ class TheseusTO(nn.Module):
         dlm_epsilon: perturbation size of ``"dlm"``.
         autograd_mode: how the residual Jacobians are formed: ``"analytic"`` (forward
             sensitivities of the rollout from per-stage dynamics Jacobians, one vmapped
-            ``jacrev`` of the dynamics; the fastest) or Theseus's ``AutoDiffCostFunction``
-            modes ``"vmap"``, ``"loop_batch"``, ``"dense"``. ``"analytic"`` and ``"vmap"`` need
-            a vmap-compatible dynamics module.
+            ``jacrev`` of the dynamics; the fastest, and the only mode for a
+            ``LeastSquaresCost``) or Theseus's ``AutoDiffCostFunction`` modes ``"vmap"``,
+            ``"loop_batch"``, ``"dense"``. ``"analytic"`` and ``"vmap"`` need a
+            vmap-compatible dynamics module.
 
-    Call as ``layer(x0, cost, u_init=None) -> Solution`` with ``x0 (B, n)``, a
+    Call as ``layer(x0, cost, dynamics=None, u_init=None) -> Solution`` with ``x0 (B, n)``, a
     :class:`~diffto.problem.QuadraticCost` of horizon T (``C_final`` required if ``c_final``
-    is given) and ``u_init (B, T, m)`` (zeros if ``None``). ``Solution.extras``: ``status``
-    (Theseus status name per row), ``grad_norm (B,)`` (``‖∇_U J‖_∞`` at the plan), ``error
-    (B,)`` (Theseus's final error).
+    is given) or a :class:`~diffto.LeastSquaresCost`, the dynamics for this call (``None``:
+    the constructor's) and ``u_init (B, T, m)`` (zeros if ``None``; with a least-squares cost
+    and a dynamics module that does not reveal ``m`` through a ``u_lower`` attribute, pass
+    it). ``Solution.extras``: ``costates (B, T+1, n)`` (``λ_t = ∂J/∂x_t`` along the rollout,
+    MPC's sign convention), ``status`` (Theseus status name per row), ``grad_norm (B,)``
+    (``‖∇_U J‖_∞`` at the plan), ``error (B,)`` (Theseus's final error); none carries
+    gradients.
 
     Example::
 
@@ -358,15 +435,10 @@ class TheseusTO(nn.Module):
         autograd_mode: Literal["analytic", "vmap", "loop_batch", "dense"] = "analytic",
     ) -> None:
         super().__init__()
-        if not (isinstance(dynamics, LinearDynamics) or callable(dynamics)):
-            raise ValueError(
-                f"dynamics must be an nn.Module/function (x, u) -> x_next or a LinearDynamics, "
-                f"got {type(dynamics).__name__}"
-            )
         if horizon < 1:
             raise ValueError(f"horizon must be >= 1, got {horizon}")
-        if isinstance(dynamics, LinearDynamics) and dynamics.horizon != horizon:
-            raise ValueError(f"dynamics.F has horizon {dynamics.horizon}, expected {horizon}")
+        if dynamics is not None:
+            self._check_dynamics(dynamics, horizon)
         if optimizer not in ("gauss_newton", "levenberg_marquardt"):
             raise ValueError(
                 f"optimizer must be 'gauss_newton' or 'levenberg_marquardt', got {optimizer!r}"
@@ -398,27 +470,76 @@ class TheseusTO(nn.Module):
         self.cost_regularization = cost_regularization
         self.backward_num_iterations, self.dlm_epsilon = backward_num_iterations, dlm_epsilon
         self.autograd_mode = autograd_mode
-        self._param_names: list[str] = []
 
-    def _theta(self, x0: Tensor, cost: QuadraticCost) -> tuple[tuple[Tensor, ...], int, int]:
-        """Check the call and gather ``theta`` (see :class:`_Problem`), batch-expanded."""
-        dyn = self.dynamics
+    @staticmethod
+    def _check_dynamics(dynamics: Any, horizon: int) -> None:
+        if not (isinstance(dynamics, LinearDynamics) or callable(dynamics)):
+            raise ValueError(
+                f"dynamics must be an nn.Module/function (x, u) -> x_next or a LinearDynamics, "
+                f"got {type(dynamics).__name__}"
+            )
+        if isinstance(dynamics, LinearDynamics) and dynamics.horizon != horizon:
+            raise ValueError(f"dynamics.F has horizon {dynamics.horizon}, expected {horizon}")
+
+    def _dims(self, x0: Tensor, cost: Any, dyn: Any, u_init: Tensor | None):
+        """``(B, T, n, m)`` of a call; for a least-squares cost ``m`` comes from the dynamics
+        (``LinearDynamics``, a ``u_lower`` attribute of shape ``(m,)``) or ``u_init``."""
         n_known = dyn.n_state if isinstance(dyn, LinearDynamics) else None
-        B, T, n, m = problem_dims(x0, cost, n_known)
-        if T != self.horizon:
-            raise ValueError(f"cost has horizon {T} but the layer was built for {self.horizon}")
-        if cost.C_final is None and cost.c_final is not None:
-            raise ValueError("cost.C_final is required when cost.c_final is given (least squares)")
+        if isinstance(cost, QuadraticCost):
+            B, T, n, m = problem_dims(x0, cost, n_known)
+            if T != self.horizon:
+                raise ValueError(
+                    f"cost has horizon {T} but the layer was built for {self.horizon}"
+                )
+            return B, T, n, m
+        if isinstance(cost, LeastSquaresCost):
+            horizon = getattr(cost, "horizon", None)
+            if horizon is not None and horizon != self.horizon:
+                raise ValueError(
+                    f"cost has horizon {horizon} but the layer was built for {self.horizon}"
+                )
+            x0 = check_x0(x0, n_known)
+            if isinstance(dyn, LinearDynamics):
+                m = dyn.n_ctrl
+            elif isinstance(u_init, Tensor) and u_init.dim() >= 2:
+                m = u_init.shape[-1]
+            elif isinstance(getattr(dyn, "u_lower", None), Tensor):
+                m = dyn.u_lower.shape[-1]
+            else:
+                raise ValueError(
+                    "u_init (B, T, m) is required with a LeastSquaresCost when the dynamics "
+                    "does not give m (a LinearDynamics, or a u_lower attribute of shape (m,))"
+                )
+            return x0.shape[0], self.horizon, x0.shape[-1], m
+        if isinstance(cost, NonlinearCost):
+            raise ValueError(
+                "TheseusTO minimizes sums of squared residuals and a NonlinearCost has none: "
+                "write the cost as a LeastSquaresCost (ℓ = ½‖r‖²), or use MPC or CasadiTO, "
+                "which take any NonlinearCost"
+            )
+        raise ValueError(
+            f"cost must be a QuadraticCost or a LeastSquaresCost, got {type(cost).__name__}"
+        )
+
+    def _theta(self, x0: Tensor, cost: Any, dyn: Any, problem: _Problem) -> tuple[Tensor, ...]:
+        """Gather ``theta`` (see :class:`_Problem`), batch-expanded, of a checked call."""
+        B, T, n, m = problem.B, problem.T, problem.n, problem.m
+        k = n + m
         x0 = x0.reshape(-1, n)
-        C, c, C_f, c_f = cost.batched(n, m)
-        k, eps = n + m, self.cost_regularization
-        eye = torch.eye(k, dtype=C.dtype, device=C.device)
-        C = (C + eps * eye).expand(B, -1, -1, -1)
-        c = (x0.new_zeros(1, T, k) if c is None else c).expand(B, -1, -1)
-        zero_f = C_f is None
-        C_f = x0.new_zeros(1, n, n) if zero_f else C_f + eps * eye[:n, :n]
-        c_f = (x0.new_zeros(1, n) if c_f is None else c_f).expand(B, -1)
-        theta = [x0, C, c, C_f.expand(B, -1, -1), c_f]
+        theta = [x0]
+        if problem.quadratic:
+            if cost.C_final is None and cost.c_final is not None:
+                raise ValueError(
+                    "cost.C_final is required when cost.c_final is given (least squares)"
+                )
+            C, c, C_f, c_f = cost.batched(n, m)
+            eps = self.cost_regularization
+            eye = torch.eye(k, dtype=C.dtype, device=C.device)
+            C = (C + eps * eye).expand(B, -1, -1, -1)
+            c = (x0.new_zeros(1, T, k) if c is None else c).expand(B, -1, -1)
+            C_f = x0.new_zeros(1, n, n) if C_f is None else C_f + eps * eye[:n, :n]
+            c_f = (x0.new_zeros(1, n) if c_f is None else c_f).expand(B, -1)
+            theta += [C, c, C_f.expand(B, -1, -1), c_f]
         if isinstance(dyn, LinearDynamics):
             if (dyn.n_state, dyn.n_ctrl) != (n, m):
                 raise ValueError(
@@ -430,17 +551,32 @@ class TheseusTO(nn.Module):
             f = x0.new_zeros(1, T, n) if f is None else f
             theta += [F.expand(B, -1, -1, -1), f.expand(B, -1, -1)]
         elif isinstance(dyn, nn.Module):
-            named = [(k_, p) for k_, p in dyn.named_parameters()]
-            self._param_names = [k_ for k_, _ in named]
+            named = list(dyn.named_parameters())
+            problem.param_names = [name for name, _ in named]
             theta += [p for _, p in named]
-        return tuple(theta), n, m
+        return tuple(theta)
 
-    def forward(self, x0: Tensor, cost: QuadraticCost, u_init: Tensor | None = None) -> Solution:
+    def forward(
+        self, x0: Tensor, cost: Any, dynamics: Any = None, u_init: Tensor | None = None
+    ) -> Solution:
         """Solve the batch; see the class docstring for shapes."""
         th = _theseus()
-        theta, n, m = self._theta(x0, cost)
-        B, T = theta[0].shape[0], self.horizon
-        problem = _Problem(self, T, n, m)
+        dyn = self.dynamics if dynamics is None else dynamics
+        if dyn is None:
+            raise ValueError("dynamics must be given, at construction or in the call")
+        self._check_dynamics(dyn, self.horizon)
+        B, T, n, m = self._dims(x0, cost, dyn, u_init)
+        problem = _Problem(dyn, cost, T, n, m)
+        problem.B = B
+        if not problem.quadratic:
+            if self.backward not in ("implicit", "unroll"):
+                raise ValueError(
+                    f"backward={self.backward!r} does not take a LeastSquaresCost: use "
+                    "'implicit' or 'unroll'"
+                )
+            if self.autograd_mode != "analytic":
+                raise ValueError("a LeastSquaresCost needs autograd_mode='analytic'")
+        theta = self._theta(x0, cost, dyn, problem)
         dtype = theta[0].dtype
         if u_init is None:
             U0 = theta[0].new_zeros(B, T * m)
@@ -456,44 +592,61 @@ class TheseusTO(nn.Module):
         grad_on = torch.is_grad_enabled() and not implicit
         with torch.set_grad_enabled(grad_on):
             src = theta if grad_on else tuple(t.detach() for t in theta)
-            # Residual factors: C_t = L_t L_tᵀ, a_t = L_t⁻¹ c_t (and the terminal pair).
-            L = _factor("cost.C", src[1], 0.0)
-            a = torch.linalg.solve_triangular(L, src[2].unsqueeze(-1), upper=False)[..., 0]
-            if cost.C_final is None:
-                L_f, a_f = src[3], src[4]  # zeros: no terminal residual
-            else:
-                L_f = _factor("cost.C_final", src[3], 0.0)
-                a_f = torch.linalg.solve_triangular(L_f, src[4].unsqueeze(-1), upper=False)
-                a_f = a_f[..., 0]
-            factors = (L, a, L_f, a_f)
+            factors = self._factors(cost, src) if problem.quadratic else ()
+            with torch.no_grad():
+                problem.res_dim = problem.residuals(U0.detach(), src, factors).shape[-1]
             U_sol, info = self._solve(th, problem, src, factors, U0)
         if implicit:
-            U_sol = _ImplicitShooting.apply(U_sol.detach(), problem, *theta)
+            U_sol = U_sol.detach()
+            if torch.is_grad_enabled():
+                # The stationarity residual with a graph to everything J uses (see
+                # _ImplicitShooting); U* enters as a detached leaf.
+                U_leaf = U_sol.clone().requires_grad_(True)
+                J = problem.objective(U_leaf, theta, functional=False).sum()
+                (G,) = torch.autograd.grad(J, U_leaf, create_graph=True)
+                U_sol = _ImplicitShooting.apply(U_sol, G, problem, theta)
         u = U_sol.reshape(B, T, m)
         x = problem.rollout(U_sol, theta)
-        with torch.no_grad():
+        with torch.enable_grad():
+            # ∇_U J (stationarity) and the costates λ_t = ∂J/∂x_t, one reverse pass.
             Ud = U_sol.detach().requires_grad_(True)
-            with torch.enable_grad():
-                J = problem.objective(Ud, tuple(t.detach() for t in theta), functional=False)
-                (G,) = torch.autograd.grad(J.sum(), Ud)
-            grad_norm = G.abs().amax(-1)
+            eps = x.new_zeros(B, T + 1, n, requires_grad=True)
+            J = problem.objective(Ud, tuple(t.detach() for t in theta), False, eps)
+            G, costates = torch.autograd.grad(J.sum(), (Ud, eps))
+        grad_norm = G.abs().amax(-1)
         status = [s.name for s in info.status]
         ok = torch.tensor([s == "CONVERGED" for s in status], device=x.device)
         tol = self.grad_tol or (1e-6 if x.dtype == torch.float64 else 1e-4)
         converged = ok & (grad_norm <= tol * (1 + J.detach().abs()))
         iters = info.converged_iter.to(x.device).clone()
         iters[iters < 0] = self.max_iter
-        extras = {"status": status, "grad_norm": grad_norm, "error": info.last_err.detach()}
+        extras = {
+            "costates": costates,
+            "status": status,
+            "grad_norm": grad_norm,
+            "error": info.last_err.detach(),
+        }
         return Solution(x, u, cost.evaluate(x, u), converged, iters, extras)
+
+    @staticmethod
+    def _factors(cost: QuadraticCost, theta: tuple[Tensor, ...]):
+        """Residual factors of a quadratic cost: ``C_t = L_t L_tᵀ``, ``a_t = L_t⁻¹ c_t`` and
+        the terminal pair (zeros without a terminal term)."""
+        L = _factor("cost.C", theta[1], 0.0)
+        a = torch.linalg.solve_triangular(L, theta[2].unsqueeze(-1), upper=False)[..., 0]
+        if cost.C_final is None:
+            return L, a, theta[3], theta[4]  # zeros: no terminal residual
+        L_f = _factor("cost.C_final", theta[3], 0.0)
+        a_f = torch.linalg.solve_triangular(L_f, theta[4].unsqueeze(-1), upper=False)[..., 0]
+        return L, a, L_f, a_f
 
     def _solve(self, th, problem: _Problem, theta, factors, U0: Tensor):
         """Build the Theseus objective for this call and run the optimizer."""
-        B, T, n, m = U0.shape[0], problem.T, problem.n, problem.m
-        k = n + m
+        B = U0.shape[0]
         U_var = th.Vector(tensor=U0.detach().clone(), name="U")
         # Batched tensors are Theseus aux variables (vmap slices them per row); a dynamics
         # module's parameters are shared by all rows and stay in the closure.
-        n_batched = 7 if isinstance(self.dynamics, LinearDynamics) else 5
+        n_batched = 1 + problem.n_cost + (2 if isinstance(problem.dynamics, LinearDynamics) else 0)
         shared = tuple(theta[n_batched:])
         aux_t = list(theta[:n_batched]) + list(factors)
         aux = [th.Variable(t.reshape(B, -1), name=f"aux{i}") for i, t in enumerate(aux_t)]
@@ -516,7 +669,7 @@ class TheseusTO(nn.Module):
             cost_fn = th.AutoDiffCostFunction(
                 [U_var],
                 err_fn,
-                T * k + n,
+                problem.res_dim,
                 aux_vars=aux,
                 name="trajectory_cost",
                 cost_weight=weight,
