@@ -32,7 +32,10 @@ _UNSUPPORTED_JOINTS = {
     int(mujoco.mjtJoint.mjJNT_FREE): "free",
     int(mujoco.mjtJoint.mjJNT_BALL): "ball",
 }
-_STATE_SPEC = int(mujoco.mjtState.mjSTATE_QPOS | mujoco.mjtState.mjSTATE_QVEL)
+_FD_SPEC = int(
+    mujoco.mjtState.mjSTATE_TIME | mujoco.mjtState.mjSTATE_QPOS | mujoco.mjtState.mjSTATE_QVEL
+    | mujoco.mjtState.mjSTATE_WARMSTART | mujoco.mjtState.mjSTATE_CTRL
+)
 
 
 class _MujocoStep(torch.autograd.Function):
@@ -111,13 +114,15 @@ class MujocoDynamics(nn.Module):
     effect grows with the costates and the curvature of ``f`` and vanishes for dynamics that
     are affine in ``(x, u)``.
 
-    **Failed rows.** A row whose input or any intermediate state is bad by MuJoCo's own test
-    (NaN, ±inf, or ``|v| > mjMAXVAL = 1e10``), whose implied acceleration ``Δv / h`` is bad,
-    or during whose stepping MuJoCo raised a warning (``mjWARN_BADQACC``, a full contact
-    buffer, ...) returns NaN in that row (and NaN Jacobians) instead of raising, so that a
-    batched solver can flag the row and carry on with the others. Inputs that are not finite
-    are a caller's error and raise ``ValueError``. MuJoCo's automatic reset on bad values is
-    disabled in the module's copy of the model, so a bad state is reported, not replaced.
+    **Failed rows.** A row returns NaN (and NaN Jacobians) instead of raising, so that a
+    batched solver can flag it and carry on with the others, when its input or any state it
+    passes through is bad by MuJoCo's own test (NaN, ±inf or ``|v| > mjMAXVAL = 1e10``:
+    ``mjWARN_BADQPOS`` / ``BADQVEL`` / ``BADCTRL``), when its implied acceleration ``Δv / h``
+    is (``mjWARN_BADQACC``), or when MuJoCo stopped it with any other warning before its last
+    substep (a full contact or constraint buffer; ``mujoco.rollout`` stops a row at a warning).
+    Inputs that are not finite are a caller's error and raise ``ValueError``. MuJoCo's
+    automatic reset on bad values is disabled in the module's copy of the model, so a bad
+    state is reported, not replaced by ``qpos0``.
 
     **Where it runs.** MuJoCo runs on the CPU in float64: inputs are moved there, and outputs
     (and gradients) come back in ``x``'s dtype and device, so the module works beside CUDA
@@ -197,102 +202,120 @@ class MujocoDynamics(nn.Module):
     def jacobians(self, x: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
         """``A = ∂f/∂x (N, n, n)`` and ``B = ∂f/∂u (N, n, m)`` of one call at ``x (N, n)``,
         ``u (N, m)``, chained over the substeps; in ``x``'s dtype and device, not
-        differentiable; NaN in rows that failed."""
+        differentiable; NaN in the rows where :meth:`forward` gives NaN."""
         self._check(x, u)
-        xn, un = _to_numpy(x), _to_numpy(u)
+        xn, un = self._numpy_inputs(x, u)
+        # The states each substep starts from, and the failed rows, by the same rollout as
+        # forward (a few percent of the cost of the differences).
         path, bad = self._simulate(xn, un)
-        A, B = self._transition_fd(np.concatenate([xn[:, None], path[:, :-1]], 1), un, bad)
+        starts = np.concatenate([xn[:, None], path[:, :-1]], 1)  # (N, s, n)
+        A, B = self._transition_fd(starts, un, bad)
         return _to_torch(A, x), _to_torch(B, x)
 
     # ------------------------------------------------------------------ internals
     def _step(self, x: Tensor, u: Tensor) -> Tensor:
-        path, bad = self._simulate(_to_numpy(x), _to_numpy(u))
+        path, bad = self._simulate(*self._numpy_inputs(x, u))
         out = path[:, -1]
         out[bad] = np.nan
         return _to_torch(out, x)
 
     def _check(self, x: Tensor, u: Tensor) -> None:
+        """Shapes and dtypes (cheap, on the tensors); finiteness is checked on the float64
+        copies MuJoCo reads (:meth:`_numpy_inputs`)."""
         for name, value, dim in (("x", x, self.n_state), ("u", u, self.n_ctrl)):
             if not isinstance(value, Tensor) or value.dim() != 2 or value.shape[-1] != dim:
                 shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
                 raise ValueError(f"{name} must be a tensor of shape (N, {dim}), got {shape}")
             if not value.is_floating_point():
                 raise ValueError(f"{name} must be a floating-point tensor, got {value.dtype}")
-            if not bool(torch.isfinite(value).all()):
-                raise ValueError(f"{name} must be finite, got NaN or inf entries")
         if x.shape[0] != u.shape[0]:
             raise ValueError(
                 f"x and u must share the batch size N, got {x.shape[0]} and {u.shape[0]}"
             )
 
+    def _numpy_inputs(self, x: Tensor, u: Tensor) -> tuple[np.ndarray, np.ndarray]:
+        xn, un = _to_numpy(x), _to_numpy(u)
+        for name, value in (("x", xn), ("u", un)):
+            if not np.isfinite(value).all():
+                raise ValueError(f"{name} must be finite, got NaN or inf entries")
+        return xn, un
+
     def _simulate(self, x: np.ndarray, u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """States after each substep ``(N, s, n)`` and the failed rows ``(N,)`` bool, from
         float64 ``x (N, n)``, ``u (N, m)``."""
-        N, s, nq, h = x.shape[0], self.substeps, self.model.nq, self.timestep
-        path = np.empty((N, s, self.n_state))
-        # MuJoCo would warn on these inputs (mj_checkPos/Vel, BADCTRL) and replace them:
-        # flag them here and step a harmless zero row in their place.
-        bad = (np.abs(x) > _MAXVAL).any(-1) | (np.abs(u) > _MAXVAL).any(-1)
+        N, s, n, nq, h = x.shape[0], self.substeps, self.n_state, self.model.nq, self.timestep
+        bad = _bad_inputs(x, u)
+        states = np.empty((N, s, 1 + n))
         if N == 0:
-            return path, bad
-        # rollout's full physics state is [time, qpos, qvel] for these models (checked).
-        state0 = np.zeros((N, 1 + self.n_state))
-        state0[:, 1:] = np.where(bad[:, None], 0.0, x)
-        ctrl = np.where(bad[:, None], 0.0, u)[:, None]  # (N, 1, m): held over the substeps
+            return states[:, :, 1:], bad
+        # rollout's full physics state is [time, qpos, qvel] for these models (checked at
+        # construction); the control is held over the substeps.
+        state0 = np.zeros((N, 1 + n))
+        state0[:, 1:] = x
+        ctrl = np.empty((N, s, self.n_ctrl))
+        ctrl[:] = u[:, None]
+        if bad.any():  # MuJoCo would warn and replace these: step a zero row in their place
+            state0[bad, 1:] = 0.0
+            ctrl[bad] = 0.0
         if self._runner is None:
             self._runner = mj_rollout.Rollout(nthread=self.nthread)
-        data = self._data if self.nthread > 0 else self._data[0]
-        states, _ = self._runner.rollout(self.model, data, state0, ctrl, nstep=s)
-        path[:] = states[:, :, 1:]
+        # skip_checks: the shapes are built right here; it saves the wrapper's tiling.
+        self._runner.rollout([self.model] * N, self._data, state0, ctrl, skip_checks=True,
+                             nstep=s, state=states)
+        path = states[:, :, 1:]
         # rollout stops a row at a MuJoCo warning and repeats its last state: its clock then
         # ends short of s h. A warning in the last step leaves the clock alone, but the bad
         # qpos/qvel/qacc it reports show in the states (autoreset is off) or in Δv / h.
-        stalled = states[:, -1, 0] < (s - 0.5) * h
+        bad |= states[:, -1, 0] < (s - 0.5) * h
+        finite = np.isfinite(path).all((1, 2))
+        bad |= ~finite | (np.abs(path) > _MAXVAL).any((1, 2))
         v = np.concatenate([x[:, None, nq:], path[:, :, nq:]], 1)  # (N, s+1, nv)
-        accel = np.abs(np.diff(v, axis=1)) / h
-        bad |= stalled | ~np.isfinite(path).all((1, 2)) | (np.abs(path) > _MAXVAL).any((1, 2))
-        with np.errstate(invalid="ignore"):
-            bad |= (accel > _MAXVAL).any((1, 2))
+        v[~finite] = 0.0  # (flagged already; keeps inf - inf out of the difference)
+        bad |= (np.abs(np.diff(v, axis=1)) > _MAXVAL * h).any((1, 2))
         return path, bad
 
     def _transition_fd(
         self, starts: np.ndarray, u: np.ndarray, bad: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray]:
         """Chained ``A (N, n, n)``, ``B (N, n, m)`` from the states ``starts (N, s, n)`` at
-        which each substep begins."""
+        which each substep begins; NaN in the ``bad (N,)`` rows and where a difference came
+        out non-finite or beyond ``mjMAXVAL``."""
         N, n, m = u.shape[0], self.n_state, self.n_ctrl
-        A = np.full((N, n, n), np.nan)
-        B = np.full((N, n, m), np.nan)
+        A, B = np.empty((N, n, n)), np.empty((N, n, m))
         rows = np.flatnonzero(~bad)
         if self.nthread > 0 and len(rows) > 1:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(self.nthread)
             chunks = np.array_split(rows, min(self.nthread, len(rows)))
-            list(self._pool.map(self._fd_rows, self._data, chunks,
-                                [starts] * len(chunks), [u] * len(chunks),
-                                [A] * len(chunks), [B] * len(chunks)))
+            list(self._pool.map(lambda d, r: self._fd_rows(d, r, starts, u, A, B),
+                                self._data, chunks))
         else:
             self._fd_rows(self._data[0], rows, starts, u, A, B)
+        bad = bad | ~(np.abs(A) <= _MAXVAL).all((1, 2)) | ~(np.abs(B) <= _MAXVAL).all((1, 2))
+        A[bad], B[bad] = np.nan, np.nan
         return A, B
 
     def _fd_rows(self, d, rows, starts, u, A, B) -> None:
         """Fill ``A[rows]``, ``B[rows]`` using the MjData ``d`` (one per thread)."""
-        mdl, n, m = self.model, self.n_state, self.n_ctrl
+        mdl, n, m, nv = self.model, self.n_state, self.n_ctrl, self.model.nv
+        # [time, qpos, qvel, qacc_warmstart, ctrl] in mj_setState's order: each difference
+        # starts at time 0 with a zero warm start, whatever the previous row left in d.
+        state = np.zeros(1 + n + nv + m)
         A_j, B_j = np.empty((n, n)), np.empty((n, m))
         for i in rows:
+            state[1 + n + nv :] = u[i]
+            if self.substeps == 1:  # straight into the outputs (C-contiguous slices)
+                state[1 : 1 + n] = starts[i, 0]
+                mujoco.mj_setState(mdl, d, state, _FD_SPEC)
+                mujoco.mjd_transitionFD(mdl, d, self.eps, self.centered, A[i], B[i], None, None)
+                continue
             A_i, B_i = np.eye(n), np.zeros((n, m))
-            failed = False
             for j in range(self.substeps):
-                mujoco.mj_resetData(mdl, d)  # time 0, zero warm start, warnings cleared
-                mujoco.mj_setState(mdl, d, starts[i, j], _STATE_SPEC)
-                d.ctrl[:] = u[i]
+                state[1 : 1 + n] = starts[i, j]
+                mujoco.mj_setState(mdl, d, state, _FD_SPEC)
                 mujoco.mjd_transitionFD(mdl, d, self.eps, self.centered, A_j, B_j, None, None)
-                if d.warning.number.any():
-                    failed = True
-                    break
-                A_i, B_i = A_j @ A_i, A_j @ B_i + B_j
-            if not failed:
-                A[i], B[i] = A_i, B_i
+                A_i, B_i = A_j @ A_i, A_j @ B_i + B_j  # A ← A_j A, B ← A_j B + B_j
+            A[i], B[i] = A_i, B_i
 
     def __getstate__(self):
         state = self.__dict__.copy()
@@ -340,6 +363,11 @@ def _control_limits(model: mujoco.MjModel) -> tuple[np.ndarray, np.ndarray]:
     lower = np.where(limited, model.actuator_ctrlrange[:, 0], -np.inf)
     upper = np.where(limited, model.actuator_ctrlrange[:, 1], np.inf)
     return lower, upper
+
+
+def _bad_inputs(x: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """Rows ``(N,)`` that MuJoCo's own checks would reject (``|v| > mjMAXVAL``)."""
+    return (np.abs(x) > _MAXVAL).any(-1) | (np.abs(u) > _MAXVAL).any(-1)
 
 
 def _to_numpy(t: Tensor) -> np.ndarray:
