@@ -299,20 +299,30 @@ class QPMPC(nn.Module):
             below ``tol·(1 + max|plan|)``.
         psd_tol: relative tolerance on negative eigenvalues of ``C`` and ``C_final``.
 
-    Call ``(x0 (B, n), cost: QuadraticCost, dynamics: LinearDynamics) -> Solution`` with
-    ``x (B, T+1, n)``, ``u (B, T, m)``, ``cost (B,)``, ``converged (B,)``, ``iterations (B,)``
-    (``-1``: diffcp does not report them) and ``extras["status"]``, a list of cvxpy status
-    strings per row (``"optimal"``, ``"infeasible"``, ``"inaccurate"``, ...) and
-    ``extras["errors"]``, the solver exceptions met (the batch is then re-solved row by row).
-    Failed rows have NaN plans and cost, and receive zero gradient; mask them with
-    ``converged``.
+        dynamics: a :class:`~diffto.problem.LinearDynamics` used when a call passes none
+            (``n``, ``m`` may then be omitted).
+
+    Call as ``layer(x0, cost, dynamics=None, u_init=None) -> Solution`` with ``x0 (B, n)``, a
+    :class:`~diffto.problem.QuadraticCost` and a :class:`~diffto.problem.LinearDynamics`
+    (this call's, else the constructor's). ``u_init`` is accepted for the common contract and
+    ignored: the QP is convex and solved exactly, its answer does not depend on a start.
+    Returns ``x (B, T+1, n)``, ``u (B, T, m)``, ``cost (B,)``, ``converged (B,)``,
+    ``iterations (B,)`` (``-1``: diffcp does not report them) and the extras
+    ``active_lower``/``active_upper (B, T, m)`` bool (control bounds the plan meets within
+    ``tol·(1 + max|plan|)``), ``costates (B, T+1, n)`` when the problem has no state bounds and
+    no ``G`` (then ``λ_T = C_f x_T + c_f``, ``λ_t = [C_t τ_t + c_t]_x + A_tᵀ λ_{t+1}`` hold
+    exactly; with state constraints their multipliers, which cvxpylayers does not return,
+    enter too), ``status``, a list of cvxpy status strings per row (``"optimal"``,
+    ``"infeasible"``, ``"inaccurate"``, ...) and ``errors``, the solver exceptions met (the
+    batch is then re-solved row by row). Failed rows have NaN plans and cost, and receive zero
+    gradient; mask them with ``converged``. The extras carry no gradient.
     """
 
     def __init__(
         self,
         horizon: int,
-        n: int,
-        m: int,
+        n: int | None = None,
+        m: int | None = None,
         u_lower: Tensor | float | None = None,
         u_upper: Tensor | float | None = None,
         x_lower: Tensor | float | None = None,
@@ -322,10 +332,19 @@ class QPMPC(nn.Module):
         solver_args: dict[str, Any] | None = None,
         tol: float = 1e-6,
         psd_tol: float = 1e-9,
+        dynamics: LinearDynamics | None = None,
     ) -> None:
         super().__init__()
         from cvxpylayers.torch import CvxpyLayer
 
+        if dynamics is not None:
+            if not isinstance(dynamics, LinearDynamics):
+                raise ValueError(
+                    f"dynamics must be a LinearDynamics or None, got {type(dynamics).__name__}"
+                )
+            n = dynamics.n_state if n is None else n
+            m = dynamics.n_ctrl if m is None else m
+        self.dynamics = dynamics
         for name, v in (("horizon", horizon), ("n", n), ("m", m)):
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
@@ -443,8 +462,21 @@ class QPMPC(nn.Module):
         # cvxpy solved what the layer could not: the layer's answer was inaccurate.
         return "inaccurate" if status in ("optimal", "optimal_inaccurate") else status
 
-    def forward(self, x0: Tensor, cost: QuadraticCost, dynamics: LinearDynamics) -> Solution:
-        """Solve a batch of problems; see the class docstring for shapes."""
+    def forward(
+        self,
+        x0: Tensor,
+        cost: QuadraticCost,
+        dynamics: LinearDynamics | None = None,
+        u_init: Tensor | None = None,
+    ) -> Solution:
+        """Solve a batch of problems; see the class docstring for shapes (``u_init`` is
+        ignored: the solve is exact)."""
+        if not isinstance(cost, QuadraticCost):
+            raise ValueError(
+                f"cost must be a QuadraticCost (QPMPC solves convex QPs), got "
+                f"{type(cost).__name__}: use MPC or CasadiTO for general costs"
+            )
+        dynamics = self.dynamics if dynamics is None else dynamics
         B, T, n, m = problem_dims(x0, cost, self.n)
         if x0.dim() == 1:
             x0 = x0.unsqueeze(0)
@@ -454,7 +486,10 @@ class QPMPC(nn.Module):
                 f"C of shape {tuple(cost.C.shape)}"
             )
         if not isinstance(dynamics, LinearDynamics):
-            raise ValueError(f"dynamics must be a LinearDynamics, got {type(dynamics).__name__}")
+            raise ValueError(
+                "dynamics must be a LinearDynamics (given per call or at construction), got "
+                f"{type(dynamics).__name__}"
+            )
         if (dynamics.horizon, dynamics.n_state, dynamics.n_ctrl) != (T, n, m):
             raise ValueError(
                 f"dynamics.F must have shape (B, {T}, {n}, {n + m}) or ({T}, {n}, {n + m}), "
@@ -483,6 +518,9 @@ class QPMPC(nn.Module):
         want = [grad_on and t.requires_grad for t in inputs]
         info: dict[str, Any] = {}
         x, u, ok = _QPMPCFunction.apply(self, info, want, *inputs)
+        extras = self._extras(x.detach(), u.detach(), inputs)
+        extras.update(status=info["status"], errors=info["errors"])
+        extras = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in extras.items()}
         x, u = x.to(device, dtype), u.to(device, dtype)
         ok = ok.to(device)
         return Solution(
@@ -491,5 +529,31 @@ class QPMPC(nn.Module):
             cost=cost.evaluate(x, u),
             converged=ok,
             iterations=torch.full((B,), -1, dtype=torch.long, device=device),
-            extras={"status": info["status"], "errors": info["errors"]},
+            extras=extras,
         )
+
+    def _extras(self, x: Tensor, u: Tensor, inputs: list[Tensor]) -> dict[str, Tensor]:
+        """Active control bounds and, without state constraints, the costates (see the class
+        docstring), from the plan ``x (B, T+1, n)``, ``u (B, T, m)`` (float64, CPU)."""
+        T, n, m = self.horizon, self.n, self.m
+        scale = 1.0 + torch.cat([x.flatten(1), u.flatten(1)], 1).abs().amax(1)
+        gap_tol = (self.tol * scale).view(-1, 1, 1)
+        out = {}
+        for name, key in (("u_lower", "active_lower"), ("u_upper", "active_upper")):
+            if name not in self._bound_names:
+                out[key] = torch.zeros(u.shape, dtype=torch.bool)
+                continue
+            value = getattr(self, name).detach().to("cpu", torch.float64).expand(T, m)
+            mask = getattr(self, f"_{name}_mask").cpu()
+            out[key] = mask & ((u - value).abs() <= gap_tol)
+        if self.n_ineq or any(b.startswith("x") for b in self._bound_names):
+            return out
+        C, c, C_f, c_f, F = (t.detach() for t in inputs[1:6])
+        tau = torch.cat([x[:, :-1], u], -1)
+        grad = (C @ tau.unsqueeze(-1)).squeeze(-1) + c  # (B, T, k)
+        lam = [(C_f @ x[:, -1].unsqueeze(-1)).squeeze(-1) + c_f]  # λ_T
+        for t in reversed(range(T)):
+            A_t = F[:, t, :, :n]  # (B, n, n)
+            lam.append(grad[:, t, :n] + (A_t.transpose(-1, -2) @ lam[-1].unsqueeze(-1))[..., 0])
+        out["costates"] = torch.stack(lam[::-1], 1)
+        return out

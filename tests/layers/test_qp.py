@@ -13,6 +13,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from diffto.costs import NonlinearCost
 from diffto.layers.lqr import LQR
 from diffto.layers.qp import QPMPC
 from diffto.problem import LinearDynamics, QuadraticCost
@@ -90,6 +91,7 @@ def test_unconstrained_equals_lqr_plan_and_gradients(seed):
     close(qp.x, ref.x, 1e-4, "x")
     close(qp.u, ref.u, 1e-4, "u")
     close(qp.cost, ref.cost, 1e-4, "cost")
+    close(qp.extras["costates"], ref.extras["costates"], 1e-4, "costates")
     w = torch.randn_like(ref.u)
     g_qp = torch.autograd.grad((qp.u * w).sum() + qp.x.sum(), (x0, C, c, C_f, F))
     g_ref = torch.autograd.grad((ref.u * w).sum() + ref.x.sum(), (x0, C, c, C_f, F))
@@ -111,6 +113,10 @@ def test_box_bounds_equal_cvxpy_and_mpc(seed):
     ref = mpc.MPC(LinearDynamics(F, f), 3, u_lower=-0.3, u_upper=0.3)(x0, QuadraticCost(C, c, C_f))
     assert ref.converged.all()
     close(sol.u, ref.u, 1e-4, "u vs MPC")
+    for key in ("active_lower", "active_upper"):
+        assert torch.equal(sol.extras[key], ref.extras[key]), key
+    assert (sol.extras["active_lower"] | sol.extras["active_upper"]).any(), "needs active bounds"
+    close(sol.extras["costates"], ref.extras["costates"], 1e-4, "costates vs MPC")
 
 
 def test_box_gradients_equal_mpc():
@@ -255,3 +261,25 @@ def test_ill_posed_input_raises():
         layer(x0, QuadraticCost(bad, c), dyn)
     with pytest.raises(ValueError, match="dynamics"):
         layer(x0, cost, LinearDynamics(torch.ones(3, 3, 4, dtype=DT)))
+    with pytest.raises(ValueError, match="dynamics must be a LinearDynamics"):
+        layer(x0, cost)
+    with pytest.raises(ValueError, match="cost must be a QuadraticCost"):
+        layer(x0, NonlinearCost(lambda x, u: x.pow(2).sum(-1) + u.pow(2).sum(-1)), dyn)
+
+
+def test_call_contract():
+    """Dynamics fixed at construction or given per call (the call's wins); ``u_init`` is
+    accepted and ignored; with state bounds there are no costates (their multipliers are
+    unknown) but the active control sets are still reported."""
+    x0, C, c, C_f, F, f = random_problem(4)
+    cost, dyn = QuadraticCost(C, c, C_f), LinearDynamics(F, f)
+    per_call = QPMPC(3, 2, 1)(x0, cost, dyn)
+    other = LinearDynamics(F, f + 1.0)
+    fixed = QPMPC(3, dynamics=other)
+    built_in = fixed(x0, cost, dyn, u_init=torch.full((2, 3, 1), 5.0, dtype=DT))
+    torch.testing.assert_close(built_in.u, per_call.u, atol=1e-9, rtol=0)
+    assert (fixed(x0, cost).u - per_call.u).abs().max() > 1e-3  # the constructor's dynamics
+    boxed = QPMPC(3, 2, 1, u_lower=-0.1, u_upper=0.1, x_upper=10.0)(x0, cost, dyn)
+    assert "costates" not in boxed.extras
+    assert boxed.extras["active_lower"].shape == (2, 3, 1)
+    assert (boxed.extras["active_lower"] | boxed.extras["active_upper"]).any()
