@@ -5,6 +5,9 @@ names a file that does not exist locally, a bare name (``go2_tracking`` or
 ``go2_tracking.yaml``) is looked up among the configs shipped in
 :mod:`diffto.lightning_configs`. A local file of the same name always wins.
 
+On a Linux machine without a display the command sets ``MUJOCO_GL=osmesa`` (unless it is
+set already) before anything imports ``mujoco``, so rollout videos render headless.
+
 Subcommands are Lightning's own: ``fit``, ``validate``, ``test``, ``predict``. Any
 ``LightningModule`` is accepted through ``model.class_path``; diffto's modules resolve by
 their short names because :mod:`diffto.learning` is imported first.
@@ -18,6 +21,8 @@ import os
 import sys
 import warnings
 from pathlib import Path
+
+from diffto.tasks.registry import use_osmesa_if_headless
 
 __all__ = ["main", "resolve_config", "shipped_configs"]
 
@@ -85,6 +90,9 @@ def _warn_if_lightning_script_is_shared() -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the console scripts; returns ``None`` so the process exits 0."""
+    # MuJoCo reads MUJOCO_GL when it is first imported (by an environment or a config's
+    # module): choose OSMesa on a headless machine before that, unless the user chose.
+    use_osmesa_if_headless()
     _warn_if_lightning_script_is_shared()
     from_command_line = argv is None
     argv = _rewrite_config_args(list(sys.argv[1:] if from_command_line else argv))

@@ -1,4 +1,4 @@
-"""Differentiable kinematics: batched forward kinematics, Jacobians, foot torques, EE costs.
+"""Differentiable kinematics: batched forward kinematics and Jacobians of MJCF serial chains.
 
 Built on pytorch-kinematics (``pytorch_kinematics``) serial chains parsed from MJCF. Every
 function takes batch-first tensors ``q (B, k)`` (a single ``(k,)`` is promoted to ``B = 1``),
@@ -6,18 +6,14 @@ works in float32 and float64 on any device, and is differentiable in ``q`` and i
 other tensor argument.
 
 Conventions:
-    * Poses are homogeneous ``(B, 4, 4)`` transforms of the end frame in the chain's root frame
-      (for a Go2 leg: the foot-sphere centre in the trunk (``base``) frame; for the arm: the
-      tool point in the arm's base frame).
+    * Poses are homogeneous ``(B, 4, 4)`` transforms of the end frame (a body or a site) in
+      the chain's root frame.
     * ``jacobian`` is the geometric Jacobian ``(B, 6, k)`` in the root frame, rows
       ``[linear velocity (3); angular velocity (3)]`` of the end frame, i.e.
       ``[ṗ; ω] = J(q) q̇`` with, for a revolute joint ``i`` of world axis ``z_i`` at ``o_i``,
-      ``J_i = [z_i × (p − o_i); z_i]``.
-    * Forces: a force ``f`` (root frame) applied *to* the end point does virtual work
-      ``fᵀ δp = fᵀ J_v δq``, so it acts on the joints as the generalized force ``τ = J_vᵀ f``
-      (:func:`foot_torques`). A motor that statically balances a ground reaction force ``f_grf``
-      (the force the ground exerts on the foot) must therefore apply ``τ = −J_vᵀ f_grf``
-      (:meth:`Go2LegKinematics.feedforward_torques`), neglecting leg inertia and gravity.
+      ``J_i = [z_i × (p − o_i); z_i]``. A force ``f`` (root frame) applied to the end point
+      acts on the joints as ``τ = J_vᵀ f`` (virtual work ``fᵀ δp = fᵀ J_v δq``).
+    * Quaternions are ``(w, x, y, z)``, as MuJoCo stores them.
 
 The 7-DoF arm shipped here (:data:`ARM7_XML`) is *Panda-like, not a vendor model*: link
 offsets follow the published Franka Panda DH parameters and joint limits, masses are rough.
@@ -41,10 +37,7 @@ __all__ = [
     "ARM7_HOME",
     "ARM7_TOOL",
     "KinematicChain",
-    "Go2LegKinematics",
     "arm7_chain",
-    "go2_leg_chain",
-    "foot_torques",
     "ee_residual",
     "ee_goal_cost",
     "theseus_ee_cost",
@@ -316,129 +309,17 @@ def arm7_chain(analytical_grad: bool = False) -> KinematicChain:
     return KinematicChain(ARM7_XML, ARM7_EE_SITE, analytical_grad=analytical_grad)
 
 
-def go2_leg_chain(
-    leg: str, mjcf: str | mujoco.MjModel | None = None, analytical_grad: bool = False
-) -> KinematicChain:
-    """One Go2 leg (``"FL"``, ``"FR"``, ``"RL"``, ``"RR"``): trunk frame -> foot-sphere centre.
-
-    Joints ``(hip, thigh, calf)`` of that leg. ``mjcf`` (string or ``MjModel``, e.g. from
-    :func:`diffto.tasks.go2.model.load_model`) defaults to the embedded model of
-    :func:`diffto.tasks.go2.model.model_xml`, whose calf bodies carry a ``"<leg>_foot"`` site.
-    """
-    if leg not in ("FL", "FR", "RL", "RR"):
-        raise ValueError(f"leg must be one of 'FL', 'FR', 'RL', 'RR', got {leg!r}")
-    if mjcf is None:
-        from diffto.tasks.go2.model import model_xml  # lazy: layers do not need tasks
-
-        mjcf = model_xml(scene=False)
-    return KinematicChain(mjcf, f"{leg}_foot", root_body="base", analytical_grad=analytical_grad)
-
-
-def _forces(name: str, f: Tensor, legs: int, like: Tensor) -> Tensor:
-    """``f`` as ``(B, legs, 3)`` from ``(B, 3·legs)``, ``(B, legs, 3)`` or unbatched forms."""
-    if not isinstance(f, Tensor) or not f.is_floating_point():
-        raise ValueError(f"{name} must be a floating-point torch.Tensor")
-    if f.dim() >= 1 and f.shape[-1] == 3 * legs and f.dim() <= 2:
-        f = f.reshape(*f.shape[:-1], legs, 3)
-    if f.dim() == 2 and f.shape == (legs, 3):
-        f = f.unsqueeze(0)
-    if f.dim() != 3 or f.shape[1:] != (legs, 3) or f.shape[0] not in (1, like.shape[0]):
-        raise ValueError(
-            f"{name} must have shape (B, {3 * legs}) or (B, {legs}, 3) with B={like.shape[0]}, "
-            f"got {tuple(f.shape)}"
-        )
-    check_finite(name, f)
-    return f.to(dtype=like.dtype)
-
-
-def foot_torques(chain: KinematicChain, q: Tensor, f: Tensor) -> Tensor:
-    """Generalized joint force ``τ = J_v(q)ᵀ f`` ``(B, k)`` of a force ``f (B, 3)`` (root frame)
-    applied to the end point of ``chain`` (see the module docstring for the sign convention)."""
-    p, Jv = chain.position_jacobian(q)
-    f = _forces("f", f, 1, p)[:, 0]
-    return torch.einsum("bij,bi->bj", Jv, f)
-
-
-class Go2LegKinematics:
-    """The four Go2 legs at once: joint angles ``q (B, 12)`` in qpos order (FL, FR, RL, RR ×
-    hip, thigh, calf), feet in FOOT order (FL, FR, RL, RR), everything in the trunk frame.
-
-    Args:
-        mjcf: Go2 MJCF string or ``MjModel`` with ``"<leg>_foot"`` sites; defaults to the
-            embedded model.
-        analytical_grad: see :class:`KinematicChain`.
-    """
-
-    LEGS = ("FL", "FR", "RL", "RR")
-
-    def __init__(
-        self, mjcf: str | mujoco.MjModel | None = None, analytical_grad: bool = False
-    ) -> None:
-        if mjcf is None:
-            from diffto.tasks.go2.model import model_xml  # lazy: layers do not need tasks
-
-            mjcf = model_xml(scene=False)
-        if isinstance(mjcf, str):
-            mjcf = mujoco.MjModel.from_xml_string(mjcf)  # compile once for the four legs
-        self.chains = tuple(go2_leg_chain(leg, mjcf, analytical_grad) for leg in self.LEGS)
-
-    def _split(self, q: Tensor) -> list[Tensor]:
-        q = _as_batch("q", q, 12)
-        return [q[:, 3 * i : 3 * i + 3] for i in range(4)]
-
-    def foot_positions(self, q: Tensor) -> Tensor:
-        """Foot-sphere centres ``(B, 4, 3)`` in the trunk frame."""
-        return torch.stack(
-            [c.position(qi) for c, qi in zip(self.chains, self._split(q), strict=True)], 1
-        )
-
-    def foot_jacobians(self, q: Tensor) -> tuple[Tensor, Tensor]:
-        """Foot positions ``(B, 4, 3)`` and per-leg Jacobians ``∂p_leg/∂q_leg`` ``(B, 4, 3, 3)``."""
-        out = [c.position_jacobian(qi) for c, qi in zip(self.chains, self._split(q), strict=True)]
-        return torch.stack([p for p, _ in out], 1), torch.stack([J for _, J in out], 1)
-
-    def jacobian(self, q: Tensor) -> Tensor:
-        """Stacked foot Jacobian ``(B, 12, 12)``: rows feet × xyz, columns joints (block
-        diagonal, since each foot moves with its own leg's joints only)."""
-        _, J = self.foot_jacobians(q)
-        return _block_diag(J)
-
-    def foot_torques(self, q: Tensor, f: Tensor) -> Tensor:
-        """``τ = Jᵀ f`` ``(B, 12)`` (joint order) for forces ``f`` applied to the feet,
-        ``(B, 12)`` or ``(B, 4, 3)`` in the trunk frame."""
-        p, J = self.foot_jacobians(q)  # (B, 4, 3), (B, 4, 3, 3)
-        f = _forces("f", f, 4, p)
-        return torch.einsum("blij,bli->blj", J, f).reshape(p.shape[0], 12)
-
-    def feedforward_torques(
-        self, q: Tensor, grf: Tensor, body_quat: Tensor | None = None
-    ) -> Tensor:
-        """Motor torques ``τ = −Jᵀ f_grf`` ``(B, 12)`` (joint order) that statically balance
-        ground reaction forces ``grf``: the force of the ground on each foot, ``(B, 12)`` or
-        ``(B, 4, 3)``.
-
-        ``grf`` is in the trunk frame when ``body_quat`` is ``None``; with ``body_quat``
-        ``(B, 4)`` (w x y z, trunk -> world, as in qpos[3:7]) it is in the world frame and is
-        rotated first, ``f_body = Rᵀ f_world``.
-        """
-        if body_quat is not None:
-            p = self.foot_positions(q)
-            R = quat_to_matrix(body_quat).to(p)  # (B|1, 3, 3)
-            grf = _forces("grf", grf, 4, p) @ R  # row vectors: (Rᵀ f)ᵀ = fᵀ R
-        return -self.foot_torques(q, grf)
-
-
 def quat_to_matrix(quat: Tensor) -> Tensor:
     """Rotation matrices ``(B, 3, 3)`` from quaternions ``(B, 4)`` or ``(4,)``, w x y z order
     (normalized first, so any non-zero quaternion is accepted)."""
     if not isinstance(quat, Tensor) or not quat.is_floating_point() or quat.shape[-1:] != (4,):
         shape = tuple(quat.shape) if isinstance(quat, Tensor) else type(quat).__name__
-        raise ValueError(f"body_quat must be a float tensor of shape (B, 4) or (4,), got {shape}")
+        raise ValueError(f"quat must be a float tensor of shape (B, 4) or (4,), got {shape}")
     quat = quat.reshape(-1, 4)
-    check_finite("body_quat", quat)
+    check_finite("quat", quat)
     norm = quat.norm(dim=-1, keepdim=True)
     if (norm == 0).any():
-        raise ValueError("body_quat must be non-zero")
+        raise ValueError("quat must be non-zero")
     w, x, y, z = (quat / norm).unbind(-1)
     # R = I + 2w[v]x + 2[v]x² for the unit quaternion (w, v).
     rows = [
@@ -447,15 +328,6 @@ def quat_to_matrix(quat: Tensor) -> Tensor:
         2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y),
     ]  # fmt: skip
     return torch.stack(rows, -1).reshape(-1, 3, 3)
-
-
-def _block_diag(J: Tensor) -> Tensor:
-    """``(B, L, 3, 3)`` per-leg blocks -> ``(B, 3L, 3L)`` block-diagonal matrix."""
-    B, L = J.shape[:2]
-    out = J.new_zeros(B, L, 3, L, 3)
-    idx = torch.arange(L, device=J.device)
-    out[:, idx, :, idx, :] = J.transpose(0, 1)  # (L, B, 3, 3) scattered onto the diagonal
-    return out.reshape(B, 3 * L, 3 * L)
 
 
 def _weight(name: str, w: float | Tensor, like: Tensor) -> Tensor:

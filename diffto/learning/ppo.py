@@ -30,10 +30,8 @@ environments restart from fresh episodes.
 
 from __future__ import annotations
 
-import importlib
 import math
 import multiprocessing
-import pkgutil
 import time
 from collections.abc import Iterator
 from functools import partial
@@ -51,6 +49,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from diffto.learning.normalizer import RunningNormalizer
 from diffto.learning.ppo_losses import approx_kl, discounted_returns, pg_loss, v_loss
 from diffto.policies import MLP
+from diffto.tasks.registry import make_env
 
 __all__ = ["PPO", "pg_loss", "v_loss", "approx_kl", "discounted_returns", "make_env"]
 
@@ -59,33 +58,6 @@ _ACTIVATIONS: dict[str, type[nn.Module]] = {"tanh": nn.Tanh, "elu": nn.ELU, "rel
 
 
 # ----------------------------------------------------------------------------- environments
-def _ensure_registered(env_id: str) -> None:
-    """diffto's task packages register their gymnasium ids on import: for an unknown
-    ``diffto/...`` id, import them one by one until it is known (a package whose optional
-    dependencies are missing is skipped; gym.make then reports the unknown id)."""
-    if not env_id.startswith("diffto/") or env_id in gym.registry:
-        return
-    import diffto.tasks
-
-    for info in pkgutil.iter_modules(diffto.tasks.__path__, "diffto.tasks."):
-        try:
-            importlib.import_module(info.name)
-        except ImportError:
-            continue
-        if env_id in gym.registry:
-            return
-
-
-def make_env(env_id: str, env_kwargs: dict[str, Any] | None = None) -> gym.Env:
-    """``gym.make(env_id, **env_kwargs)``; importable, so subprocess workers can pickle it.
-
-    diffto ids (``diffto/...``) are registered on demand. The passive env checker is off:
-    the vector env checks spaces itself, and its warnings would repeat in every worker.
-    """
-    _ensure_registered(env_id)
-    return gym.make(env_id, disable_env_checker=True, **(env_kwargs or {}))
-
-
 def _box_dim(space: gym.Space, name: str) -> int:
     if not isinstance(space, gym.spaces.Box) or len(space.shape) != 1:
         raise ValueError(f"PPO needs a flat Box {name} space, got {space}")
@@ -277,8 +249,8 @@ class PPO(L.LightningModule):
             fns = [partial(make_env, self.hparams.env_id, self.env_kwargs)] * self.hparams.num_envs
             kwargs = {"autoreset_mode": AutoresetMode.SAME_STEP}
             if self.hparams.vector_mode == "async":
-                # fork: workers inherit the registry and any cache warmed in this process
-                # (spawn where fork does not exist)
+                # fork: workers inherit any cache warmed in this process (spawn where fork
+                # does not exist; make_env registers the ids and picks the GL back-end there)
                 fork = "fork" in multiprocessing.get_all_start_methods()
                 self.envs = AsyncVectorEnv(fns, context="fork" if fork else None, **kwargs)
             else:

@@ -6,14 +6,13 @@
   schedule ("stand", "trot_in_place", "trot", "pronk", "bound"), cached as ``.npz``.
 - :class:`ReferenceTrajectory`, :class:`FeedforwardComputer`: phase-indexed reference access
   and ``τ_ff = −Jᵀf`` feedforward torques.
-- :class:`Go2TrackingEnv` (gymnasium id ``diffto/Go2Tracking-v0``): residual tracking.
+- :class:`Go2TrackingEnv` (gymnasium id ``diffto/Go2Tracking-v0``, registered by
+  :func:`diffto.tasks.registry.register_environments`): residual tracking.
 - :func:`execute_policy_rollout`: a policy played on a reference, returning what an
   open-loop simulation would.
 - :mod:`diffto.tasks.go2.evaluate` (``python -m diffto.tasks.go2.evaluate``): RMS tracking
   errors, plots and videos, and the ``Go2TrackingReport`` callback.
 """
-
-import gymnasium
 
 from diffto.tasks.go2.env import Go2TrackingEnv, RenderingUnavailableError
 from diffto.tasks.go2.feedforward import FeedforwardComputer
@@ -55,7 +54,3 @@ __all__ = [
     "execute_policy_rollout",
     "execute_open_loop_rollout",
 ]
-
-ENV_ID = "diffto/Go2Tracking-v0"
-if ENV_ID not in gymnasium.registry:
-    gymnasium.register(ENV_ID, entry_point="diffto.tasks.go2.env:Go2TrackingEnv")

@@ -58,19 +58,14 @@ import os
 from pathlib import Path
 from typing import Any
 
-# Headless: pick OSMesa. MuJoCo reads MUJOCO_GL when first imported, so this helps only if this
-# module comes first; otherwise render() raises RenderingUnavailableError (never fails silently).
-if "MUJOCO_GL" not in os.environ and not os.environ.get("DISPLAY"):
-    os.environ["MUJOCO_GL"] = "osmesa"
+import gymnasium as gym
+import mujoco
+import numpy as np
+from gymnasium import spaces
 
-import gymnasium as gym  # noqa: E402
-import mujoco  # noqa: E402
-import numpy as np  # noqa: E402
-from gymnasium import spaces  # noqa: E402
-
-from diffto.tasks.go2 import model as go2_model  # noqa: E402
-from diffto.tasks.go2.reference import ReferenceTrajectory  # noqa: E402
-from diffto.tasks.go2.tracking_config import (  # noqa: E402
+from diffto.tasks.go2 import model as go2_model
+from diffto.tasks.go2.reference import ReferenceTrajectory
+from diffto.tasks.go2.tracking_config import (
     TrackingConfig,
     restitution_to_damping_ratio,
 )
@@ -464,7 +459,8 @@ def _make_renderer(model: mujoco.MjModel, height: int, width: int) -> mujoco.Ren
     # MuJoCo fixes its GL back-end (MUJOCO_GL) when it is first imported.
     backend = mujoco.gl_context.GLContext.__module__.rsplit(".", 1)[-1]
     advice = ("On a headless Linux machine install OSMesa (Debian: libosmesa6) and set "
-              "MUJOCO_GL=osmesa before anything imports mujoco.")
+              "MUJOCO_GL=osmesa before anything imports mujoco (the diffto command does; in "
+              "a script, call diffto.tasks.registry.use_osmesa_if_headless() first).")
     if backend == "glfw" and not os.environ.get("DISPLAY"):
         raise RenderingUnavailableError(f"MuJoCo uses GLFW but there is no DISPLAY. {advice}")
     renderer = mujoco.Renderer.__new__(mujoco.Renderer)

@@ -13,6 +13,14 @@ offset (+ on the left legs), ``c = (0, 0, -0.213)`` the calf joint in the thigh 
 and joints within a leg hip (abduction), thigh, calf: the MuJoCo qpos order.
 
 All functions take arbitrary leading batch dimensions ``(...)`` and work on numpy float64.
+This is the one Go2 leg model: the reference planner (:mod:`~diffto.tasks.go2.planner`, IK of
+the planned feet) and the tracking env's feedforward (:mod:`~diffto.tasks.go2.feedforward`,
+``τ = −Jᵀ f``) both use it. It replaced a pytorch-kinematics version of the same legs: both
+match MuJoCo's foot sites and site Jacobians to 2e-16, but this closed form is 7–12× faster
+(FK of 64 poses 0.3 ms against 2.7 ms, Jacobians 0.5 ms against 3.1 ms, one thread) and
+it has the analytic IK the planner needs. Where a torch-differentiable leg is wanted,
+``diffto.layers.KinematicChain(load_model(), "FL_foot", root_body="base")`` builds one
+from the same model.
 This file also holds the frame helpers (roll-pitch-yaw, quaternions) the Go2 reference code
 shares, so the conventions live in one place: ZYX Euler angles ``R = R_z(ψ) R_y(θ) R_x(φ)``
 and quaternions ``(w, x, y, z)`` as MuJoCo stores them.

@@ -30,14 +30,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
-# Headless rendering needs OSMesa chosen before mujoco creates a GL context (see env.py).
-if "MUJOCO_GL" not in os.environ and not os.environ.get("DISPLAY"):
-    os.environ["MUJOCO_GL"] = "osmesa"
+import mujoco
+import numpy as np
 
-import mujoco  # noqa: E402
-import numpy as np  # noqa: E402
-
-from diffto.tasks.go2 import model as go2_model  # noqa: E402
+from diffto.tasks.go2 import model as go2_model
 
 __all__ = [
     "execute_policy_rollout",
@@ -61,30 +57,33 @@ _NO_TERMINATION = {
 
 
 def load_policy(policy: Any) -> Policy:
-    """An ``obs (30,) -> action (12,)`` function from a PPO module, a checkpoint path, or a
-    callable (returned as is). Modules are put in eval mode with a frozen normalizer."""
+    """An ``obs (30,) -> action (12,)`` function from a trained policy module or a callable.
+
+    A policy module is anything with an ``act(obs)`` method (e.g. a loaded
+    :class:`~diffto.learning.ppo.PPO`); an ``nn.Module`` is put in eval mode. A plain callable
+    is returned as is. Checkpoints are loaded by the learner that wrote them
+    (``PPO.load_from_checkpoint(path)``): the tasks do not depend on the learners.
+    """
     return _load_policy(policy)[0]
 
 
 def _load_policy(policy: Any) -> tuple[Policy, dict[str, Any]]:
     """The policy function and the env kwargs it was evaluated with (``{}`` for callables)."""
-    from diffto.learning.ppo import PPO
-
     if isinstance(policy, str | os.PathLike):
-        path = Path(policy)
-        if not path.is_file():
-            raise ValueError(f"policy checkpoint {str(path)!r} does not exist")
-        policy = PPO.load_from_checkpoint(path, map_location="cpu")
-    if isinstance(policy, PPO):
-        policy.eval()
-        if policy.normalizer is not None:
-            policy.normalizer.frozen = True
-        return policy.act, dict(policy.eval_env_kwargs)
+        raise ValueError(
+            f"policy {str(policy)!r} is a path: load the checkpoint with its learner first, "
+            "e.g. diffto.learning.PPO.load_from_checkpoint(path), and pass the module"
+        )
+    act = getattr(policy, "act", None)
+    if callable(act):
+        if callable(getattr(policy, "eval", None)):
+            policy.eval()
+        return act, dict(getattr(policy, "eval_env_kwargs", None) or {})
     if callable(policy):
         return policy, {}
     raise ValueError(
-        "policy must be a PPO module, a checkpoint path, or a callable obs -> action, got "
-        f"{type(policy).__name__}"
+        "policy must be a module with an act(obs) method (e.g. a trained PPO) or a callable "
+        f"obs -> action, got {type(policy).__name__}"
     )
 
 
@@ -186,8 +185,8 @@ def execute_policy_rollout(
     """Run a tracking policy on ``reference`` in :class:`Go2TrackingEnv`.
 
     Args:
-        policy: a trained :class:`~diffto.learning.ppo.PPO`, a checkpoint path, or a callable
-            ``obs (30,) -> action (12,)``.
+        policy: a trained policy module with ``act(obs)`` and ``eval_env_kwargs`` (e.g. a
+            :class:`~diffto.learning.ppo.PPO`), or a callable ``obs (30,) -> action (12,)``.
         reference: a ``ReferenceTrajectory``, a reference ``.npz`` path, a motion name
             (planned with the policy's training ``reference_duration`` where known), or
             ``None`` for the reference a PPO policy was trained on.

@@ -10,13 +10,6 @@ import functools
 import math
 import pickle
 
-# The env module picks MUJOCO_GL=osmesa on a headless machine; it must come before mujoco.
-from diffto.tasks.go2.env import (  # isort: skip
-    Go2TrackingEnv,
-    RenderingUnavailableError,
-    restitution_to_damping_ratio,
-)
-
 import mujoco
 import numpy as np
 import pytest
@@ -24,8 +17,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from diffto.tasks.go2 import model as go2_model
+from diffto.tasks.go2.env import (
+    Go2TrackingEnv,
+    RenderingUnavailableError,
+    restitution_to_damping_ratio,
+)
 from diffto.tasks.go2.reference import ReferenceTrajectory
 from diffto.tasks.go2.tracking_config import TrackingConfig
+from diffto.tasks.registry import make_env
 
 N = 60  # phases of the hand-built references (1.2 s)
 # Go2 actuator limits, joint order, read from a fresh model (23.7 hip/thigh, 45.43 knee).
@@ -400,6 +399,10 @@ def test_reference_from_path_and_vector_env(stand_ref, tmp_path):
     # what a subprocess receives: a plain-pickled constructor call from a path
     make = pickle.loads(pickle.dumps(functools.partial(Go2TrackingEnv, str(path))))
     assert make().num_phases == N
+    # by its gymnasium id, as learners make it (the registry registers the id on demand)
+    by_id = make_env("diffto/Go2Tracking-v0", {"reference": str(path), "randomize": False})
+    assert isinstance(by_id.unwrapped, Go2TrackingEnv) and by_id.unwrapped.num_phases == N
+    by_id.close()
     vec = gym.vector.AsyncVectorEnv(
         [lambda: Go2TrackingEnv(str(path)) for _ in range(2)], context="fork"
     )

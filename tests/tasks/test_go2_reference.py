@@ -18,7 +18,15 @@ from diffto.tasks.go2.legs import (
     rpy_to_quat,
     rpy_to_rotation,
 )
-from diffto.tasks.go2.model import foot_site_ids, load_model
+from diffto.tasks.go2.model import (
+    HOME_QPOS,
+    TOTAL_MASS,
+    actuator_joint_order,
+    foot_geom_ids,
+    foot_site_ids,
+    load_model,
+    torque_limits,
+)
 from diffto.tasks.go2.reference import ReferenceTrajectory
 
 LEGS = go2_legs()
@@ -147,6 +155,67 @@ def test_feedforward_standing_sign_and_shapes():
         FeedforwardComputer().compute(q, np.zeros(4), np.array([1.0, 0, 0, 0]))
     with pytest.raises(ValueError, match="body_quat"):
         FeedforwardComputer().compute(q, grf, np.zeros(4))
+
+
+def _go2_at(q, quat=(1.0, 0.0, 0.0, 0.0)):
+    model = load_model()
+    data = mujoco.MjData(model)
+    data.qpos[:] = np.concatenate([[0.0, 0.0, 0.0], quat, q])
+    mujoco.mj_forward(model, data)
+    return model, data
+
+
+@given(joint_angles())
+def test_jacobian_and_feedforward_match_mujoco(q):
+    """Foot Jacobians equal MuJoCo's site Jacobians, and ``−τ_ff`` equals the generalized force
+    MuJoCo assigns (``mj_applyFT``) to the ground forces applied at the foot centres."""
+    rng = np.random.default_rng(0)
+    rpy = rng.uniform(-0.4, 0.4, 3)
+    model, data = _go2_at(q, rpy_to_quat(rpy))
+    grf = rng.normal(size=(4, 3)) * 40  # world frame
+    qfrc = np.zeros(model.nv)
+    jac = LEGS.foot_jacobians(q)  # base frame
+    R = rpy_to_rotation(rpy)
+    for leg, sid in enumerate(foot_site_ids(model)):
+        jacp = np.zeros((3, model.nv))
+        mujoco.mj_jacSite(model, data, jacp, None, sid)
+        # MuJoCo's columns are world-frame: R J_base for the leg's joints, zero for the others
+        np.testing.assert_allclose(jacp[:, 6 + 3 * leg : 9 + 3 * leg], R @ jac[leg], atol=1e-12)
+        assert np.abs(np.delete(jacp[:, 6:], np.s_[3 * leg : 3 * leg + 3], axis=1)).max() == 0
+        mujoco.mj_applyFT(model, data, grf[leg], np.zeros(3), data.site_xpos[sid],
+                          model.site_bodyid[sid], qfrc)
+    tau = FeedforwardComputer().compute(q, grf.reshape(12), rpy_to_quat(rpy))
+    np.testing.assert_allclose(-tau, qfrc[6:], atol=1e-9)
+
+
+def test_feedforward_balances_measured_ground_forces_when_standing():
+    """On a PD hold in MuJoCo the motors balance the measured ground forces: ``−Jᵀ Rᵀ f`` matches
+    the motor torques up to the legs' own weight (about 2 kg per leg, left out by the static map).
+    """
+    model = load_model()
+    data = mujoco.MjData(model)
+    mujoco.mj_resetDataKeyframe(model, data, 0)
+    a2j, lim = actuator_joint_order(model), torque_limits(model)
+    for _ in range(1500):
+        tau = np.clip(60.0 * (HOME_QPOS[7:] - data.qpos[7:]) - data.qvel[6:], -lim, lim)
+        data.ctrl[:] = tau[a2j]
+        mujoco.mj_step(model, data)
+    feet = list(foot_geom_ids(model))
+    grf = np.zeros((4, 3))  # force of the floor on each foot, world frame
+    for i in range(data.ncon):
+        con, f6 = data.contact[i], np.zeros(6)
+        mujoco.mj_contactForce(model, data, i, f6)
+        f_world = con.frame.reshape(3, 3).T @ f6[:3]  # force on geom2, world frame
+        if con.geom2 in feet:
+            grf[feet.index(con.geom2)] += f_world
+        if con.geom1 in feet:
+            grf[feet.index(con.geom1)] -= f_world
+    assert grf[:, 2].sum() == pytest.approx(TOTAL_MASS * 9.81, rel=1e-3)
+    ff = FeedforwardComputer().compute(data.qpos[7:].copy(), grf.reshape(12), data.qpos[3:7])
+    assert (ff[2::3] > 4).all()  # knees flexed backwards need positive torque to stand
+    np.testing.assert_allclose(ff[1::3], tau[1::3], atol=0.5)  # thighs
+    np.testing.assert_allclose(ff[2::3], tau[2::3], atol=0.5)  # knees (5.9-7.1 Nm)
+    np.testing.assert_allclose(ff[0::3], tau[0::3], atol=1.5)  # hips: leg weight matters
 
 
 # ----------------------------------------------------------------------------- container

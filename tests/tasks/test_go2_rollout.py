@@ -2,37 +2,26 @@
 
 from __future__ import annotations
 
-import os
 import warnings
 from pathlib import Path
 
-# Headless rendering: OSMesa must be chosen before mujoco is first imported (as env.py does).
-if "MUJOCO_GL" not in os.environ and not os.environ.get("DISPLAY"):
-    os.environ["MUJOCO_GL"] = "osmesa"
+import mujoco
+import numpy as np
+import pytest
+import torch
+import yaml
 
-import gymnasium as gym  # noqa: E402
-import mujoco  # noqa: E402
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import yaml  # noqa: E402
-
-import diffto.tasks.go2  # noqa: F401  (registers the env id, where the package does)
-from diffto import cli  # noqa: E402
-from diffto.tasks.go2.evaluate import evaluate_tracking, tracking_errors  # noqa: E402
-from diffto.tasks.go2.evaluate import main as evaluate_main  # noqa: E402
-from diffto.tasks.go2.model import HOME_QPOS, TOTAL_MASS, load_model  # noqa: E402
-from diffto.tasks.go2.reference import ReferenceTrajectory  # noqa: E402
-from diffto.tasks.go2.rollout import (  # noqa: E402
+from diffto import cli
+from diffto.tasks.go2.evaluate import evaluate_tracking, tracking_errors
+from diffto.tasks.go2.evaluate import main as evaluate_main
+from diffto.tasks.go2.model import HOME_QPOS, TOTAL_MASS, load_model
+from diffto.tasks.go2.reference import ReferenceTrajectory
+from diffto.tasks.go2.rollout import (
     execute_open_loop_rollout,
     execute_policy_rollout,
     inverse_dynamics_forces,
     resolve_reference,
 )
-
-ENV_ID = "diffto/Go2Tracking-v0"
-if ENV_ID not in gym.registry:
-    gym.register(ENV_ID, entry_point="diffto.tasks.go2.env:Go2TrackingEnv")
 
 G = 9.81
 # A tiny PPO for end-to-end runs: 2 envs x 32 steps per iteration, 2 updates per network.
@@ -95,10 +84,10 @@ def test_policy_rollout_steps_and_argument_errors():
         execute_policy_rollout(zero_policy, ref, steps=18, start_phase=3)
     with pytest.raises(ValueError, match="policy must return an action of shape"):
         execute_policy_rollout(lambda obs: np.zeros(3), ref, steps=2)
-    with pytest.raises(ValueError, match="policy must be a PPO module"):
+    with pytest.raises(ValueError, match="policy must be a module with an act"):
         execute_policy_rollout(42, ref, steps=2)
-    with pytest.raises(ValueError, match="does not exist"):
-        execute_policy_rollout("no/such.ckpt", ref, steps=2)
+    with pytest.raises(ValueError, match="is a path: load the checkpoint"):
+        execute_policy_rollout("runs/last.ckpt", ref, steps=2)
 
 
 def test_inverse_dynamics_replaces_the_ground_by_the_reference_grf():
@@ -201,14 +190,14 @@ def test_go2_tracking_resumes_from_last_checkpoint(tmp_path, monkeypatch, capsys
     assert (metrics[0].parent / "tracking" / "step_2.png").is_file()
     assert (metrics[-1].parent / "tracking" / "final.png").is_file()
 
-    # the checkpoint is a policy for rollouts, as a path or as the loaded module
+    # the loaded checkpoint is a policy for rollouts, with the env settings it was trained with
     from diffto.learning.ppo import PPO
 
     ref = standing_reference(6)
-    from_path = execute_policy_rollout(str(last), ref, steps=3)
     module = PPO.load_from_checkpoint(last)
     from_module = execute_policy_rollout(module, ref, steps=3)
-    np.testing.assert_allclose(from_path[0], from_module[0])
+    from_act = execute_policy_rollout(module.act, ref, steps=3, env_kwargs=module.eval_env_kwargs)
+    np.testing.assert_allclose(from_module[0], from_act[0])
     assert module.normalizer.count.item() == 4 * 64
     # reference=None: the clip the policy was trained on (the 2 s trot of the config)
     qpos = execute_policy_rollout(module, None, steps=2)[0]

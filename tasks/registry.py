@@ -1,0 +1,86 @@
+"""Where diffto's environments are made: the table of gymnasium ids and the process set-up.
+
+Importing a task package registers nothing. The ids live in one table, :data:`ENVIRONMENTS`
+(id -> ``"module:Class"`` entry point), and :func:`register_environments` adds them to
+gymnasium's registry when an environment is about to be made; it is idempotent and imports
+no task module (gymnasium imports the entry point on ``gym.make``). :func:`make_env` is what
+learners and their subprocess workers call::
+
+    from diffto.tasks.registry import make_env
+
+    env = make_env("diffto/PandaReach-v0", {"reward_type": "dense"})
+
+MuJoCo chooses its OpenGL back-end from ``MUJOCO_GL`` when ``mujoco`` is first imported, and
+on a Linux machine without a display only OSMesa renders offscreen. diffto's modules never
+change the environment on import; the command line (:mod:`diffto.cli`) and :func:`make_env`
+(hence every environment worker process) call :func:`use_osmesa_if_headless` before anything
+imports ``mujoco``. A library user who renders on a headless machine sets ``MUJOCO_GL=osmesa``
+(or ``egl``) before importing ``mujoco`` or calls that function first.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+__all__ = ["ENVIRONMENTS", "register_environments", "make_env", "use_osmesa_if_headless"]
+
+ENVIRONMENTS: dict[str, str] = {
+    "diffto/Go2Tracking-v0": "diffto.tasks.go2.env:Go2TrackingEnv",
+    "diffto/PandaReach-v0": "diffto.tasks.panda.reach_env:PandaReachEnv",
+}
+"""gymnasium id -> entry point ``"module:Class"`` of every environment diffto ships."""
+
+
+def register_environments() -> list[str]:
+    """Register every id of :data:`ENVIRONMENTS` with gymnasium that is not registered yet.
+
+    Idempotent: ids already in ``gymnasium.registry`` (from an earlier call, or registered by
+    the user under the same name) are left as they are. Returns the ids registered by this call.
+    """
+    import gymnasium as gym
+
+    added = []
+    for env_id, entry_point in ENVIRONMENTS.items():
+        if env_id not in gym.registry:
+            gym.register(env_id, entry_point=entry_point)
+            added.append(env_id)
+    return added
+
+
+def use_osmesa_if_headless() -> bool:
+    """Set ``MUJOCO_GL=osmesa`` on a Linux machine without a display, unless the user chose.
+
+    Only effective before ``mujoco`` is first imported (MuJoCo reads the variable then), so
+    nothing is changed once it is. Returns whether the variable was set by this call.
+    """
+    if (
+        "MUJOCO_GL" in os.environ
+        or os.environ.get("DISPLAY")
+        or os.environ.get("WAYLAND_DISPLAY")
+        or not sys.platform.startswith("linux")
+        or "mujoco" in sys.modules
+    ):
+        return False
+    os.environ["MUJOCO_GL"] = "osmesa"
+    return True
+
+
+def make_env(env_id: str, env_kwargs: dict[str, Any] | None = None):
+    """``gymnasium.make(env_id, **env_kwargs)`` with diffto's ids registered first.
+
+    Importable at module level, so subprocess workers can unpickle it; in a fresh worker it
+    also picks the headless rendering back-end (:func:`use_osmesa_if_headless`) before the
+    environment imports ``mujoco``. The passive env checker is off: vector envs check spaces
+    themselves, and its warnings would repeat in every worker.
+    """
+    if not isinstance(env_id, str) or not env_id:
+        raise ValueError(f"env_id must be a non-empty gymnasium id string, got {env_id!r}")
+    if env_kwargs is not None and not isinstance(env_kwargs, dict):
+        raise ValueError(f"env_kwargs must be a dict or None, got {type(env_kwargs).__name__}")
+    use_osmesa_if_headless()
+    register_environments()
+    import gymnasium as gym
+
+    return gym.make(env_id, disable_env_checker=True, **(env_kwargs or {}))
