@@ -28,7 +28,10 @@ when the reduced Hessian is not an M-matrix (seen here from random warm starts):
 count of infeasibilities stops falling is given up early. Rows given up, out of budget, or
 whose stage Hessians are not positive definite (a nonconvex cost) are reported unconverged so
 the caller can hand them to the general box-DDP solver. :func:`adjoint_sweep` reuses the last
-factorization for the implicit backward pass.
+factorization for the implicit backward pass. Both run on the LQ engine
+(:mod:`diffto.layers._lq_engine`): the homogeneous problem is an LQ problem with one more state
+and no affine terms, factored by :func:`~diffto.layers._lq_engine.factor` with the clamped
+controls masked.
 """
 
 from __future__ import annotations
@@ -36,14 +39,17 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from diffto.layers import _lq_engine as engine
+from diffto.layers._lq_engine import bmv as _bmv
+from diffto.layers._lq_engine import costates as _costates
+from diffto.layers._lq_engine import quadratic_cost as _cost
+from diffto.layers._lq_engine import reduced_gradient as _reduced_gradient
+from diffto.layers._lq_engine import rollout as _rollout
+
+# _reduced_gradient (imported above) stays importable from here for the MPC layer.
 __all__: list[str] = []
 
 _BLOCK_TRIES = 3  # sweeps without fewer infeasibilities before a row is given up as cycling
-
-
-def _bmv(M: Tensor, v: Tensor) -> Tensor:
-    """Batched matrix-vector product ``M (..., i, j) @ v (..., j) -> (..., i)``."""
-    return (M @ v.unsqueeze(-1)).squeeze(-1)
 
 
 class _Homogeneous:
@@ -96,54 +102,24 @@ class _Homogeneous:
         """Riccati sweep and rollout with the controls ``fixed (B, T, m)`` held at zero (the
         values set by :meth:`set_fixed` are added by the caller).
 
-        Per stage, ``Q̂ = Ĉ_t + F̂_tᵀ V̂_{t+1} F̂_t``; the fixed controls' rows and columns of
-        ``Q̂_uu`` become those of the identity and their rows of ``Q̂_ux̂`` zero, so they get
-        zero gain and zero feed-forward exactly; ``[K_t | k_t] = −Q̂_uu⁻¹ Q̂_ux̂`` and
-        ``V̂_t = Q̂_x̂x̂ + Q̂_x̂u [K_t | k_t]``. The costates are ``λ_t = V̂_t[:n] x̂_t``.
+        The engine factors the homogeneous problem with the fixed controls masked: per stage
+        ``Q̂ = Ĉ_t + F̂_tᵀ V̂_{t+1} F̂_t``, the fixed controls' rows and columns of ``Q̂_uu``
+        become those of the identity and their rows of ``Q̂_ux̂`` zero, so they get zero gain and
+        zero feed-forward exactly; ``[K_t | k_t] = −Q̂_uu⁻¹ Q̂_ux̂`` and
+        ``V̂_t = Q̂_x̂x̂ + Q̂_x̂u [K_t | k_t]``. The rollout is the closed loop
+        ``x̂_{t+1} = (F̂_x̂ + F̂_u [K_t | k_t]) x̂_t`` and the costates ``λ_t = V̂_t[:n] x̂_t``.
 
         Returns ``x (B, T+1, n)``, ``w (B, T, m)``, ``λ (B, T+1, n)``, gains ``K (B, T, m, n)``,
         ``ok (B,)`` (every masked ``Q̂_uu`` positive definite) and the factorization's
         ``V (B, T+1, n, n)`` and masked ``Q_uu (B, T, m, m)`` (see :func:`adjoint_sweep`).
         """
-        n, m = self.n, self.m
-        s = n + 1
-        B, T = fixed.shape[:2]
-        Ch, Fh, FhT = self.Ch.unbind(1), self.Fh.unbind(1), self.Fh.transpose(-1, -2).unbind(1)
-        masked = bool(fixed.any())
-        if masked:
-            free = ~fixed
-            both = (free.unsqueeze(-1) & free.unsqueeze(-2)).unbind(1)  # (B, m, m) per stage
-            eye_fixed = torch.diag_embed(fixed.to(self.Ch.dtype)).unbind(1)
-            free_rows = free.to(self.Ch.dtype).unsqueeze(-1).unbind(1)  # (B, m, 1) per stage
-        V = self.Cf
-        Vs, sols, Quus = [V], [], []
-        for t in range(T - 1, -1, -1):
-            Q = torch.baddbmm(Ch[t], FhT[t], torch.bmm(V, Fh[t]))
-            Q_uu, Q_us = Q[:, s:, s:], Q[:, s:, :s]
-            if masked:
-                Q_uu, Q_us = torch.where(both[t], Q_uu, eye_fixed[t]), Q_us * free_rows[t]
-            sol = torch.linalg.solve_ex(Q_uu, Q_us)[0]  # −[K | k]
-            V = torch.baddbmm(Q[:, :s, :s], Q[:, :s, s:], sol, alpha=-1)
-            # Kept symmetric: with unstable dynamics over long horizons the round-off
-            # asymmetry otherwise grows with the dynamics.
-            V = (V + V.transpose(-1, -2)).mul_(0.5)
-            Vs.append(V)
-            sols.append(sol)
-            Quus.append(Q_uu)
-        sol = torch.stack(sols[::-1], 1)  # (B, T, m, s), −[K | k]
-        V_all = torch.stack(Vs[::-1], 1)  # (B, T+1, s, s)
-        Q_uu = torch.stack(Quus[::-1], 1)  # (B, T, m, m)
-        ok = (torch.linalg.cholesky_ex(Q_uu)[1] == 0).all(1)
-        # Closed loop x̂_{t+1} = (F̂_x̂ + F̂_u [K | k]) x̂_t, its matrices formed for all t at once.
-        M = torch.baddbmm(self.Fh[..., :s].reshape(-1, s, s), self.Fh[..., s:].reshape(-1, s, m),
-                          sol.reshape(-1, m, s), alpha=-1).view(B, T, s, s).unbind(1)
-        xh = [torch.cat([x0, x0.new_ones(B, 1)], -1)]
-        for t in range(T):
-            xh.append((M[t] * xh[-1].unsqueeze(-2)).sum(-1))
-        xh = torch.stack(xh, 1)  # (B, T+1, s)
-        w = _bmv(sol, xh[:, :-1]).neg_()
-        lam = _bmv(V_all[..., :n, :], xh)
-        return xh[..., :n], w, lam, -sol[..., :n], ok, V_all[..., :n, :n], Q_uu
+        n = self.n
+        fac = engine.factor(self.Ch, self.Fh, self.Cf, fixed)
+        xh0 = torch.cat([x0, x0.new_ones(x0.shape[0], 1)], -1)
+        xh = engine.closed_loop(self.Fh, fac.K, None, xh0)  # (B, T+1, n+1), last entry 1
+        w = _bmv(fac.K, xh[:, :-1])
+        lam = _bmv(fac.V[..., :n, :], xh)
+        return xh[..., :n], w, lam, fac.K[..., :n], fac.ok, fac.V[..., :n, :n], fac.Q_uu
 
 
 def adjoint_sweep(F: Tensor, K: Tensor, V: Tensor, Q_uu: Tensor, fixed: Tensor, g: Tensor,
@@ -151,71 +127,14 @@ def adjoint_sweep(F: Tensor, K: Tensor, V: Tensor, Q_uu: Tensor, fixed: Tensor, 
     """The LQ problem of a converged active-set solve with new linear terms and no offsets.
 
     Same stage Hessians, dynamics and fixed controls as the factorization ``K (B, T, m, n)``,
-    ``V (B, T+1, n, n)``, masked ``Q_uu (B, T, m, m)`` (from :meth:`_Homogeneous.solve`), linear
-    cost terms ``g (B, T, k)`` and ``g_T (B, n)``, ``x_0 = 0``, ``f = 0``: only the vector
-    recursion runs, ``q_t = g_t + F_tᵀv_{t+1}``, ``k_t = −Q_uu⁻¹[q_u]_free``,
-    ``v_t = q_x + K_tᵀq_u``, then ``u_t = K_t x_t + k_t`` forward and ``λ_t = V_t x_t + v_t``.
-    This is the adjoint solve of the implicit backward pass, at the cost of a rollout.
-
-    Returns ``x (B, T+1, n)``, ``u (B, T, m)``, ``λ (B, T+1, n)``.
+    ``V (B, T+1, n, n)``, masked ``Q_uu (B, T, m, m)`` (from :meth:`_Homogeneous.solve`, as
+    :func:`solve_box_lq` returns them), linear cost terms ``g (B, T, k)`` and ``g_T (B, n)``,
+    ``x_0 = 0``, ``f = 0``: the engine's :func:`~diffto.layers._lq_engine.adjoint_sweep`, only
+    the vector recursion and a rollout. Returns ``x (B, T+1, n)``, ``u (B, T, m)``,
+    ``λ (B, T+1, n)``.
     """
-    B, T, m, n = K.shape
-    neg_inv = torch.linalg.inv_ex(Q_uu)[0].neg_()  # (B, T, m, m), identity on fixed controls
-    free = (~fixed).to(g.dtype).unsqueeze(-1)  # (B, T, m, 1)
-    Ft, KT = F.transpose(-1, -2).unbind(1), K.transpose(-1, -2).unbind(1)
-    gs, inv_t, free_t = g.unsqueeze(-1).unbind(1), neg_inv.unbind(1), free.unbind(1)
-    v = g_T.unsqueeze(-1)  # (B, n, 1)
-    vs, ks = [v], []
-    for t in range(T - 1, -1, -1):
-        q = torch.baddbmm(gs[t], Ft[t], v)  # (B, k, 1)
-        q_u = q[:, n:] * free_t[t]
-        ks.append(torch.bmm(inv_t[t], q_u))
-        v = torch.baddbmm(q[:, :n], KT[t], q_u)
-        vs.append(v)
-    k = torch.stack(ks[::-1], 1)  # (B, T, m, 1)
-    v = torch.stack(vs[::-1], 1).squeeze(-1)  # (B, T+1, n)
-    # Closed loop x_{t+1} = (A_t + B_t K_t) x_t + B_t k_t, formed for all t at once.
-    F_u = F[..., n:]
-    M = torch.baddbmm(F[..., :n].reshape(-1, n, n), F_u.reshape(-1, n, m),
-                      K.reshape(-1, m, n)).view(B, T, n, n).unbind(1)
-    drive = (F_u @ k).unbind(1)  # (B, n, 1) per stage
-    xs = [g_T.new_zeros(B, n, 1)]
-    for t in range(T):
-        xs.append(torch.baddbmm(drive[t], M[t], xs[-1]))
-    x = torch.stack(xs, 1)  # (B, T+1, n, 1)
-    u = (K @ x[:, :-1] + k).squeeze(-1)
-    lam = (V @ x).squeeze(-1) + v
-    return x.squeeze(-1), u, lam
-
-
-def _reduced_gradient(C, c, F, x, u, lam) -> Tensor:
-    """``g_t = [C_t τ_t + c_t]_u + B_tᵀλ_{t+1}`` ``(B, T, m)``: the gradient of the cost with
-    the states eliminated (``λ`` must be the costates of the plan ``x, u``)."""
-    n = x.shape[-1]
-    tau = torch.cat([x[:, :-1], u], -1)
-    return (_bmv(C[..., n:, :], tau) + c[..., n:]
-            + _bmv(F[..., n:].transpose(-1, -2), lam[:, 1:]))
-
-
-def _costates(C, c, C_f, c_f, F, x, u) -> Tensor:
-    """Costates ``λ (B, T+1, n)`` of any plan: ``λ_T = C_f x_T + c_f``,
-    ``λ_t = [C_t τ_t + c_t]_x + A_tᵀλ_{t+1}``."""
-    n = x.shape[-1]
-    grad = _bmv(C[..., :n, :], torch.cat([x[:, :-1], u], -1)) + c[..., :n]  # (B, T, n)
-    A_T = F[..., :n].transpose(-1, -2)  # (B, T, n, n)
-    lam = [_bmv(C_f, x[:, -1]) + c_f]
-    for t in range(u.shape[1] - 1, -1, -1):
-        lam.append(grad[:, t] + _bmv(A_T[:, t], lam[-1]))
-    return torch.stack(lam[::-1], 1)
-
-
-def _rollout(F, f, x0, u) -> Tensor:
-    """States ``x (B, T+1, n)`` of the controls ``u (B, T, m)`` from ``x0 (B, n)``."""
-    xs = [x0]
-    for t in range(u.shape[1]):
-        xs.append(torch.baddbmm(f[:, t].unsqueeze(-1), F[:, t],
-                                torch.cat([xs[-1], u[:, t]], -1).unsqueeze(-1)).squeeze(-1))
-    return torch.stack(xs, 1)
+    ok = torch.ones(K.shape[0], dtype=torch.bool, device=K.device)
+    return engine.adjoint_sweep(engine.Factorization(V, K, Q_uu, ok, fixed), F, g, g_T)
 
 
 def solve_box_lq(x0, C, c, C_f, c_f, F, f, lo, hi, u_init, max_iter: int, tol: float) -> dict:
@@ -376,11 +295,3 @@ def _projected_newton(lq: _Homogeneous, x0, lo, hi, out: dict, rows: Tensor, con
         if not bool(keep.all()):
             rows, lq = rows[keep], lq.select(keep)
             x0, lo, hi, u = x0[keep], lo[keep], hi[keep], u[keep]
-
-
-def _cost(C, c, C_f, c_f, x, u) -> Tensor:
-    """Total cost ``(B,)`` of the plan ``x (B, T+1, n)``, ``u (B, T, m)``."""
-    tau = torch.cat([x[:, :-1], u], -1)
-    xT = x[:, -1]
-    return ((tau * (0.5 * _bmv(C, tau) + c)).sum((-1, -2))
-            + (xT * (0.5 * _bmv(C_f, xT) + c_f)).sum(-1))

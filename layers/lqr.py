@@ -11,11 +11,13 @@ The problem, for each batch row,
 with ``τ_t = [x_t; u_t]``, is solved exactly by dynamic programming. The work splits in two:
 
 * a *factorization* that depends only on ``(C, F, C_f)``: the Riccati matrices ``V_t``, the
-  feedback gains ``K_t`` and a Cholesky factor of each ``Q_uu``;
-* an *affine solve* that takes the linear data ``(c, c_f, f, x_init)`` through the factors.
+  feedback gains ``K_t`` and each stage's ``Q_uu``;
+* an *affine sweep* that takes the linear data ``(c, c_f, f, x_init)`` through the factors.
 
-The backward pass is one more affine solve with the same factors (the adjoint of an LQR is an
-LQR with the same quadratic part), so gradients cost about as much as a second forward pass.
+Both come from the LQ engine (:mod:`diffto.layers._lq_engine`), shared with the active-set and
+box-DDP solvers of :class:`~diffto.layers.MPC`. The backward pass is one more sweep through the
+same factors (the adjoint of an LQR is an LQR with the same quadratic part), so gradients cost
+about as much as a second forward pass.
 
 Shapes: ``B`` batch, ``T`` horizon, ``n`` state, ``m`` control; everything batch first.
 """
@@ -25,114 +27,32 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from diffto.layers import _lq_engine as lq
 from diffto.problem import LinearDynamics, QuadraticCost, Solution, problem_dims, sum_to_batch
 
 __all__ = ["LQR", "solve_lqr", "solve_lqr_tensors"]
 
 
-def _factor(C: Tensor, F: Tensor, C_f: Tensor, m: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Riccati recursion on the quadratic part.
-
-    Args:
-        C: ``(B, T, n+m, n+m)`` symmetric stage costs.
-        F: ``(B, T, n, n+m)`` dynamics.
-        C_f: ``(B, n, n)`` terminal cost.
-        m: control dimension.
-
-    Returns:
-        ``V (B, T+1, n, n)`` cost-to-go Hessians, ``K (B, T, m, n)`` gains,
-        ``Q_uu_inv (B, T, m, m)``, ``ok (B,)`` True where every ``Q_uu`` was positive
-        definite (elsewhere the other outputs are meaningless).
-    """
-    B = torch.broadcast_shapes(C.shape[:1], F.shape[:1], C_f.shape[:1])[0]
-    T, n = C.shape[1], F.shape[2]
-    # Views taken once: the loop below is dispatch-bound for the small matrices of control.
-    C, F = C.expand(B, *C.shape[1:]), F.expand(B, *F.shape[1:])
-    Cs, Fs, FTs = C.unbind(1), F.unbind(1), F.transpose(-1, -2).unbind(1)
-    V_next = C_f.expand(B, n, n)
-    Vs, Ks, Ls, infos = [V_next], [], [], []
-    for t in range(T - 1, -1, -1):
-        # Q_t = C_t + F_tᵀ V_{t+1} F_t, the Hessian of the stage-plus-cost-to-go in τ.
-        Q = torch.baddbmm(Cs[t], FTs[t], torch.bmm(V_next, Fs[t]))
-        # Q_uu⁻¹ from its Cholesky factor: the info flags rows where Q_uu is not PD, and for
-        # the small m of control an explicit inverse makes every later solve one bmm.
-        L, info = torch.linalg.cholesky_ex(Q[:, n:, n:])
-        Q_uu_inv = torch.cholesky_inverse(L)  # (B, m, m)
-        G = Q_uu_inv @ Q[:, n:, :n]  # −K_t, (B, m, n)
-        # V_t = Q_xx + Q_xu K_t (= Q_xx − Q_xu Q_uu⁻¹ Q_ux).
-        V_next = torch.baddbmm(Q[:, :n, :n], Q[:, :n, n:], G, alpha=-1)
-        # Kept symmetric: over long horizons with unstable dynamics the round-off asymmetry
-        # otherwise grows until V diverges.
-        V_next = (V_next + V_next.transpose(-1, -2)).mul_(0.5)
-        Vs.append(V_next)
-        Ks.append(G)
-        Ls.append(Q_uu_inv)
-        infos.append(info)
-    ok = (torch.stack(infos, 0) == 0).all(0)
-    K = torch.stack(Ks[::-1], 1).neg_()
-    return torch.stack(Vs[::-1], 1), K, torch.stack(Ls[::-1], 1), ok
-
-
-def _affine_solve(
-    V: Tensor,
-    K: Tensor,
-    Q_uu_inv: Tensor,
-    F: Tensor,
-    c: Tensor,
-    c_f: Tensor,
-    f: Tensor | None,
-    x0: Tensor,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Propagate the linear data through the factors.
-
-    Backward: ``q_t = c_t + F_tᵀ(V_{t+1} f_t + v_{t+1})``, ``k_t = −Q_uu⁻¹ q_u``,
-    ``v_t = q_x + K_tᵀ q_u`` (since ``Q_xu k_t = K_tᵀ q_u``), with ``v_T = c_f``.
-    Forward: ``u_t = K_t x_t + k_t``, ``x_{t+1} = F_t [x_t; u_t] + f_t``.
-    Costates ``λ_t = V_t x_t + v_t``: the multipliers of ``x_{t+1} = F_t τ_t + f_t``
-    (``λ_0`` that of ``x_0 = x_init``), i.e. the gradient of the optimal cost-to-go.
-
-    Shapes: ``c (B, T, n+m)``, ``c_f (B, n)``, ``f (B, T, n)`` or ``None`` for zero,
-    ``x0 (B, n)``; returns ``x (B, T+1, n)``, ``u (B, T, m)``, ``λ (B, T+1, n)``.
-    """
-    B = x0.shape[0]
-    T, n = F.shape[1], F.shape[2]
-    # Batched products do not broadcast: give every factor and datum the batch of x0 (views),
-    # and take per-stage views once: these loops are bound by dispatch, not arithmetic.
-    V, K, Q_uu_inv, F = (t.expand(B, *t.shape[1:]) for t in (V, K, Q_uu_inv, F))
-    Vs, Ks, KTs = V.unbind(1), K.unbind(1), K.transpose(-1, -2).unbind(1)
-    neg_inv = Q_uu_inv.neg().unbind(1)
-    FTs, Fxs, Fus = F.transpose(-1, -2).unbind(1), F[..., :n].unbind(1), F[..., n:].unbind(1)
-    cs = c.expand(B, *c.shape[1:]).unsqueeze(-1).unbind(1)  # column vectors
-    fs = None if f is None else f.expand(B, *f.shape[1:]).unsqueeze(-1).unbind(1)
-    v_next = c_f.expand(B, n).unsqueeze(-1)
-    vs, ks = [v_next], []
-    for t in range(T - 1, -1, -1):
-        w = v_next if fs is None else torch.baddbmm(v_next, Vs[t + 1], fs[t])
-        q = torch.baddbmm(cs[t], FTs[t], w)
-        ks.append(neg_inv[t] @ q[:, n:])  # (B, m, 1)
-        v_next = torch.baddbmm(q[:, :n], KTs[t], q[:, n:])
-        vs.append(v_next)
-    v = torch.stack(vs[::-1], 1).squeeze(-1)  # (B, T+1, n)
-    ks = ks[::-1]
-
-    x = x0.unsqueeze(-1)
-    xs, us = [x], []
-    for t in range(T):
-        u = torch.baddbmm(ks[t], Ks[t], x)
-        x_next = Fxs[t] @ x if fs is None else torch.baddbmm(fs[t], Fxs[t], x)
-        x = torch.baddbmm(x_next, Fus[t], u)
-        xs.append(x)
-        us.append(u)
-    x_all = torch.stack(xs, 1).squeeze(-1)
-    lam = (V @ x_all.unsqueeze(-1)).squeeze(-1) + v
-    return x_all, torch.stack(us, 1).squeeze(-1), lam
+def _check_like(x0: Tensor, named: dict[str, Tensor | None]) -> None:
+    """Raise unless ``x0`` is floating point and every tensor in ``named`` shares its dtype and
+    device (batched products would otherwise fail inside torch, or silently promote)."""
+    if not x0.is_floating_point():
+        raise ValueError(f"x0 must be a floating-point tensor, got dtype {x0.dtype}")
+    for name, t in named.items():
+        if t is not None and (t.dtype != x0.dtype or t.device != x0.device):
+            raise ValueError(
+                f"{name} has dtype {t.dtype} on {t.device} but x0 has {x0.dtype} on {x0.device}: "
+                "give every tensor of the problem the same dtype and device"
+            )
 
 
 def _lqr_data(x0: Tensor, cost: QuadraticCost, dynamics: LinearDynamics):
-    """Check a problem and return its tensors, each with an explicit batch dim, zeros
-    in place of omitted terms."""
+    """Check a problem and return its tensors, each expanded to the batch of ``x0`` (views), zeros
+    in place of omitted cost terms; ``f`` stays ``None`` when omitted (the sweep skips it)."""
     if not isinstance(dynamics, LinearDynamics):
         raise ValueError(f"dynamics must be a LinearDynamics, got {type(dynamics).__name__}")
+    if isinstance(x0, Tensor) and not x0.is_floating_point():
+        raise ValueError(f"x0 must be a floating-point tensor, got dtype {x0.dtype}")
     n = dynamics.n_state
     B, T, n, m = problem_dims(x0, cost, n)
     if dynamics.n_ctrl != m:
@@ -141,17 +61,17 @@ def _lqr_data(x0: Tensor, cost: QuadraticCost, dynamics: LinearDynamics):
         )
     if dynamics.horizon != T:
         raise ValueError(f"dynamics.F has horizon {dynamics.horizon} but cost.C has {T}")
+    _check_like(x0, {"cost.C": cost.C, "cost.c": cost.c, "cost.C_final": cost.C_final,
+                     "cost.c_final": cost.c_final, "dynamics.F": dynamics.F,
+                     "dynamics.f": dynamics.f})
     cost.check_control_pd(n, m)
     x0 = x0.unsqueeze(0) if x0.dim() == 1 else x0
-    C, c, C_f, c_f = cost.batched(n, m)
+    C, c, C_f, c_f = cost.expanded(B, n, m)
     F, f = dynamics.batched()
-    if F.shape[0] not in (1, B):
-        raise ValueError(f"dynamics.F has batch {F.shape[0]} but x0 has batch {B}")
-    zeros = x0.new_zeros
-    c = zeros(1, T, n + m) if c is None else c
-    C_f = zeros(1, n, n) if C_f is None else C_f
-    c_f = zeros(1, n) if c_f is None else c_f
-    return x0, C, c, C_f, c_f, F, f  # f stays None when omitted: the solve skips it
+    for name, t in (("dynamics.F", F), ("dynamics.f", f)):
+        if t is not None and t.shape[0] not in (1, B):
+            raise ValueError(f"{name} has batch {t.shape[0]} but x0 has batch {B}")
+    return x0, C, c, C_f, c_f, F, f
 
 
 def solve_lqr_tensors(
@@ -175,24 +95,23 @@ def solve_lqr_tensors(
     C_final = x0.new_zeros(1, n, n) if C_final is None else C_final
     c = x0.new_zeros(1, T, n + m) if c is None else c
     c_final = x0.new_zeros(1, n) if c_final is None else c_final
-    V, K, Q_uu_inv, _ = _factor(C, F, C_final, m)
-    return _affine_solve(V, K, Q_uu_inv, F, c, c_final, f, x0)
+    fac = lq.factor(C, F, C_final)
+    return lq.affine_sweep(fac, F, c, c_final, f, x0)[:3]
 
 
 class _LQRFunction(torch.autograd.Function):
     @staticmethod
     def forward(x0, C, c, C_f, c_f, F, f):
-        m = F.shape[-1] - F.shape[-2]
-        V, K, Q_uu_inv, ok = _factor(C, F, C_f, m)
-        x, u, lam = _affine_solve(V, K, Q_uu_inv, F, c, c_f, f, x0)
-        return x, u, lam, K, V, Q_uu_inv, ok
+        fac = lq.factor(C, F, C_f)
+        x, u, lam, k = lq.affine_sweep(fac, F, c, c_f, f, x0)
+        return x, u, lam, fac.K, k, fac.V, fac.Q_uu, fac.ok
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         x0, C, c, C_f, c_f, F, f = inputs
-        x, u, lam, K, V, Q_uu_inv, ok = output
-        ctx.save_for_backward(x0, C, c, C_f, c_f, F, f, x, u, lam, K, V, Q_uu_inv)
-        ctx.mark_non_differentiable(lam, K, V, Q_uu_inv, ok)
+        x, u, lam, K, k, V, Q_uu, ok = output
+        ctx.save_for_backward(x0, C, c, C_f, c_f, F, f, x, u, lam, K, V, Q_uu, ok)
+        ctx.mark_non_differentiable(lam, K, k, V, Q_uu, ok)
 
     # Backward. Stack the primal-dual unknowns z = (τ_0..τ_{T-1}, x_T, λ_0..λ_T). The KKT
     # conditions of the LQR are linear, r(z) = M z + b = 0, with M symmetric (built from C,
@@ -201,8 +120,8 @@ class _LQRFunction(torch.autograd.Function):
     #     F_t τ_t + f_t − x_{t+1} = 0,                   x_init − x_0 = 0.
     # Implicit differentiation gives dℓ/dθ = dᵀ ∂r/∂θ with d = −M⁻¹ ∇_z ℓ. Because ∇_z ℓ is
     # nonzero only in its τ and x_T blocks, d is the solution of the *same* LQR with linear
-    # terms c ← ∂ℓ/∂τ_t, c_f ← ∂ℓ/∂x_T and f = 0, x_init = 0: one more affine solve through
-    # the saved factors. Reading off ∂r/∂θ block by block:
+    # terms c ← ∂ℓ/∂τ_t, c_f ← ∂ℓ/∂x_T and f = 0, x_init = 0: the engine's adjoint sweep
+    # through the saved factorization. Reading off ∂r/∂θ block by block:
     #     ∂ℓ/∂c_t = d_τt            ∂ℓ/∂C_t = ½(d_τt τ_tᵀ + τ_t d_τtᵀ)
     #     ∂ℓ/∂c_f = d_xT            ∂ℓ/∂C_f = ½(d_xT x_Tᵀ + x_T d_xTᵀ)
     #     ∂ℓ/∂f_t = d_λ(t+1)        ∂ℓ/∂F_t = d_λ(t+1) τ_tᵀ + λ_{t+1} d_τtᵀ
@@ -210,13 +129,12 @@ class _LQRFunction(torch.autograd.Function):
     # (C enters only through its symmetric part, hence the symmetrized outer products.)
     @staticmethod
     def backward(ctx, grad_x, grad_u, *_):
-        x0, C, c, C_f, c_f, F, f, x, u, lam, K, V, Q_uu_inv = ctx.saved_tensors
+        x0, C, c, C_f, c_f, F, f, x, u, lam, K, V, Q_uu, ok = ctx.saved_tensors
         grad_x = torch.zeros_like(x) if grad_x is None else grad_x
         grad_u = torch.zeros_like(u) if grad_u is None else grad_u
         g_tau = torch.cat([grad_x[:, :-1], grad_u], -1)  # (B, T, n+m)
-        d_x, d_u, d_lam = _affine_solve(
-            V, K, Q_uu_inv, F, g_tau, grad_x[:, -1], None, torch.zeros_like(x0)
-        )
+        fac = lq.Factorization(V, K, Q_uu, ok, None)
+        d_x, d_u, d_lam = lq.adjoint_sweep(fac, F, g_tau, grad_x[:, -1])
         tau = torch.cat([x[:, :-1], u], -1)  # (B, T, n+m)
         d_tau = torch.cat([d_x[:, :-1], d_u], -1)
         need = ctx.needs_input_grad
@@ -248,31 +166,34 @@ def solve_lqr(x0: Tensor, cost: QuadraticCost, dynamics: LinearDynamics) -> Solu
     """Solve a batch of LQR problems; differentiable w.r.t. every tensor input.
 
     Args:
-        x0: ``(B, n)`` initial states.
+        x0: ``(B, n)`` initial states (or ``(n,)``), floating point.
         cost: stage ``C (B, T, n+m, n+m)``, ``c (B, T, n+m)``, terminal ``C_final (B, n, n)``,
             ``c_final (B, n)``; leading batch dims may be omitted.
-        dynamics: ``F (B, T, n, n+m)``, ``f (B, T, n)``.
+        dynamics: ``F (B, T, n, n+m)``, ``f (B, T, n)``; leading batch dims may be omitted.
 
     Returns:
         :class:`~diffto.Solution` with ``x (B, T+1, n)``, ``u (B, T, m)``, ``cost (B,)``,
         ``converged (B,)`` (False where a ``Q_uu`` was not positive definite, which happens
-        when the state cost is indefinite), ``iterations`` all ones, and extras ``K``
-        (``(B, T, m, n)`` feedback gains), ``V`` (``(B, T+1, n, n)`` cost-to-go Hessians) and
-        ``lam`` (``(B, T+1, n)`` costates). The extras carry no gradient.
+        when the state cost is indefinite), ``iterations`` all ones, and extras ``costates``
+        ``(B, T+1, n)`` (the multipliers λ of the dynamics, ``λ_0 = ∂cost*/∂x0``), ``gains``
+        ``(B, T, m, n)`` and ``feedforward`` ``(B, T, m)`` (the optimal policy
+        ``u_t = K_t x_t + k_t``) and ``value`` ``(B, T+1, n, n)`` (the cost-to-go Hessians
+        ``V_t``). The extras carry no gradient.
 
     Raises:
-        ValueError: NaN/Inf input, mismatched shapes or horizons, or a stage cost whose
+        ValueError: NaN/Inf input, mismatched shapes, batches or horizons, an integer ``x0``,
+            a tensor whose dtype or device differs from ``x0``'s, or a stage cost whose
             control block ``C[..., n:, n:]`` is not positive definite.
     """
     x0, C, c, C_f, c_f, F, f = _lqr_data(x0, cost, dynamics)
-    x, u, lam, K, V, _, ok = _LQRFunction.apply(x0, C, c, C_f, c_f, F, f)
+    x, u, lam, K, k, V, _, ok = _LQRFunction.apply(x0, C, c, C_f, c_f, F, f)
     return Solution(
         x=x,
         u=u,
         cost=cost.evaluate(x, u),
         converged=ok,
         iterations=torch.ones_like(ok, dtype=torch.long),
-        extras={"K": K, "V": V, "lam": lam},
+        extras={"costates": lam, "gains": K, "feedforward": k, "value": V},
     )
 
 
@@ -286,10 +207,15 @@ class LQR(nn.Module):
         \quad\text{s.t.}\quad x_{t+1} = F_t \tau_t + f_t,\; x_0 = x_\text{init},
         \quad \tau_t = [x_t; u_t].
 
-    ``LQR()(x0, cost, dynamics) -> Solution``. The solve is exact (one Riccati sweep); the
+    ``LQR(dynamics=None)(x0, cost, dynamics=None, u_init=None) -> Solution``, the call of
+    every solver layer: the dynamics are fixed at construction or passed per call (the call's
+    win). The solve is exact (one Riccati sweep), so ``u_init`` is accepted and ignored. The
     backward pass is one more sweep through the same factorization, giving gradients w.r.t.
     ``x0``, ``C``, ``c``, ``C_final``, ``c_final``, ``F`` and ``f``. Works in float32 and
-    float64, on any device. See :func:`solve_lqr` for shapes.
+    float64, on any device. See :func:`solve_lqr` for shapes and extras.
+
+    Args:
+        dynamics: the :class:`~diffto.LinearDynamics` used when a call passes none.
 
     Example::
 
@@ -299,9 +225,28 @@ class LQR(nn.Module):
         >>> A = torch.tensor([[1.0, 0.1], [0.0, 1.0]])  # double integrator, dt = 0.1
         >>> dyn = LinearDynamics.time_invariant(A, torch.tensor([[0.0], [0.1]]), horizon=10)
         >>> cost = QuadraticCost.tracking(torch.ones(2), 0.1 * torch.ones(1), horizon=10)
-        >>> LQR()(torch.randn(4, 2), cost, dyn).u.shape
+        >>> LQR(dyn)(torch.randn(4, 2), cost).u.shape
         torch.Size([4, 10, 1])
     """
 
-    def forward(self, x0: Tensor, cost: QuadraticCost, dynamics: LinearDynamics) -> Solution:
+    def __init__(self, dynamics: LinearDynamics | None = None) -> None:
+        super().__init__()
+        if dynamics is not None and not isinstance(dynamics, LinearDynamics):
+            raise ValueError(f"dynamics must be a LinearDynamics, got {type(dynamics).__name__}")
+        self.dynamics = dynamics
+
+    def forward(
+        self,
+        x0: Tensor,
+        cost: QuadraticCost,
+        dynamics: LinearDynamics | None = None,
+        u_init: Tensor | None = None,
+    ) -> Solution:
+        """Solve the batch; ``u_init`` is ignored (the solve is exact, nothing to warm-start)."""
+        dynamics = self.dynamics if dynamics is None else dynamics
+        if dynamics is None:
+            raise ValueError(
+                "dynamics must be given, at construction (LQR(dynamics)) or per call "
+                "(layer(x0, cost, dynamics))"
+            )
         return solve_lqr(x0, cost, dynamics)

@@ -110,7 +110,7 @@ def test_lambda0_is_gradient_of_optimal_cost():
     x0 = x0.requires_grad_()
     sol = LQR()(x0, cost, dyn)
     (g,) = torch.autograd.grad(sol.cost.sum(), x0)
-    torch.testing.assert_close(g, sol.extras["lam"][:, 0])
+    torch.testing.assert_close(g, sol.extras["costates"][:, 0])
 
 
 def test_pure_tensor_solver_agrees_with_layer():
@@ -119,7 +119,7 @@ def test_pure_tensor_solver_agrees_with_layer():
     x, u, lam = solve_lqr_tensors(x0, *cost.batched(3, 2), *dyn.batched())
     torch.testing.assert_close(x, sol.x)
     torch.testing.assert_close(u, sol.u)
-    torch.testing.assert_close(lam, sol.extras["lam"])
+    torch.testing.assert_close(lam, sol.extras["costates"])
 
 
 @given(st.integers(0, 1000), st.floats(0.01, 100.0))
@@ -147,7 +147,7 @@ def test_first_gain_approaches_dare_solution(seed):
     P = scipy.linalg.solve_discrete_are(A.numpy(), Bm.numpy(), Q.numpy(), R.numpy())
     An, Bn = A.numpy(), Bm.numpy()
     K_inf = -np.linalg.solve(R.numpy() + Bn.T @ P @ Bn, Bn.T @ P @ An)
-    np.testing.assert_allclose(sol.extras["K"][0, 0].numpy(), K_inf, atol=1e-6)
+    np.testing.assert_allclose(sol.extras["gains"][0, 0].numpy(), K_inf, atol=1e-6)
 
 
 def test_float32_matches_float64():
@@ -204,6 +204,74 @@ def test_bad_input_raises_value_error(mutate, match):
     x0, cost, dyn = random_problem(0, 2, 3, 3, 2)
     with pytest.raises(ValueError, match=match):
         LQR()(*mutate(x0, cost, dyn))
+
+
+def _f32(t):
+    return None if t is None else t.float()
+
+
+@pytest.mark.parametrize(
+    "mutate, match",
+    [
+        # batch mismatches the cost's own check (C, c) did not cover
+        (lambda x0, cost, dyn: (x0, QuadraticCost(cost.C, cost.c,
+                                                  cost.C_final[:1].expand(3, -1, -1),
+                                                  cost.c_final), dyn), "C_final has batch 3"),
+        (lambda x0, cost, dyn: (x0, QuadraticCost(cost.C, cost.c, cost.C_final,
+                                                  cost.c_final[:1].expand(3, -1)), dyn),
+         "c_final has batch 3"),
+        (lambda x0, cost, dyn: (x0, cost, LinearDynamics(dyn.F, dyn.f[:1].expand(3, -1, -1))),
+         "dynamics.f has batch 3"),
+        (lambda x0, cost, dyn: (x0, cost, LinearDynamics(dyn.F[:1].expand(3, -1, -1, -1))),
+         "dynamics.F has batch 3"),
+        # dtypes that would fail (or silently promote) inside torch
+        (lambda x0, cost, dyn: (x0.float(), cost, dyn), "x0 has torch.float32"),
+        (lambda x0, cost, dyn: (x0.long(), cost, dyn), "x0 must be a floating-point"),
+        (lambda x0, cost, dyn: (x0, cost, LinearDynamics(dyn.F.float(), dyn.f)),
+         "dynamics.F has dtype torch.float32"),
+        (lambda x0, cost, dyn: (x0, cost, LinearDynamics(dyn.F, dyn.f.float())),
+         "dynamics.f has dtype torch.float32"),
+        (lambda x0, cost, dyn: (x0.float(), QuadraticCost(*map(_f32, (
+            cost.C, cost.c, cost.C_final, cost.c_final))), LinearDynamics(dyn.F.float(), dyn.f)),
+         "dynamics.f has dtype torch.float64"),
+    ],
+)
+def test_mismatched_batches_and_dtypes_raise_value_error(mutate, match):
+    x0, cost, dyn = random_problem(0, 2, 3, 3, 2)
+    with pytest.raises(ValueError, match=match):
+        LQR()(*mutate(x0, cost, dyn))
+
+
+def test_call_contract_dynamics_at_construction_or_per_call():
+    x0, cost, dyn = random_problem(9, 2, 4, 3, 2)
+    ref = LQR()(x0, cost, dyn)
+    fixed = LQR(dyn)
+    torch.testing.assert_close(fixed(x0, cost).u, ref.u)
+    # The call's dynamics win over the constructor's.
+    other = random_problem(10, 2, 4, 3, 2)[2]
+    torch.testing.assert_close(LQR(other)(x0, cost, dyn).u, ref.u)
+    # u_init is accepted and ignored: the solve is exact.
+    torch.testing.assert_close(fixed(x0, cost, u_init=torch.randn_like(ref.u)).u, ref.u)
+    with pytest.raises(ValueError, match="dynamics must be given"):
+        LQR()(x0, cost)
+    with pytest.raises(ValueError, match="LinearDynamics"):
+        LQR(dynamics="not dynamics")
+
+
+def test_extras_are_the_optimal_policy_and_its_value():
+    x0, cost, dyn = random_problem(12, 3, 5, 3, 2)
+    sol = LQR(dyn)(x0, cost)
+    K, k, V = sol.extras["gains"], sol.extras["feedforward"], sol.extras["value"]
+    assert K.shape == (3, 5, 2, 3) and k.shape == (3, 5, 2) and V.shape == (3, 6, 3, 3)
+    # u_t = K_t x_t + k_t along the plan, and the value Hessian is that of the optimal cost in
+    # x0: moving x0 along δ changes λ_0 by V_0 δ.
+    u_pol = (K @ sol.x[:, :-1].unsqueeze(-1)).squeeze(-1) + k
+    torch.testing.assert_close(u_pol, sol.u)
+    delta = torch.randn_like(x0)
+    moved = LQR(dyn)(x0 + delta, cost)
+    torch.testing.assert_close(moved.extras["costates"][:, 0] - sol.extras["costates"][:, 0],
+                               (V[:, 0] @ delta.unsqueeze(-1)).squeeze(-1))
+    torch.testing.assert_close(V[:, -1], cost.C_final)
 
 
 def test_nan_in_cost_is_rejected_at_construction():
