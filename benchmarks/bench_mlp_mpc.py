@@ -1,0 +1,190 @@
+"""Nonlinear box-MPC over a learned (MLP) dynamics model at scale: forward + backward time.
+
+Problem (CPU, one intra-op thread): ``B`` rows (default 1024), ``n = 12`` states, ``m = 4``
+controls, horizon ``T = 50``, default float32. The dynamics are a residual MLP
+
+    x_next = x + dt · W₃ tanh(W₂ tanh(W₁ [x; u] + b₁) + b₂),   dt = 0.1,
+
+with ``--hidden`` (default 64) units per layer and fixed random weights (seed 0, scaled so that
+one step changes the state by O(dt)): the kind of model a learned-dynamics MPC plans over.
+Cost: tracking of a random goal state per row, ``Σ ½‖x_t − x_g‖²_Q + ½‖u_t‖²_R`` with
+``Q = I``, ``R = 0.1 I`` and a terminal ``10·Q``; bounds ``|u| <= 1``. Initial states are random.
+
+Timing: wall time and this process's CPU time (``time.process_time``) of one forward and one
+backward pass, after nothing but the imports; with one torch thread, CPU time is the figure to
+compare on a machine other processes share. Memory: the increase of the peak resident set
+(``getrusage``'s ``ru_maxrss``) over the call.
+
+Backward: the gradient of ``ℓ = Σ w_x·x + Σ w_u·u`` (fixed random weights) w.r.t. ``x0``, the
+goal and the MLP's weights.
+
+One run measures one configuration (``--hessian``, ``--max-iter``) of whatever ``diffto`` is
+importable, so the same script times the code before and after a change: run it with
+``PYTHONPATH`` pointing at an older checkout to get the "before" figure (``--label`` names the
+entry). ``--max-iter`` below the solver's need gives a time per iteration to extrapolate from
+when a full solve is too slow; the entry records the iterations taken and whether rows
+converged. Results are merged into ``benchmarks/results/mlp_mpc.json`` under the label.
+
+Run: ``python benchmarks/bench_mlp_mpc.py [--label after] [--hessian gauss_newton]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+RESULTS = Path(__file__).resolve().parent / "results" / "mlp_mpc.json"
+
+
+class ResidualMLP(nn.Module):
+    """``x_next = x + dt · mlp([x; u])``: ``x (N, n)``, ``u (N, m)`` -> ``(N, n)``."""
+
+    def __init__(self, n: int, m: int, hidden: int, dt: float = 0.1, seed: int = 0) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.dt = dt
+        self.net = nn.Sequential(
+            nn.Linear(n + m, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh(),
+            nn.Linear(hidden, n),
+        )
+        with torch.no_grad():
+            for layer in self.net:
+                if isinstance(layer, nn.Linear):
+                    fan_in = layer.weight.shape[1]
+                    layer.weight.copy_(torch.randn(layer.weight.shape, generator=g) / fan_in**0.5)
+                    layer.bias.copy_(0.1 * torch.randn(layer.bias.shape, generator=g))
+
+    def forward(self, x: Tensor, u: Tensor) -> Tensor:
+        return x + self.dt * self.net(torch.cat([x, u], dim=-1))
+
+
+def make_problem(B: int, n: int, m: int, T: int, hidden: int, dtype: torch.dtype) -> dict:
+    g = torch.Generator().manual_seed(1)
+    return {
+        "dyn": ResidualMLP(n, m, hidden).to(dtype),
+        "x0": torch.randn(B, n, generator=g).to(dtype),
+        "x_goal": torch.randn(B, n, generator=g).to(dtype),
+        "wx": torch.randn(B, T + 1, n, generator=g).to(dtype),
+        "wu": torch.randn(B, T, m, generator=g).to(dtype),
+    }
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _norm(grads) -> float:
+    """Euclidean norm of a list of gradients (``None`` counts as zero)."""
+    return float(sum(float(g.double().pow(2).sum()) for g in grads if g is not None) ** 0.5)
+
+
+def run(args: argparse.Namespace) -> dict:
+    import diffto
+    from diffto import QuadraticCost
+    from diffto.layers.mpc import MPC
+
+    dtype = getattr(torch, args.dtype)
+    B, n, m, T = args.batch, args.n, args.m, args.horizon
+    p = make_problem(B, n, m, T, args.hidden, dtype)
+    x0 = p["x0"].clone().requires_grad_()
+    x_goal = p["x_goal"].clone().requires_grad_()
+    Q = torch.eye(n, dtype=dtype)
+    R = 0.1 * torch.eye(m, dtype=dtype)
+    kw = {"u_lower": -1.0, "u_upper": 1.0, "max_iter": args.max_iter}
+    if args.hessian is not None:
+        kw["hessian"] = args.hessian
+    if args.tol is not None:
+        kw["tol"] = args.tol
+    layer = MPC(p["dyn"], T, **kw)
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    c0, t0 = time.process_time(), time.perf_counter()
+    cost = QuadraticCost.tracking(Q, R, T, x_goal=x_goal, Q_final=10.0 * Q)
+    sol = layer(x0, cost)
+    c1, t1 = time.process_time(), time.perf_counter()
+    loss = (p["wx"] * sol.x).sum() + (p["wu"] * sol.u).sum()
+    params = list(p["dyn"].parameters())
+    grads = torch.autograd.grad(loss, [x0, x_goal, *params], allow_unused=True)
+    c2, t2 = time.process_time(), time.perf_counter()
+    rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with torch.no_grad():
+        # the objective the solver minimizes, the same for every configuration
+        dx = sol.x - p["x_goal"][:, None]
+        obj = 0.5 * (dx[:, :-1] ** 2).sum((1, 2)) + 0.05 * (sol.u**2).sum((1, 2)) \
+            + 5.0 * (dx[:, -1] ** 2).sum(-1)
+    return {
+        "forward_s": t1 - t0,
+        "backward_s": t2 - t1,
+        "total_s": t2 - t0,
+        # CPU time of this single-threaded process: far less sensitive than wall time to the
+        # other processes sharing the machine's cores
+        "forward_cpu_s": c1 - c0,
+        "backward_cpu_s": c2 - c1,
+        "total_cpu_s": c2 - c0,
+        "iterations_max": int(sol.iterations.max()),
+        "iterations_mean": float(sol.iterations.float().mean()),
+        "converged_frac": float(sol.converged.float().mean()),
+        "objective_mean": float(obj.double().mean()),
+        "grad_norms": {"x0": _norm(grads[:1]), "x_goal": _norm(grads[1:2]),
+                       "mlp": _norm(grads[2:])},
+        "peak_rss_increase_mb": (rss1 - rss0) / 1024.0,  # ru_maxrss is in KiB on Linux
+        "diffto_path": str(Path(diffto.__file__).resolve().parent),
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch", type=int, default=1024)
+    parser.add_argument("--n", type=int, default=12)
+    parser.add_argument("--m", type=int, default=4)
+    parser.add_argument("--horizon", type=int, default=50)
+    parser.add_argument("--hidden", type=int, default=64)
+    parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    parser.add_argument("--hessian", choices=["exact", "gauss_newton"], default=None,
+                        help="passed to MPC when given; otherwise the layer's default")
+    parser.add_argument("--max-iter", type=int, default=50)
+    parser.add_argument("--tol", type=float, default=None)
+    parser.add_argument("--label", default="run")
+    parser.add_argument("--commit", default=None,
+                        help="the commit of the diffto measured, when it is not this checkout")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)  # see tests/conftest.py: never more on these machines
+    warnings.filterwarnings("ignore")
+    result = run(args)
+    entry = {
+        "setup": {"B": args.batch, "n": args.n, "m": args.m, "T": args.horizon,
+                  "hidden": args.hidden, "dtype": args.dtype, "hessian": args.hessian,
+                  "max_iter": args.max_iter, "tol": args.tol, "threads": 1,
+                  "torch": torch.__version__, "git_commit": args.commit or git_commit(),
+                  "load_average": os.getloadavg(),
+                  "machine": platform.processor() or platform.machine()},
+        **result,
+    }
+    payload = json.loads(args.out.read_text()) if args.out.exists() else {}
+    payload[args.label] = entry
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{args.out.name}.", dir=args.out.parent)
+    with os.fdopen(fd, "w") as fh:
+        json.dump(payload, fh, indent=2)
+    os.replace(tmp, args.out)
+    print(json.dumps({args.label: entry}, indent=2))
+    return entry
+
+
+if __name__ == "__main__":
+    main()
