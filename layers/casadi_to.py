@@ -83,15 +83,23 @@ class _Layout:
         u_idx = T * n + torch.arange(T * m).reshape(T, m)
         self.idx = torch.cat([x_idx, u_idx], -1)  # (T, n+m)
         self.x_T = torch.arange((T - 1) * n, T * n)
-        mask = np.zeros((self.n_w, self.n_w), dtype=bool)
+        # source[i, j]: where entry (i, j) of the Hessian in w sits in one row's stage and
+        # terminal Hessians flattened, [H (T, k, k) | H_f (n, n)]; −1 off the blocks. The
+        # blocks do not overlap (x_T is in no stage), so every nonzero has one source.
+        k = n + m
+        source = np.full((self.n_w, self.n_w), -1, dtype=np.int64)
+        local = np.arange(k * k).reshape(k, k)
         for t in range(T):
-            ok = self.idx[t][self.idx[t] >= 0].numpy()
-            mask[np.ix_(ok, ok)] = True
-        mask[np.ix_(self.x_T.numpy(), self.x_T.numpy())] = True
-        rows, cols = np.nonzero(mask.T)  # column-major, CasADi's nonzero order
+            keep = (self.idx[t] >= 0).numpy()
+            pos = self.idx[t].numpy()[keep]
+            source[np.ix_(pos, pos)] = t * k * k + local[np.ix_(keep, keep)]
+        x_T = self.x_T.numpy()
+        source[np.ix_(x_T, x_T)] = T * k * k + np.arange(n * n).reshape(n, n)
+        rows, cols = np.nonzero(source.T >= 0)  # column-major, CasADi's nonzero order
         self.sparsity = ca.Sparsity.triplet(self.n_w, self.n_w, cols.tolist(), rows.tolist())
         r, c = self.sparsity.get_triplet()
         self.nz_rows, self.nz_cols = torch.tensor(r), torch.tensor(c)
+        self.nz_source = torch.from_numpy(source[r, c])
 
     def plan(self, x0: Tensor, W: Tensor) -> tuple[Tensor, Tensor]:
         """``x (B, T+1, n)``, ``u (B, T, m)`` from ``x0 (B, n)`` and ``W (B, n_w)``."""
@@ -99,16 +107,17 @@ class _Layout:
         x = torch.cat([x0.unsqueeze(1), W[:, : T * n].reshape(B, T, n)], 1)
         return x, W[:, T * n :].reshape(B, T, m)
 
+    def nonzeros(self, H: Tensor, H_f: Tensor) -> Tensor:
+        """The nonzeros ``(B, nnz)`` of the Hessian in ``w``, in :attr:`sparsity`'s order, from
+        stage Hessians ``H (B, T, n+m, n+m)`` and terminal ``H_f (B, n, n)`` (entries of
+        ``x_0`` dropped: it is not a variable)."""
+        flat = torch.cat([H.reshape(H.shape[0], -1), H_f.reshape(H.shape[0], -1)], -1)
+        return flat[:, self.nz_source.to(flat.device)]
+
     def hessian(self, H: Tensor, H_f: Tensor) -> Tensor:
-        """Stage Hessians ``H (B, T, n+m, n+m)`` and terminal ``H_f (B, n, n)`` as the Hessian
-        in ``w``, ``(B, n_w, n_w)`` (entries of ``x_0`` dropped: it is not a variable)."""
-        B = H.shape[0]
-        out = H.new_zeros(B, self.n_w, self.n_w)
-        for t in range(self.T):
-            keep = self.idx[t] >= 0
-            pos = self.idx[t][keep]
-            out[:, pos[:, None], pos[None, :]] += H[:, t][:, keep][:, :, keep]
-        out[:, self.x_T[:, None], self.x_T[None, :]] += H_f
+        """The same Hessian dense, ``(B, n_w, n_w)``."""
+        out = H.new_zeros(H.shape[0], self.n_w, self.n_w)
+        out[:, self.nz_rows, self.nz_cols] = self.nonzeros(H, H_f)
         return out
 
 
@@ -158,8 +167,7 @@ class _TorchObjective:
         """The nonzeros of the Hessian of row ``row`` in the layout's sparsity order."""
         x, u = self.layout.plan(self.x0, self._batch(w, row))
         H, _, H_f, _ = self.cost.derivatives(x, u, "exact")
-        Hw = self.layout.hessian(H[row : row + 1], H_f[row : row + 1])[0]
-        return Hw[self.layout.nz_rows, self.layout.nz_cols].cpu().numpy()
+        return self.layout.nonzeros(H[row : row + 1], H_f[row : row + 1])[0].cpu().numpy()
 
 
 def _dense(r: int, c: int) -> Any:
