@@ -94,10 +94,15 @@ class DynamicsModel:
         if self.has_jacobians:
             J = self._own_jacobians(xs, us)
         else:
+            # Under grad mode (unrolled differentiation) the Jacobian stays a function of the
+            # plan and of the model's tensors; otherwise it is a constant of the iteration.
+            unrolled = torch.is_grad_enabled()
             with torch.enable_grad():
-                tau = torch.cat([xs, us], -1).detach().requires_grad_()
+                tau = torch.cat([xs, us], -1)
+                tau = tau if unrolled and tau.requires_grad else tau.detach().requires_grad_()
                 out = self.fn(tau[:, : self.n], tau[:, self.n :])
-                J = rowwise_jacobian(out, tau).detach()
+                J = rowwise_jacobian(out, tau, create_graph=unrolled)
+            J = J if unrolled else J.detach()
         return J.reshape(N, T, self.n, self.n + self.m)
 
     def curvature(self, x: Tensor, u: Tensor, lam_next: Tensor) -> Tensor | None:
