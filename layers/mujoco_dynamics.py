@@ -28,6 +28,9 @@ __all__ = ["MujocoDynamics"]
 
 # MuJoCo's own test for a bad value (mju_isBad): NaN, or |v| > mjMAXVAL.
 _MAXVAL = float(mujoco.mjMAXVAL)
+# Up to this many rows a Python loop over mj_step costs less than mujoco.rollout with its
+# fixed cost (benchmarks/bench_mujoco_dynamics.py).
+_LOOP_ROWS = 4
 _UNSUPPORTED_JOINTS = {
     int(mujoco.mjtJoint.mjJNT_FREE): "free",
     int(mujoco.mjtJoint.mjJNT_BALL): "ball",
@@ -248,6 +251,26 @@ class MujocoDynamics(nn.Module):
         states = np.empty((N, s, 1 + n))
         if N == 0:
             return states[:, :, 1:], bad
+        if N <= _LOOP_ROWS and self.nthread == 0:
+            self._step_loop(x, u, bad, states)
+        else:
+            self._step_rollout(x, u, bad, states)
+        path = states[:, :, 1:]
+        # rollout stops a row at a MuJoCo warning and repeats its last state: its clock then
+        # ends short of s h. A warning in the last step leaves the clock alone, but the bad
+        # qpos/qvel/qacc it reports show in the states (autoreset is off) or in Δv / h.
+        # Comparisons written as ~(a <= b) are True for NaN as well.
+        v = np.concatenate([x[:, None, nq:], path[:, :, nq:]], 1)  # (N, s+1, nv)
+        with np.errstate(invalid="ignore", over="ignore"):  # inf - inf in a failed row
+            size = np.abs(path).max((1, 2))
+            jump = np.abs(np.diff(v, axis=1)).max((1, 2))
+        bad |= ~(size <= _MAXVAL) | ~(jump <= _MAXVAL * h) | (states[:, -1, 0] < (s - 0.5) * h)
+        return path, bad
+
+    def _step_rollout(self, x, u, bad, states) -> None:
+        """``states (N, s, 1 + n)`` ([time, qpos, qvel] after each substep) by
+        ``mujoco.rollout``, which stops a row at a MuJoCo warning."""
+        N, s, n = x.shape[0], self.substeps, self.n_state
         # rollout's full physics state is [time, qpos, qvel] for these models (checked at
         # construction); the control is held over the substeps.
         state0 = np.zeros((N, 1 + n))
@@ -262,17 +285,24 @@ class MujocoDynamics(nn.Module):
         # skip_checks: the shapes are built right here; it saves the wrapper's tiling.
         self._runner.rollout([self.model] * N, self._data, state0, ctrl, skip_checks=True,
                              nstep=s, state=states)
-        path = states[:, :, 1:]
-        # rollout stops a row at a MuJoCo warning and repeats its last state: its clock then
-        # ends short of s h. A warning in the last step leaves the clock alone, but the bad
-        # qpos/qvel/qacc it reports show in the states (autoreset is off) or in Δv / h.
-        bad |= states[:, -1, 0] < (s - 0.5) * h
-        finite = np.isfinite(path).all((1, 2))
-        bad |= ~finite | (np.abs(path) > _MAXVAL).any((1, 2))
-        v = np.concatenate([x[:, None, nq:], path[:, :, nq:]], 1)  # (N, s+1, nv)
-        v[~finite] = 0.0  # (flagged already; keeps inf - inf out of the difference)
-        bad |= (np.abs(np.diff(v, axis=1)) > _MAXVAL * h).any((1, 2))
-        return path, bad
+
+    def _step_loop(self, x, u, bad, states) -> None:
+        """The same as :meth:`_step_rollout` by a Python loop (less fixed cost for a few
+        rows); a warning stops a row the same way: its clock stays short of ``s h``."""
+        mdl, d, n, nv, nq = self.model, self._data[0], self.n_state, self.model.nv, self.model.nq
+        row = np.zeros(1 + n + nv + self.n_ctrl)  # [time, qpos, qvel, warm start, ctrl]
+        for i in range(x.shape[0]):
+            row[1 : 1 + n] = 0.0 if bad[i] else x[i]
+            row[1 + n + nv :] = 0.0 if bad[i] else u[i]
+            mujoco.mj_setState(mdl, d, row, _FD_SPEC)
+            warnings = d.warning.number.sum()
+            for j in range(self.substeps):
+                if j > 0 and d.warning.number.sum() != warnings:
+                    states[i, j:] = states[i, j - 1]
+                    break
+                mujoco.mj_step(mdl, d)
+                states[i, j, 0], states[i, j, 1 : 1 + nq], states[i, j, 1 + nq :] = (
+                    d.time, d.qpos, d.qvel)
 
     def _transition_fd(
         self, starts: np.ndarray, u: np.ndarray, bad: np.ndarray
@@ -367,7 +397,8 @@ def _control_limits(model: mujoco.MjModel) -> tuple[np.ndarray, np.ndarray]:
 
 def _bad_inputs(x: np.ndarray, u: np.ndarray) -> np.ndarray:
     """Rows ``(N,)`` that MuJoCo's own checks would reject (``|v| > mjMAXVAL``)."""
-    return (np.abs(x) > _MAXVAL).any(-1) | (np.abs(u) > _MAXVAL).any(-1)
+    return (np.maximum(np.abs(x).max(-1, initial=0.0), np.abs(u).max(-1, initial=0.0))
+            > _MAXVAL)
 
 
 def _to_numpy(t: Tensor) -> np.ndarray:

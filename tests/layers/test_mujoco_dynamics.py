@@ -239,22 +239,37 @@ def test_threads_match_calling_thread():
         assert torch.equal(a, b)
 
 
-def test_failed_rows_are_nan_and_do_not_touch_the_others():
+@pytest.mark.parametrize("repeat", [1, 3])  # 4 rows: the Python loop; 12: mujoco.rollout
+def test_failed_rows_are_nan_and_do_not_touch_the_others(repeat):
     model = mujoco.MjModel.from_xml_string(PENDULUM_XML)
     model.body_mass[1] = 1e-6
     model.body_inertia[1] = 1e-9  # inertia ~1e-6: a torque of 1e5 gives qacc > mjMAXVAL
-    dyn = MujocoDynamics(model)
+    dyn = MujocoDynamics(model, substeps=2)
     x = torch.tensor([[0.1, 0.0], [0.2, 0.0], [1e11, 0.0], [0.3, 0.1]], dtype=torch.float64)
     u = torch.tensor([[0.0], [1e5], [0.0], [1e-3]], dtype=torch.float64)
+    x, u = x.repeat(repeat, 1), u.repeat(repeat, 1)
+    failed = torch.tensor([False, True, True, False]).repeat(repeat)
     out = dyn(x, u)
-    assert torch.isnan(out[1:3]).all()
-    assert torch.isfinite(out[[0, 3]]).all()
-    assert torch.equal(out[[0, 3]], dyn(x[[0, 3]], u[[0, 3]]))
+    assert torch.isnan(out[failed]).all()
+    assert torch.isfinite(out[~failed]).all()
+    assert torch.equal(out[~failed], dyn(x[~failed], u[~failed]))
     A, B = dyn.jacobians(x, u)
-    assert torch.isnan(A[1:3]).all() and torch.isnan(B[1:3]).all()
-    assert torch.isfinite(A[[0, 3]]).all() and torch.isfinite(B[[0, 3]]).all()
+    assert torch.isnan(A[failed]).all() and torch.isnan(B[failed]).all()
+    assert torch.isfinite(A[~failed]).all() and torch.isfinite(B[~failed]).all()
     # the caller's model keeps automatic resets on; the module's copy has them off
     assert not model.opt.disableflags & int(mujoco.mjtDisableBit.mjDSBL_AUTORESET)
+
+
+def test_loop_and_rollout_paths_agree():
+    """A few rows go through a Python loop, more through mujoco.rollout: same numbers."""
+    dyn = _arm(substeps=3)
+    x, u = _batch(dyn, 12, 2, scale=2.0)
+    rows = torch.cat([dyn(x[i : i + 1], u[i : i + 1]) for i in range(12)])
+    assert torch.equal(dyn(x, u), rows)
+    A, B = dyn.jacobians(x, u)
+    A_rows, B_rows = zip(*(dyn.jacobians(x[i : i + 1], u[i : i + 1]) for i in range(12)),
+                         strict=True)
+    assert torch.equal(A, torch.cat(A_rows)) and torch.equal(B, torch.cat(B_rows))
 
 
 def test_copies_and_pickles():
