@@ -28,9 +28,6 @@ __all__ = ["MujocoDynamics"]
 
 # MuJoCo's own test for a bad value (mju_isBad): NaN, or |v| > mjMAXVAL.
 _MAXVAL = float(mujoco.mjMAXVAL)
-# Up to this many rows a Python loop over mj_step costs less than mujoco.rollout with its
-# fixed cost (benchmarks/bench_mujoco_dynamics.py).
-_LOOP_ROWS = 4
 _UNSUPPORTED_JOINTS = {
     int(mujoco.mjtJoint.mjJNT_FREE): "free",
     int(mujoco.mjtJoint.mjJNT_BALL): "ball",
@@ -251,10 +248,7 @@ class MujocoDynamics(nn.Module):
         states = np.empty((N, s, 1 + n))
         if N == 0:
             return states[:, :, 1:], bad
-        if N <= _LOOP_ROWS and self.nthread == 0:
-            self._step_loop(x, u, bad, states)
-        else:
-            self._step_rollout(x, u, bad, states)
+        self._step_rollout(x, u, bad, states)
         path = states[:, :, 1:]
         # rollout stops a row at a MuJoCo warning and repeats its last state: its clock then
         # ends short of s h. A warning in the last step leaves the clock alone, but the bad
@@ -285,24 +279,6 @@ class MujocoDynamics(nn.Module):
         # skip_checks: the shapes are built right here; it saves the wrapper's tiling.
         self._runner.rollout([self.model] * N, self._data, state0, ctrl, skip_checks=True,
                              nstep=s, state=states)
-
-    def _step_loop(self, x, u, bad, states) -> None:
-        """The same as :meth:`_step_rollout` by a Python loop (less fixed cost for a few
-        rows); a warning stops a row the same way: its clock stays short of ``s h``."""
-        mdl, d, n, nv, nq = self.model, self._data[0], self.n_state, self.model.nv, self.model.nq
-        row = np.zeros(1 + n + nv + self.n_ctrl)  # [time, qpos, qvel, warm start, ctrl]
-        for i in range(x.shape[0]):
-            row[1 : 1 + n] = 0.0 if bad[i] else x[i]
-            row[1 + n + nv :] = 0.0 if bad[i] else u[i]
-            mujoco.mj_setState(mdl, d, row, _FD_SPEC)
-            warnings = d.warning.number.sum()
-            for j in range(self.substeps):
-                if j > 0 and d.warning.number.sum() != warnings:
-                    states[i, j:] = states[i, j - 1]
-                    break
-                mujoco.mj_step(mdl, d)
-                states[i, j, 0], states[i, j, 1 : 1 + nq], states[i, j, 1 + nq :] = (
-                    d.time, d.qpos, d.qvel)
 
     def _transition_fd(
         self, starts: np.ndarray, u: np.ndarray, bad: np.ndarray
