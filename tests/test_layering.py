@@ -248,6 +248,9 @@ def dynamic_results() -> tuple[dict, ...]:
             for n in imported
             if n and not n.startswith("diffto") and n.split(".")[0] not in sys.builtin_module_names
         }
+        # mujoco stays out: it is quick to import, and a module that decided MUJOCO_GL by
+        # whether mujoco is loaded yet must be seen doing so
+        - {"mujoco"}
     )
     env = {k: v for k, v in os.environ.items() if k != "MUJOCO_GL"}  # as a user's shell would
     proc = subprocess.run(

@@ -1,5 +1,6 @@
 """The `lightning` / `diffto` command: config-name resolution and the shared-script warning."""
 
+import os
 import subprocess
 import sys
 import types
@@ -66,3 +67,25 @@ def test_python_m_diffto_help_exits_zero():
     )
     assert out.returncode == 0, out.stderr
     assert "--config" in out.stdout
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="OSMesa is the Linux back-end")
+def test_command_chooses_osmesa_headless_before_anything_imports_mujoco():
+    """``import diffto`` sets nothing; the command sets MUJOCO_GL where there is no display."""
+    script = (
+        "import os, sys\n"
+        "import lightning.pytorch.cli as lc\n"
+        "class Probe:\n"
+        "    def __init__(self, *args, **kwargs):\n"
+        "        print('GL', os.environ.get('MUJOCO_GL'), 'mujoco' in sys.modules)\n"
+        "lc.LightningCLI = Probe\n"
+        "from diffto import cli\n"
+        "print('after import', os.environ.get('MUJOCO_GL'))\n"
+        "cli.main(['fit'])\n"
+    )
+    headless = {k: v for k, v in os.environ.items()
+                if k not in ("MUJOCO_GL", "DISPLAY", "WAYLAND_DISPLAY")}
+    out = subprocess.run([sys.executable, "-c", script], env=headless, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "after import None" in out.stdout and "GL osmesa False" in out.stdout, out.stdout
