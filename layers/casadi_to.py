@@ -278,8 +278,8 @@ class _CostValue(ca.Callback):
 class _Built:
     """One NLP of the layer: ``quadratic`` (symbolic cost) or ``general`` (torch callback)."""
 
-    def __init__(self, nlp: CasadiNLP, rollout: Any, lam0: Any, objective: Any = None) -> None:
-        self.nlp, self.rollout, self.lam0, self.objective = nlp, rollout, lam0, objective
+    def __init__(self, nlp: CasadiNLP, rollout: Any, duals: Any, objective: Any = None) -> None:
+        self.nlp, self.rollout, self.duals, self.objective = nlp, rollout, duals, objective
         self.callback: Any = None
 
 
@@ -325,8 +325,9 @@ class CasadiTO(nn.Module):
     ``x_0 = x0`` and of the dynamics, in MPC's sign convention: ``λ_T = ∇ℓ_T``),
     ``active_lower``/``active_upper (B, T, m)`` bool (control bounds whose multiplier exceeds
     ``active_tol``), ``active_state_lower``/``active_state_upper (B, T, n)`` (the same for the
-    state bounds on ``x_1..x_T``), and ``status`` (the solver's return status per row). None
-    of the extras carries gradients.
+    state bounds on ``x_1..x_T``), ``residual (B,)`` (``‖∇_w ℒ‖_∞``, the stationarity of the
+    Lagrangian with the bound multipliers, unregularized) and ``status`` (the solver's return
+    status per row). None of the extras carries gradients.
 
     Example::
 
@@ -475,8 +476,9 @@ class CasadiTO(nn.Module):
         built = _Built(
             nlp,
             ca.Function("rollout", [p, U], [ca.vertcat(*x_roll)]),
-            # λ_0 = ∇_{x0} (f + λ_gᵀ g): the symbolic part of the initial costate
-            ca.Function("lam0", [w, p, lam], [ca.gradient(obj + ca.dot(lam, g), x0)]),
+            # The symbolic parts of λ_0 = ∇_{x0} (f + λ_gᵀ g) and of ∇_w (f + λ_gᵀ g)
+            ca.Function("duals", [w, p, lam], [ca.gradient(obj + ca.dot(lam, g), x0),
+                                               ca.gradient(obj + ca.dot(lam, g), w)]),
             objective,
         )
         if kind == "general":
@@ -585,13 +587,14 @@ class CasadiTO(nn.Module):
             finally:
                 built.objective.unbind()
             external = self._external(cost, x0, solved[0])
+            cost_grad = external[1].detach()
         else:
             solved = solve_nlp(built.nlp, p_np, w_init, chain, bounds_np)
-            external = None
+            external = cost_grad = None
         res = nlp_solution(built.nlp, p, bounds, solved, external)
         x = torch.cat([x0.to(res.w.dtype).unsqueeze(1), res.w[:, : T * n].reshape(B, T, n)], 1)
         u = res.w[:, T * n :].reshape(B, T, m)
-        extras = self._extras(built, res, bounds_np, p_np, cost, x, u, kind)
+        extras = self._extras(built, res, bounds_np, p_np, cost, x, u, cost_grad)
         return Solution(x, u, cost.evaluate(x, u), res.converged, res.iterations, extras)
 
     def _bounds(self, like: Tensor, B: int) -> list[Tensor]:
@@ -629,17 +632,22 @@ class CasadiTO(nn.Module):
         return H_w, r_w, J
 
     def _extras(self, built: _Built, res: Any, bounds_np: tuple, p_np: np.ndarray, cost: Any,
-                x: Tensor, u: Tensor, kind: str) -> dict[str, Any]:
-        """Costates and active sets from the multipliers (no gradients)."""
+                x: Tensor, u: Tensor, cost_grad: Tensor | None) -> dict[str, Any]:
+        """Costates, active sets and the stationarity residual from the multipliers (no
+        gradients); ``cost_grad (B, n_w)`` is a torch cost's gradient in ``w`` at the plan."""
         B, T, n, m = x.shape[0], self.T, self.n, self.m
         lam_g = res.lam_g.detach()
-        lam0 = built.nlp.mapped(built.lam0, B)(
+        lam0, grad_w = built.nlp.mapped(built.duals, B)(
             res.w.detach().cpu().double().numpy().T, p_np.T, lam_g.cpu().double().numpy().T
-        ).full().T
-        lam0 = torch.as_tensor(lam0, dtype=x.dtype, device=x.device)
-        if kind == "general":  # the cost's share of λ_0: ∂ℓ_0/∂x_0
+        )
+        lam0 = torch.as_tensor(lam0.full().T, dtype=x.dtype, device=x.device)
+        grad_w = torch.as_tensor(grad_w.full().T, dtype=x.dtype, device=x.device)
+        if cost_grad is not None:  # the torch cost's shares: ∂ℓ_0/∂x_0 and ∇_w J
             g, _ = cost.gradients(x.detach(), u.detach())
             lam0 = lam0 + g[:, 0, :n].to(x.dtype)
+            grad_w = grad_w + cost_grad.to(x.dtype)
+        # Stationarity of the Lagrangian, bound multipliers included: ∇f + J_gᵀλ_g + λ_w = 0
+        residual = (grad_w + res.lam_w.detach()).abs().amax(-1)
         # CasADi's Lagrangian is f + λ_gᵀ(x_{t+1} − φ): MPC's λ_{t+1} is −λ_g
         costates = torch.cat([lam0.unsqueeze(1), -lam_g.reshape(B, T, n)], 1)
         lam_w = res.lam_w.detach()
@@ -654,5 +662,6 @@ class CasadiTO(nn.Module):
             "active_upper": at_hi[:, T * n :].reshape(B, T, m),
             "active_state_lower": at_lo[:, : T * n].reshape(B, T, n),
             "active_state_upper": at_hi[:, : T * n].reshape(B, T, n),
+            "residual": residual,
             "status": res.status,
         }
