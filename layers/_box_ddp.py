@@ -47,6 +47,14 @@ def _box_qp(H: Tensor, g: Tensor, lo: Tensor, hi: Tensor, max_iter: int = 30):
     (identity on clamped rows; identity where not ``ok``). Starts at ``d = 0`` (the current
     plan), so a converged iLQR sweep costs one factorization per stage.
     """
+    if H.shape[-1] == 1:
+        return _box_qp_scalar(H, g, lo, hi)
+    # Every row's unconstrained minimizer inside its box: that is the answer, no iterations.
+    L, info = torch.linalg.cholesky_ex(H)
+    if bool((info == 0).all()):
+        d = -torch.cholesky_solve(g.unsqueeze(-1), L).squeeze(-1)
+        if bool(((d > lo) & (d < hi)).all()):
+            return d, torch.zeros_like(d, dtype=torch.int8), info == 0, L
     d = torch.zeros_like(g)
     ok = torch.ones(d.shape[0], dtype=torch.bool, device=d.device)
     running = ok.clone()
@@ -114,6 +122,19 @@ def _box_qp(H: Tensor, g: Tensor, lo: Tensor, hi: Tensor, max_iter: int = 30):
         ok = ok & (info == 0)
         L_last = torch.where((info == 0).view(-1, 1, 1), L, eye)
     return d, at_hi.to(torch.int8) - at_lo.to(torch.int8), ok, L_last
+
+
+def _box_qp_scalar(H: Tensor, g: Tensor, lo: Tensor, hi: Tensor):
+    """:func:`_box_qp` for one control, in closed form: ``d = clamp(−g/h, lo, hi)``; the bound
+    that clips it binds (``side``), ``L = √h`` on free rows and 1 on clamped ones."""
+    h = H[..., 0]  # (N, 1)
+    ok = h[:, 0] > 0
+    d_free = -g / torch.where(h > 0, h, 1)
+    below, above = d_free < lo, d_free > hi
+    d = torch.where(below, lo, torch.where(above, hi, d_free))
+    side = above.to(torch.int8) - below.to(torch.int8)
+    L = torch.where((side == 0) & ok.unsqueeze(-1), h.clamp_min(0).sqrt(), 1).unsqueeze(-1)
+    return d, side, ok, L
 
 
 def _riccati(Q, q, Q_f, q_f, J, m, mu=None, lo=None, hi=None):
@@ -272,15 +293,21 @@ def solve(dyn, cost, x0, lo, hi, u_init, max_iter: int, tol: float, exact: bool 
         mu_a = mu[idx]
         # A non-finite model (the dynamics left their domain) cannot be cured by regularizing.
         finite = _finite_rows(Qa, q, Ja, q_f, Q_f, xa, ua)
-        while True:
-            K, k, side, dV1, dV2, ok = _riccati(
-                Qa, q, Q_f, q_f, Ja, m, mu_a * scale[idx], lo_d, hi_d
-            )
-            ok = ok & finite
+        K, k, side, dV1, dV2, ok = _riccati(Qa, q, Q_f, q_f, Ja, m, mu_a * scale[idx], lo_d, hi_d)
+        ok = ok & finite
+        for attempt in range(1, 64):
+            # Rows without a positive-definite sweep are swept again, alone, with more
+            # regularization (by 10, 100, 1000, ...: few sweeps to reach the needed size);
+            # the others keep their sweep.
             retry = ~ok & finite & (mu_a < _MU_MAX)
             if not retry.any():
                 break
-            mu_a = torch.where(retry, (10 * mu_a).clamp_min(_MU_MIN), mu_a)
+            mu_a = torch.where(retry, (10.0**attempt * mu_a).clamp_min(_MU_MIN), mu_a)
+            r = retry.nonzero().squeeze(-1)
+            sub = _riccati(Qa[r], q[r], Q_f[r], q_f[r], Ja[r], m, mu_a[r] * scale[idx[r]],
+                           None if lo_d is None else lo_d[r], None if hi_d is None else hi_d[r])
+            for full, part in zip((K, k, side, dV1, dV2, ok), sub, strict=True):
+                full[r] = part
         K_out[idx], k_out[idx], side_out[idx] = K, k, side
         mu_last[idx] = mu_a
         done = ok & (k.abs().amax((-1, -2)) <= tol * (1 + ua.abs().amax((-1, -2))))
