@@ -113,9 +113,9 @@ class SolverPolicy(nn.Module):
     """``obs[, goal] -> net -> (q, r, x_goal, u_init) -> solver -> plan, action``.
 
     Args:
-        solver: a layer called ``solver(x0, cost, u_init=...) -> Solution`` (e.g.
-            :class:`diffto.layers.MPC`), or ``solver(x0, cost, dynamics)`` when ``dynamics`` is
-            given (e.g. :class:`diffto.layers.LQR`).
+        solver: any diffto layer: it is called with the common contract
+            ``solver(x0, cost, dynamics, u_init) -> Solution`` (:mod:`diffto.layers`), so MPC,
+            LQR, QPMPC, TheseusTO and CasadiTO are interchangeable here.
         n_state: ``n``.
         n_ctrl: ``m``.
         horizon: ``T`` of the cost built for the solver.
@@ -132,7 +132,8 @@ class SolverPolicy(nn.Module):
         warm_start: also output a warm start ``u_init (B, T, m)`` for the solver (only
             meaningful for an iterative solver with an unrolled or warm-started backward).
         normalize_weights: divide ``[q; r]`` by its geometric mean (the plan does not change).
-        dynamics: linear dynamics passed to a solver that takes them as an argument (LQR).
+        dynamics: dynamics passed to the solver with every call; ``None`` uses the solver's
+            own (given at its construction).
 
     Call: ``policy(x0 (B, n), obs=None (B, obs_dim), goal=None (B, goal_dim))``; with
     ``obs=None`` the state ``x0`` is the observation.
@@ -153,7 +154,7 @@ class SolverPolicy(nn.Module):
         default_goal: Sequence[float] | Tensor | None = None,
         warm_start: bool = False,
         normalize_weights: bool = True,
-        dynamics: LinearDynamics | None = None,
+        dynamics: LinearDynamics | nn.Module | None = None,
     ) -> None:
         super().__init__()
         if n_state < 1 or n_ctrl < 1 or horizon < 1:
@@ -264,10 +265,5 @@ class SolverPolicy(nn.Module):
         Q, R = torch.diag_embed(q), torch.diag_embed(r)
         cost = QuadraticCost.tracking(Q, R, self.T, x_goal=x_goal)
         u_init = u_net if u_init is None else u_init
-        if self.dynamics is not None:
-            solution = self.solver(x0, cost, self.dynamics)
-        elif u_init is not None:
-            solution = self.solver(x0, cost, u_init=u_init)
-        else:
-            solution = self.solver(x0, cost)
+        solution = self.solver(x0, cost, self.dynamics, u_init)
         return SolverPolicyOutput(solution.u[:, 0], solution, q, r, x_goal, u_init)

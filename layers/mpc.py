@@ -273,10 +273,10 @@ class MPC(nn.Module):
                                 f=None if f is None else f.expand(B, *f.shape[1:]))
         else:
             if isinstance(dynamics, nn.Module):
-                for k, p in list(dynamics.named_parameters()) + list(dynamics.named_buffers()):
+                for k, p in dynamics.named_parameters():
                     if p.is_floating_point() and (p.dtype != x0.dtype or p.device != x0.device):
                         raise ValueError(
-                            f"dynamics tensor {k!r} has dtype {p.dtype} on {p.device} but x0 "
+                            f"dynamics parameter {k!r} has dtype {p.dtype} on {p.device} but x0 "
                             f"has {x0.dtype} on {x0.device}: move the module with .to()"
                         )
             dyn = DynamicsModel(n, m, fn=dynamics)
