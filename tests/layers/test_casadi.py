@@ -285,8 +285,9 @@ def test_wrong_linear_solve_is_caught(toy_nlp, monkeypatch):
 
 
 def tracking_costs(goal, q, r, T):
-    """One tracking cost written three ways: QuadraticCost, NonlinearCost, LeastSquaresCost
-    (diagonal weights ``q (n,)``, ``r (m,)``, goal ``(B, n)``, terminal weight ``3q``)."""
+    """One tracking cost written four ways: QuadraticCost, NonlinearCost, LeastSquaresCost and
+    a sum of a QuadraticCost and a NonlinearCost (diagonal weights ``q (n,)``, ``r (m,)``, goal
+    ``(B, n)``, terminal weight ``3q``)."""
     quad = QuadraticCost.tracking(q, r, T, x_goal=goal, Q_final=3 * q)
     nonlinear = NonlinearCost(
         lambda x, u: 0.5 * ((x - goal[:, None]).square() * q).sum(-1)
@@ -297,7 +298,12 @@ def tracking_costs(goal, q, r, T):
         lambda x, u: torch.cat([(x - goal[:, None]) * q.sqrt(), u * r.sqrt()], -1),
         lambda xT: (xT - goal) * (3 * q).sqrt(),
     )
-    return quad, nonlinear, least_squares
+    # a sum: the control term as a QuadraticCost, the state terms as a NonlinearCost
+    summed = QuadraticCost.tracking(torch.zeros_like(q), r, T) + NonlinearCost(
+        lambda x, u: 0.5 * ((x - goal[:, None]).square() * q).sum(-1),
+        lambda xT: 1.5 * ((xT - goal).square() * q).sum(-1),
+    )
+    return quad, nonlinear, least_squares, summed
 
 
 @settings(max_examples=3)
@@ -314,7 +320,7 @@ def test_general_costs_equal_quadratic_cost(seed, B, T, n, m):
     w = torch.randn(B, T, m, generator=g, dtype=D)
     layer = CasadiTO(None, T, n, m, u_lower=-0.5, u_upper=0.5)
     out = []
-    for which in range(3):
+    for which in range(4):
         args = [t.clone().requires_grad_(True) for t in (goal, q, r, x0, F)]
         sol = layer(args[3], tracking_costs(*args[:3], T)[which], LinearDynamics(args[4], f))
         assert sol.converged.all(), sol.extras["status"]
