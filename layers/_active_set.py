@@ -41,12 +41,7 @@ from torch import Tensor
 
 from diffto.layers import _lq_engine as engine
 from diffto.layers._lq_engine import bmv as _bmv
-from diffto.layers._lq_engine import costates as _costates
-from diffto.layers._lq_engine import quadratic_cost as _cost
-from diffto.layers._lq_engine import reduced_gradient as _reduced_gradient
-from diffto.layers._lq_engine import rollout as _rollout
 
-# _reduced_gradient (imported above) stays importable from here for the MPC layer.
 __all__: list[str] = []
 
 _BLOCK_TRIES = 3  # sweeps without fewer infeasibilities before a row is given up as cycling
@@ -164,8 +159,9 @@ def solve_box_lq(x0, C, c, C_f, c_f, F, f, lo, hi, u_init, max_iter: int, tol: f
     u = torch.minimum(torch.maximum(u_init, lo), hi)
     at_lo, at_hi = u <= lo, u >= hi
     if bool((at_lo | at_hi).any()):
-        x = _rollout(F, f, x0, u)
-        g = _reduced_gradient(C, c, F, x, u, _costates(C, c, C_f, c_f, F, x, u))
+        x = engine.rollout(F, f, x0, u)
+        q, q_f = engine.cost_gradients(C, c, C_f, c_f, x, u)
+        g = engine.reduced_gradient(q, F, engine.costates(q, q_f, F))
         at_lo, at_hi = at_lo & (g > 0), at_hi & (g < 0) & ~(at_lo & (g > 0))
     converged = torch.zeros(B, dtype=torch.bool, device=dev)
     convex = torch.ones_like(converged)
@@ -195,7 +191,8 @@ def solve_box_lq(x0, C, c, C_f, c_f, F, f, lo, hi, u_init, max_iter: int, tol: f
         # New active set from the new iterate: free controls outside the box join it,
         # clamped controls whose multiplier points into the box leave it. An unchanged set
         # means the iterate meets the KKT conditions.
-        g = _reduced_gradient(lq.C, lq.c, lq.F, x_new, u_new, lam)
+        q = _bmv(lq.C, torch.cat([x_new[:, :-1], u_new], -1)) + lq.c  # ∇_τℓ at the iterate
+        g = engine.reduced_gradient(q, lq.F, lam)
         new_lo = (~fixed & (u_new < lo)) | (at_lo & (g > 0))
         new_hi = (~fixed & (u_new > hi)) | (at_hi & (g < 0))
         change = (new_lo != at_lo) | (new_hi != at_hi)  # (B, T, m): the infeasibilities
@@ -253,9 +250,9 @@ def _projected_newton(lq: _Homogeneous, x0, lo, hi, out: dict, rows: Tensor, con
     S = len(alphas)
     u = torch.minimum(torch.maximum(out["u"][rows], lo), hi)
     for _ in range(max_iter - int(iterations[rows].min())):
-        x = _rollout(lq.F, lq.f, x0, u)
-        lam = _costates(lq.C, lq.c, lq.C_f, lq.c_f, lq.F, x, u)
-        g = _reduced_gradient(lq.C, lq.c, lq.F, x, u, lam)
+        x = engine.rollout(lq.F, lq.f, x0, u)
+        q, q_f = engine.cost_gradients(lq.C, lq.c, lq.C_f, lq.c_f, x, u)
+        g = engine.reduced_gradient(q, lq.F, engine.costates(q, q_f, lq.F))
         at_lo, at_hi = (u <= lo) & (g > 0), (u >= hi) & (g < 0)
         fixed = at_lo | at_hi
         b = torch.where(fixed, u, 0)
@@ -279,9 +276,9 @@ def _projected_newton(lq: _Homogeneous, x0, lo, hi, out: dict, rows: Tensor, con
         flat = cand.flatten(0, 1)  # (S·R, T, m), step-size major
         rep = [t.repeat(S, *([1] * (t.dim() - 1))) for t in (lq.F, lq.f, x0, lq.C, lq.c,
                                                                lq.C_f, lq.c_f)]
-        xs = _rollout(rep[0], rep[1], rep[2], flat)
-        J = _cost(rep[3], rep[4], rep[5], rep[6], xs, flat).view(S, -1)
-        J0 = _cost(lq.C, lq.c, lq.C_f, lq.c_f, x, u)
+        xs = engine.rollout(rep[0], rep[1], rep[2], flat)
+        J = engine.quadratic_cost(rep[3], rep[4], rep[5], rep[6], xs, flat).view(S, -1)
+        J0 = engine.quadratic_cost(lq.C, lq.c, lq.C_f, lq.c_f, x, u)
         armijo = J - J0 <= 1e-4 * (g * (cand - u)).sum((-1, -2)) + 64 * torch.finfo(
             u.dtype).eps * (1 + J0.abs())
         first = torch.argmax(armijo.to(torch.int8), 0)  # largest accepted step per row

@@ -13,15 +13,17 @@ with ``τ_t = [x_t; u_t]``, is solved by dynamic programming in two parts:
 
 * :func:`factor`, the matrix recursion on ``(C, F, C_f)`` alone: cost-to-go Hessians ``V_t``,
   gains ``K_t`` and the (masked, regularized) ``Q_uu`` of every stage;
-* :func:`affine_sweep`, the vector recursion and rollout that take the linear data
-  ``(c, c_f, f, x_init)`` through a factorization. :func:`adjoint_sweep` is the same with
+* :func:`affine_sweep`, the vector recursion (:func:`vector_sweep`) and the rollout
+  (:func:`closed_loop`) that take the linear data ``(c, c_f, f, x_init)`` through a
+  factorization. :func:`adjoint_sweep` is the same with
   ``f = 0`` and ``x_init = 0``: the adjoint of an LQ problem is an LQ problem with the same
   quadratic part, so an implicit backward pass costs one vector recursion.
 
 Solvers that must do something between the matrix and the vector part of a stage (box-DDP
 solves a box QP in ``u`` there) run their own stage loop with :func:`stage_q` and
-:func:`value_update`. The plan helpers (:func:`bmv`, :func:`rollout`, :func:`costates`,
-:func:`reduced_gradient`, :func:`quadratic_cost`) live here once.
+:func:`value_update`. The plan helpers (:func:`bmv`, :func:`rollout`, :func:`quadratic_cost`,
+:func:`cost_gradients`, :func:`costates`, :func:`reduced_gradient`) live here once; the last
+two take cost gradients and dynamics Jacobians, so they serve nonlinear problems as well.
 
 Shapes: ``B`` batch, ``T`` horizon, ``n`` state, ``m`` control, ``k = n + m``; batch first.
 The recursions are bound by dispatch, not arithmetic, for the small matrices of control:
@@ -41,6 +43,7 @@ __all__ = [
     "affine_sweep",
     "bmv",
     "closed_loop",
+    "cost_gradients",
     "costates",
     "factor",
     "quadratic_cost",
@@ -48,6 +51,7 @@ __all__ = [
     "rollout",
     "stage_q",
     "value_update",
+    "vector_sweep",
 ]
 
 
@@ -82,28 +86,35 @@ def rollout(F: Tensor, f: Tensor | None, x0: Tensor, u: Tensor) -> Tensor:
     return torch.stack(xs, 1).squeeze(-1)
 
 
-def costates(C: Tensor, c: Tensor, C_f: Tensor, c_f: Tensor, F: Tensor, x: Tensor,
-             u: Tensor) -> Tensor:
-    """Costates ``λ (B, T+1, n)`` of any plan: ``λ_T = C_f x_T + c_f`` and
-    ``λ_t = [C_tτ_t + c_t]_x + A_tᵀλ_{t+1}`` (``A_t = F_t[:, :n]``, the linearized dynamics of
-    a nonlinear problem). At a stationary point they are the multipliers of
-    ``x_{t+1} = f(τ_t)`` (``λ_0`` that of ``x_0 = x_init``)."""
-    n = x.shape[-1]
-    grad = bmv(C[..., :n, :], torch.cat([x[:, :-1], u], -1)) + c[..., :n]  # (B, T, n)
-    A_T = F[..., :n].transpose(-1, -2)  # (B, T, n, n)
-    lam = [bmv(C_f, x[:, -1]) + c_f]
-    for t in range(u.shape[1] - 1, -1, -1):
-        lam.append(grad[:, t] + bmv(A_T[:, t], lam[-1]))
+def cost_gradients(C: Tensor, c: Tensor, C_f: Tensor, c_f: Tensor, x: Tensor,
+                   u: Tensor) -> tuple[Tensor, Tensor]:
+    """Gradients of a quadratic cost at the plan ``x (B, T+1, n)``, ``u (B, T, m)``:
+    ``q_t = ∇_τℓ_t = C_tτ_t + c_t`` ``(B, T, k)`` and ``q_f = ∇ℓ_T = C_f x_T + c_f`` ``(B, n)``."""
+    return bmv(C, torch.cat([x[:, :-1], u], -1)) + c, bmv(C_f, x[:, -1]) + c_f
+
+
+def costates(q: Tensor, q_f: Tensor, J: Tensor) -> Tensor:
+    """Costates ``λ (B, T+1, n)`` of a plan from its cost gradients ``q = ∇_τℓ (B, T, k)``,
+    ``q_f = ∇ℓ_T (B, n)`` and dynamics Jacobians ``J (B, T, n, k)`` (``F`` for affine
+    dynamics): ``λ_T = q_f``, ``λ_t = q_x + A_tᵀλ_{t+1}`` with ``A_t = J_t[:, :n]``. At a
+    stationary point they are the multipliers of ``x_{t+1} = f(τ_t)`` (``λ_0`` that of
+    ``x_0 = x_init``); for any plan that satisfies the dynamics, ``λ_0`` is the gradient of the
+    cost in ``x_0`` with the controls held."""
+    n = q_f.shape[-1]
+    A_T = J[..., :n].transpose(-1, -2).unbind(1)  # (B, n, n) per stage
+    q_x = q[..., :n].unbind(1)
+    lam = [q_f]
+    for t in range(q.shape[1] - 1, -1, -1):
+        lam.append(q_x[t] + bmv(A_T[t], lam[-1]))
     return torch.stack(lam[::-1], 1)
 
 
-def reduced_gradient(C: Tensor, c: Tensor, F: Tensor, x: Tensor, u: Tensor,
-                     lam: Tensor) -> Tensor:
-    """``g_t = ∂J/∂u_t = [C_tτ_t + c_t]_u + B_tᵀλ_{t+1}`` ``(B, T, m)``: the gradient of the
-    cost with the states eliminated (``λ`` must be the costates of the plan ``x, u``)."""
-    n = x.shape[-1]
-    tau = torch.cat([x[:, :-1], u], -1)
-    return bmv(C[..., n:, :], tau) + c[..., n:] + bmv(F[..., n:].transpose(-1, -2), lam[:, 1:])
+def reduced_gradient(q: Tensor, J: Tensor, lam: Tensor) -> Tensor:
+    """``g_t = ∂J/∂u_t = q_u + B_tᵀλ_{t+1}`` ``(B, T, m)`` with ``B_t = J_t[:, n:]``: the
+    gradient of the cost in the controls with the states eliminated (``q = ∇_τℓ (B, T, k)``
+    and the costates ``λ (B, T+1, n)`` of the same plan)."""
+    n = lam.shape[-1]
+    return q[..., n:] + bmv(J[..., n:].transpose(-1, -2), lam[:, 1:])
 
 
 # ------------------------------------------------------------------------------ factorization
@@ -224,27 +235,22 @@ def closed_loop(F: Tensor, K: Tensor, k: Tensor | None, x0: Tensor,
 # Vector recursion through a factorization, with v_T = c_f:
 #     q_t = c_t + F_tᵀ (V_{t+1} f_t + v_{t+1})        (the gradient of stage + cost-to-go at τ = 0)
 #     k_t = −Q_uu⁻¹ [q_u]_free                        (zero on fixed controls)
-#     v_t = q_x + K_tᵀ q_u    (the optimal k_t makes Q_xu k_t = −K_tᵀ Q_uu k_t = K_tᵀ [q_u]_free,
-#                              and K_t's fixed rows are zero)
+#     v_t = q_x + K_tᵀ q_u    (:func:`value_update`'s K_tᵀQ_uu k_t + Q_xu k_t cancel for the
+#                              optimal gains, as Q_xu = −K_tᵀQ_uu on the free controls and
+#                              K_t, k_t vanish on the fixed ones)
 # then forward u_t = K_t x_t + k_t, x_{t+1} = F_t τ_t + f_t, and the costates
 # λ_t = V_t x_t + v_t, the gradient of the optimal cost-to-go (the multiplier of
 # x_{t+1} = F_t τ_t + f_t, λ_0 that of x_0 = x_init).
-def affine_sweep(fac: Factorization, F: Tensor, c: Tensor, c_f: Tensor, f: Tensor | None,
-                 x0: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Propagate the linear data through a factorization of ``(C, F, C_f)``.
-
-    Args:
-        fac: from :func:`factor` (its fixed controls are held at zero).
-        F: ``(B, T, n, k)``, the dynamics ``fac`` was made with.
-        c: ``(B, T, k)``; c_f: ``(B, n)``; f: ``(B, T, n)`` or ``None`` for zero (skipped).
-        x0: ``(B, n)``.
-
-    Returns ``x (B, T+1, n)``, ``u (B, T, m)``, costates ``λ (B, T+1, n)`` and the
-    feed-forward ``k (B, T, m)``. Batch dims of 1 broadcast to ``x0``'s.
-    """
-    B, n = x0.shape
+def vector_sweep(fac: Factorization, F: Tensor, c: Tensor, c_f: Tensor,
+                 f: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """The vector recursion alone: feed-forward ``k (B, T, m)`` and cost-to-go gradients
+    ``v (B, T+1, n)`` of the linear data ``c (B, T, k)``, ``c_f (B, n)``, ``f (B, T, n)`` or
+    ``None`` (zero, skipped) through ``fac``, made with ``F (B, T, n, k)``. Batch dims of 1
+    broadcast. (A DDP backward pass about a plan, ``f = 0``, needs just this and ``fac.K``.)"""
+    lead = [fac.V.shape[:1], F.shape[:1], c.shape[:1], c_f.shape[:1]]
+    B = torch.broadcast_shapes(*lead, *([] if f is None else [f.shape[:1]]))[0]
     V, K, Q_uu = (t.expand(B, *t.shape[1:]) for t in fac[:3])
-    T, m = K.shape[1], K.shape[2]
+    T, m, n = K.shape[1], K.shape[2], K.shape[3]
     F = F.expand(B, *F.shape[1:])
     # One batched inverse for every stage; the loop then needs one product per solve.
     inv = torch.linalg.inv_ex(Q_uu)[0].unbind(1)  # identity on fixed controls
@@ -262,7 +268,25 @@ def affine_sweep(fac: Factorization, F: Tensor, c: Tensor, c_f: Tensor, f: Tenso
         v = torch.baddbmm(q[:, :n], KTs[t], q_u)
         vs.append(v)
     k = torch.stack(ks[::-1], 1).squeeze(-1).neg_()  # (B, T, m)
-    v = torch.stack(vs[::-1], 1).squeeze(-1)  # (B, T+1, n)
+    return k, torch.stack(vs[::-1], 1).squeeze(-1)
+
+
+def affine_sweep(fac: Factorization, F: Tensor, c: Tensor, c_f: Tensor, f: Tensor | None,
+                 x0: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Propagate the linear data through a factorization of ``(C, F, C_f)``.
+
+    Args:
+        fac: from :func:`factor` (its fixed controls are held at zero).
+        F: ``(B, T, n, k)``, the dynamics ``fac`` was made with.
+        c: ``(B, T, k)``; c_f: ``(B, n)``; f: ``(B, T, n)`` or ``None`` for zero (skipped).
+        x0: ``(B, n)``.
+
+    Returns ``x (B, T+1, n)``, ``u (B, T, m)``, costates ``λ (B, T+1, n)`` and the
+    feed-forward ``k (B, T, m)``. Batch dims of 1 broadcast to ``x0``'s.
+    """
+    B = x0.shape[0]
+    V, K = fac.V.expand(B, *fac.V.shape[1:]), fac.K.expand(B, *fac.K.shape[1:])
+    k, v = vector_sweep(fac, F, c.expand(B, *c.shape[1:]), c_f, f)
     x = closed_loop(F, K, k, x0, f)
     u = bmv(K, x[:, :-1]) + k
     lam = bmv(V, x) + v

@@ -111,8 +111,9 @@ def test_factor_and_sweep_match_dense_kkt(d):
     assert fac.ok.all()
     # The policy reproduces the plan, and λ are the plan's costates.
     close(u, lq.bmv(fac.K, x[:, :-1]) + k)
-    close(lam, lq.costates(p["C"], p["c"], p["C_f"], p["c_f"], p["F"], x, u))
-    close(lq.reduced_gradient(p["C"], p["c"], p["F"], x, u, lam), torch.zeros_like(u))
+    q, q_f = lq.cost_gradients(p["C"], p["c"], p["C_f"], p["c_f"], x, u)
+    close(lam, lq.costates(q, q_f, p["F"]))
+    close(lq.reduced_gradient(q, p["F"], lam), torch.zeros_like(u))
 
 
 @given(dims)
@@ -235,11 +236,15 @@ def test_plan_helpers_agree_with_the_problem_vocabulary(d):
         close(x[:, t + 1], dyn(x[:, t], u[:, t], t))
     cost = QuadraticCost(p["C"], p["c"], p["C_f"], p["c_f"])
     close(lq.quadratic_cost(p["C"], p["c"], p["C_f"], p["c_f"], x, u), cost.evaluate(x, u))
-    # Costates are the adjoint of the rollout: λ_0 is the gradient of the cost in x0.
-    x0 = p["x0"].clone().requires_grad_()
+    # Costates are the adjoint of the rollout: λ_0 is the gradient of the cost in x0 and the
+    # reduced gradient that in u, the controls held / the states eliminated.
+    x0, u = p["x0"].clone().requires_grad_(), u.clone().requires_grad_()
     J = lq.quadratic_cost(p["C"], p["c"], p["C_f"], p["c_f"], lq.rollout(p["F"], p["f"], x0, u), u)
-    (grad,) = torch.autograd.grad(J.sum(), x0)
-    close(lq.costates(p["C"], p["c"], p["C_f"], p["c_f"], p["F"], x, u)[:, 0], grad)
+    grad_x0, grad_u = torch.autograd.grad(J.sum(), (x0, u))
+    q, q_f = lq.cost_gradients(p["C"], p["c"], p["C_f"], p["c_f"], x, u.detach())
+    lam = lq.costates(q, q_f, p["F"])
+    close(lam[:, 0], grad_x0)
+    close(lq.reduced_gradient(q, p["F"], lam), grad_u)
 
 
 @given(dims)
