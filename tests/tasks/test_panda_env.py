@@ -219,6 +219,21 @@ def test_nominal_model_steps_like_the_env(env):
     np.testing.assert_array_equal(np.concatenate([data.qpos, data.qvel]), obs["observation"])
 
 
+def test_mujoco_dynamics_of_the_nominal_model_predicts_the_env(env):
+    import torch
+
+    from diffto.layers.mujoco_dynamics import MujocoDynamics
+
+    obs, _ = env.reset(seed=9)
+    dynamics = MujocoDynamics(env.nominal_model(), substeps=env.substeps)
+    assert dynamics.dt == pytest.approx(env.control_dt)
+    np.testing.assert_array_equal(dynamics.u_upper.numpy(), panda.TORQUE_LIMITS)
+    tau = np.linspace(-5.0, 5.0, 7)
+    x_next = dynamics(torch.tensor(env.state)[None], torch.tensor(tau)[None])[0].numpy()
+    obs, *_ = env.step(env.torque_to_action(tau))
+    np.testing.assert_allclose(x_next, obs["observation"], rtol=0, atol=1e-12)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "name"),
     [
