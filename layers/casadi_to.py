@@ -617,9 +617,11 @@ class CasadiTO(nn.Module):
         cost uses (see :mod:`diffto.layers.casadi`)."""
         dtype = torch.promote_types(x0.dtype, torch.float32)
         W = torch.as_tensor(w, dtype=dtype, device=x0.device)
-        x, u = self.layout.plan(x0.detach().to(dtype), W)
-        H, _, H_f, _ = cost.derivatives(x, u, "exact")
-        H_w = self.layout.hessian(H.detach(), H_f.detach())
+        if torch.is_grad_enabled():
+            H, _, H_f, _ = cost.derivatives(*self.layout.plan(x0.detach().to(dtype), W), "exact")
+            H_w = self.layout.hessian(H.detach(), H_f.detach())
+        else:  # no backward pass will ask for it
+            H_w = W.new_zeros(W.shape[0], self.layout.n_w, self.layout.n_w)
         with torch.enable_grad():
             W = W.requires_grad_(True)
             J = cost.evaluate(*self.layout.plan(x0.to(dtype), W))
