@@ -27,10 +27,11 @@ used with ``cost_regularization = ε > 0``, which solves the problem with ``C + 
 stage residuals ``r(x_t, u_t) (B, T, r)`` and terminal residual become the error vector, and
 their Jacobians ``∂r_t/∂τ_t`` (by autograd, per stage) enter the same forward sensitivities.
 A :class:`~diffto.NonlinearCost` is refused with a ``ValueError``: Theseus minimizes sums of
-squared residuals, and the only residual of a general ``ℓ ≥ 0`` is ``√(2ℓ)``, which is not
-differentiable where ``ℓ = 0`` (at the goal, where a tracking cost ends) and turns Gauss-Newton
-into a method that stalls there; a cost that is a sum of squares should say so as a
-``LeastSquaresCost``, and any other cost goes to ``MPC`` or ``CasadiTO`` (exact Hessians).
+squared residuals, and a general ``ℓ`` offers none. The generic one, ``√(2ℓ)``, needs
+``ℓ ≥ 0``, is not differentiable where ``ℓ = 0`` (at the goal, where a tracking cost ends) and
+makes Gauss-Newton stall there; its Jacobian also carries none of ``ℓ``'s curvature. A cost that
+is a sum of squares should say so as a ``LeastSquaresCost``; any other cost goes to ``MPC`` or
+``CasadiTO``, which use its exact Hessians.
 
 **Backward modes** (``backward=``, a string so YAML configs can set it):
 
@@ -400,7 +401,7 @@ class TheseusTO(nn.Module):
     the constructor's) and ``u_init (B, T, m)`` (zeros if ``None``; with a least-squares cost
     and a dynamics module that does not reveal ``m`` through a ``u_lower`` attribute, pass
     it). ``Solution.extras``: ``costates (B, T+1, n)`` (``λ_t = ∂J/∂x_t`` along the rollout,
-    MPC's sign convention), ``status`` (Theseus status name per row), ``grad_norm (B,)``
+    MPC's sign convention), ``status`` (Theseus status name per row), ``residual (B,)``
     (``‖∇_U J‖_∞`` at the plan), ``error (B,)`` (Theseus's final error); none carries
     gradients.
 
@@ -623,7 +624,7 @@ class TheseusTO(nn.Module):
         extras = {
             "costates": costates,
             "status": status,
-            "grad_norm": grad_norm,
+            "residual": grad_norm,
             "error": info.last_err.detach(),
         }
         return Solution(x, u, cost.evaluate(x, u), converged, iters, extras)
