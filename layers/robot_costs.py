@@ -103,6 +103,15 @@ def _weight_rows(name: str, w: Tensor, B: int, like: Tensor) -> Tensor:
     return w.reshape(-1, 1)
 
 
+def _check_chain(chain) -> None:
+    if not isinstance(chain, KinematicChain):
+        raise ValueError(f"chain must be a KinematicChain, got {type(chain).__name__}")
+    if chain.analytical_grad:
+        raise ValueError("chain must be built with analytical_grad=False: the solvers need exact "
+                         "second derivatives of the cost, which pytorch-kinematics' analytical "
+                         "FK backward does not give")
+
+
 def _joints(chain: KinematicChain, x: Tensor, n_state: int | None) -> Tensor:
     k = chain.n_joints
     if n_state is not None and x.shape[-1] != n_state:
@@ -113,10 +122,48 @@ def _joints(chain: KinematicChain, x: Tensor, n_state: int | None) -> Tensor:
     return x[..., :k]
 
 
-def _fk(chain: KinematicChain, q: Tensor) -> Tensor:
-    """End poses ``(*rows, 4, 4)`` for joint angles ``q (*rows, k)``."""
+class _EndPose(torch.autograd.Function):
+    """End position ``p (N, 3)`` and rotation ``R (N, 3, 3)`` of ``q (N, k)``, with a backward
+    through the geometric Jacobian ``J = [J_v; J_ω] (N, 6, k)`` of the chain.
+
+    ``∂p/∂q_i = J_v[:, i]`` and ``∂R/∂q_i = [J_ω[:, i]]_× R``, so for cotangents ``ḡ_p``,
+    ``Ḡ_R``:  ``q̄_i = J_v[:, i]·ḡ_p + Σ_b Ḡ_R[:, b]·(J_ω[:, i] × R[:, b])
+    = J_v[:, i]·ḡ_p + J_ω[:, i]·s`` with ``s = Σ_b R[:, b] × Ḡ_R[:, b]``.
+
+    Why: the layers differentiate a residual row by row with one reverse pass per residual
+    entry; through pytorch-kinematics' FK graph each pass costs a full FK backward and the
+    passes cannot be batched. This backward is a few batched products (it runs under ``vmap``,
+    so all passes go at once), and it recomputes ``J`` with plain autograd, so it is itself
+    differentiable: second derivatives stay exact.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(q: Tensor, chain: KinematicChain) -> tuple[Tensor, Tensor]:
+        pose = chain.forward_kinematics(q)
+        return pose[:, :3, 3], pose[:, :3, :3]
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        q, chain = inputs
+        ctx.chain = chain
+        ctx.save_for_backward(q, output[1])
+
+    @staticmethod
+    def backward(ctx, g_p: Tensor, g_R: Tensor):
+        q, R = ctx.saved_tensors
+        J = ctx.chain.jacobian(q)  # (N, 6, k), graph kept when differentiating twice
+        s = torch.linalg.cross(R, g_R, dim=-2).sum(-1)  # Σ_b R[:, b] × Ḡ_R[:, b], (N, 3)
+        g_q = (J[:, :3] * g_p.unsqueeze(-1)).sum(-2) + (J[:, 3:] * s.unsqueeze(-1)).sum(-2)
+        return g_q, None
+
+
+def _end_pose(chain: KinematicChain, q: Tensor) -> tuple[Tensor, Tensor]:
+    """End positions ``(*rows, 3)`` and rotations ``(*rows, 3, 3)`` of ``q (*rows, k)``."""
     rows = q.shape[:-1]
-    return chain.forward_kinematics(q.reshape(-1, q.shape[-1])).reshape(*rows, 4, 4)
+    p, R = _EndPose.apply(q.reshape(-1, q.shape[-1]), chain)
+    return p.reshape(*rows, 3), R.reshape(*rows, 3, 3)
 
 
 # ----------------------------------------------------------------------------- ee pose
@@ -165,8 +212,7 @@ def ee_pose_cost(
         A ``LeastSquaresCost`` with residuals ``(B, T, 3 [+9] + (n − k) + m)`` and terminal
         residuals ``(B, 3 [+9] + (n − k))``; differentiable in the goals and the weights.
     """
-    if not isinstance(chain, KinematicChain):
-        raise ValueError(f"chain must be a KinematicChain, got {type(chain).__name__}")
+    _check_chain(chain)
     goal_pos = _tensor("goal_pos", goal_pos, "(3,) or (B, 3)", (3,))
     if goal_quat is not None:
         goal_quat = _tensor("goal_quat", goal_quat, "(4,) or (B, 4)", (4,))
@@ -184,12 +230,12 @@ def ee_pose_cost(
     def pose_residual(x: Tensor) -> Tensor:
         """``x (B, T, n)`` -> ``(B, T, 3 [+9] + n − k)``, weights applied."""
         B = x.shape[0]
-        pose = _fk(chain, _joints(chain, x, n_state))  # (B, T, 4, 4)
+        p, R = _end_pose(chain, _joints(chain, x, n_state))  # (B, T, 3), (B, T, 3, 3)
         parts = [_sqrt_weight("position_weight", w_p, B, x)
-                 * (pose[..., :3, 3] - _rows("goal_pos", goal_pos, B, x, 1))]
+                 * (p - _rows("goal_pos", goal_pos, B, x, 1))]
         if goal_quat is not None:
             R_goal = _rows("goal_quat", quat_to_matrix(goal_quat.to(x.dtype)), B, x, 2)
-            err = (pose[..., :3, :3] - R_goal).flatten(-2)  # (B, T, 9)
+            err = (R - R_goal).flatten(-2)  # (B, T, 9)
             parts.append(_sqrt_weight("orientation_weight", w_o, B, x) * err / math.sqrt(2.0))
         parts.append(_sqrt_weight("velocity_weight", w_v, B, x) * x[..., chain.n_joints :])
         return torch.cat(parts, -1)
@@ -260,10 +306,11 @@ def sphere_obstacle_cost(
         A ``NonlinearCost``; differentiable in the centres, radii and weight.
     """
     if isinstance(points, KinematicChain):
+        _check_chain(points)
         chain = points
 
         def points_fn(x: Tensor) -> Tensor:
-            return chain.position(_joints(chain, x, None)).unsqueeze(1)  # (N, 1, 3)
+            return _end_pose(chain, _joints(chain, x, None))[0].unsqueeze(1)  # (N, 1, 3)
     elif callable(points):
         points_fn = points
     else:

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from diffto import LeastSquaresCost, NonlinearCost
 from diffto.layers import MPC
-from diffto.layers.kinematics import KinematicChain
+from diffto.layers.kinematics import KinematicChain, quat_to_matrix
 from diffto.layers.robot_costs import ee_pose_cost, joint_limit_cost, sphere_obstacle_cost
 
 # A spatial 3R arm: base yaw, shoulder and elbow pitch, a tool site offset and rotated.
@@ -121,9 +121,24 @@ def test_ee_cost_gradients_match_finite_differences(chain):
 
     inputs = tuple(t.clone().requires_grad_(True) for t in (x, u, goal, quat, wp, wo))
     assert torch.autograd.gradcheck(f, inputs)
+    # second order too (the FK backward goes through the geometric Jacobian, itself by autograd)
+    assert torch.autograd.gradgradcheck(f, inputs, fast_mode=True)
     # what the solvers use: exact derivatives of the stages, and the Gauss-Newton model
     cost = ee_pose_cost(chain, goal, quat, velocity_weight=0.1)
     H, g, H_f, g_f = cost.derivatives(x, u, "exact")
+    # against plain autograd through pytorch-kinematics' own FK graph
+    R_goal = quat_to_matrix(quat)[0]
+
+    def stage(tau):  # one stage's cost, tau = [x_t; u_t] (7,)
+        pose = chain.forward_kinematics(tau[None, :K])[0]
+        return (0.5 * (pose[:3, 3] - goal[b]).pow(2).sum()
+                + 0.25 * (pose[:3, :3] - R_goal).pow(2).sum()
+                + 0.05 * tau[K : 2 * K].pow(2).sum() + 0.5e-3 * tau[2 * K :].pow(2).sum())
+
+    for b in range(B):
+        tau = torch.cat([x[b, 1], u[b, 1]])
+        torch.testing.assert_close(H[b, 1], torch.autograd.functional.hessian(stage, tau))
+        torch.testing.assert_close(g[b, 1], torch.func.grad(stage)(tau))
     Hgn, g2, _, _ = cost.derivatives(x, u, "convex")
     torch.testing.assert_close(g, g2)
     assert H.shape == (B, T, 2 * K + 1, 2 * K + 1) and H_f.shape == (B, 2 * K, 2 * K)
@@ -154,6 +169,7 @@ def test_ee_cost_errors(chain):
     goal = torch.zeros(3)
     for kwargs, match in [
         (dict(chain="arm"), "chain must be a KinematicChain"),
+        (dict(chain=KinematicChain(ARM_XML, "tool", analytical_grad=True)), "analytical_grad"),
         (dict(goal_pos=torch.zeros(2)), r"goal_pos must have shape \(3,\) or \(B, 3\)"),
         (dict(goal_pos=torch.zeros(3, dtype=torch.long)), "goal_pos must be a floating-point"),
         (dict(goal_pos=torch.full((3,), float("nan"))), "goal_pos"),
