@@ -15,11 +15,12 @@ are only regularized.
 
 Goals, centres and weights are closed over, not copied: a goal ``(B, 3)`` produced by a policy
 network, or a weight that requires grad, receives the gradients of a plan through the
-solvers' implicit backward. Everything is evaluated through pytorch-kinematics FK with plain
-autograd (:class:`~diffto.layers.kinematics.KinematicChain`, ``analytical_grad=False``): the
-layers need these costs twice differentiable, and they differentiate them row by row with
-reverse passes (no ``vmap`` needed). Batch sizes: a goal or weight of batch 1 (or unbatched)
-serves every row; one of batch ``B`` must meet plans of batch ``B``.
+solvers' implicit backward. Poses come from pytorch-kinematics FK
+(:class:`~diffto.layers.kinematics.KinematicChain`, ``analytical_grad=False``) with a backward
+through the chain's geometric Jacobian: the layers differentiate these costs twice, row by row,
+and that backward lets all reverse passes of one derivative run as one batched pass.
+Batch sizes: a goal or weight of batch 1 (or unbatched) serves every row; one of batch ``B``
+must meet plans of batch ``B``.
 
 Barriers (obstacles, joint limits) are the cubic hinge ``w · (max(0, s) / margin)³`` of a
 penetration ``s`` into a safety band of width ``margin``: exactly zero outside the band, ``w``
