@@ -581,6 +581,7 @@ class CasadiTO(nn.Module):
         chain = False if u_init is not None else built.nlp.warm_start
         bounds_np = tuple(b.detach().cpu().double().numpy() for b in bounds)
         if kind == "general":
+            self._check_cost(cost, x0, w_init)
             built.objective.bind(cost, x0, w_init)
             try:
                 solved = solve_nlp(built.nlp, p_np, w_init, chain, bounds_np)
@@ -610,6 +611,24 @@ class CasadiTO(nn.Module):
             out.append(torch.cat([x_rows.expand(b, -1), u_rows.expand(b, -1)], -1))
         zeros = like.new_zeros(1, T * n)
         return [out[0], out[1], zeros, zeros]
+
+    def _check_cost(self, cost: Any, x0: Tensor, w_init: np.ndarray) -> None:
+        """Evaluate a torch cost once at the initial guess, so that a cost that does not fit
+        the batch fails here, in torch, rather than inside IPOPT's callback."""
+        B, T, n, m = x0.shape[0], self.T, self.n, self.m
+        W = torch.as_tensor(w_init, dtype=torch.float64, device=x0.device)
+        try:
+            with torch.no_grad():
+                J = cost.evaluate(*self.layout.plan(x0.detach().double(), W))
+        except (RuntimeError, IndexError) as err:
+            raise ValueError(
+                f"cost could not be evaluated on plans x ({B}, {T + 1}, {n}), u ({B}, {T}, {m}): "
+                f"{err}"
+            ) from err
+        if not isinstance(J, Tensor) or J.shape != (B,):
+            shape = tuple(J.shape) if isinstance(J, Tensor) else type(J).__name__
+            raise ValueError(f"cost.evaluate must return shape ({B},), got {shape}")
+        check_finite("cost at the initial guess", J)
 
     def _external(self, cost: Any, x0: Tensor, w: np.ndarray) -> tuple[Tensor, Tensor, Tensor]:
         """A torch cost's part of the KKT sensitivity at ``w* (B, n_w)``: its Hessian in ``w``

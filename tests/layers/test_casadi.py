@@ -399,3 +399,7 @@ def test_call_contract():
                                                     torch.ones(1, dtype=D), 3)[1])
     with pytest.raises(ValueError, match="n and m are required"):
         CasadiTO(pendulum_ca, 3)
+    goal = torch.zeros(3, 2, dtype=D)  # batch 3 against x0's 2
+    wrong = NonlinearCost(lambda x, u: (x - goal[:, None]).square().sum(-1) + u.square().sum(-1))
+    with pytest.raises(ValueError, match="cost could not be evaluated"):
+        fixed(x0, wrong)
