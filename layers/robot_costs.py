@@ -104,6 +104,11 @@ def _weight_rows(name: str, w: Tensor, B: int, like: Tensor) -> Tensor:
     return w.reshape(-1, 1)
 
 
+def _is_zero(weight) -> bool:
+    """A weight given as the number 0 (a tensor is kept: it may be learned)."""
+    return not isinstance(weight, Tensor) and float(weight) == 0.0
+
+
 def _check_chain(chain) -> None:
     if not isinstance(chain, KinematicChain):
         raise ValueError(f"chain must be a KinematicChain, got {type(chain).__name__}")
@@ -206,12 +211,14 @@ def ee_pose_cost(
         position_weight, orientation_weight, control_weight, velocity_weight: ``w_p``, ``w_o``,
             ``w_u``, ``w_v``: floats or ``()`` / ``(B,)`` tensors, ``>= 0`` (``> 0`` where a
             weight needs its own gradient: the residuals carry ``√w``).
+            A weight given as the float ``0`` drops its block from the residuals (fewer
+            entries to differentiate); a tensor weight always keeps it.
         terminal_weight: ``w_T``, the factor of the terminal residual; ``0`` (a float) drops it.
         n_state: if given, the state dimension every call must have (``n >= k``).
 
     Returns:
-        A ``LeastSquaresCost`` with residuals ``(B, T, 3 [+9] + (n − k) + m)`` and terminal
-        residuals ``(B, 3 [+9] + (n − k))``; differentiable in the goals and the weights.
+        A ``LeastSquaresCost`` with residuals ``(B, T, 3 [+9] [+ n − k] [+ m])`` and terminal
+        residuals ``(B, 3 [+9] [+ n − k])``; differentiable in the goals and the weights.
     """
     _check_chain(chain)
     goal_pos = _tensor("goal_pos", goal_pos, "(3,) or (B, 3)", (3,))
@@ -238,10 +245,13 @@ def ee_pose_cost(
             R_goal = _rows("goal_quat", quat_to_matrix(goal_quat.to(x.dtype)), B, x, 2)
             err = (R - R_goal).flatten(-2)  # (B, T, 9)
             parts.append(_sqrt_weight("orientation_weight", w_o, B, x) * err / math.sqrt(2.0))
-        parts.append(_sqrt_weight("velocity_weight", w_v, B, x) * x[..., chain.n_joints :])
+        if not _is_zero(velocity_weight):
+            parts.append(_sqrt_weight("velocity_weight", w_v, B, x) * x[..., chain.n_joints :])
         return torch.cat(parts, -1)
 
     def residual(x: Tensor, u: Tensor) -> Tensor:
+        if _is_zero(control_weight):
+            return pose_residual(x)
         control = _sqrt_weight("control_weight", w_u, u.shape[0], u) * u
         return torch.cat([pose_residual(x), control], -1)
 
@@ -249,8 +259,7 @@ def ee_pose_cost(
         r = pose_residual(xT.unsqueeze(1))  # (B, 1, r_f)
         return (_sqrt_weight("terminal_weight", w_T, xT.shape[0], xT) * r)[:, 0]
 
-    drop_terminal = not isinstance(terminal_weight, Tensor) and float(terminal_weight) == 0.0
-    return LeastSquaresCost(residual, None if drop_terminal else terminal_residual)
+    return LeastSquaresCost(residual, None if _is_zero(terminal_weight) else terminal_residual)
 
 
 # ----------------------------------------------------------------------------- barriers

@@ -159,6 +159,14 @@ def test_ee_goals_and_weights_broadcast(chain):
     no_terminal = ee_pose_cost(chain, goal, terminal_weight=0.0)
     r, r_f = no_terminal.residuals(x, u)
     assert r.shape == (B, T, 3 + 2) and r_f is None
+    # weights given as the number 0 drop their blocks; tensor zeros keep them
+    xv = torch.cat([x, torch.ones(B, T + 1, 2, dtype=F64)], -1)
+    lean = ee_pose_cost(chain, goal, control_weight=0, velocity_weight=0.0)
+    assert lean.residuals(xv, u)[0].shape == (B, T, 3)
+    torch.testing.assert_close(lean.evaluate(xv, u), ee_pose_cost(
+        chain, goal, control_weight=torch.tensor(0.0), velocity_weight=0.0).evaluate(xv, u))
+    assert ee_pose_cost(chain, goal, velocity_weight=torch.tensor(0.0)).residuals(xv, u)[0].shape \
+        == (B, T, 3 + 2 + 2)
     with pytest.raises(ValueError, match="goal_pos has batch 2 but the plan has batch 3"):
         ee_pose_cost(chain, torch.zeros(2, 3, dtype=F64)).evaluate(x, u)
     with pytest.raises(ValueError, match="position_weight has batch 2"):
