@@ -334,15 +334,23 @@ def test_mpc_with_an_ee_goal_reaches_it(chain):
     T, dt = 25, 0.08
     dyn = JointDoubleIntegrator(K, dt)
     q_goal = torch.tensor([[0.6, -0.5, 1.0], [-0.8, 0.4, -0.9]], dtype=F64)
-    goal = chain.position(q_goal)
+    pose = chain.forward_kinematics(q_goal)
+    goal = pose[:, :3, 3]
+    quat = np.zeros((2, 4))
+    for b in range(2):  # a reachable orientation: the one at q_goal
+        mujoco.mju_mat2Quat(quat[b], pose[b, :3, :3].reshape(9).numpy())
     x0 = torch.cat([torch.tensor([[0.0, 0.2, 0.3]], dtype=F64).expand(2, K),
                     torch.zeros(2, K, dtype=F64)], -1)
-    cost = (ee_pose_cost(chain, goal, position_weight=50.0, velocity_weight=0.05,
-                         control_weight=1e-3, terminal_weight=20.0)
+    cost = (ee_pose_cost(chain, goal, torch.from_numpy(quat), position_weight=50.0,
+                         orientation_weight=5.0, velocity_weight=0.05, control_weight=1e-3,
+                         terminal_weight=20.0)
             + joint_limit_cost(chain.lower, chain.upper, margin=0.1, weight=1.0))
     mpc = MPC(dyn, horizon=T, u_lower=-10.0, u_upper=10.0, max_iter=100)
     sol = mpc(x0, cost)
     assert sol.converged.all(), sol.extras.get("residual")
-    err = (chain.position(sol.x[:, -1, :K]) - goal).norm(dim=-1)
+    final = chain.forward_kinematics(sol.x[:, -1, :K])
+    err = (final[:, :3, 3] - goal).norm(dim=-1)
     assert err.max() < 5e-3, err
+    cos = ((final[:, :3, :3] * pose[:, :3, :3]).sum((-1, -2)) - 1) / 2  # cos of the angle
+    assert cos.min() > math.cos(0.02), cos
     assert sol.x[:, -1, K:].abs().max() < 0.1  # it arrives nearly at rest
