@@ -126,7 +126,9 @@ class MujocoDynamics(nn.Module):
     ``mjWARN_BADQPOS`` / ``BADQVEL`` / ``BADCTRL``), when its implied acceleration ``Δv / h``
     is (``mjWARN_BADQACC``), or when MuJoCo stopped it with any other warning before its last
     substep (a full contact or constraint buffer; ``mujoco.rollout`` stops a row at a warning).
-    Inputs that are not finite are a caller's error and raise ``ValueError``. MuJoCo's
+    A NaN or infinite input gives a NaN row as well rather than a ``ValueError``: a solver
+    keeps stepping a row that has failed (its state is NaN from then on), and one failed row
+    must not stop the batch. Shapes and dtypes are checked (``ValueError``). MuJoCo's
     automatic reset on bad values is disabled in the module's copy of the model, so a bad
     state is reported, not replaced by ``qpos0``.
 
@@ -213,7 +215,7 @@ class MujocoDynamics(nn.Module):
         ``u (N, m)``, chained over the substeps; in ``x``'s dtype and device, not
         differentiable; NaN in the rows where :meth:`forward` gives NaN."""
         self._check(x, u)
-        xn, un = self._numpy_inputs(x, u)
+        xn, un = _to_numpy(x), _to_numpy(u)
         # The states each substep starts from, and the failed rows, by the same rollout as
         # forward (a few percent of the cost of the differences).
         path, bad = self._simulate(xn, un)
@@ -223,14 +225,14 @@ class MujocoDynamics(nn.Module):
 
     # ------------------------------------------------------------------ internals
     def _step(self, x: Tensor, u: Tensor) -> Tensor:
-        path, bad = self._simulate(*self._numpy_inputs(x, u))
+        path, bad = self._simulate(_to_numpy(x), _to_numpy(u))
         out = path[:, -1]
         out[bad] = np.nan
         return _to_torch(out, x)
 
     def _check(self, x: Tensor, u: Tensor) -> None:
-        """Shapes and dtypes (cheap, on the tensors); finiteness is checked on the float64
-        copies MuJoCo reads (:meth:`_numpy_inputs`)."""
+        """Shapes and dtypes; non-finite entries are failed rows, not errors (see the class
+        docstring)."""
         for name, value, dim in (("x", x, self.n_state), ("u", u, self.n_ctrl)):
             if not isinstance(value, Tensor) or value.dim() != 2 or value.shape[-1] != dim:
                 shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
@@ -241,13 +243,6 @@ class MujocoDynamics(nn.Module):
             raise ValueError(
                 f"x and u must share the batch size N, got {x.shape[0]} and {u.shape[0]}"
             )
-
-    def _numpy_inputs(self, x: Tensor, u: Tensor) -> tuple[np.ndarray, np.ndarray]:
-        xn, un = _to_numpy(x), _to_numpy(u)
-        for name, value in (("x", xn), ("u", un)):
-            if not np.isfinite(value).all():
-                raise ValueError(f"{name} must be finite, got NaN or inf entries")
-        return xn, un
 
     def _simulate(self, x: np.ndarray, u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """States after each substep ``(N, s, n)`` and the failed rows ``(N,)`` bool, from
@@ -381,9 +376,10 @@ def _control_limits(model: mujoco.MjModel) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _bad_inputs(x: np.ndarray, u: np.ndarray) -> np.ndarray:
-    """Rows ``(N,)`` that MuJoCo's own checks would reject (``|v| > mjMAXVAL``)."""
-    return (np.maximum(np.abs(x).max(-1, initial=0.0), np.abs(u).max(-1, initial=0.0))
-            > _MAXVAL)
+    """Rows ``(N,)`` that MuJoCo's own checks would reject (NaN, ±inf, ``|v| > mjMAXVAL``);
+    written ``~(a <= b)`` so that NaN counts as bad."""
+    return ~(np.maximum(np.abs(x).max(-1, initial=0.0), np.abs(u).max(-1, initial=0.0))
+             <= _MAXVAL)
 
 
 def _to_numpy(t: Tensor) -> np.ndarray:
