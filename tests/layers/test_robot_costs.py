@@ -354,3 +354,32 @@ def test_mpc_with_an_ee_goal_reaches_it(chain):
     cos = ((final[:, :3, :3] * pose[:, :3, :3]).sum((-1, -2)) - 1) / 2  # cos of the angle
     assert cos.min() > math.cos(0.02), cos
     assert sol.x[:, -1, K:].abs().max() < 0.1  # it arrives nearly at rest
+
+
+def test_mpc_plan_gradient_reaches_the_goal_and_weights(chain):
+    """d(plan)/d(goal, weight) through the MPC's implicit backward equals central differences
+    of re-solves: the closed-over goal and weight get exact gradients."""
+    T, dt = 8, 0.12
+    dyn = JointDoubleIntegrator(K, dt)
+    x0 = torch.tensor([[0.1, 0.2, 0.3, 0.0, 0.0, 0.0]], dtype=F64)
+    goal0 = chain.position(torch.tensor([[0.5, -0.3, 0.9]], dtype=F64))[0]
+    mpc = MPC(dyn, horizon=T, max_iter=200, tol=1e-11)
+    probe = torch.from_numpy(np.random.default_rng(3).normal(size=(T, K)))
+
+    def loss(goal, w):
+        cost = ee_pose_cost(chain, goal, position_weight=w, velocity_weight=0.1,
+                            control_weight=1e-2, terminal_weight=5.0)
+        sol = mpc(x0, cost)
+        assert sol.converged.all()
+        return (sol.u[0] * probe).sum()
+
+    goal = goal0.clone().requires_grad_(True)
+    w = torch.tensor(20.0, dtype=F64, requires_grad=True)
+    g_goal, g_w = torch.autograd.grad(loss(goal, w), (goal, w))
+    eps = 1e-5
+    with torch.no_grad():
+        fd_goal = torch.stack([(loss(goal0 + eps * e, w) - loss(goal0 - eps * e, w)) / (2 * eps)
+                               for e in torch.eye(3, dtype=F64)])
+        fd_w = (loss(goal0, w + eps) - loss(goal0, w - eps)) / (2 * eps)
+    torch.testing.assert_close(g_goal, fd_goal, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(g_w, fd_w, rtol=1e-5, atol=1e-7)
