@@ -146,7 +146,8 @@ class MujocoDynamics(nn.Module):
     Args:
         model: a ``mujoco.MjModel`` with hinge and slide joints only, no actuator activations,
             at least one actuator. The module keeps its own copy (taken here): later edits of
-            ``model`` do not reach it; edit :attr:`model` instead.
+            ``model`` do not reach it; edit :attr:`model` instead (sizes and ``ctrlrange``,
+            hence :attr:`u_lower` / :attr:`u_upper`, are read here once).
         substeps: physics steps per call, ``>= 1``.
         eps: finite-difference step of ``mjd_transitionFD``, ``> 0``.
         centered: centered (``True``) or forward differences.
@@ -194,8 +195,11 @@ class MujocoDynamics(nn.Module):
         self.timestep = float(model.opt.timestep)
         self.dt = substeps * self.timestep
         lower, upper = _control_limits(self.model)
-        self.register_buffer("u_lower", torch.as_tensor(lower, dtype=torch.float64))
-        self.register_buffer("u_upper", torch.as_tensor(upper, dtype=torch.float64))
+        # Buffers so that .to() moves them; not in state_dict: they follow from the model.
+        self.register_buffer("u_lower", torch.as_tensor(lower, dtype=torch.float64),
+                             persistent=False)
+        self.register_buffer("u_upper", torch.as_tensor(upper, dtype=torch.float64),
+                             persistent=False)
         self._data = [mujoco.MjData(self.model) for _ in range(max(nthread, 1))]
         self._runner = self._pool = None  # created on first use; not pickled
 
