@@ -1,6 +1,7 @@
 """MujocoDynamics: steps against the analytic pendulum, finite-difference Jacobians against
 the module's own steps and the analytic Jacobians, autograd, substeps, dtype/device paths,
-failed rows and bad input."""
+failed rows and bad input; MPC over it against the analytic pendulum's MPC (plans, plan
+gradients with the dropped dynamics curvature measured, failed rows)."""
 
 import copy
 import math
