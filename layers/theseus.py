@@ -122,6 +122,23 @@ class _Problem:
         self.param_names: list[str] = []
         self.res_dim = 0  # length of the residual vector, set by the layer
         self.B = 0
+        self.rows: Tensor | None = None  # see subset()
+
+    def subset(self, rows: Tensor) -> _Problem:
+        """The same problem restricted to the batch rows ``rows`` (theta sliced by
+        :meth:`take`): dynamics run on those rows only; a general cost, whose tensors may have
+        the full batch, is evaluated on the full batch with the other rows at zero."""
+        sub = _Problem(self.dynamics, self.cost, self.T, self.n, self.m)
+        sub.quadratic, sub.n_cost, sub.cost = self.quadratic, self.n_cost, self.cost
+        sub.param_names, sub.res_dim, sub.B = self.param_names, self.res_dim, self.B
+        sub.rows = rows
+        return sub
+
+    def take(self, theta: tuple[Tensor, ...], rows: Tensor) -> tuple[Tensor, ...]:
+        """``theta`` with its batched entries restricted to ``rows`` (module parameters are
+        shared and stay whole)."""
+        n_batched = 1 + self.n_cost + (2 if isinstance(self.dynamics, LinearDynamics) else 0)
+        return tuple(t[rows] if i < n_batched else t for i, t in enumerate(theta))
 
     def rollout(self, U: Tensor, theta: tuple[Tensor, ...], functional: bool = False,
                 eps: Tensor | None = None) -> Tensor:
@@ -159,6 +176,11 @@ class _Problem:
         """The trajectory cost ``J (B,)`` of controls ``U (B, T·m)``."""
         x = self.rollout(U, theta, functional, eps)
         u = U.reshape(U.shape[0], self.T, self.m)
+        if not self.quadratic and self.rows is not None:
+            full = (self.B, *x.shape[1:]), (self.B, *u.shape[1:])
+            x = x.new_zeros(full[0]).index_put((self.rows,), x)
+            u = u.new_zeros(full[1]).index_put((self.rows,), u)
+            return self.cost.evaluate(x, u)[self.rows]
         if not self.quadratic:
             return self.cost.evaluate(x, u)
         _, C, c, C_f, c_f = theta[:5]
@@ -403,7 +425,9 @@ class TheseusTO(nn.Module):
     it). ``Solution.extras``: ``costates (B, T+1, n)`` (``λ_t = ∂J/∂x_t`` along the rollout,
     MPC's sign convention), ``status`` (Theseus status name per row), ``residual (B,)``
     (``‖∇_U J‖_∞`` at the plan), ``error (B,)`` (Theseus's final error); none carries
-    gradients.
+    gradients. A row whose plan is not finite (the dynamics returned NaN, say) is flagged, its
+    cost is NaN, and with ``backward="implicit"`` it contributes zero gradient, to its own
+    inputs and to tensors the rows share.
 
     Example::
 
@@ -597,17 +621,14 @@ class TheseusTO(nn.Module):
             with torch.no_grad():
                 problem.res_dim = problem.residuals(U0.detach(), src, factors).shape[-1]
             U_sol, info = self._solve(th, problem, src, factors, U0)
+        x = None
         if implicit:
             U_sol = U_sol.detach()
             if torch.is_grad_enabled():
-                # The stationarity residual with a graph to everything J uses (see
-                # _ImplicitShooting); U* enters as a detached leaf.
-                U_leaf = U_sol.clone().requires_grad_(True)
-                J = problem.objective(U_leaf, theta, functional=False).sum()
-                (G,) = torch.autograd.grad(J, U_leaf, create_graph=True)
-                U_sol = _ImplicitShooting.apply(U_sol, G, problem, theta)
+                U_sol, x = self._implicit(problem, theta, U_sol)
         u = U_sol.reshape(B, T, m)
-        x = problem.rollout(U_sol, theta)
+        x = problem.rollout(U_sol, theta) if x is None else x
+        keep = torch.isfinite(x).flatten(1).all(-1) & torch.isfinite(u).flatten(1).all(-1)
         with torch.enable_grad():
             # ∇_U J (stationarity) and the costates λ_t = ∂J/∂x_t, one reverse pass.
             Ud = U_sol.detach().requires_grad_(True)
@@ -618,7 +639,7 @@ class TheseusTO(nn.Module):
         status = [s.name for s in info.status]
         ok = torch.tensor([s == "CONVERGED" for s in status], device=x.device)
         tol = self.grad_tol or (1e-6 if x.dtype == torch.float64 else 1e-4)
-        converged = ok & (grad_norm <= tol * (1 + J.detach().abs()))
+        converged = ok & keep & (grad_norm <= tol * (1 + J.detach().abs()))
         iters = info.converged_iter.to(x.device).clone()
         iters[iters < 0] = self.max_iter
         extras = {
@@ -627,7 +648,39 @@ class TheseusTO(nn.Module):
             "residual": grad_norm,
             "error": info.last_err.detach(),
         }
-        return Solution(x, u, cost.evaluate(x, u), converged, iters, extras)
+        # The cost of a failed row is evaluated at zeros and replaced by NaN, so that its
+        # (zero) gradient stays finite on the way to tensors the rows share.
+        rows = keep.view(-1, 1, 1)
+        value = cost.evaluate(torch.where(rows, x, 0), torch.where(rows, u, 0))
+        value = torch.where(keep, value, float("nan"))
+        return Solution(x, u, value, converged, iters, extras)
+
+    @staticmethod
+    def _implicit(problem: _Problem, theta: tuple[Tensor, ...], U_sol: Tensor):
+        """The solution ``U* (B, T·m)`` and its rollout ``x (B, T+1, n)`` with the implicit
+        gradient attached (see :class:`_ImplicitShooting`). Rows whose controls or rollout are
+        not finite (an optimizer that diverged, dynamics that returned NaN) are left out: they
+        keep their values, get no gradient and nothing of them reaches another row or a shared
+        tensor (their dynamics are not evaluated again)."""
+        with torch.no_grad():
+            x = problem.rollout(U_sol, tuple(t.detach() for t in theta))
+        bad = ~(torch.isfinite(U_sol).all(-1) & torch.isfinite(x).flatten(1).all(-1))
+        sub, sub_theta, U = problem, theta, U_sol
+        if bad.any():
+            good = (~bad).nonzero().squeeze(-1)
+            if len(good) == 0:
+                return U_sol, x
+            sub, sub_theta, U = problem.subset(good), problem.take(theta, good), U_sol[good]
+        # The stationarity residual with a graph to everything J uses; U* enters as a
+        # detached leaf.
+        U_leaf = U.clone().requires_grad_(True)
+        J = sub.objective(U_leaf, sub_theta, functional=False).sum()
+        (G,) = torch.autograd.grad(J, U_leaf, create_graph=True)
+        U = _ImplicitShooting.apply(U, G, sub, sub_theta)
+        if not bad.any():
+            return U, problem.rollout(U, theta)
+        x_good = sub.rollout(U, sub_theta)
+        return U_sol.index_put((good,), U), x.index_put((good,), x_good)
 
     @staticmethod
     def _factors(cost: QuadraticCost, theta: tuple[Tensor, ...]):

@@ -350,3 +350,39 @@ def test_call_contract():
     with pytest.raises(ValueError, match="u_init"):
         TheseusTO(Pendulum(), 3)(x0, tracking_pair(x0, torch.ones(2, dtype=D),
                                                     torch.ones(1, dtype=D), 3)[1])
+
+
+class Unstable(nn.Module):
+    """``x' = a x + 0.1 u`` that returns NaN once ``|x| > 100`` (a model leaving its domain)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Parameter(torch.tensor(0.9, dtype=D))
+
+    def forward(self, x, u):
+        return self.a * x + 0.1 * u + torch.where(x.abs() > 100, float("nan"), 0.0)
+
+
+def test_failed_row_contributes_zero_gradient():
+    """A row whose dynamics return NaN is flagged; with the loss masked by ``converged`` the
+    gradients of shared tensors (a closed-over goal, a module parameter) equal those of the
+    healthy row solved alone, and the failed row's own x0 gets zero."""
+    out = []
+    for x0 in (torch.tensor([[1.0], [1000.0]], dtype=D), torch.tensor([[1.0]], dtype=D)):
+        goal = torch.tensor([0.5], dtype=D, requires_grad=True)
+        cost = LeastSquaresCost(
+            lambda x, u, goal=goal: torch.cat([x - goal, 0.3 * u], -1),
+            lambda xT, goal=goal: xT - goal,
+        )
+        dyn, x0 = Unstable(), x0.requires_grad_(True)
+        sol = TheseusTO(dyn, 4)(x0, cost, u_init=torch.zeros(x0.shape[0], 4, 1, dtype=D))
+        keep = sol.converged
+        loss = (torch.where(keep.view(-1, 1, 1), sol.u, 0).square().sum()
+                + torch.where(keep, sol.cost, 0).sum())
+        out.append((keep, sol.cost, *torch.autograd.grad(loss, [goal, dyn.a, x0])))
+    (keep, value, g_goal, g_a, g_x0), (_, _, ref_goal, ref_a, ref_x0) = out
+    assert keep.tolist() == [True, False] and torch.isnan(value[1])
+    torch.testing.assert_close(g_goal, ref_goal, atol=1e-12, rtol=0)
+    torch.testing.assert_close(g_a, ref_a, atol=1e-12, rtol=0)
+    torch.testing.assert_close(g_x0, torch.cat([ref_x0, torch.zeros(1, 1, dtype=D)]),
+                               atol=1e-12, rtol=0)
