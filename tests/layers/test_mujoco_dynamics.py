@@ -396,8 +396,9 @@ def test_mpc_bounds_must_lie_inside_ctrlrange():
 # gradient of a plan loss w.r.t. x0 (2, 2) and the goal (2,)) against the analytic
 # pendulum's exact gradients, which match central differences of re-solves of the MuJoCo MPC
 # to 1.5e-6: the largest error is 0.89% of the largest entry (per entry 0.4% to 3.3%, the
-# largest on the smallest entry). The tests allow 3% of the largest entry, and 1e-4 for the
-# analytic reference itself.
+# largest on the smallest entry); over 6 random draws of x0 in [-1, 1]², goal and loss
+# weights the figure ranged 0.2%-4.7%. The tests (this fixed problem) allow 3% of the largest
+# entry, and 1e-4 for the analytic reference itself.
 CURVATURE_TOL = 3e-2
 
 
