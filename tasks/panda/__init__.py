@@ -18,6 +18,7 @@ from diffto.tasks.panda.model import (
     JOINT_LOWER,
     JOINT_NAMES,
     JOINT_UPPER,
+    PAYLOAD_BODY,
     TIMESTEP,
     TORQUE_LIMITS,
     VELOCITY_LIMITS,
@@ -40,6 +41,7 @@ __all__ = [
     "JOINT_NAMES",
     "ACTUATOR_NAMES",
     "FLANGE_SITE",
+    "PAYLOAD_BODY",
     "ARM_MASS",
     "TIMESTEP",
     # kinematics

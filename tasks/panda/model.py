@@ -32,7 +32,8 @@ Options of :func:`model_xml` / :func:`load_model`:
   commanded torque, and the 87 / 12 Nm limits apply to the command. The payload is not
   compensated: it plays the load the robot's gravity model does not know about.
 * ``payload_mass``: a solid sphere (radius :data:`PAYLOAD_RADIUS`) centred at the flange,
-  welded to link 7 (body ``payload``; mass 0 by default, which changes nothing).
+  welded to link 7 (body ``payload``; mass 0 by default, which changes nothing). The model is
+  the arm without Franka's hand; a payload of about 0.73 kg stands in for the hand's mass.
 """
 
 from __future__ import annotations
