@@ -7,7 +7,7 @@ Problems (float64, CPU, one intra-op thread):
   random initial states (the shared problem of ``bench_lqr_mpc.py``). Backends: ``LQR``
   (the exact reference), ``MPC`` (iLQR, ``LinearDynamics``), ``QPMPC`` (cvxpylayers,
   Clarabel, dense derivative), ``TheseusTO`` (Gauss-Newton, ``implicit`` and ``unroll``) and
-  ``CasadiNLP.trajectory`` (IPOPT, ``tol=1e-10``).
+  ``CasadiTO`` (IPOPT, ``tol=1e-10``).
 * ``pendulum``: ``B = 8`` damped-pendulum swing-ups, ``T = 20``, ``dt = 0.1``, unbounded
   torque (so Theseus, which has no inequality constraints, can take part) and a torque-bounded
   variant (MPC and CasADi only). Reference: CasADi/IPOPT. Local optima can differ between
@@ -41,7 +41,7 @@ import casadi as ca
 import torch
 from torch import Tensor, nn
 
-from diffto.layers.casadi import CasadiNLP
+from diffto.layers.casadi_to import CasadiTO
 from diffto.layers.lqr import LQR
 from diffto.layers.mpc import MPC
 from diffto.layers.qp import QPMPC
@@ -168,7 +168,7 @@ def lq_suite(repeats: int) -> dict:
         "QPMPC": lambda: with_dyn(QPMPC(T, n, m)),
         "TheseusTO(implicit)": lambda: TheseusTO(dyn, T),
         "TheseusTO(unroll)": lambda: TheseusTO(dyn, T, backward="unroll"),
-        "CasadiNLP": lambda: with_dyn(CasadiNLP.trajectory(None, T, n, m)),
+        "CasadiTO": lambda: with_dyn(CasadiTO(None, T, n, m)),
     }
     results = {name: run(make, p, repeats) for name, make in makers.items()}
     ref = results["LQR"]
@@ -179,18 +179,18 @@ def pendulum_suite(repeats: int) -> dict:
     p = pendulum_problem()
     B, n, m, T = p["dims"]
     makers = {
-        "CasadiNLP": lambda: CasadiNLP.trajectory(pendulum_ca, T, n, m),
+        "CasadiTO": lambda: CasadiTO(pendulum_ca, T, n, m),
         "MPC": lambda: MPC(Pendulum(), T, max_iter=100, tol=1e-9),
         "TheseusTO(implicit)": lambda: TheseusTO(Pendulum(), T, max_iter=100),
-        "CasadiNLP(|u|<=4)": lambda: CasadiNLP.trajectory(pendulum_ca, T, n, m, u_lower=-4.0,
-                                                          u_upper=4.0),
+        "CasadiTO(|u|<=4)": lambda: CasadiTO(pendulum_ca, T, n, m, u_lower=-4.0,
+                                                 u_upper=4.0),
         "MPC(|u|<=4)": lambda: MPC(Pendulum(), T, u_lower=-4.0, u_upper=4.0, max_iter=100,
                                    tol=1e-9),
     }
     results = {name: run(make, p, repeats) for name, make in makers.items()}
     out = {}
     for name, r in results.items():
-        ref = results["CasadiNLP(|u|<=4)" if "<=" in name else "CasadiNLP"]
+        ref = results["CasadiTO(|u|<=4)" if "<=" in name else "CasadiTO"]
         out[name] = _summary(r, ref)
     return out
 
