@@ -383,3 +383,29 @@ def test_mpc_plan_gradient_reaches_the_goal_and_weights(chain):
         fd_w = (loss(goal0, w + eps) - loss(goal0, w - eps)) / (2 * eps)
     torch.testing.assert_close(g_goal, fd_goal, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(g_w, fd_w, rtol=1e-5, atol=1e-7)
+
+
+def test_mpc_casadi_and_theseus_agree_on_an_ee_goal(chain):
+    """The same ee_pose_cost in the three general-cost layers gives the same plan."""
+    from diffto import LinearDynamics
+    from diffto.layers import CasadiTO
+
+    T = 6
+    dyn = JointDoubleIntegrator(K, 0.15)
+    x0 = torch.tensor([[0.1, 0.2, 0.3, 0.0, 0.0, 0.0]], dtype=F64)
+    goal = chain.position(torch.tensor([[0.5, -0.3, 0.9]], dtype=F64))[0]
+    cost = ee_pose_cost(chain, goal, position_weight=20.0, velocity_weight=0.1,
+                        control_weight=1e-2, terminal_weight=5.0)
+    u_init = torch.zeros(1, T, K, dtype=F64)
+    ref = MPC(dyn, horizon=T, tol=1e-10, max_iter=200)(x0, cost)
+    linear = LinearDynamics(torch.cat([dyn.A, dyn.B], 1).expand(T, 2 * K, 3 * K))
+    casadi = CasadiTO(linear, horizon=T)(x0, cost, u_init=u_init)
+    assert ref.converged.all() and casadi.converged.all()
+    torch.testing.assert_close(casadi.u, ref.u, rtol=0, atol=1e-7)
+    pytest.importorskip("theseus")
+    from diffto.layers import TheseusTO
+
+    theseus = TheseusTO(dyn, horizon=T, max_iter=100)(x0, cost, u_init=u_init)
+    assert theseus.converged.all()
+    torch.testing.assert_close(theseus.u, ref.u, rtol=0, atol=1e-4)
+    torch.testing.assert_close(theseus.cost, ref.cost, rtol=1e-9, atol=0)
