@@ -155,6 +155,13 @@ def test_ee_goals_and_weights_broadcast(chain):
         torch.testing.assert_close(ee_pose_cost(chain, g).evaluate(x, u), ref)
     per_row = ee_pose_cost(chain, goal, position_weight=torch.full((B,), 1.0, dtype=F64))
     torch.testing.assert_close(per_row.evaluate(x, u), ref)
+    # float32 plans: the goal and the chain follow the plan's dtype
+    quat = torch.tensor([1.0, 0.2, 0.0, 0.1], dtype=F64)
+    c64 = ee_pose_cost(chain, goal, quat)
+    v32 = c64.evaluate(x.float(), u.float())
+    assert v32.dtype == torch.float32
+    torch.testing.assert_close(v32, c64.evaluate(x, u).float(), rtol=1e-5, atol=1e-6)
+    assert c64.derivatives(x.float(), u.float(), "convex")[0].dtype == torch.float32
     # terminal_weight=0 drops the terminal residual; position-only goals have 3 + m entries
     no_terminal = ee_pose_cost(chain, goal, terminal_weight=0.0)
     r, r_f = no_terminal.residuals(x, u)
