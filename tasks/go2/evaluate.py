@@ -180,7 +180,7 @@ def evaluate_tracking(
     """Roll out ``policy`` and the open-loop baseline on ``reference``; plot and film them.
 
     Args:
-        policy: PPO module, checkpoint path or callable ``obs -> action``.
+        policy: a trained module with ``act()`` (e.g. PPO) or a callable ``obs -> action``.
         reference: ``ReferenceTrajectory``, ``.npz`` path or motion name.
         out_dir: where ``<name>.png`` and ``<name>.mp4`` go (``None``: write nothing).
         steps: control steps (default: the whole reference).
@@ -302,6 +302,26 @@ class Go2TrackingReport(Callback):
         self._report(trainer, pl_module, "final", video=self.video)
 
 
+def _load_trained_module(ckpt: Path):
+    """The LightningModule a checkpoint was trained with, found by the class path LightningCLI
+    saves among its hyperparameters (so this task module names no learning method)."""
+    import importlib
+
+    import torch
+
+    hparams = torch.load(ckpt, map_location="cpu", weights_only=False).get("hyper_parameters", {})
+    class_path = hparams.get("_class_path")
+    if not isinstance(class_path, str) or "." not in class_path:
+        raise ValueError(
+            f"--checkpoint {str(ckpt)!r} names no module class (no '_class_path' among its "
+            "hyperparameters, as LightningCLI saves): load it with its class's "
+            "load_from_checkpoint and call evaluate_tracking"
+        )
+    module_name, _, class_name = class_path.rpartition(".")
+    cls = getattr(importlib.import_module(module_name), class_name)
+    return cls.load_from_checkpoint(ckpt, map_location="cpu")
+
+
 def main(argv: list[str] | None = None) -> None:
     """``python -m diffto.tasks.go2.evaluate --checkpoint CKPT [--out DIR] ...``"""
     parser = argparse.ArgumentParser(
@@ -321,9 +341,7 @@ def main(argv: list[str] | None = None) -> None:
     ckpt = Path(args.checkpoint)
     if not ckpt.is_file():
         parser.error(f"--checkpoint {str(ckpt)!r} does not exist")
-    from diffto.learning.ppo import PPO
-
-    module = PPO.load_from_checkpoint(ckpt, map_location="cpu")
+    module = _load_trained_module(ckpt)
     kwargs = dict(module.eval_env_kwargs)
     reference = args.reference if args.reference is not None else kwargs.get("reference", "trot")
     reference = resolve_reference(reference, kwargs.get("reference_duration"))
