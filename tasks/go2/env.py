@@ -69,15 +69,12 @@ from diffto.tasks.go2.tracking_config import (
     TrackingConfig,
     restitution_to_damping_ratio,
 )
+from diffto.tasks.rendering import RenderingUnavailableError, make_renderer
 
 __all__ = ["Go2TrackingEnv", "RenderingUnavailableError", "restitution_to_damping_ratio"]
 
 OBS_DIM = 30
 ACTION_DIM = 12
-
-
-class RenderingUnavailableError(RuntimeError):
-    """MuJoCo could not create an offscreen GL context (no display, no OSMesa/EGL)."""
 
 
 def _resolve_reference(reference: Any, config: TrackingConfig) -> ReferenceTrajectory:
@@ -380,7 +377,7 @@ class Go2TrackingEnv(gym.Env):
             return None
         c = self.config
         if self._renderer is None:
-            self._renderer = _make_renderer(self.model, c.render_height, c.render_width)
+            self._renderer = make_renderer(self.model, c.render_height, c.render_width)
         try:
             self._renderer.update_scene(self.data, camera=c.render_camera)
         except Exception as err:
@@ -452,29 +449,6 @@ class Go2TrackingEnv(gym.Env):
         obs[16:28] = self._qvel[6:]
         obs[28:30] = self._phase_enc[self._phase]
         return obs
-
-
-def _make_renderer(model: mujoco.MjModel, height: int, width: int) -> mujoco.Renderer:
-    """A ``mujoco.Renderer``, or :class:`RenderingUnavailableError` saying why there is none."""
-    # MuJoCo fixes its GL back-end (MUJOCO_GL) when it is first imported.
-    backend = mujoco.gl_context.GLContext.__module__.rsplit(".", 1)[-1]
-    advice = ("On a headless Linux machine install OSMesa (Debian: libosmesa6) and set "
-              "MUJOCO_GL=osmesa before anything imports mujoco (the diffto command does; in "
-              "a script, call diffto.tasks.registry.use_osmesa_if_headless() first).")
-    if backend == "glfw" and not os.environ.get("DISPLAY"):
-        raise RenderingUnavailableError(f"MuJoCo uses GLFW but there is no DISPLAY. {advice}")
-    renderer = mujoco.Renderer.__new__(mujoco.Renderer)
-    try:
-        renderer.__init__(model, height, width)
-    except Exception as err:  # GL back-ends raise assorted types
-        # A half-built Renderer would raise again from __del__: give close() what it reads.
-        renderer.__dict__.setdefault("_gl_context", None)
-        renderer.__dict__.setdefault("_mjr_context", None)
-        raise RenderingUnavailableError(
-            f"MuJoCo ({backend} back-end) could not create an offscreen rendering context: "
-            f"{err}. {advice}"
-        ) from err
-    return renderer
 
 
 def _clip(value: float, bounds: tuple[float, float]) -> float:

@@ -49,7 +49,6 @@ Rendering
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
@@ -69,16 +68,13 @@ from diffto.tasks.panda.model import (
     load_model,
     set_payload,
 )
+from diffto.tasks.rendering import RenderingUnavailableError, make_renderer
 
 __all__ = ["PandaReachEnv", "RenderingUnavailableError", "goal_distance"]
 
 _JOINT_MARGIN = 0.05  # rad kept from every joint limit when sampling configurations
 _GOAL_TRIES = 1000
 _MAX_WIDTH, _MAX_HEIGHT = 1280, 720  # the model's <global offwidth offheight>
-
-
-class RenderingUnavailableError(RuntimeError):
-    """MuJoCo could not create an offscreen GL context (no display, no OSMesa/EGL)."""
 
 
 def goal_distance(achieved_goal: np.ndarray, desired_goal: np.ndarray) -> np.ndarray:
@@ -351,7 +347,7 @@ class PandaReachEnv(gym.Env):
             )
             return None
         if self._renderer is None:
-            self._renderer = _make_renderer(self.model, self.height, self.width)
+            self._renderer = make_renderer(self.model, self.height, self.width)
         self._renderer.update_scene(self.data, camera="overview")
         return self._renderer.render()
 
@@ -404,24 +400,3 @@ class PandaReachEnv(gym.Env):
         }
 
 
-def _make_renderer(model: mujoco.MjModel, height: int, width: int) -> mujoco.Renderer:
-    """A ``mujoco.Renderer``, or :class:`RenderingUnavailableError` saying why there is none."""
-    backend = mujoco.gl_context.GLContext.__module__.rsplit(".", 1)[-1]
-    advice = (
-        "On a machine without display install OSMesa (Debian: libosmesa6) or EGL and set "
-        "MUJOCO_GL=osmesa (or egl) before anything imports mujoco."
-    )
-    if backend == "glfw" and not os.environ.get("DISPLAY"):
-        raise RenderingUnavailableError(f"MuJoCo uses GLFW but there is no DISPLAY. {advice}")
-    renderer = mujoco.Renderer.__new__(mujoco.Renderer)
-    try:
-        renderer.__init__(model, height, width)
-    except Exception as err:  # GL back-ends raise assorted types
-        # A half-built Renderer would raise again from __del__: give close() what it reads.
-        renderer.__dict__.setdefault("_gl_context", None)
-        renderer.__dict__.setdefault("_mjr_context", None)
-        raise RenderingUnavailableError(
-            f"MuJoCo ({backend} back-end) could not create an offscreen rendering context: "
-            f"{err}. {advice}"
-        ) from err
-    return renderer
