@@ -20,8 +20,8 @@ Joint (qpos) order is FL, FR, RL, RR x (hip, thigh, calf). The actuators keep Me
 order FR, FL, RR, RL; :func:`actuator_joint_order` maps them through ``actuator_trnid``.
 
 Besides the robot the scene has a checker floor, lights, a camera ``"track"`` that follows
-the trunk (for videos) and a site ``"<leg>_foot"`` at each foot-sphere centre (the end frame
-of :mod:`diffto.layers.kinematics` leg chains).
+the trunk (for videos) and a site ``"<leg>_foot"`` at each foot-sphere centre (the foot point
+of the leg model in :mod:`diffto.tasks.go2.legs`).
 """
 
 from __future__ import annotations

@@ -6,8 +6,9 @@ its forward kinematics is MuJoCo's ``site_xpos`` / ``site_xmat`` of ``attachment
 rounding in float64. The chain's root is the world frame, which is the base frame: ``link0``
 sits at the origin with identity orientation.
 
-Joint angles ``q (B, 7)`` are the model's ``qpos`` in joint order; the pose, Jacobian and
-end-effector residual methods are those of :class:`diffto.layers.kinematics.KinematicChain`.
+Joint angles ``q (B, 7)`` are the model's ``qpos`` in joint order; pose and Jacobian methods
+are those of :class:`diffto.layers.kinematics.KinematicChain`, and
+:func:`diffto.layers.ee_pose_cost` turns the chain into an end-effector goal cost.
 """
 
 from __future__ import annotations
