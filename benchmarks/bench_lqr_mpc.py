@@ -420,7 +420,8 @@ def run_grid(args: argparse.Namespace) -> dict:
                             print(f"{key:<28}{solver:<13} skipped ({estimate:.0f} s est.)")
                             continue
                     save = tmp / f"{solver}.pt"
-                    repeats = args.grid_repeats if B * T <= 64 * 20 else 1
+                    # large cases: one run, timed (a warm-up is negligible next to seconds)
+                    repeats = args.grid_repeats if B * T <= 64 * 20 else 0
                     cmd = [sys.executable, __file__, "--one",
                            json.dumps([problem, solver, case, dtype_name, repeats, str(save)])]
                     load = os.getloadavg()[0]
@@ -428,8 +429,9 @@ def run_grid(args: argparse.Namespace) -> dict:
                         proc = subprocess.run(cmd, capture_output=True, text=True,
                                               timeout=args.case_timeout_s)
                     except subprocess.TimeoutExpired:
-                        rows[solver] = {"skipped": f"ran past {args.case_timeout_s} s"}
+                        rows[solver] = {"skipped": f"ran past {args.case_timeout_s} s (wall)"}
                         last_s[solver] = (float(args.case_timeout_s), B * T)
+                        print(f"{key:<28}{solver:<13} ran past {args.case_timeout_s} s")
                         continue
                     if proc.returncode != 0:
                         rows[solver] = {"error": proc.stderr.strip().splitlines()[-1][:300]}
@@ -459,8 +461,8 @@ def run_grid(args: argparse.Namespace) -> dict:
                     "memory": "peak resident set increase over the process's state before "
                               "the first forward+backward (getrusage ru_maxrss), one "
                               "subprocess per case",
-                    "timing": "one warm-up run, then the median of the timed runs "
-                              "(3 at B·T <= 1280, else 1) of wall time and of the process's "
+                    "timing": "at B·T <= 1280 one warm-up run, then the median of 3 timed "
+                              "runs; larger cases one timed run; wall time and the process's "
                               "CPU time (one thread: the figure to compare on a shared "
                               "machine); solvers of a case run back to back; skip estimates "
                               "use CPU time",
