@@ -101,8 +101,8 @@ class _Homogeneous:
         ``Q̂ = Ĉ_t + F̂_tᵀ V̂_{t+1} F̂_t``, the fixed controls' rows and columns of ``Q̂_uu``
         become those of the identity and their rows of ``Q̂_ux̂`` zero, so they get zero gain and
         zero feed-forward exactly; ``[K_t | k_t] = −Q̂_uu⁻¹ Q̂_ux̂`` and
-        ``V̂_t = Q̂_x̂x̂ + Q̂_x̂u [K_t | k_t]``. The rollout is the closed loop
-        ``x̂_{t+1} = (F̂_x̂ + F̂_u [K_t | k_t]) x̂_t`` and the costates ``λ_t = V̂_t[:n] x̂_t``.
+        ``V̂_t = Q̂_x̂x̂ + Q̂_x̂u [K_t | k_t]``. The rollout follows ``w_t = [K_t | k_t] x̂_t``,
+        ``x̂_{t+1} = F̂_t [x̂_t; w_t]``, and the costates are ``λ_t = V̂_t[:n] x̂_t``.
 
         Returns ``x (B, T+1, n)``, ``w (B, T, m)``, ``λ (B, T+1, n)``, gains ``K (B, T, m, n)``,
         ``ok (B,)`` (every masked ``Q̂_uu`` positive definite) and the factorization's
@@ -111,8 +111,7 @@ class _Homogeneous:
         n = self.n
         fac = engine.factor(self.Ch, self.Fh, self.Cf, fixed)
         xh0 = torch.cat([x0, x0.new_ones(x0.shape[0], 1)], -1)
-        xh = engine.closed_loop(self.Fh, fac.K, None, xh0)  # (B, T+1, n+1), last entry 1
-        w = _bmv(fac.K, xh[:, :-1])
+        xh, w = engine.closed_loop(self.Fh, fac.K, None, xh0)  # x̂ (B, T+1, n+1), last entry 1
         lam = _bmv(fac.V[..., :n, :], xh)
         return xh[..., :n], w, lam, fac.K[..., :n], fac.ok, fac.V[..., :n, :n], fac.Q_uu
 

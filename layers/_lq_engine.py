@@ -203,33 +203,28 @@ def factor(C: Tensor, F: Tensor, C_f: Tensor, fixed: Tensor | None = None,
 
 # ------------------------------------------------------------------------------ sweeps
 def closed_loop(F: Tensor, K: Tensor, k: Tensor | None, x0: Tensor,
-                f: Tensor | None = None) -> Tensor:
-    """States ``x (B, T+1, s)`` under ``u_t = K_t x_t + k_t``, i.e.
-    ``x_{t+1} = (A_t + B_t K_t) x_t + (B_t k_t + f_t)``, from ``x0 (B, s)``.
+                f: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Rollout of the policy ``u_t = K_t x_t + k_t`` under ``x_{t+1} = F_t [x_t; u_t] + f_t``
+    from ``x0 (B, s)``: returns ``x (B, T+1, s)`` and ``u (B, T, m)``.
 
     ``F (B, T, s, s+m)``, ``K (B, T, m, s)``, ``k (B, T, m)`` or ``None``, ``f (B, T, s)`` or
-    ``None``. The closed-loop matrices are formed for all stages at once, leaving one product
-    per stage in the loop."""
+    ``None`` (zero terms are skipped). Three small products per stage: forming the closed-loop
+    matrices ``A_t + B_t K_t`` of every stage at once instead costs a ``B·T``-batched product
+    of tiny matrices that measured 2–4x slower on CPU, at small and large batches alike."""
     B, T, m, s = K.shape
     F = F.expand(B, *F.shape[1:])
-    F_u = F[..., s:]
-    M = torch.baddbmm(F[..., :s].reshape(-1, s, s), F_u.reshape(-1, s, m),
-                      K.reshape(-1, m, s)).view(B, T, s, s).unbind(1)
-    drive = None if k is None else bmv(F_u, k)  # (B, T, s)
-    if f is not None:
-        drive = f.expand(B, T, s) if drive is None else drive + f
+    F_x, F_u, Ks = F[..., :s].unbind(1), F[..., s:].unbind(1), K.unbind(1)
+    ks = None if k is None else k.expand(B, T, m).unsqueeze(-1).unbind(1)
+    fs = None if f is None else f.expand(B, T, s).unsqueeze(-1).unbind(1)
     x = x0.unsqueeze(-1)
-    xs = [x]
-    if drive is None:
-        for t in range(T):
-            x = torch.bmm(M[t], x)
-            xs.append(x)
-    else:
-        drive = drive.unsqueeze(-1).unbind(1)
-        for t in range(T):
-            x = torch.baddbmm(drive[t], M[t], x)
-            xs.append(x)
-    return torch.stack(xs, 1).squeeze(-1)
+    xs, us = [x], []
+    for t in range(T):
+        u = torch.bmm(Ks[t], x) if ks is None else torch.baddbmm(ks[t], Ks[t], x)
+        x_next = torch.bmm(F_x[t], x) if fs is None else torch.baddbmm(fs[t], F_x[t], x)
+        x = torch.baddbmm(x_next, F_u[t], u)
+        xs.append(x)
+        us.append(u)
+    return torch.stack(xs, 1).squeeze(-1), torch.stack(us, 1).squeeze(-1)
 
 
 # Vector recursion through a factorization, with v_T = c_f:
@@ -287,8 +282,7 @@ def affine_sweep(fac: Factorization, F: Tensor, c: Tensor, c_f: Tensor, f: Tenso
     B = x0.shape[0]
     V, K = fac.V.expand(B, *fac.V.shape[1:]), fac.K.expand(B, *fac.K.shape[1:])
     k, v = vector_sweep(fac, F, c.expand(B, *c.shape[1:]), c_f, f)
-    x = closed_loop(F, K, k, x0, f)
-    u = bmv(K, x[:, :-1]) + k
+    x, u = closed_loop(F, K, k, x0, f)
     lam = bmv(V, x) + v
     return x, u, lam, k
 
