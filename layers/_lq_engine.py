@@ -15,9 +15,9 @@ with ``τ_t = [x_t; u_t]``, is solved by dynamic programming in two parts:
   gains ``K_t`` and the (masked, regularized) ``Q_uu`` of every stage;
 * :func:`affine_sweep`, the vector recursion (:func:`vector_sweep`) and the rollout
   (:func:`closed_loop`) that take the linear data ``(c, c_f, f, x_init)`` through a
-  factorization. :func:`adjoint_sweep` is the same with
-  ``f = 0`` and ``x_init = 0``: the adjoint of an LQ problem is an LQ problem with the same
-  quadratic part, so an implicit backward pass costs one vector recursion.
+  factorization. :func:`adjoint_sweep` is the same with ``f = 0`` and ``x_init = 0``: the
+  adjoint of an LQ problem is an LQ problem with the same quadratic part, so an implicit
+  backward pass costs one vector recursion and a rollout.
 
 Solvers that must do something between the matrix and the vector part of a stage (box-DDP
 solves a box QP in ``u`` there) run their own stage loop with :func:`stage_q` and
@@ -27,7 +27,8 @@ two take cost gradients and dynamics Jacobians, so they serve nonlinear problems
 
 Shapes: ``B`` batch, ``T`` horizon, ``n`` state, ``m`` control, ``k = n + m``; batch first.
 The recursions are bound by dispatch, not arithmetic, for the small matrices of control:
-per-stage views are taken once and whatever can be formed for all stages at once is.
+per-stage views are taken once, and what is cheap to form for all stages at once (stacked
+inverses, the positive-definiteness test) is.
 """
 
 from __future__ import annotations
