@@ -12,15 +12,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from diffto.layers._lq_engine import bmv, costates, reduced_gradient, stage_q, value_update
+
 __all__: list[str] = []
 
 _ALPHAS = [2.0**-i for i in range(11)]  # line-search step sizes, tried largest first
 _MU_MIN, _MU_MAX = 1e-6, 1e10  # Levenberg-Marquardt factor on Q_uu, relative to the cost scale
-
-
-def _bmv(M: Tensor, v: Tensor) -> Tensor:
-    """Batched matrix-vector product ``M (..., i, j) @ v (..., j) -> (..., i)``."""
-    return (M @ v.unsqueeze(-1)).squeeze(-1)
 
 
 def _masked_matrix(H: Tensor, free: Tensor, eye: Tensor | None = None) -> Tensor:
@@ -65,7 +62,7 @@ def _box_qp(H: Tensor, g: Tensor, lo: Tensor, hi: Tensor, max_iter: int = 30):
     L_last, free_last = eye.expand_as(H), torch.ones_like(d, dtype=torch.bool)
 
     for _ in range(max_iter):
-        grad = g + _bmv(H, d)
+        grad = g + bmv(H, d)
         free = ~(((d <= lo) & (grad > 0)) | ((d >= hi) & (grad < 0)))
         if exact is not None:
             # After an unclipped full Newton step d minimizes q on its face; if the clamped set
@@ -92,7 +89,7 @@ def _box_qp(H: Tensor, g: Tensor, lo: Tensor, hi: Tensor, max_iter: int = 30):
         cand = torch.minimum(torch.maximum(d + betas * s, lo), hi)  # (S, N, m)
         # q(d + Δ) − q(d) = gradᵀΔ + ½ ΔᵀHΔ <= 0.1 gradᵀΔ  (Armijo on the projected arc)
         step = cand - d
-        armijo = 0.9 * (step * grad).sum(-1) + 0.5 * (step * _bmv(H, step)).sum(-1) <= 0
+        armijo = 0.9 * (step * grad).sum(-1) + 0.5 * (step * bmv(H, step)).sum(-1) <= 0
         newton_ok = armijo.any(0)
         if bool((running & ~newton_ok).any()):
             # The projected Newton arc need not descend (the free set was taken at d, not
@@ -102,7 +99,7 @@ def _box_qp(H: Tensor, g: Tensor, lo: Tensor, hi: Tensor, max_iter: int = 30):
             cand_g = torch.minimum(torch.maximum(d + betas * s_g, lo), hi)
             step_g = cand_g - d
             armijo_g = ((0.9 * (step_g * grad).sum(-1)
-                         + 0.5 * (step_g * _bmv(H, step_g)).sum(-1) < 0)
+                         + 0.5 * (step_g * bmv(H, step_g)).sum(-1) < 0)
                         & (step_g.abs().amax(-1) > 0))
             use_g = (~newton_ok).view(1, -1, 1)
             cand = torch.where(use_g, cand_g, cand)
@@ -114,7 +111,7 @@ def _box_qp(H: Tensor, g: Tensor, lo: Tensor, hi: Tensor, max_iter: int = 30):
         d = torch.where(accepted.unsqueeze(-1), pick, d)
         running = running & accepted
         prev_free = free
-    grad = g + _bmv(H, d)
+    grad = g + bmv(H, d)
     at_lo, at_hi = (d <= lo) & (grad > 0), (d >= hi) & (grad < 0)
     free = ~(at_lo | at_hi)
     if not torch.equal(free, free_last):
@@ -160,14 +157,13 @@ def _riccati(Q, q, Q_f, q_f, J, m, mu=None, lo=None, hi=None):
     dV1, dV2 = q.new_zeros(N), q.new_zeros(N)
     ok = torch.ones(N, dtype=torch.bool, device=q.device)
     eye_m = torch.eye(m, dtype=q.dtype, device=q.device)
+    # μ on the control block of the stage Hessian: (k, k), identity on the u rows and columns.
+    eye_u = torch.diag(torch.cat([q.new_zeros(n), q.new_ones(m)]))
     for t in reversed(range(T)):
-        Jt = J[:, t]  # (N, n, k)
-        Qt = Q[:, t] + Jt.transpose(-1, -2) @ V_xx @ Jt  # (N, k, k)
-        qt = q[:, t] + _bmv(Jt.transpose(-1, -2), v_x)  # (N, k)
-        Q_xx, Q_ux, Q_uu = Qt[:, :n, :n], Qt[:, n:, :n], Qt[:, n:, n:]
-        q_x, q_u = qt[:, :n], qt[:, n:]
+        Qt, qt = stage_q(Q[:, t], q[:, t], J[:, t], V_xx, v_x)  # (N, k, k), (N, k)
         if mu is not None:
-            Q_uu = Q_uu + mu.view(-1, 1, 1) * eye_m
+            Qt = Qt + mu.view(-1, 1, 1) * eye_u
+        Q_ux, Q_uu, q_u = Qt[:, n:, :n], Qt[:, n:, n:], qt[:, n:]
         if lo is not None:
             kt, side, ok_t, L = _box_qp(Q_uu, q_u, lo[:, t], hi[:, t])
             ok = ok & ok_t
@@ -182,35 +178,11 @@ def _riccati(Q, q, Q_f, q_f, J, m, mu=None, lo=None, hi=None):
             sol = -torch.cholesky_solve(torch.cat([q_u.unsqueeze(-1), Q_ux], -1), L)
             kt, Kt = sol[..., 0], sol[..., 1:]
         # Value function of stage t: V(δx) = min_δu Q(δx, δu) along u = k + K δx.
-        KtT = Kt.transpose(-1, -2)
-        v_x = q_x + _bmv(KtT @ Q_uu, kt) + _bmv(KtT, q_u) + _bmv(Q_ux.transpose(-1, -2), kt)
-        V_xx = Q_xx + KtT @ Q_uu @ Kt + KtT @ Q_ux + Q_ux.transpose(-1, -2) @ Kt
-        V_xx = 0.5 * (V_xx + V_xx.transpose(-1, -2))
+        V_xx, v_x = value_update(Qt, qt, Kt, kt)
         dV1 = dV1 + (kt * q_u).sum(-1)
-        dV2 = dV2 + 0.5 * (kt * _bmv(Q_uu, kt)).sum(-1)
+        dV2 = dV2 + 0.5 * (kt * bmv(Q_uu, kt)).sum(-1)
         K_all[:, t], k_all[:, t] = Kt, kt
     return K_all, k_all, side_all, dV1, dV2, ok
-
-
-def costates(q: Tensor, q_f: Tensor, J: Tensor) -> Tensor:
-    """Costates ``λ (N, T+1, n)`` of a plan from the cost gradients ``q = ∇_τℓ (N, T, k)``,
-    ``q_f = ∇ℓ_T (N, n)`` and the dynamics Jacobians ``J (N, T, n, k)``: ``λ_T = q_f``,
-    ``λ_t = q_x + A_tᵀλ_{t+1}``. At a KKT point these are the multipliers of
-    ``x_{t+1} = f(x_t, u_t)`` (``λ_0`` that of ``x_0 = x0``), and for any plan that satisfies
-    the dynamics ``q_u + B_tᵀλ_{t+1}`` is the gradient of the cost in ``u_t`` with the states
-    eliminated."""
-    n = q_f.shape[-1]
-    A_T = J[..., :n].transpose(-1, -2)
-    lam = [q_f]
-    for t in reversed(range(q.shape[1])):
-        lam.append(q[:, t, :n] + _bmv(A_T[:, t], lam[-1]))
-    return torch.stack(lam[::-1], 1)
-
-
-def reduced_gradient(q: Tensor, J: Tensor, lam: Tensor) -> Tensor:
-    """``∂J/∂u_t = q_u + B_tᵀλ_{t+1}`` ``(N, T, m)`` (``λ`` the costates of the same plan)."""
-    n = lam.shape[-1]
-    return q[..., n:] + _bmv(J[..., n:].transpose(-1, -2), lam[:, 1:])
 
 
 def stationarity(u: Tensor, grad_u: Tensor, lo: Tensor, hi: Tensor, scale: Tensor) -> Tensor:
@@ -226,7 +198,7 @@ def _rollout(dyn, x0, x_ref, u_ref, K, k, alpha, lo, hi, rows):
     """Closed-loop rollout ``u_t = clamp(ū_t + α k_t + K_t (x_t - x̄_t))`` from ``x0 (N, n)``."""
     xs, us = [x0], []
     for t in range(u_ref.shape[1]):
-        u = u_ref[:, t] + alpha.unsqueeze(-1) * k[:, t] + _bmv(K[:, t], xs[-1] - x_ref[:, t])
+        u = u_ref[:, t] + alpha.unsqueeze(-1) * k[:, t] + bmv(K[:, t], xs[-1] - x_ref[:, t])
         u = torch.minimum(torch.maximum(u, lo[:, t]), hi[:, t])
         us.append(u)
         xs.append(dyn.step(xs[-1], u, t, rows))
@@ -258,6 +230,7 @@ def solve(dyn, cost, x0, lo, hi, u_init, max_iter: int, tol: float, exact: bool 
     """
     B, T, m = u_init.shape
     n = x0.shape[-1]
+    max_iter = max(max_iter, 0)  # 0: one sweep, no step (a row handed over with no budget)
     dev, dt = x0.device, x0.dtype
     rows = torch.arange(B, device=dev)
     eps = torch.finfo(dt).eps

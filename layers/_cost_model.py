@@ -13,13 +13,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from diffto.layers._lq_engine import bmv
 from diffto.problem import QuadraticCost
 
 __all__: list[str] = []
-
-
-def _bmv(M: Tensor, v: Tensor) -> Tensor:
-    return (M @ v.unsqueeze(-1)).squeeze(-1)
 
 
 class CostModel:
@@ -51,8 +48,8 @@ class CostModel:
         if self.quadratic:
             tau = torch.cat([x[:, :-1], u], -1)
             xT = x[:, -1]
-            stage = (tau * (0.5 * _bmv(self.C[rows], tau) + self.c[rows])).sum((-1, -2))
-            return stage + (xT * (0.5 * _bmv(self.C_f[rows], xT) + self.c_f[rows])).sum(-1)
+            stage = (tau * (0.5 * bmv(self.C[rows], tau) + self.c[rows])).sum((-1, -2))
+            return stage + (xT * (0.5 * bmv(self.C_f[rows], xT) + self.c_f[rows])).sum(-1)
         out = []
         for r, xs, us in zip(rows.chunk(groups), x.chunk(groups), u.chunk(groups), strict=True):
             xf, uf = self._substituted(r, xs, us)
@@ -65,9 +62,9 @@ class CostModel:
         ``rows`` (distinct): the cost's quadratic model about them."""
         if self.quadratic:
             C = self.C[rows]
-            g = _bmv(C, torch.cat([x[:, :-1], u], -1)) + self.c[rows]
+            g = bmv(C, torch.cat([x[:, :-1], u], -1)) + self.c[rows]
             C_f = self.C_f[rows]
-            return C, g, C_f, _bmv(C_f, x[:, -1]) + self.c_f[rows]
+            return C, g, C_f, bmv(C_f, x[:, -1]) + self.c_f[rows]
         xf, uf = self._substituted(rows, x, u)
         H, g, H_f, g_f = self.cost.derivatives(xf, uf, hessian, create_graph)
         return H[rows], g[rows], H_f[rows], g_f[rows]

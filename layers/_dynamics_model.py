@@ -28,12 +28,9 @@ import torch
 from torch import Tensor
 
 from diffto.autodiff import rowwise_jacobian
+from diffto.layers._lq_engine import bmv
 
 __all__: list[str] = []
-
-
-def _bmv(M: Tensor, v: Tensor) -> Tensor:
-    return (M @ v.unsqueeze(-1)).squeeze(-1)
 
 
 class DynamicsModel:
@@ -63,7 +60,7 @@ class DynamicsModel:
                     f"shape {tuple(x.shape)}, got {shape}"
                 )
             return out
-        out = _bmv(self.F[rows, t], torch.cat([x, u], -1))
+        out = bmv(self.F[rows, t], torch.cat([x, u], -1))
         return out if self.f is None else out + self.f[rows, t]
 
     def values(self, x: Tensor, u: Tensor) -> Tensor:
@@ -71,7 +68,7 @@ class DynamicsModel:
         the current autograd mode (gradients reach every tensor the model uses)."""
         N, T = u.shape[:2]
         if self.F is not None:
-            out = _bmv(self.F.expand(N, *self.F.shape[1:]), torch.cat([x, u], -1))
+            out = bmv(self.F.expand(N, *self.F.shape[1:]), torch.cat([x, u], -1))
             return out if self.f is None else out + self.f
         return self.fn(x.reshape(N * T, self.n), u.reshape(N * T, self.m)).reshape(N, T, self.n)
 

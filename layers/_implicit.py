@@ -43,12 +43,9 @@ import torch
 from torch import Tensor
 
 from diffto.layers._active_set import _Homogeneous, adjoint_sweep
+from diffto.layers._lq_engine import bmv
 
 __all__: list[str] = []
-
-
-def _bmv(M: Tensor, v: Tensor) -> Tensor:
-    return (M @ v.unsqueeze(-1)).squeeze(-1)
 
 
 class InjectSolution(torch.autograd.Function):
@@ -91,7 +88,7 @@ class InjectSolution(torch.autograd.Function):
             xh, uh, lam_h, *_ = adjoint.solve(H.new_zeros(B, n), fixed)
         tau_h = torch.cat([xh[:, :-1], uh], -1)
         # −ν̂ on the active set: the reduced gradient of the adjoint problem there.
-        r_u = _bmv(H[..., n:, :], tau_h) + g[..., n:] + _bmv(J[..., n:].transpose(-1, -2),
+        r_u = bmv(H[..., n:, :], tau_h) + g[..., n:] + bmv(J[..., n:].transpose(-1, -2),
                                                              lam_h[:, 1:])
         zero = torch.zeros_like(r_u)
         cot = (tau_h, xh[:, -1], lam_h[:, 1:], lam_h[:, 0], torch.where(act_lo, r_u, zero),

@@ -23,10 +23,11 @@ import torch
 from torch import Tensor, nn
 
 from diffto.layers._active_set import solve_box_lq
-from diffto.layers._box_ddp import reduced_gradient, solve, stationarity
+from diffto.layers._box_ddp import solve, stationarity
 from diffto.layers._cost_model import CostModel
 from diffto.layers._dynamics_model import DynamicsModel
 from diffto.layers._implicit import InjectSolution, bad_rows, residual_blocks
+from diffto.layers._lq_engine import reduced_gradient
 from diffto.problem import LinearDynamics, QuadraticCost, Solution, check_finite, check_x0
 
 __all__ = ["MPC"]
@@ -65,7 +66,7 @@ def _solve_linear(dyn, cost, x0, lo, hi, u_init, max_iter, tol, exact) -> dict:
     sub_cost = CostModel(QuadraticCost(cost.C[redo], cost.c[redo], cost.C_f[redo],
                                        cost.c_f[redo]), len(redo), dyn.n, dyn.m, x0)
     sub = solve(sub_dyn, sub_cost, x0[redo], lo[redo], hi[redo], start,
-                int(budget.min()), tol, exact)
+                max(int(budget.min()), 0), tol, exact)
     for key, value in sub.items():
         if key in out and key != "jacobians":
             merged = out[key].clone()

@@ -304,3 +304,20 @@ def test_shifted_warm_start_and_cost_sums():
     torch.testing.assert_close(warm.u, cold.u, atol=1e-8, rtol=0)
     assert both.shifted().shape == both.u.shape
     torch.testing.assert_close(both.shifted()[:, :-1], both.u[:, 1:])
+
+
+def test_rows_out_of_iteration_budget_are_flagged_with_a_finite_residual():
+    """A linear problem with many active bounds and a budget of one iteration: the rows the
+    active-set solver does not settle come back flagged, with a finite residual."""
+    g = torch.Generator().manual_seed(3)
+    n, m = 4, 2
+    A = torch.eye(n, dtype=F64) + 0.3 * torch.randn(n, n, generator=g, dtype=F64)
+    Bm = torch.randn(n, m, generator=g, dtype=F64)
+    dyn = LinearDynamics.time_invariant(A, Bm, T)
+    cost = QuadraticCost.tracking(torch.ones(n, dtype=F64), 0.01 * torch.ones(m, dtype=F64), T)
+    x0 = 3 * torch.randn(6, n, generator=g, dtype=F64)
+    sol = MPC(dyn, T, u_lower=-0.2, u_upper=0.2, max_iter=1)(x0, cost)
+    assert torch.isfinite(sol.extras["residual"]).all()
+    assert not sol.converged.all()
+    full = MPC(dyn, T, u_lower=-0.2, u_upper=0.2, max_iter=80)(x0, cost)
+    assert full.converged.all() and (full.extras["residual"] < 1e-6).all()
