@@ -136,7 +136,7 @@ def test_cost_scaling_leaves_plan_unchanged(seed, alpha):
 @given(st.integers(0, 1000))
 def test_first_gain_approaches_dare_solution(seed):
     g = torch.Generator().manual_seed(seed)
-    n, m, T = 3, 2, 200
+    n, m, T = 3, 2, 600  # the Riccati gain converges like ρ(A + BK)^(2T): ρ near 0.97 is drawn
     A = torch.eye(n, dtype=torch.float64) + 0.2 * torch.randn(
         n, n, generator=g, dtype=torch.float64
     )
