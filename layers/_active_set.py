@@ -116,21 +116,6 @@ class _Homogeneous:
         return xh[..., :n], w, lam, fac.K[..., :n], fac.ok, fac.V[..., :n, :n], fac.Q_uu
 
 
-def adjoint_sweep(F: Tensor, K: Tensor, V: Tensor, Q_uu: Tensor, fixed: Tensor, g: Tensor,
-                  g_T: Tensor):
-    """The LQ problem of a converged active-set solve with new linear terms and no offsets.
-
-    Same stage Hessians, dynamics and fixed controls as the factorization ``K (B, T, m, n)``,
-    ``V (B, T+1, n, n)``, masked ``Q_uu (B, T, m, m)`` (from :meth:`_Homogeneous.solve`, as
-    :func:`solve_box_lq` returns them), linear cost terms ``g (B, T, k)`` and ``g_T (B, n)``,
-    ``x_0 = 0``, ``f = 0``: the engine's :func:`~diffto.layers._lq_engine.adjoint_sweep`, only
-    the vector recursion and a rollout. Returns ``x (B, T+1, n)``, ``u (B, T, m)``,
-    ``λ (B, T+1, n)``.
-    """
-    ok = torch.ones(K.shape[0], dtype=torch.bool, device=K.device)
-    return engine.adjoint_sweep(engine.Factorization(V, K, Q_uu, ok, fixed), F, g, g_T)
-
-
 def solve_box_lq(x0, C, c, C_f, c_f, F, f, lo, hi, u_init, max_iter: int, tol: float) -> dict:
     """Box-constrained LQ control for a batch by the primal-dual active-set method.
 

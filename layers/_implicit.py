@@ -42,7 +42,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from diffto.layers._active_set import _Homogeneous, adjoint_sweep
+from diffto.layers import _lq_engine as engine
 from diffto.layers._lq_engine import bmv
 
 __all__: list[str] = []
@@ -82,14 +82,14 @@ class InjectSolution(torch.autograd.Function):
             # Linear dynamics, every row settled by the active-set solver: the adjoint problem
             # has that solve's Hessians, dynamics and active set, so only the vector
             # recursion runs through the saved factorization.
-            xh, uh, lam_h = adjoint_sweep(J, K, value, Q_uu, fixed, g, g_T)
+            ok = torch.ones(B, dtype=torch.bool, device=H.device)
+            fac = engine.Factorization(value, K, Q_uu, ok, fixed)
         else:
-            adjoint = _Homogeneous(H, g, H_f, g_T, J, H.new_zeros(B, T, n))
-            xh, uh, lam_h, *_ = adjoint.solve(H.new_zeros(B, n), fixed)
+            fac = engine.factor(H, J, H_f, fixed)
+        xh, uh, lam_h = engine.adjoint_sweep(fac, J, g, g_T)
         tau_h = torch.cat([xh[:, :-1], uh], -1)
         # −ν̂ on the active set: the reduced gradient of the adjoint problem there.
-        r_u = bmv(H[..., n:, :], tau_h) + g[..., n:] + bmv(J[..., n:].transpose(-1, -2),
-                                                             lam_h[:, 1:])
+        r_u = engine.reduced_gradient(bmv(H, tau_h) + g, J, lam_h)
         zero = torch.zeros_like(r_u)
         cot = (tau_h, xh[:, -1], lam_h[:, 1:], lam_h[:, 0], torch.where(act_lo, r_u, zero),
                torch.where(act_hi, r_u, zero))
