@@ -32,6 +32,8 @@ __all__ = [
     "LinearDynamics",
     "Solution",
     "check_finite",
+    "check_like",
+    "check_not_vmapped",
     "check_x0",
     "check_bounds",
     "problem_dims",
@@ -48,6 +50,32 @@ def check_finite(name: str, value: Tensor | None) -> None:
     if not torch.isfinite(value).all():
         bad = (~torch.isfinite(value)).sum().item()
         raise ValueError(f"{name} contains {bad} NaN/Inf entries (shape {tuple(value.shape)})")
+
+
+def check_like(x0: Tensor, named: dict[str, Tensor | None]) -> None:
+    """Raise unless ``x0`` is floating point and every tensor in ``named`` shares its dtype and
+    device (batched products would otherwise fail inside torch, or silently promote)."""
+    if not x0.is_floating_point():
+        raise ValueError(f"x0 must be a floating-point tensor, got dtype {x0.dtype}")
+    for name, t in named.items():
+        if t is not None and (t.dtype != x0.dtype or t.device != x0.device):
+            raise ValueError(
+                f"{name} has dtype {t.dtype} on {t.device} but x0 has {x0.dtype} on {x0.device}: "
+                "give every tensor of the problem the same dtype and device"
+            )
+
+
+def check_not_vmapped(layer: str, x0: Tensor) -> None:
+    """Refuse ``torch.func.vmap`` with a message that says why: the solver layers are batched
+    already, and their input checks and iterations depend on the data."""
+    functorch = getattr(torch._C, "_functorch", None)
+    is_batched = getattr(functorch, "is_batchedtensor", None)
+    if is_batched is not None and is_batched(x0):
+        raise RuntimeError(
+            f"{layer} does not run under torch.func.vmap (its checks and iterations depend on "
+            "the data); it is batched already: stack the problems along the first dimension "
+            "of x0"
+        )
 
 
 def _batched(name: str, value: Tensor, trailing: tuple[int, ...], ndim_core: int) -> Tensor:
@@ -231,6 +259,11 @@ class QuadraticCost(_Cost):
         C = torch.cat(
             [torch.cat([Qm, zeros], -1), torch.cat([zeros.transpose(-1, -2), Rm], -1)], -2
         )
+        for name, goal, k in (("x_goal", x_goal, n), ("u_goal", u_goal, m)):
+            if goal is not None and (not isinstance(goal, Tensor) or goal.dim() not in (1, 2)
+                                     or goal.shape[-1] != k):
+                shape = tuple(goal.shape) if isinstance(goal, Tensor) else type(goal).__name__
+                raise ValueError(f"{name} must have shape ({k},) or (B, {k}), got {shape}")
         xg = Qm.new_zeros(n) if x_goal is None else x_goal
         ug = Qm.new_zeros(m) if u_goal is None else u_goal
         cx = -torch.einsum("...ij,...j->...i", Qm, xg)

@@ -28,22 +28,17 @@ import torch
 from torch import Tensor, nn
 
 from diffto.layers import _lq_engine as lq
-from diffto.problem import LinearDynamics, QuadraticCost, Solution, problem_dims, sum_to_batch
+from diffto.problem import (
+    LinearDynamics,
+    QuadraticCost,
+    Solution,
+    check_like,
+    check_not_vmapped,
+    problem_dims,
+    sum_to_batch,
+)
 
 __all__ = ["LQR", "solve_lqr", "solve_lqr_tensors"]
-
-
-def _check_like(x0: Tensor, named: dict[str, Tensor | None]) -> None:
-    """Raise unless ``x0`` is floating point and every tensor in ``named`` shares its dtype and
-    device (batched products would otherwise fail inside torch, or silently promote)."""
-    if not x0.is_floating_point():
-        raise ValueError(f"x0 must be a floating-point tensor, got dtype {x0.dtype}")
-    for name, t in named.items():
-        if t is not None and (t.dtype != x0.dtype or t.device != x0.device):
-            raise ValueError(
-                f"{name} has dtype {t.dtype} on {t.device} but x0 has {x0.dtype} on {x0.device}: "
-                "give every tensor of the problem the same dtype and device"
-            )
 
 
 def _lqr_data(x0: Tensor, cost: QuadraticCost, dynamics: LinearDynamics):
@@ -61,7 +56,7 @@ def _lqr_data(x0: Tensor, cost: QuadraticCost, dynamics: LinearDynamics):
         )
     if dynamics.horizon != T:
         raise ValueError(f"dynamics.F has horizon {dynamics.horizon} but cost.C has {T}")
-    _check_like(x0, {"cost.C": cost.C, "cost.c": cost.c, "cost.C_final": cost.C_final,
+    check_like(x0, {"cost.C": cost.C, "cost.c": cost.c, "cost.C_final": cost.C_final,
                      "cost.c_final": cost.c_final, "dynamics.F": dynamics.F,
                      "dynamics.f": dynamics.f})
     cost.check_control_pd(n, m)
@@ -243,6 +238,8 @@ class LQR(nn.Module):
         u_init: Tensor | None = None,
     ) -> Solution:
         """Solve the batch; ``u_init`` is ignored (the solve is exact, nothing to warm-start)."""
+        if isinstance(x0, Tensor):
+            check_not_vmapped("LQR", x0)
         dynamics = self.dynamics if dynamics is None else dynamics
         if dynamics is None:
             raise ValueError(

@@ -28,7 +28,15 @@ from diffto.layers._cost_model import CostModel
 from diffto.layers._dynamics_model import DynamicsModel
 from diffto.layers._implicit import InjectSolution, bad_rows, residual_blocks
 from diffto.layers._lq_engine import reduced_gradient
-from diffto.problem import LinearDynamics, QuadraticCost, Solution, check_finite, check_x0
+from diffto.problem import (
+    LinearDynamics,
+    QuadraticCost,
+    Solution,
+    check_finite,
+    check_like,
+    check_not_vmapped,
+    check_x0,
+)
 
 __all__ = ["MPC"]
 
@@ -233,11 +241,8 @@ class MPC(nn.Module):
     def forward(self, x0: Tensor, cost, dynamics: nn.Module | LinearDynamics | None = None,
                 u_init: Tensor | None = None) -> Solution:
         """Solve the batch; ``x0 (B, n)`` (or ``(n,)``), ``u_init (B, T, m)`` or ``(T, m)``."""
-        if _is_vmapped(x0):
-            raise RuntimeError(
-                "MPC does not run under torch.func.vmap (its iterations depend on the data); "
-                "it is batched already: stack the problems along the first dimension of x0"
-            )
+        if isinstance(x0, Tensor):
+            check_not_vmapped("MPC", x0)
         dynamics = self.dynamics if dynamics is None else dynamics
         if dynamics is None:
             raise ValueError("dynamics must be given, at construction or per call; got None")
@@ -266,10 +271,7 @@ class MPC(nn.Module):
             F, f = dynamics.batched()
             if F.shape[0] not in (1, B) or (f is not None and f.shape[0] not in (1, B)):
                 raise ValueError(f"dynamics.F/f must have batch 1 or {B}, got {tuple(F.shape)}")
-            for name, t in (("dynamics.F", F), ("dynamics.f", f)):
-                if t is not None and (t.dtype != x0.dtype or t.device != x0.device):
-                    raise ValueError(f"{name} has dtype {t.dtype} on {t.device} but x0 has "
-                                     f"{x0.dtype} on {x0.device}")
+            check_like(x0, {"dynamics.F": F, "dynamics.f": f})
             dyn = DynamicsModel(n, m, F=F.expand(B, *F.shape[1:]),
                                 f=None if f is None else f.expand(B, *f.shape[1:]))
         else:
@@ -357,12 +359,6 @@ def _solution(cost, out: dict, x: Tensor, u: Tensor) -> Solution:
     )
 
 
-def _is_vmapped(t: Tensor) -> bool:
-    functorch = getattr(torch._C, "_functorch", None)
-    check = getattr(functorch, "is_batchedtensor", None)
-    return bool(check is not None and check(t))
-
-
 def _check_dynamics(name: str, dynamics, horizon: int, allow_none: bool = False) -> None:
     if dynamics is None and allow_none:
         return
@@ -404,11 +400,8 @@ def _check_quadratic(cost: QuadraticCost, x0: Tensor, n: int, m: int, T: int) ->
                          "expected n+m with m >= 1")
     if cost.horizon != T:
         raise ValueError(f"cost.C has horizon {cost.horizon} but the MPC horizon is {T}")
-    for name in ("C", "c", "C_final", "c_final"):
-        t = getattr(cost, name)
-        if t is not None and (t.dtype != x0.dtype or t.device != x0.device):
-            raise ValueError(f"cost.{name} has dtype {t.dtype} on {t.device} but x0 has "
-                             f"{x0.dtype} on {x0.device}")
+    check_like(x0, {f"cost.{name}": getattr(cost, name)
+                    for name in ("C", "c", "C_final", "c_final")})
     cost.expanded(x0.shape[0], n, m)  # shape and batch checks of every cost tensor
     cost.check_control_pd(n, m)
 

@@ -295,3 +295,19 @@ def test_unbatched_cost_and_dynamics_broadcast_over_x0():
     assert torch.autograd.gradcheck(
         lambda F, f: LQR()(x0, cost, LinearDynamics(F, f)).u, (F, f), atol=1e-6, rtol=1e-5
     )
+
+
+def test_transforms_compile_runs_and_vmap_is_refused_with_a_reason():
+    x0, cost, dyn = random_problem(5, 3, 6, 3, 2)
+    lqr = LQR(dyn)
+    compiled = torch.compile(lambda x: lqr(x, cost).u, backend="eager")
+    torch.testing.assert_close(compiled(x0), lqr(x0, cost).u)
+    with pytest.raises(RuntimeError, match="vmap"):
+        torch.func.vmap(lambda x: lqr(x.unsqueeze(0), cost).u)(x0)
+
+
+def test_tracking_goal_of_the_wrong_size_names_it():
+    with pytest.raises(ValueError, match="x_goal"):
+        QuadraticCost.tracking(torch.ones(3), torch.ones(2), 5, x_goal=torch.zeros(4))
+    with pytest.raises(ValueError, match="u_goal"):
+        QuadraticCost.tracking(torch.ones(3), torch.ones(2), 5, u_goal=torch.zeros(2, 3))
