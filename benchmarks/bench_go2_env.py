@@ -26,17 +26,14 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
-import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 
 import mujoco
 import numpy as np
+from _results import machine_info, write_atomic
 
 from diffto.tasks.go2.env import Go2TrackingEnv
 
@@ -104,39 +101,6 @@ def timed_rounds(env: Go2TrackingEnv, actions: np.ndarray, seed: int, chunk: int
             getattr(model, name)[:] = value
     totals["episodes"] = len(starts)
     return totals
-
-
-def machine_info() -> dict:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "mujoco": mujoco.__version__,
-        "numpy": np.__version__,
-    }
-
-
-def write_atomic(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(payload, fh, indent=2)
-            fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def scenario(env: Go2TrackingEnv, name: str, args: argparse.Namespace, rng) -> dict:
@@ -207,7 +171,7 @@ def main() -> None:
         "method": "raw = replay of the env's own run (same model parameters, states, controls) "
                   "as bare mj_step(nstep=20) calls, interleaved with the env in chunks; steps/s "
                   "are control steps per thread-CPU second (wall-clock figures alongside)",
-        "machine": machine_info(),
+        "machine": machine_info(mujoco=mujoco.__version__, numpy=np.__version__),
     }
     write_atomic(args.out, result)
 

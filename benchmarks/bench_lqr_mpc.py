@@ -59,6 +59,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from _results import write_atomic
 from torch import Tensor, nn
 
 from diffto.layers.lqr import LQR
@@ -324,14 +325,6 @@ def bench_problem(name, runners, p, u_max, repeats, warmup, slow_repeats):
     return {name: out}
 
 
-def write_json_atomic(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(payload, fh, indent=2)
-    os.replace(tmp, path)
-
-
 def print_table(results: dict) -> None:
     head = (f"{'problem':<14}{'solver':<14}{'fwd ms':>10}{'bwd ms':>10}{'total':>10}"
             f"{'diffto x':>10}{'plan diff':>11}{'grad diff':>11}")
@@ -467,7 +460,7 @@ def run_grid(args: argparse.Namespace) -> dict:
                               "machine); solvers of a case run back to back; skip estimates "
                               "use CPU time",
                 }
-                write_json_atomic(args.grid_out, results)
+                write_atomic(args.grid_out, results)
     return results
 
 
@@ -533,7 +526,7 @@ def main(argv: list[str] | None = None) -> dict:
                   "machine": platform.processor() or platform.machine()},
         "results": results,
     }
-    write_json_atomic(args.out, payload)
+    write_atomic(args.out, payload)
     print_table({k: v for k, v in results.items() if not k.startswith("nonlinear_")})
     print_nonlinear(results)
     print(f"wrote {args.out}")

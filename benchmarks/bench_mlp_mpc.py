@@ -36,12 +36,12 @@ import os
 import platform
 import resource
 import subprocess
-import tempfile
 import time
 import warnings
 from pathlib import Path
 
 import torch
+from _results import write_atomic
 from torch import Tensor, nn
 
 RESULTS = Path(__file__).resolve().parent / "results" / "mlp_mpc.json"
@@ -185,11 +185,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     payload = json.loads(args.out.read_text()) if args.out.exists() else {}
     payload[args.label] = entry
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{args.out.name}.", dir=args.out.parent)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(payload, fh, indent=2)
-    os.replace(tmp, args.out)
+    write_atomic(args.out, payload)
     print(json.dumps({args.label: entry}, indent=2))
     return entry
 

@@ -28,11 +28,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
-import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -42,6 +38,7 @@ from pathlib import Path
 import mujoco
 import numpy as np
 import torch
+from _results import machine_info, write_atomic
 from mujoco import rollout as mj_rollout
 
 from diffto.layers.mujoco_dynamics import MujocoDynamics
@@ -164,39 +161,6 @@ def measure(fns: dict[str, Callable[[], object]], N: int, rounds: int, budget: f
     }
 
 
-def machine_info() -> dict:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "mujoco": mujoco.__version__,
-        "torch": torch.__version__,
-    }
-
-
-def write_atomic(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(payload, fh, indent=2)
-            fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=("panda", "pendulum"), default="panda")
@@ -251,7 +215,7 @@ def main() -> None:
         "units": "microseconds per row (one row = one (x, u) pair of a batch of N), median over "
                  "rounds; cpu = process CPU time, all threads",
         "cases": cases,
-        "machine": machine_info(),
+        "machine": machine_info(mujoco=mujoco.__version__, torch=torch.__version__),
     })
     print(f"wrote {args.out}")
 

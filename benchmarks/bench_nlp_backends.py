@@ -27,18 +27,16 @@ Run: ``python benchmarks/bench_nlp_backends.py [--repeats 3]``; writes
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
 import platform
 import statistics
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import casadi as ca
 import torch
+from _results import write_atomic
 from torch import Tensor, nn
 
 from diffto.layers.casadi_to import CasadiTO
@@ -198,15 +196,6 @@ def pendulum_suite(repeats: int) -> dict:
 def _summary(r: dict, ref: dict) -> dict:
     keep = ("converged", "iterations_max", "setup_s", "plan_s", "grad_s")
     return {**{k: r[k] for k in keep}, **agreement(r, ref)}
-
-
-def write_atomic(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(data, fh, indent=2)
-    os.chmod(tmp, 0o644)  # mkstemp creates 0600
-    os.replace(tmp, path)
 
 
 def print_table(title: str, rows: dict) -> None:

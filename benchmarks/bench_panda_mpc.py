@@ -52,7 +52,6 @@ import json
 import os
 import platform
 import statistics
-import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -60,6 +59,7 @@ from pathlib import Path
 import mujoco
 import numpy as np
 import torch
+from _results import write_atomic
 from tqdm import tqdm
 
 import diffto
@@ -138,19 +138,6 @@ def machine() -> dict:
         "torch": torch.__version__,
         "mujoco": mujoco.__version__,
     }
-
-
-def write_atomic(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(payload, fh, indent=2)
-            fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def run_goal(env, seed: int, mpc: MPC, reference: MPC, dynamics, chain, args, bar) -> dict:

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import torch
+from _results import write_atomic
 
 from diffto.layers.lqr import LQR
 from diffto.layers.mpc import MPC
@@ -148,7 +149,7 @@ def main() -> None:
     results = {"torch": torch.__version__, "threads": torch.get_num_threads(),
                "mpc_B64_n4_m2_T20": bench_mpc(), "safety_filter": bench_safety()}
     OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps(results, indent=2))
+    write_atomic(OUT, results)
     print(json.dumps(results, indent=2))
 
 
