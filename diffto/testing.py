@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["random_lq", "small_lq_dims"]
+__all__ = ["random_lq", "small_lq_dims", "central_differences"]
 
 
 def random_lq(
@@ -44,3 +44,21 @@ def small_lq_dims() -> dict:
         "n": st.integers(1, 3),
         "m": st.integers(1, 2),
     }
+
+
+def central_differences(fn, args: list[Tensor], eps: float = 1e-6) -> list[Tensor]:
+    """Central differences ``(fn(a + ε e_j) − fn(a − ε e_j)) / 2ε`` of a scalar function of several
+    tensors, one entry at a time: the reference for a layer's gradients (call it under
+    ``torch.no_grad()``; each entry costs two solves). Returns one tensor per argument, shaped
+    like it."""
+    out = []
+    for i, a in enumerate(args):
+        fd = torch.zeros_like(a)
+        for j in range(a.numel()):
+            plus = [b.clone() for b in args]
+            minus = [b.clone() for b in args]
+            plus[i].view(-1)[j] += eps
+            minus[i].view(-1)[j] -= eps
+            fd.view(-1)[j] = (fn(*plus) - fn(*minus)) / (2 * eps)
+        out.append(fd)
+    return out

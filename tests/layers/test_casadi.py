@@ -12,7 +12,7 @@ from diffto.layers.casadi import CasadiNLP
 from diffto.layers.casadi_to import CasadiTO
 from diffto.layers.lqr import LQR
 from diffto.problem import LinearDynamics, QuadraticCost
-from diffto.testing import random_lq, small_lq_dims
+from diffto.testing import central_differences, random_lq, small_lq_dims
 
 D = torch.float64
 DT = 0.1
@@ -335,20 +335,6 @@ def test_general_costs_equal_quadratic_cost(seed, B, T, n, m):
         for name, a, b in zip(names, other[1:], out[0][1:], strict=True):
             err = (a - b).abs().max().item()
             assert err < 1e-7 * (1 + b.abs().max().item()), f"{name}: max diff {err:.2e}"
-
-
-def central_differences(fn, args, eps=1e-6):
-    out = []
-    for i, a in enumerate(args):
-        fd = torch.zeros_like(a)
-        for j in range(a.numel()):
-            plus = [b.clone() for b in args]
-            minus = [b.clone() for b in args]
-            plus[i].view(-1)[j] += eps
-            minus[i].view(-1)[j] -= eps
-            fd.view(-1)[j] = (fn(*plus) - fn(*minus)) / (2 * eps)
-        out.append(fd)
-    return out
 
 
 def test_nonlinear_cost_gradients_match_central_differences():

@@ -11,7 +11,7 @@ from diffto.costs import LeastSquaresCost, NonlinearCost
 from diffto.layers.lqr import LQR
 from diffto.layers.theseus import TheseusTO
 from diffto.problem import LinearDynamics, QuadraticCost
-from diffto.testing import random_lq, small_lq_dims
+from diffto.testing import central_differences, random_lq, small_lq_dims
 
 D = torch.float64
 DT = 0.1
@@ -94,20 +94,6 @@ def test_dlm_is_an_approximation_in_the_right_direction():
     (g_dlm,) = torch.autograd.grad(sol.u.square().sum(), c)
     cos = torch.nn.functional.cosine_similarity(g_ref.flatten(), g_dlm.flatten(), dim=0)
     assert cos > 0.95, f"cosine {cos.item():.3f}"
-
-
-def central_differences(fn, args, eps=1e-6):
-    out = []
-    for i, a in enumerate(args):
-        fd = torch.zeros_like(a)
-        for j in range(a.numel()):
-            plus = [b.clone() for b in args]
-            minus = [b.clone() for b in args]
-            plus[i].view(-1)[j] += eps
-            minus[i].view(-1)[j] -= eps
-            fd.view(-1)[j] = (fn(*plus) - fn(*minus)) / (2 * eps)
-        out.append(fd)
-    return out
 
 
 @pytest.mark.parametrize("backward,tol", [("implicit", 1e-4), ("unroll", 1e-6)])
