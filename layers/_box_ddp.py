@@ -283,7 +283,15 @@ def solve(dyn, cost, x0, lo, hi, u_init, max_iter: int, tol: float, exact: bool 
                 full[r] = part
         K_out[idx], k_out[idx], side_out[idx] = K, k, side
         mu_last[idx] = mu_a
-        done = ok & (k.abs().amax((-1, -2)) <= tol * (1 + ua.abs().amax((-1, -2))))
+        threshold = tol * (1 + ua.abs().amax((-1, -2)))
+        done = ok & (k.abs().amax((-1, -2)) <= threshold)
+        if bool((done & (mu_a > 0)).any()):
+            # A small step under regularization proves nothing (a large μ shrinks any step):
+            # such a row stops only if its projected gradient is small too; otherwise it
+            # keeps stepping while μ decays towards an unregularized Newton step.
+            lam_r = costates(q, q_f, Ja)
+            res = stationarity(ua, reduced_gradient(q, Ja, lam_r), lo[idx], hi[idx], scale[idx])
+            done = done & ((mu_a == 0) | (res <= threshold))
         converged[idx[done]] = True
         running[idx[done | ~ok]] = False
         stalled[idx[~ok]] = True
