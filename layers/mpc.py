@@ -349,8 +349,16 @@ def _differentiable(cost, dyn, model, x0, out, lo, hi):
 
 
 def _solution(cost, out: dict, x: Tensor, u: Tensor) -> Solution:
+    # A row whose plan is not finite reports a NaN cost, but the cost is evaluated at zeros
+    # there: its backward then never multiplies a zero gradient by a NaN derivative, which
+    # would poison the gradient of a parameter the rows share.
+    with torch.no_grad():
+        bad = bad_rows(x, u)
+    keep = (~bad).view(-1, 1, 1)
+    value = cost.evaluate(torch.where(keep, x, 0), torch.where(keep, u, 0))
+    value = torch.where(bad, torch.nan, value)
     return Solution(
-        x=x, u=u, cost=cost.evaluate(x, u), converged=out["converged"],
+        x=x, u=u, cost=value, converged=out["converged"],
         iterations=out["iterations"],
         extras=dict(costates=out["costates"], gains=out["gains"],
                     feedforward=out["feedforward"], active_lower=out["at_lower"],

@@ -185,11 +185,17 @@ def test_a_row_with_nan_dynamics_is_flagged_and_leaks_no_gradient():
 
     x0 = torch.tensor([[0.2, 0.0], [1.5, 0.0], [-0.4, 0.3]], dtype=F64)
     goal = torch.zeros(3, 2, dtype=F64, requires_grad=True)
+    q = torch.ones(2, dtype=F64, requires_grad=True)  # a cost weight every row shares
     dyn = Domain()
     sol = MPC(dyn, T, u_lower=-2.0, u_upper=2.0)(x0, QuadraticCost.tracking(
-        torch.ones(2, dtype=F64), torch.full((1,), 0.1, dtype=F64), T, x_goal=goal))
+        q, torch.full((1,), 0.1, dtype=F64), T, x_goal=goal))
     assert sol.converged.tolist() == [True, False, True]
-    g_goal, g_gain = torch.autograd.grad(sol.u[sol.converged].sum(), (goal, dyn.gain))
+    assert torch.isnan(sol.cost[1]) and torch.isfinite(sol.cost[[0, 2]]).all()
+    g_goal, g_gain = torch.autograd.grad(sol.u[sol.converged].sum(), (goal, dyn.gain),
+                                         retain_graph=True)
+    # The reported cost of the good rows differentiates cleanly too.
+    g_cost = torch.autograd.grad(sol.cost[sol.converged].sum(), (q, dyn.gain))
+    assert all(torch.isfinite(g).all() for g in g_cost)
     assert torch.isfinite(g_goal).all() and torch.isfinite(g_gain)
     assert (g_goal[1] == 0).all() and g_goal[[0, 2]].abs().sum() > 0
 
