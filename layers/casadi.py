@@ -447,6 +447,14 @@ class _NLPFunction(torch.autograd.Function):
         B, n_w, n_g = w.shape[0], nlp.n_w, nlp.n_g
         to_np = lambda t: t.detach().cpu().double().numpy()  # noqa: E731
         w_np, p_np, lg_np, lw_np = to_np(w), to_np(p), to_np(lam_g), to_np(lam_w)
+        # A row whose solution is not finite gets no gradient, and must not poison the others:
+        # its KKT block is evaluated at zeros, replaced by the identity, and its seeds zeroed.
+        bad = ~(np.isfinite(w_np).all(1) & np.isfinite(lg_np).all(1) & np.isfinite(lw_np).all(1))
+        if bad.any():
+            w_np, lg_np, lw_np = (np.where(bad[:, None], 0.0, a) for a in (w_np, lg_np, lw_np))
+            keep = torch.from_numpy(~bad).to(gw.device)
+            gw = torch.where(keep[:, None], gw, 0)
+            gf = torch.where(keep, gf, 0)
         lo_g, hi_g, lo_w, hi_w = (to_np(b) for b in (lbg, ubg, lbw, ubw))
         act_g = _active(lg_np, lo_g, hi_g, nlp.active_tol)  # (B, n_g)
         act_w = _active(lw_np, lo_w, hi_w, nlp.active_tol)  # (B, n_w)
@@ -476,6 +484,10 @@ class _NLPFunction(torch.autograd.Function):
         idx = torch.arange(n_w, size)
         K[:, idx, idx] = (~act_g_t).double()
         rhs = torch.cat([v * free, v.new_zeros(B, n_g)], 1)
+        if bad.any():
+            rows = torch.from_numpy(bad)
+            K[rows] = torch.eye(size, dtype=torch.float64)
+            H[rows] = 0.0
         sol = checked_solve(
             K, rhs, "CasadiNLP backward: the KKT solve failed (active constraints dependent?)"
         )

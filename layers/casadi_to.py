@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from diffto.layers._implicit import bad_rows
 from diffto.layers.casadi import CasadiNLP, nlp_solution, solve_nlp
 from diffto.problem import (
     LinearDynamics,
@@ -596,7 +597,11 @@ class CasadiTO(nn.Module):
         x = torch.cat([x0.to(res.w.dtype).unsqueeze(1), res.w[:, : T * n].reshape(B, T, n)], 1)
         u = res.w[:, T * n :].reshape(B, T, m)
         extras = self._extras(built, res, bounds_np, p_np, cost, x, u, cost_grad)
-        return Solution(x, u, cost.evaluate(x, u), res.converged, res.iterations, extras)
+        bad = bad_rows(x, u)
+        keep = (~bad).view(-1, 1, 1)
+        value = cost.evaluate(torch.where(keep, x, 0), torch.where(keep, u, 0))
+        value = torch.where(bad, torch.nan, value)
+        return Solution(x, u, value, res.converged, res.iterations, extras)
 
     def _bounds(self, like: Tensor, B: int) -> list[Tensor]:
         """``(lbw, ubw, lbg, ubg)`` rows for the NLP (``lbg = ubg = 0``: the dynamics)."""
@@ -635,6 +640,9 @@ class CasadiTO(nn.Module):
         (no graph), and its gradient and value with a graph to ``x0`` and every tensor the
         cost uses (see :mod:`diffto.layers.casadi`)."""
         dtype = torch.promote_types(x0.dtype, torch.float32)
+        # Rows whose solution is not finite are evaluated at zeros: they get no gradient, and
+        # a NaN there must not reach a parameter the rows share.
+        w = np.where(np.isfinite(w).all(1, keepdims=True), w, 0.0)
         W = torch.as_tensor(w, dtype=dtype, device=x0.device)
         if torch.is_grad_enabled():
             H, _, H_f, _ = cost.derivatives(*self.layout.plan(x0.detach().to(dtype), W), "exact")

@@ -389,3 +389,27 @@ def test_call_contract():
     wrong = NonlinearCost(lambda x, u: (x - goal[:, None]).square().sum(-1) + u.square().sum(-1))
     with pytest.raises(ValueError, match="cost could not be evaluated"):
         fixed(x0, wrong)
+
+
+def test_a_non_finite_row_gets_no_gradient_and_spares_the_others(toy_nlp):
+    """A row whose solution came back NaN (e.g. the solver failed on it) contributes zero
+    gradient; the other rows' gradients are those of a batch without it."""
+    from diffto.layers.casadi import nlp_solution, solve_nlp
+
+    layer = toy_nlp[1]
+    P = torch.tensor([[0.5, 1.5], [0.2, -0.3], [1.0, 0.4]], dtype=D, requires_grad=True)
+    bounds = [torch.as_tensor(b, dtype=D).reshape(1, -1)
+              for b in (layer.lbw, layer.ubw, layer.lbg, layer.ubg)]
+    solved = list(solve_nlp(layer, P.detach().numpy(), None, False,
+                            tuple(b.numpy() for b in bounds)))
+    for k in range(4):  # w, f, lam_g, lam_w of row 1 are lost
+        solved[k] = solved[k].copy()
+        solved[k][1] = np.nan
+    res = nlp_solution(layer, P, bounds, tuple(solved))
+    keep = [0, 2]
+    (grad,) = torch.autograd.grad(res.w[keep].sum() + res.f[keep].sum(), P)
+    assert torch.isfinite(grad).all() and (grad[1] == 0).all()
+    P_ref = P.detach()[keep].requires_grad_()
+    ref = layer(P_ref)
+    (grad_ref,) = torch.autograd.grad(ref.w.sum() + ref.f.sum(), P_ref)
+    torch.testing.assert_close(grad[keep], grad_ref)
