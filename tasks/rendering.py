@@ -12,7 +12,17 @@ import os
 
 import mujoco
 
-__all__ = ["RenderingUnavailableError", "make_renderer"]
+__all__ = ["RenderingUnavailableError", "make_renderer", "SCENE_ASSETS"]
+
+# Sky, checker floor texture and material shared by the robots' scenes (MJCF <asset> block).
+SCENE_ASSETS = """\
+  <asset>
+    <texture name="sky" type="skybox" builtin="gradient" rgb1="0.45 0.6 0.75" rgb2="0.05 0.05 0.08"
+      width="256" height="1536"/>
+    <texture name="grid" type="2d" builtin="checker" mark="edge" rgb1="0.22 0.26 0.30"
+      rgb2="0.16 0.19 0.22" markrgb="0.7 0.7 0.7" width="300" height="300"/>
+    <material name="floor" texture="grid" texuniform="true" texrepeat="4 4" reflectance="0.1"/>
+  </asset>"""
 
 _ADVICE = (
     "On a headless Linux machine install OSMesa (Debian: libosmesa6) and set MUJOCO_GL=osmesa "

@@ -35,6 +35,8 @@ from typing import Any
 import mujoco
 import numpy as np
 
+from diffto.tasks.rendering import SCENE_ASSETS
+
 __all__ = [
     "JOINT_NAMES",
     "FOOT_NAMES",
@@ -227,16 +229,6 @@ def _actuators_xml(p: dict[str, Any]) -> str:
     )
 
 
-_SCENE_ASSETS = """\
-  <asset>
-    <texture name="sky" type="skybox" builtin="gradient" rgb1="0.45 0.6 0.75" rgb2="0.05 0.05 0.08"
-      width="256" height="1536"/>
-    <texture name="grid" type="2d" builtin="checker" mark="edge" rgb1="0.22 0.26 0.30"
-      rgb2="0.16 0.19 0.22" markrgb="0.7 0.7 0.7" width="300" height="300"/>
-    <material name="floor" texture="grid" texuniform="true" texrepeat="4 4" reflectance="0.1"/>
-  </asset>"""
-
-
 def _floor_xml(p: dict[str, Any]) -> str:
     f = p["scene"]["floor"]
     return (
@@ -289,7 +281,7 @@ def model_xml(timestep: float = 0.001, *, scene: bool = True) -> str:
         "  </visual>",
     ]
     if scene:
-        parts.append(_SCENE_ASSETS)
+        parts.append(SCENE_ASSETS)
     parts.append("  <worldbody>")
     if scene:
         parts += [_LIGHTS, _floor_xml(p)]

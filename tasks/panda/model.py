@@ -46,6 +46,8 @@ from typing import Any
 import mujoco
 import numpy as np
 
+from diffto.tasks.rendering import SCENE_ASSETS
+
 __all__ = [
     "PARAMS_PATH",
     "JOINT_NAMES",
@@ -222,16 +224,6 @@ def _actuators_xml() -> str:
     )
 
 
-_SCENE = """\
-  <asset>
-    <texture name="sky" type="skybox" builtin="gradient" rgb1="0.5 0.65 0.8" rgb2="0.08 0.08 0.1"
-      width="256" height="1536"/>
-    <texture name="grid" type="2d" builtin="checker" mark="edge" rgb1="0.24 0.27 0.3"
-      rgb2="0.18 0.2 0.23" markrgb="0.7 0.7 0.7" width="300" height="300"/>
-    <material name="floor" texture="grid" texuniform="true" texrepeat="5 5" reflectance="0.1"/>
-  </asset>"""
-
-
 def model_xml(
     timestep: float = TIMESTEP,
     *,
@@ -276,7 +268,7 @@ def model_xml(
         "  </default>",
     ]
     if scene:
-        parts.append(_SCENE)
+        parts.append(SCENE_ASSETS)
     parts.append("  <worldbody>")
     if scene:
         parts += [
