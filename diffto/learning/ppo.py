@@ -121,7 +121,7 @@ class PPO(L.LightningModule):
 
     def __init__(
         self,
-        env_id: str = "diffto/Go2Tracking-v0",
+        env_id: str,
         env_kwargs: dict[str, Any] | None = None,
         eval_env_kwargs: dict[str, Any] | None = None,
         num_envs: int = 4,
