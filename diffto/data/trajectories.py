@@ -1,185 +1,514 @@
-"""The one trajectory-set format: a ``.npz`` of named arrays plus a ``meta`` JSON string.
+"""The one dataset format of diffto: transitions in a ``.npz``, per-episode info, a JSON meta.
 
-A :class:`TrajectorySet` holds ``N`` rows, in one of two layouts:
+Every learner in diffto (imitation, DAgger, critics, offline RL, replay buffers) reads and
+writes a :class:`TrajectorySet`: ``N`` transitions (rows) of ``E`` episodes as named numpy
+arrays, plus per-episode arrays and a JSON-serializable ``meta``.
 
-* **whole trajectories** of equal length: ``states (N, T+1, n)``, ``actions (N, T, m)``
-  (``states[:, 0]`` is the initial state, the last one is terminal);
-* **transitions**: ``states (N, n)``, ``actions (N, m)``, usually with ``episode_ids (N,)``.
+==================  ==============  =======  ==================================================
+array               shape           dtype    meaning
+==================  ==============  =======  ==================================================
+observation         (N, o)          float    observation at step t (planning state for TO data)
+action              (N, m)          float    action applied at step t (env units)
+next_observation    (N, o)          float    observation at step t+1
+episode             (N,)            int64    global episode id (e.g. the problem index)
+timestep            (N,)            int64    step index t within the episode
+terminal            (N,)            bool     the episode ended in a terminal state at t+1
+truncated           (N,)            bool     the episode was cut off (time limit) after t
+desired_goal        (N, g)          float    optional: the goal the episode pursues
+achieved_goal       (N, g)          float    optional: the goal achieved at t+1 (not always a
+                                             slice of the observation)
+reward              (N,)            float    optional: reward received for the transition
+cost                (N,)            float    optional: stage cost of (x_t, u_t); the terminal
+                                             cost of a plan is added to its last stage
+cost_to_go          (N,)            float    optional: realized sum of ``cost`` from t to the
+                                             episode's end (:func:`cost_to_go`)
+task                (N,)            int64    optional: task id in a multi-task set
+images              (N, H, W, C)    uint8    optional: camera image at step t
+plan                (N, T, m)       float    optional: the expert's open-loop controls at step
+                                             t (expert control units; ``plan[:, 0]`` is the
+                                             control it applied)
+==================  ==============  =======  ==================================================
 
-Optional arrays (any that are present must have ``N`` rows): ``goals``, ``costs``,
-``cost_to_go``, ``episode_ids``. ``dt`` is a scalar. Any further named arrays travel along in
-``extras``. ``meta`` is a JSON-serializable dict (how the data was made: system, expert
-weights, seeds ...) stored as one JSON string so that loading never needs pickle.
+Further per-transition arrays travel in ``extras`` (``N`` rows each). ``episode_info`` holds
+per-episode arrays of ``E`` rows aligned with :meth:`TrajectorySet.episode_ids` (the sorted
+unique episode ids). Its standard keys: ``converged`` (bool: every solve of the expert
+converged), ``iterations`` (float: mean solver iterations per step), ``length`` (int64:
+steps of the episode as generated) and ``seed`` (int64: the env reset seed of the episode,
+``seed + i`` for dataset episode ``i``; evaluation episodes use ``EVAL_SEED_BASE + j`` so
+held-out goals never appear in training data). Other keys are allowed.
 
-:func:`save_trajectories` writes atomically (a temporary file in the same folder, then
-``os.replace``), so a reader never sees a half-written file and concurrent writers of the same
-cache entry are safe. :func:`load_trajectories` reads one file or a folder of them
-(concatenated along rows; ``episode_ids`` are offset so they stay unique).
+``meta`` (JSON) records how the data were made. Standard keys: ``task`` or ``env_id``,
+``dt``, ``dynamics``, ``cost_weights``, ``normalization`` (``{array: {"mean", "std"}}``,
+:meth:`TrajectorySet.normalization_stats`), ``versions`` and the counts
+``episodes_requested`` and ``episodes_failed`` (only converged solutions are expert data;
+failed episodes are left out and counted).
 
-Expert data in this format: :func:`generate_expert_trajectories` solves one batched expert MPC
-on a classic system (:func:`make_system`), and :class:`ExpertMPCDataModule` serves those plans
-to Lightning, generated once and cached as ``.npz``.
+Row order: construction sorts rows by ``(episode, timestep)`` when they are not already in
+that order (writers produce sorted data, so this is a no-op for them) and rejects duplicate
+``(episode, timestep)`` pairs. Hence the rows of an episode are contiguous and in time order,
+and :meth:`TrajectorySet.episode_slices` are plain slices. Timesteps need not start at 0 or
+be consecutive (a subset of rows is still a valid set).
+
+Files. :func:`save_trajectories` writes one uncompressed (optionally compressed) ``.npz``:
+the arrays by name, ``episode_info.<key>`` per episode key, ``meta`` as one JSON string and
+``format`` (``"diffto.trajectories/2"``), so loading never needs pickle. It writes a
+temporary file in the destination folder and renames it with ``os.replace``: a reader never
+sees a half-written file, a crash leaves the previous file (or none), and concurrent writers
+of the same file are safe. :func:`load_trajectories` reads one file, or a folder of shards
+(``*.npz`` in name order, concatenated). Episode ids are global: they must be unique across
+shards (a repeated id is an error naming both files). The result's ``meta`` is the first
+file's plus ``files`` (the shard names), with the counts in :data:`SUMMED_META_KEYS` summed
+over shards and ``normalization`` recomputed on the whole set. :func:`merge_trajectories`
+combines sets in memory (``renumber=True`` makes ids consecutive instead of requiring them
+disjoint); ``python -m diffto.data.merge OUT IN...`` does it for files.
+
+Legacy files (the first format: ``states``, ``actions``, ``dt``, ``meta`` and optional
+``goals``, ``costs``, ``cost_to_go``, ``episode_ids``) load into this one:
+
+* whole trajectories ``states (N, T+1, n)``, ``actions (N, T, m)``: each row becomes an
+  episode of ``T`` transitions, ``observation = states[:, :-1]``,
+  ``next_observation = states[:, 1:]``, ``action = actions``; ``episode = episode_ids`` (or
+  the row index), ``terminal`` False and ``truncated`` True at the last step; ``goals (N, g)``
+  becomes ``desired_goal`` (repeated over steps), per-step ``costs (N, T)`` become ``cost``,
+  per-trajectory ``costs (N,)`` become ``episode_info["total_cost"]``, ``cost_to_go (N, T+1)``
+  or ``(N, T)`` its first ``T`` steps; other arrays of shape ``(N, T, ...)`` or
+  ``(N, T+1, ...)`` become per-step ``extras`` (first ``T`` steps), any others per-episode
+  ``episode_info``;
+* transitions ``states (N, n)``, ``actions (N, m)``: ``next_observation`` is the next row of
+  the same episode (``episode_ids``, or one episode when absent), so the last row of each
+  episode, which has no successor, is dropped; ``goals``, ``costs``, ``cost_to_go`` become
+  ``desired_goal``, ``cost``, ``cost_to_go``; other arrays become ``extras``;
+* ``dt`` goes to ``meta["dt"]``.
+
+Minari (Farama's offline-dataset standard) is not built in: minari 0.5 needs its own storage
+backend (h5py or pyarrow) and typer's command-line stack as new dependencies, and stores
+episodes as gymnasium-space observations of ``T+1`` steps; converting is a loop over
+:meth:`TrajectorySet.episode_slices`, not worth three dependencies for every install.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-import lightning as L
 import numpy as np
 import torch
-from torch import nn
-from torch.utils.data import DataLoader, Dataset
 
 __all__ = [
+    "EVAL_SEED_BASE",
+    "FORMAT",
+    "SUMMED_META_KEYS",
     "TrajectorySet",
-    "save_trajectories",
+    "cost_to_go",
     "load_trajectories",
-    "generate_expert_trajectories",
-    "ExpertMPCDataModule",
-    "make_system",
+    "merge_trajectories",
+    "save_trajectories",
 ]
 
-_OPTIONAL = ("goals", "costs", "cost_to_go", "episode_ids")
-_RESERVED = ("states", "actions", "dt", "meta", *_OPTIONAL)
+EVAL_SEED_BASE = 1_000_000
+"""Evaluation episode ``j`` resets its env with seed ``EVAL_SEED_BASE + j``; dataset episode
+``i`` uses ``seed + i`` with small ``seed``, so held-out goals are never training goals."""
+
+FORMAT = "diffto.trajectories/2"
+"""Value of the ``format`` entry of every file :func:`save_trajectories` writes."""
+
+SUMMED_META_KEYS = ("episodes_requested", "episodes_failed", "solves", "labels")
+"""Meta keys that count something: summed (not taken from the first) when sets are merged."""
+
+REQUIRED = ("observation", "action", "next_observation", "episode", "timestep", "terminal",
+            "truncated")
+OPTIONAL = ("desired_goal", "achieved_goal", "reward", "cost", "cost_to_go", "task", "images",
+            "plan")
+ROW_ARRAYS = REQUIRED + OPTIONAL
+
+# Expected number of dimensions (None: at least 2) and dtype kind of each array:
+# "f" float, "i" integer (stored int64), "b" bool, "u8" uint8.
+_SPEC: dict[str, tuple[int | None, str]] = {
+    "observation": (None, "f"), "action": (None, "f"), "next_observation": (None, "f"),
+    "episode": (1, "i"), "timestep": (1, "i"), "terminal": (1, "b"), "truncated": (1, "b"),
+    "desired_goal": (2, "f"), "achieved_goal": (2, "f"), "reward": (1, "f"), "cost": (1, "f"),
+    "cost_to_go": (1, "f"), "task": (1, "i"), "images": (4, "u8"), "plan": (3, "f"),
+}
+_INFO_KINDS = {"converged": "b", "iterations": "f", "length": "i", "seed": "i"}
+_INFO_PREFIX = "episode_info."
 
 
-def _as_numpy(name: str, value: Any) -> np.ndarray:
+def _as_array(name: str, value: Any) -> np.ndarray:
     if isinstance(value, torch.Tensor):
         value = value.detach().cpu().numpy()
     if not isinstance(value, np.ndarray):
-        kind = type(value).__name__
-        raise ValueError(f"{name} must be a numpy array or torch tensor, got {kind}")
-    if value.dtype == object:
-        raise ValueError(f"{name} must have a numeric dtype, got object")
+        raise ValueError(f"{name} must be a numpy array or torch tensor, got "
+                         f"{type(value).__name__}")
+    if value.dtype == object or value.dtype.kind in "USVMm":
+        raise ValueError(f"{name} must have a numeric or bool dtype, got {value.dtype}")
     return value
+
+
+def _check_kind(name: str, value: np.ndarray, kind: str) -> np.ndarray:
+    """``value`` in the dtype family ``kind``; integers are widened to int64 (lossless)."""
+    dt = value.dtype
+    if kind == "f":
+        if dt.kind != "f":
+            raise ValueError(f"{name} must have a floating dtype, got {dt}")
+        if not np.isfinite(value).all():
+            bad = np.argwhere(~np.isfinite(value))[0].tolist()
+            raise ValueError(f"{name} must be finite, found {value[tuple(bad)]} at index {bad}")
+    elif kind == "i":
+        if dt.kind not in "iu" or (dt.kind == "u" and dt.itemsize >= 8):
+            raise ValueError(f"{name} must have an integer dtype (stored int64), got {dt}")
+        value = value.astype(np.int64, copy=False)
+    elif kind == "b":
+        if dt != np.bool_:
+            raise ValueError(f"{name} must have dtype bool, got {dt}")
+    elif dt != np.uint8:
+        raise ValueError(f"{name} must have dtype uint8, got {dt}")
+    return value
+
+
+def cost_to_go(cost: np.ndarray, episode: np.ndarray) -> np.ndarray:
+    """Realized cost-to-go ``V_t = Σ_{s ≥ t} cost_s`` within each episode.
+
+    Args:
+        cost: ``(N,)`` stage costs, rows of an episode contiguous and in time order.
+        episode: ``(N,)`` episode ids.
+
+    Returns:
+        ``(N,)`` suffix sums per episode, in ``cost``'s dtype (summed in float64).
+
+    One pass: with the global suffix sum ``S_i = Σ_{j ≥ i} cost_j``, an episode occupying rows
+    ``[a, b)`` has ``V_i = S_i − S_b`` (``S_N = 0``).
+    """
+    cost, episode = np.asarray(cost), np.asarray(episode)
+    if cost.ndim != 1 or episode.shape != cost.shape:
+        raise ValueError(f"cost and episode must both have shape (N,), got {cost.shape} and "
+                         f"{episode.shape}")
+    N = cost.shape[0]
+    if N == 0:
+        return cost.copy()
+    starts = np.flatnonzero(np.r_[True, episode[1:] != episode[:-1]])  # first row of each run
+    if len(starts) != len(np.unique(episode)):
+        raise ValueError("episode: the rows of each episode must be contiguous")
+    suffix = np.r_[np.cumsum(cost[::-1], dtype=np.float64)[::-1], 0.0]  # (N+1,) S_i, S_N = 0
+    ends = np.r_[starts[1:], N]  # one past the last row of each run
+    run_end = np.repeat(ends, np.diff(np.r_[starts, N]))  # (N,) b of each row's episode
+    return (suffix[:N] - suffix[run_end]).astype(cost.dtype, copy=False)
 
 
 @dataclass
 class TrajectorySet:
-    """Named arrays of ``N`` rows; see the module docstring for the two layouts.
+    """``N`` transitions of ``E`` episodes; see the module docstring for every array.
 
-    Attributes:
-        states: ``(N, T+1, n)`` or ``(N, n)``.
-        actions: ``(N, T, m)`` or ``(N, m)``.
-        dt: time step in seconds.
-        goals: ``(N, ...)`` or ``None``.
-        costs: ``(N, ...)`` or ``None`` (per trajectory ``(N,)``, or per step).
-        cost_to_go: ``(N, ...)`` or ``None``.
-        episode_ids: ``(N,)`` integers or ``None``.
-        extras: further named arrays, each with ``N`` rows.
-        meta: JSON-serializable dict.
-
-    Construction validates shapes and finiteness and raises ``ValueError`` naming the array.
+    Construction validates (``ValueError`` naming the array): ``N`` rows everywhere, dtypes
+    (int64 ``episode``/``timestep``/``task``, bool ``terminal``/``truncated``, uint8
+    ``images``, floating others), finite floats, ``observation`` and ``next_observation`` of
+    one shape, ``desired_goal`` and ``achieved_goal`` of one shape, ``episode_info`` arrays of
+    ``E`` rows (standard keys in their dtypes), ``meta`` JSON-serializable. Rows are sorted by
+    ``(episode, timestep)`` if they are not already; duplicate pairs are rejected.
     """
 
-    states: np.ndarray
-    actions: np.ndarray
-    dt: float
-    goals: np.ndarray | None = None
-    costs: np.ndarray | None = None
+    observation: np.ndarray
+    action: np.ndarray
+    next_observation: np.ndarray
+    episode: np.ndarray
+    timestep: np.ndarray
+    terminal: np.ndarray
+    truncated: np.ndarray
+    desired_goal: np.ndarray | None = None
+    achieved_goal: np.ndarray | None = None
+    reward: np.ndarray | None = None
+    cost: np.ndarray | None = None
     cost_to_go: np.ndarray | None = None
-    episode_ids: np.ndarray | None = None
+    task: np.ndarray | None = None
+    images: np.ndarray | None = None
+    plan: np.ndarray | None = None
     extras: dict[str, np.ndarray] = field(default_factory=dict)
+    episode_info: dict[str, np.ndarray] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.states = _as_numpy("states", self.states)
-        self.actions = _as_numpy("actions", self.actions)
-        s, a = self.states, self.actions
-        if s.ndim == 3:
-            if a.ndim != 3 or a.shape[0] != s.shape[0] or a.shape[1] != s.shape[1] - 1:
-                raise ValueError(
-                    f"with states of shape (N, T+1, n) = {s.shape}, actions must have shape "
-                    f"(N, T, m) = ({s.shape[0]}, {s.shape[1] - 1}, m), got {a.shape}"
-                )
-        elif s.ndim == 2:
-            if a.ndim != 2 or a.shape[0] != s.shape[0]:
-                raise ValueError(
-                    f"with states of shape (N, n) = {s.shape}, actions must have shape "
-                    f"({s.shape[0]}, m), got {a.shape}"
-                )
-        else:
-            raise ValueError(f"states must have shape (N, T+1, n) or (N, n), got {s.shape}")
-        N = s.shape[0]
-        if not np.isfinite(s).all() or not np.isfinite(a).all():
-            raise ValueError("states and actions must be finite (found NaN/Inf)")
-        try:
-            self.dt = float(self.dt)
-        except (TypeError, ValueError) as err:
-            raise ValueError(f"dt must be a positive float, got {self.dt!r}") from err
-        if not (np.isfinite(self.dt) and self.dt > 0):
-            raise ValueError(f"dt must be a positive float, got {self.dt}")
-        for name in _OPTIONAL:
+        N = None
+        for name in ROW_ARRAYS:
             value = getattr(self, name)
-            if value is not None:
-                value = _as_numpy(name, value)
-                if value.ndim == 0 or value.shape[0] != N:
-                    raise ValueError(f"{name} must have N={N} rows, got shape {value.shape}")
-                setattr(self, name, value)
-        if self.episode_ids is not None and (
-            self.episode_ids.ndim != 1 or not np.issubdtype(self.episode_ids.dtype, np.integer)
-        ):
-            raise ValueError(
-                f"episode_ids must be integers of shape ({N},), got {self.episode_ids.dtype} "
-                f"{self.episode_ids.shape}"
-            )
+            if value is None:
+                if name in REQUIRED:
+                    raise ValueError(f"{name} is required, got None")
+                continue
+            value = _as_array(name, value)
+            ndim, kind = _SPEC[name]
+            if value.ndim == 0 or (ndim is None and value.ndim < 2) or (
+                    ndim is not None and value.ndim != ndim):
+                want = "at least 2" if ndim is None else str(ndim)
+                raise ValueError(f"{name} must have {want} dimensions (rows first), got shape "
+                                 f"{value.shape}")
+            N = value.shape[0] if N is None else N
+            if value.shape[0] != N:
+                raise ValueError(f"{name} must have N={N} rows (as observation), got shape "
+                                 f"{value.shape}")
+            setattr(self, name, _check_kind(name, value, kind))
+        for a, b in (("observation", "next_observation"), ("desired_goal", "achieved_goal")):
+            va, vb = getattr(self, a), getattr(self, b)
+            if va is not None and vb is not None and va.shape != vb.shape:
+                raise ValueError(f"{b} must have the shape of {a} {va.shape}, got {vb.shape}")
+        if (self.timestep < 0).any():
+            raise ValueError("timestep must be >= 0")
         extras = {}
-        for name, value in self.extras.items():
-            if name in _RESERVED:
+        for name, value in dict(self.extras).items():
+            if name in ROW_ARRAYS or name.startswith(_INFO_PREFIX) or name in ("meta", "format"):
                 raise ValueError(f"extras may not use the reserved name {name!r}")
-            value = _as_numpy(f"extras[{name!r}]", value)
+            value = _as_array(f"extras[{name!r}]", value)
             if value.ndim == 0 or value.shape[0] != N:
-                raise ValueError(f"extras[{name!r}] must have N={N} rows, got shape {value.shape}")
+                raise ValueError(f"extras[{name!r}] must have N={N} rows, got shape "
+                                 f"{value.shape}")
+            if value.dtype.kind == "f":
+                _check_kind(f"extras[{name!r}]", value, "f")
             extras[name] = value
         self.extras = extras
+        self._sort_rows()
+        E = len(self.episode_ids())
+        info = {}
+        for key, value in dict(self.episode_info).items():
+            value = _as_array(f"episode_info[{key!r}]", value)
+            if value.ndim == 0 or value.shape[0] != E:
+                raise ValueError(f"episode_info[{key!r}] must have E={E} rows (one per episode "
+                                 f"id, sorted), got shape {value.shape}")
+            if key in _INFO_KINDS:
+                value = _check_kind(f"episode_info[{key!r}]", value, _INFO_KINDS[key])
+            info[key] = value
+        self.episode_info = info
+        if not isinstance(self.meta, dict):
+            raise ValueError(f"meta must be a dict, got {type(self.meta).__name__}")
         try:
             json.dumps(self.meta)
-        except TypeError as err:
+        except (TypeError, ValueError) as err:
             raise ValueError(f"meta must be JSON-serializable: {err}") from err
 
+    def _sort_rows(self) -> None:
+        e, t = self.episode, self.timestep
+        if len(e) < 2:
+            return
+        ordered = (e[1:] > e[:-1]) | ((e[1:] == e[:-1]) & (t[1:] > t[:-1]))
+        if ordered.all():
+            return
+        order = np.lexsort((t, e))  # by episode, then timestep
+        e, t = e[order], t[order]
+        dup = np.flatnonzero((e[1:] == e[:-1]) & (t[1:] == t[:-1]))
+        if len(dup):
+            raise ValueError(f"episode and timestep: duplicate pair (episode {e[dup[0]]}, "
+                             f"timestep {t[dup[0]]})")
+        for name in ROW_ARRAYS:
+            if getattr(self, name) is not None:
+                setattr(self, name, getattr(self, name)[order])
+        self.extras = {k: v[order] for k, v in self.extras.items()}
+
+    # ------------------------------------------------------------------ views
     def __len__(self) -> int:
-        return self.states.shape[0]
+        return self.observation.shape[0]
 
     @property
-    def is_trajectories(self) -> bool:
-        """True for the ``(N, T+1, n)`` layout, False for transitions."""
-        return self.states.ndim == 3
+    def dt(self) -> float | None:
+        """``meta["dt"]`` (seconds per step) or ``None``."""
+        dt = self.meta.get("dt")
+        return None if dt is None else float(dt)
 
     def arrays(self) -> dict[str, np.ndarray]:
-        """Every array by its stored name (``None`` fields left out)."""
-        out = {"states": self.states, "actions": self.actions}
-        for name in _OPTIONAL:
-            if getattr(self, name) is not None:
-                out[name] = getattr(self, name)
+        """Every per-transition array by name (absent optional ones left out, extras last)."""
+        out = {k: getattr(self, k) for k in ROW_ARRAYS if getattr(self, k) is not None}
         out.update(self.extras)
         return out
 
     def tensors(self, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-        """Every array as a tensor (floating arrays cast to ``dtype``, integers kept)."""
-        return {
-            k: torch.as_tensor(v, dtype=dtype if np.issubdtype(v.dtype, np.floating) else None)
-            for k, v in self.arrays().items()
-        }
+        """Every per-transition array as a tensor: floating ones cast to ``dtype``, integer,
+        bool and uint8 ones kept."""
+        return {k: torch.as_tensor(v, dtype=dtype if v.dtype.kind == "f" else None)
+                for k, v in self.arrays().items()}
 
-    def subset(self, index: np.ndarray | slice) -> TrajectorySet:
-        """Rows selected by ``index`` (same meta and dt)."""
-        kw = {k: v[index] for k, v in self.arrays().items() if k not in ("states", "actions")}
-        extras = {k: kw.pop(k) for k in list(kw) if k not in _OPTIONAL}
-        return TrajectorySet(
-            self.states[index], self.actions[index], self.dt, extras=extras, meta=self.meta, **kw
-        )
+    def episode_ids(self) -> np.ndarray:
+        """``(E,)`` sorted unique episode ids (``episode_info`` rows follow this order)."""
+        e = self.episode
+        if len(e) == 0:
+            return e.copy()
+        return e[np.r_[True, e[1:] != e[:-1]]]  # rows are sorted by episode
+
+    def episode_slices(self) -> list[slice]:
+        """Row slice of each episode, aligned with :meth:`episode_ids`."""
+        e = self.episode
+        if len(e) == 0:
+            return []
+        starts = np.flatnonzero(np.r_[True, e[1:] != e[:-1]])
+        ends = np.r_[starts[1:], len(e)]
+        return [slice(int(a), int(b)) for a, b in zip(starts, ends, strict=True)]
+
+    def episode_lengths(self) -> np.ndarray:
+        """``(E,)`` rows per episode, aligned with :meth:`episode_ids`."""
+        return np.array([s.stop - s.start for s in self.episode_slices()], dtype=np.int64)
+
+    def _replace(self, rows: np.ndarray | slice, keep: np.ndarray | None = None
+                 ) -> TrajectorySet:
+        """The rows ``rows`` as a new set; ``keep``: mask of the ``episode_info`` rows kept."""
+        kw = {k: getattr(self, k)[rows] for k in ROW_ARRAYS if getattr(self, k) is not None}
+        kw["extras"] = {k: v[rows] for k, v in self.extras.items()}
+        if keep is None:
+            keep = np.isin(self.episode_ids(), np.unique(kw["episode"]))
+        kw["episode_info"] = {k: v[keep] for k, v in self.episode_info.items()}
+        return TrajectorySet(**kw, meta=dict(self.meta))
+
+    def subset(self, rows: np.ndarray | slice | Sequence[int]) -> TrajectorySet:
+        """The rows selected by ``rows`` (indices, a bool mask of ``N`` or a slice); episode
+        info is kept for the episodes that still have rows, meta is copied."""
+        if not isinstance(rows, slice):
+            rows = np.asarray(rows)
+            if rows.dtype == np.bool_ and rows.shape != (len(self),):
+                raise ValueError(f"rows as a mask must have shape ({len(self)},), got "
+                                 f"{rows.shape}")
+        return self._replace(rows)
+
+    def select_episodes(self, ids: Iterable[int]) -> TrajectorySet:
+        """The episodes with the given ids (each must exist)."""
+        ids = np.asarray(list(ids), dtype=np.int64)
+        known = self.episode_ids()
+        missing = ids[~np.isin(ids, known)]
+        if len(missing):
+            raise ValueError(f"ids: episodes {missing[:5].tolist()} are not in the set")
+        return self._replace(np.isin(self.episode, ids), keep=np.isin(known, ids))
+
+    def stack_episodes(self, key: str) -> np.ndarray:
+        """Per-transition array ``key`` as ``(E, L, ...)`` for episodes of equal length ``L``."""
+        arrays = self.arrays()
+        if key not in arrays:
+            raise ValueError(f"key must be one of {sorted(arrays)}, got {key!r}")
+        lengths = self.episode_lengths()
+        if len(lengths) and (lengths != lengths[0]).any():
+            raise ValueError(f"stack_episodes({key!r}) needs episodes of equal length, got "
+                             f"lengths from {lengths.min()} to {lengths.max()}")
+        L = int(lengths[0]) if len(lengths) else 0
+        value = arrays[key]
+        return value.reshape(len(lengths), L, *value.shape[1:])  # rows are episode-major
+
+    def normalization_stats(self, keys: Sequence[str] = ("observation", "action")
+                            ) -> dict[str, dict[str, list]]:
+        """Per-element mean and standard deviation over rows of each floating array in
+        ``keys``: ``{key: {"mean": [...], "std": [...]}}`` (trailing shape, as JSON lists;
+        the raw std, which may be 0: clamp before dividing)."""
+        arrays, out = self.arrays(), {}
+        for key in keys:
+            if key not in arrays or arrays[key].dtype.kind != "f":
+                raise ValueError(f"keys: {key!r} is not a floating array of this set")
+            v = arrays[key].astype(np.float64)
+            if len(v) == 0:
+                raise ValueError("normalization_stats needs at least one row")
+            out[key] = {"mean": v.mean(0).tolist(), "std": v.std(0).tolist()}
+        return out
+
+    def with_cost_to_go(self) -> TrajectorySet:
+        """A copy whose ``cost_to_go`` is the realized suffix sum of ``cost`` per episode."""
+        if self.cost is None:
+            raise ValueError("with_cost_to_go needs the cost array, which this set lacks")
+        out = self._replace(slice(None))
+        out.cost_to_go = cost_to_go(self.cost, self.episode)
+        return out
 
 
-def save_trajectories(path: str | os.PathLike, data: TrajectorySet) -> Path:
-    """Write ``data`` to ``path`` (``.npz`` appended if missing) atomically; returns the path."""
+# ---------------------------------------------------------------------------- merge
+def _space(data: TrajectorySet) -> dict[str, tuple]:
+    """What must agree for two sets to be merged: each array's trailing shape and dtype."""
+    space = {k: (v.shape[1:], str(v.dtype)) for k, v in data.arrays().items()}
+    space.update({_INFO_PREFIX + k: (v.shape[1:], str(v.dtype))
+                  for k, v in data.episode_info.items()})
+    return space
+
+
+def check_compatible(sets: Sequence[TrajectorySet], names: Sequence[str]) -> None:
+    """Raise ``ValueError`` naming the source if ``sets`` differ in task/env id, ``dt``, the
+    arrays they hold or those arrays' trailing shapes and dtypes."""
+    first, ref = sets[0], _space(sets[0])
+    for data, name in zip(sets[1:], names[1:], strict=True):
+        for key in ("task", "env_id"):
+            if first.meta.get(key) != data.meta.get(key):
+                raise ValueError(f"{name}: meta {key!r} is {data.meta.get(key)!r} but "
+                                 f"{names[0]}'s is {first.meta.get(key)!r}")
+        a, b = first.dt, data.dt
+        if (a is None) != (b is None) or (a is not None and not np.isclose(a, b, rtol=1e-12)):
+            raise ValueError(f"{name}: dt is {b} but {names[0]}'s is {a}")
+        space = _space(data)
+        if set(space) != set(ref):
+            raise ValueError(f"{name}: arrays {sorted(space)} differ from {names[0]}'s "
+                             f"{sorted(ref)}")
+        for key, (shape, dtype) in space.items():
+            if (shape, dtype) != ref[key]:
+                raise ValueError(f"{name}: array {key!r} has trailing shape {shape} and dtype "
+                                 f"{dtype}, {names[0]}'s has {ref[key][0]} and {ref[key][1]}")
+
+
+def merge_trajectories(sets: Sequence[TrajectorySet], renumber: bool = False,
+                       names: Sequence[str] | None = None) -> TrajectorySet:
+    """One set holding every row of ``sets`` (checked with :func:`check_compatible`).
+
+    Args:
+        sets: the sets to merge (at least one).
+        renumber: give episodes new consecutive ids ``0 .. E-1`` (in the order of ``sets``,
+            then of ids) instead of requiring the ids of different sets to be disjoint.
+        names: names of the sets for error messages (default ``set 0``, ``set 1``, ...).
+
+    Returns:
+        The merged set; ``meta`` is the first set's, with :data:`SUMMED_META_KEYS` summed and
+        ``normalization`` recomputed for the same arrays.
+    """
+    sets = list(sets)
+    if not sets:
+        raise ValueError("sets must hold at least one TrajectorySet")
+    names = [f"set {i}" for i in range(len(sets))] if names is None else list(names)
+    if len(names) != len(sets):
+        raise ValueError(f"names must have {len(sets)} entries, got {len(names)}")
+    for data, name in zip(sets, names, strict=True):
+        if not isinstance(data, TrajectorySet):
+            raise ValueError(f"{name} must be a TrajectorySet, got {type(data).__name__}")
+    check_compatible(sets, names)
+    episodes = [d.episode for d in sets]
+    if renumber:
+        offset, episodes = 0, []
+        for d in sets:  # ids are sorted and unique within a set: map them to offset + rank
+            ids = d.episode_ids()
+            episodes.append(offset + np.searchsorted(ids, d.episode))
+            offset += len(ids)
+    else:
+        owner: dict[int, int] = {}
+        for k, d in enumerate(sets):
+            for i in d.episode_ids().tolist():
+                if i in owner:
+                    raise ValueError(f"episode id {i} is in both {names[owner[i]]} and "
+                                     f"{names[k]}: ids must be unique across shards (merge "
+                                     f"with renumber=True to renumber)")
+                owner[i] = k
+    kw = {k: np.concatenate([getattr(d, k) for d in sets]) for k in sets[0].arrays()
+          if k in ROW_ARRAYS}
+    kw["episode"] = np.concatenate(episodes)
+    kw["extras"] = {k: np.concatenate([d.extras[k] for d in sets]) for k in sets[0].extras}
+    # episode_info rows follow the sorted ids of the merged set
+    ids = np.concatenate([e[np.r_[True, e[1:] != e[:-1]]] if len(e) else e for e in episodes])
+    order = np.argsort(ids, kind="stable")
+    kw["episode_info"] = {k: np.concatenate([d.episode_info[k] for d in sets])[order]
+                          for k in sets[0].episode_info}
+    meta = dict(sets[0].meta)
+    for key in SUMMED_META_KEYS:
+        if any(key in d.meta for d in sets):
+            meta[key] = sum(d.meta.get(key, 0) for d in sets)
+    merged = TrajectorySet(**kw, meta=meta)
+    if isinstance(meta.get("normalization"), dict) and len(merged):
+        merged.meta["normalization"] = merged.normalization_stats(list(meta["normalization"]))
+    return merged
+
+
+# ---------------------------------------------------------------------------- files
+def save_trajectories(path: str | os.PathLike, data: TrajectorySet,
+                      compressed: bool = False) -> Path:
+    """Write ``data`` to ``path`` (``.npz`` appended if missing) atomically; returns the path.
+
+    ``compressed`` uses ``np.savez_compressed`` (worth it for ``images``)."""
     if not isinstance(data, TrajectorySet):
         raise ValueError(f"data must be a TrajectorySet, got {type(data).__name__}")
     path = Path(path)
@@ -187,12 +516,13 @@ def save_trajectories(path: str | os.PathLike, data: TrajectorySet) -> Path:
         path = path.with_name(path.name + ".npz")
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = dict(data.arrays())
-    payload["dt"] = np.asarray(data.dt, dtype=np.float64)
+    payload.update({_INFO_PREFIX + k: v for k, v in data.episode_info.items()})
     payload["meta"] = np.asarray(json.dumps(data.meta, sort_keys=True))
+    payload["format"] = np.asarray(FORMAT)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".npz.tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, **payload)
+            (np.savez_compressed if compressed else np.savez)(fh, **payload)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -200,309 +530,151 @@ def save_trajectories(path: str | os.PathLike, data: TrajectorySet) -> Path:
     return path
 
 
-def _load_one(path: Path) -> TrajectorySet:
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
     try:
         with np.load(path, allow_pickle=False) as npz:
-            stored = {k: npz[k] for k in npz.files}
-    except (OSError, ValueError) as err:
-        raise ValueError(f"{path}: not a readable trajectory .npz ({err})") from err
-    missing = [k for k in ("states", "actions", "dt", "meta") if k not in stored]
+            return {k: npz[k] for k in npz.files}
+    except (OSError, ValueError, EOFError) as err:
+        raise ValueError(f"{path}: not a readable .npz trajectory set ({err})") from err
+
+
+def _load_one(path: Path) -> TrajectorySet:
+    stored = _read_npz(path)
+    if "observation" not in stored and "states" in stored:
+        try:
+            return _from_legacy(stored, path)
+        except ValueError as err:
+            raise ValueError(f"{path}: {err} (legacy layout)") from err
+    missing = [k for k in (*REQUIRED, "meta") if k not in stored]
     if missing:
-        raise ValueError(f"{path}: missing required arrays {missing} (found {sorted(stored)})")
+        raise ValueError(f"{path}: not a trajectory set: array {missing[0]!r} is missing "
+                         f"(missing {missing}, found {sorted(stored)})")
+    fmt = str(stored.pop("format", FORMAT))
+    if fmt != FORMAT:
+        raise ValueError(f"{path}: array 'format' is {fmt!r}, this reader knows {FORMAT!r}")
+    meta = _parse_meta(stored.pop("meta"), path)
+    info = {k[len(_INFO_PREFIX):]: stored.pop(k) for k in list(stored)
+            if k.startswith(_INFO_PREFIX)}
+    kw = {k: stored.pop(k) for k in ROW_ARRAYS if k in stored}
     try:
-        meta = json.loads(str(stored.pop("meta")))
+        return TrajectorySet(**kw, extras=stored, episode_info=info, meta=meta)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from err
+
+
+def _parse_meta(raw: np.ndarray, path: Path) -> dict[str, Any]:
+    try:
+        meta = json.loads(str(raw))
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: meta is not valid JSON ({err})") from err
+        raise ValueError(f"{path}: array 'meta' is not valid JSON ({err})") from err
     if not isinstance(meta, dict):
-        raise ValueError(f"{path}: meta must be a JSON object, got {type(meta).__name__}")
-    optional = {k: stored.pop(k) for k in _OPTIONAL if k in stored}
-    states, actions, dt = stored.pop("states"), stored.pop("actions"), stored.pop("dt")
-    return TrajectorySet(states, actions, float(dt), extras=stored, meta=meta, **optional)
+        raise ValueError(f"{path}: array 'meta' must be a JSON object, got "
+                         f"{type(meta).__name__}")
+    return meta
 
 
-def load_trajectories(path: str | os.PathLike) -> TrajectorySet:
-    """Read a trajectory ``.npz``, or every ``*.npz`` in a folder (sorted by name, rows
-    concatenated; their ``dt`` must agree, ``meta`` is the first file's plus ``"files"``)."""
+def load_trajectories(path: str | os.PathLike, progress: bool = False) -> TrajectorySet:
+    """Read a trajectory ``.npz``, or every ``*.npz`` shard of a folder (name order, merged
+    with :func:`merge_trajectories`: episode ids must be unique across shards; ``meta`` is
+    the first file's plus ``files``, counts summed). ``progress`` shows a bar over shards."""
     path = Path(path)
     if path.is_dir():
-        files = sorted(path.glob("*.npz"))
+        files = sorted(f for f in path.glob("*.npz") if not f.name.startswith("."))
         if not files:
             raise ValueError(f"{path}: folder holds no .npz files")
-        parts = [_load_one(f) for f in files]
-        return _concatenate(parts, [f.name for f in files])
+        if progress:
+            from tqdm.auto import tqdm
+
+            files_iter: Iterable[Path] = tqdm(files, desc=f"loading {path.name}", unit="file")
+        else:
+            files_iter = files
+        parts = [_load_one(f) for f in files_iter]
+        merged = merge_trajectories(parts, names=[str(f) for f in files])
+        merged.meta["files"] = [f.name for f in files]
+        return merged
     if not path.exists():
         raise ValueError(f"path {path} does not exist")
     return _load_one(path)
 
 
-def _concatenate(parts: list[TrajectorySet], names: list[str]) -> TrajectorySet:
-    first = parts[0]
-    keys = set(first.arrays())
-    for part, name in zip(parts, names, strict=True):
-        if part.dt != first.dt:
-            raise ValueError(f"{name}: dt {part.dt} differs from {names[0]}'s {first.dt}")
-        if set(part.arrays()) != keys:
-            raise ValueError(f"{name}: arrays {sorted(part.arrays())} differ from {sorted(keys)}")
-    merged: dict[str, np.ndarray] = {}
-    for key in keys:
-        chunks = [p.arrays()[key] for p in parts]
-        if key == "episode_ids":
-            # keep ids unique across files: shift each file past the previous maximum
-            offset, shifted = 0, []
-            for chunk in chunks:
-                shifted.append(chunk - chunk.min() + offset if len(chunk) else chunk)
-                offset = int(shifted[-1].max()) + 1 if len(chunk) else offset
-            chunks = shifted
-        try:
-            merged[key] = np.concatenate(chunks, axis=0)
-        except ValueError as err:
-            raise ValueError(f"array {key!r} has incompatible shapes across files: {err}") from err
-    optional = {k: merged.pop(k) for k in _OPTIONAL if k in merged}
-    states, actions = merged.pop("states"), merged.pop("actions")
-    meta = dict(first.meta, files=names)
-    return TrajectorySet(states, actions, first.dt, extras=merged, meta=meta, **optional)
 
+def _from_legacy(stored: dict[str, np.ndarray], path: Path) -> TrajectorySet:
+    """The first format's arrays (see the module docstring) as a :class:`TrajectorySet`."""
+    missing = [k for k in ("states", "actions") if k not in stored]
+    if missing:
+        raise ValueError(f"array {missing[0]!r} is missing (found {sorted(stored)})")
+    meta = _parse_meta(stored.pop("meta"), path) if "meta" in stored else {}
+    if "dt" in stored:
+        meta.setdefault("dt", float(stored.pop("dt")))
+    states, actions = stored.pop("states"), stored.pop("actions")
+    ids = stored.pop("episode_ids", None)
+    goals, costs, ctg = (stored.pop(k, None) for k in ("goals", "costs", "cost_to_go"))
+    N = states.shape[0] if states.ndim else 0
+    for name, value in (("actions", actions), ("episode_ids", ids), ("goals", goals),
+                        ("costs", costs), ("cost_to_go", ctg), *stored.items()):
+        if value is not None and (value.ndim == 0 or value.shape[0] != N):
+            raise ValueError(f"array {name!r} must have {N} rows like 'states', got shape "
+                             f"{value.shape}")
+    if states.ndim == 3:  # whole trajectories (N, T+1, n): row i is an episode of T steps
+        T = states.shape[1] - 1
+        if actions.ndim != 3 or actions.shape[1] != T:
+            raise ValueError(f"array 'actions' must have shape (N, T, m) = ({N}, {T}, m) "
+                             f"with 'states' {states.shape}, got {actions.shape}")
+        ids = np.arange(N, dtype=np.int64) if ids is None else ids.astype(np.int64)
+        if len(np.unique(ids)) != N:
+            raise ValueError("array 'episode_ids' must be unique per trajectory")
+        order = np.argsort(ids, kind="stable")  # episode_info rows follow sorted ids
 
-# --------------------------------------------------------------------------- expert MPC data
-SystemName = Literal["pendulum", "cartpole"]
+        def steps(v: np.ndarray) -> np.ndarray:  # (N, T[+1], ...) -> (N*T, ...)
+            return v[:, :T].reshape(N * T, *v.shape[2:])
 
+        def per_step(v: np.ndarray) -> bool:
+            return v.ndim >= 2 and v.shape[1] in (T, T + 1)
 
-def make_system(name: SystemName, dt: float, params: dict[str, float] | None = None,
-                learnable: Sequence[str] = ()) -> nn.Module:
-    """A classic system by name: ``"pendulum"`` (n=2, m=1) or ``"cartpole"`` (n=4, m=1), with
-    physical parameters overriding the defaults and ``learnable`` ones as ``nn.Parameter``."""
-    from diffto.tasks.classic.cartpole import CartPole
-    from diffto.tasks.classic.pendulum import Pendulum
-
-    systems = {"pendulum": Pendulum, "cartpole": CartPole}
-    if name not in systems:
-        raise ValueError(f"system must be one of {sorted(systems)}, got {name!r}")
-    cls = systems[name]
-    params = dict(params or {})
-    unknown = set(params) - set(cls._physical_names)
-    if unknown:
-        raise ValueError(
-            f"{name} has physical parameters {list(cls._physical_names)}, got {sorted(unknown)}"
-        )
-    return cls(dt=dt, learnable=tuple(learnable), **params)
-
-
-def generate_expert_trajectories(
-    system: SystemName = "pendulum",
-    n_rows: int = 256,
-    horizon: int = 20,
-    dt: float = 0.05,
-    u_bound: float | None = 4.0,
-    expert_q: Sequence[float] = (10.0, 1.0),
-    expert_r: Sequence[float] = (0.1,),
-    expert_dynamics: dict[str, float] | None = None,
-    x0_low: Sequence[float] = (-0.6, -1.0),
-    x0_high: Sequence[float] = (0.6, 1.0),
-    goal: Sequence[float] | None = None,
-    max_iter: int = 100,
-    seed: int = 0,
-) -> TrajectorySet:
-    """Plans of an expert MPC from random initial states, in one batched solve.
-
-    The expert minimizes ``Σ ½(x−x_g)ᵀdiag(q)(x−x_g) + ½uᵀdiag(r)u`` (terminal weight
-    ``diag(q)``) under the system's dynamics and ``|u| <= u_bound``, from ``n_rows`` initial
-    states drawn uniformly in ``[x0_low, x0_high]``. Rows whose solve did not converge are
-    dropped (their count is in ``meta["n_unconverged"]``); if more than a quarter fail, the
-    problem is ill-posed for this expert and ``ValueError`` is raised.
-
-    Returns a :class:`TrajectorySet` of whole trajectories, float64: ``states (N, T+1, n)``,
-    ``actions (N, T, m)``, ``goals (N, n)``, ``costs (N,)``, ``episode_ids (N,)``; ``meta``
-    records every argument (the expert's weights included).
-    """
-    from diffto.layers.mpc import MPC
-    from diffto.problem import QuadraticCost
-
-    dyn = make_system(system, dt, expert_dynamics).double()
-    n, m = dyn.n_state, dyn.n_ctrl
-    vectors = {"expert_q": (expert_q, n), "x0_low": (x0_low, n), "x0_high": (x0_high, n),
-               "expert_r": (expert_r, m)}
-    if goal is not None:
-        vectors["goal"] = (goal, n)
-    for name, (value, size) in vectors.items():
-        if len(value) != size:
-            raise ValueError(f"{name} must have {size} entries for {system}, got {list(value)}")
-    if min(expert_q) < 0 or min(expert_r) <= 0:
-        raise ValueError(f"expert_q must be >= 0 and expert_r > 0, got {expert_q}, {expert_r}")
-    if n_rows < 1:
-        raise ValueError(f"n_rows must be >= 1, got {n_rows}")
-    gen = torch.Generator().manual_seed(seed)
-    lo = torch.tensor(x0_low, dtype=torch.float64)
-    hi = torch.tensor(x0_high, dtype=torch.float64)
-    if (lo > hi).any():
-        raise ValueError(f"x0_low must be <= x0_high, got {list(x0_low)} and {list(x0_high)}")
-    x0 = lo + (hi - lo) * torch.rand(n_rows, n, generator=gen, dtype=torch.float64)
-    x_goal = torch.zeros(n, dtype=torch.float64) if goal is None else torch.tensor(
-        goal, dtype=torch.float64)
-    q = torch.tensor(expert_q, dtype=torch.float64)
-    r = torch.tensor(expert_r, dtype=torch.float64)
-    cost = QuadraticCost.tracking(torch.diag(q), torch.diag(r), horizon, x_goal=x_goal)
-    bound = {} if u_bound is None else {"u_lower": -u_bound, "u_upper": u_bound}
-    expert = MPC(dyn, horizon, max_iter=max_iter, **bound)
-    with torch.no_grad():
-        sol = expert(x0, cost)
-    ok = sol.converged
-    n_bad = int((~ok).sum())
-    if n_bad > n_rows // 4:
-        raise ValueError(
-            f"the expert MPC did not converge on {n_bad} of {n_rows} rows: shrink "
-            f"[x0_low, x0_high] or raise max_iter"
-        )
-    meta = {
-        "kind": "expert_mpc", "system": system, "horizon": horizon, "dt": dt,
-        "u_bound": u_bound, "expert_q": list(map(float, expert_q)),
-        "expert_r": list(map(float, expert_r)),
-        "expert_dynamics": dyn.physical_parameters(), "x0_low": list(map(float, x0_low)),
-        "x0_high": list(map(float, x0_high)), "goal": x_goal.tolist(), "max_iter": max_iter,
-        "seed": seed, "n_requested": n_rows, "n_unconverged": n_bad, "n_state": n, "n_ctrl": m,
-    }
-    return TrajectorySet(
-        states=sol.x[ok].numpy(),
-        actions=sol.u[ok].numpy(),
-        dt=dt,
-        goals=x_goal.expand(int(ok.sum()), n).numpy(),
-        costs=sol.cost[ok].numpy(),
-        episode_ids=np.arange(int(ok.sum()), dtype=np.int64),
-        meta=meta,
-    )
-
-
-class _RowDataset(Dataset):
-    """Rows of a trajectory set as dicts of tensors (``x0``, ``states``, ``actions``, ``goal``)."""
-
-    def __init__(self, data: TrajectorySet, dtype: torch.dtype) -> None:
-        t = data.tensors(dtype)
-        self.items = {"x0": t["states"][:, 0], "states": t["states"], "actions": t["actions"],
-                      "goal": t["goals"]}
-
-    def __len__(self) -> int:
-        return self.items["x0"].shape[0]
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {k: v[i] for k, v in self.items.items()}
-
-
-class ExpertMPCDataModule(L.LightningDataModule):
-    """Expert MPC trajectories on a classic system, generated once and cached as ``.npz``.
-
-    ``prepare_data`` makes ``n_train + n_val`` expert plans in one batched MPC solve (see
-    :func:`generate_expert_trajectories`) unless the cache file already exists; ``setup``
-    splits them into training rows and held-out validation rows (different initial states).
-    The cache file name is a hash of every generation argument, so changing any of them
-    regenerates, and a stale file is never read.
-
-    Args:
-        system: ``"pendulum"`` or ``"cartpole"``.
-        n_train: training rows (initial states).
-        n_val: held-out validation rows.
-        horizon: ``T`` of the expert's plans.
-        dt: integration step of the system.
-        u_bound: symmetric control bound of the expert (``None``: unbounded).
-        expert_q: the expert's state weights, ``n`` numbers.
-        expert_r: the expert's control weights, ``m`` numbers.
-        expert_dynamics: the expert system's physical parameters (defaults otherwise).
-        x0_low: lower corner of the initial-state box, ``n`` numbers.
-        x0_high: upper corner of the initial-state box, ``n`` numbers.
-        goal: the expert's goal state (default the origin: upright and at rest).
-        max_iter: iteration cap of the expert's MPC.
-        seed: seed of the initial states (independent of the training seed).
-        batch_size: rows per training batch.
-        dtype: dtype of the tensors served (``"float64"`` or ``"float32"``).
-        cache_dir: where the ``.npz`` is cached; ``None`` means ``<default_root_dir>/expert_data``
-            of the trainer (the current directory without a trainer).
-    """
-
-    def __init__(
-        self,
-        system: SystemName = "pendulum",
-        n_train: int = 192,
-        n_val: int = 64,
-        horizon: int = 20,
-        dt: float = 0.05,
-        u_bound: float | None = 4.0,
-        expert_q: list[float] | None = None,
-        expert_r: list[float] | None = None,
-        expert_dynamics: dict[str, float] | None = None,
-        x0_low: list[float] | None = None,
-        x0_high: list[float] | None = None,
-        goal: list[float] | None = None,
-        max_iter: int = 100,
-        seed: int = 0,
-        batch_size: int = 64,
-        dtype: Literal["float64", "float32"] = "float64",
-        cache_dir: str | None = None,
-    ) -> None:
-        super().__init__()
-        if n_train < 1 or n_val < 0 or batch_size < 1:
-            raise ValueError(
-                f"n_train and batch_size must be >= 1 and n_val >= 0, got {n_train}, {n_val}, "
-                f"{batch_size}"
-            )
-        if dtype not in ("float64", "float32"):
-            raise ValueError(f"dtype must be 'float64' or 'float32', got {dtype!r}")
-        n = {"pendulum": 2, "cartpole": 4}.get(system)
-        if n is None:
-            raise ValueError(f"system must be 'pendulum' or 'cartpole', got {system!r}")
-        default_q = [10.0, 1.0] if n == 2 else [1.0, 10.0, 0.1, 0.1]
-        default_box = [0.6, 1.0] if n == 2 else [0.5, 0.3, 0.5, 0.5]
-        self.generation = {
-            "system": system, "n_rows": n_train + n_val, "horizon": horizon, "dt": dt,
-            "u_bound": u_bound,
-            "expert_q": list(expert_q) if expert_q is not None else default_q,
-            "expert_r": list(expert_r) if expert_r is not None else [0.1],
-            "expert_dynamics": dict(expert_dynamics or {}),
-            "x0_low": list(x0_low) if x0_low is not None else [-b for b in default_box],
-            "x0_high": list(x0_high) if x0_high is not None else list(default_box),
-            "goal": list(goal) if goal is not None else None,
-            "max_iter": max_iter, "seed": seed,
+        last = np.zeros((N, T), dtype=bool)
+        last[:, -1] = True
+        kw: dict[str, Any] = {
+            "observation": steps(states), "action": steps(actions),
+            "next_observation": states[:, 1:].reshape(N * T, *states.shape[2:]),
+            "episode": np.repeat(ids, T), "timestep": np.tile(np.arange(T), N),
+            "terminal": np.zeros(N * T, dtype=bool), "truncated": last.reshape(-1),
         }
-        self.n_train, self.n_val, self.batch_size = n_train, n_val, batch_size
-        self.dtype = getattr(torch, dtype)
-        self.cache_dir = cache_dir
-        self.data: TrajectorySet | None = None
-        self.train_set: _RowDataset | None = None
-        self.val_set: _RowDataset | None = None
-
-    @property
-    def cache_path(self) -> Path:
-        """``<cache_dir>/expert_<system>_<hash of the generation arguments>.npz``."""
-        if self.cache_dir is not None:
-            root = Path(self.cache_dir)
-        elif self.trainer is not None:
-            root = Path(self.trainer.default_root_dir) / "expert_data"
-        else:
-            root = Path("expert_data")
-        key = json.dumps(self.generation, sort_keys=True)
-        digest = hashlib.sha256(key.encode()).hexdigest()[:12]
-        return root / f"expert_{self.generation['system']}_{digest}.npz"
-
-    @property
-    def meta(self) -> dict[str, Any]:
-        """The dataset's meta (expert weights and dynamics included); after ``setup``."""
-        if self.data is None:
-            raise RuntimeError("ExpertMPCDataModule.meta is available after setup()")
-        return self.data.meta
-
-    def prepare_data(self) -> None:
-        path = self.cache_path
-        if not path.exists():
-            save_trajectories(path, generate_expert_trajectories(**self.generation))
-
-    def setup(self, stage: str | None = None) -> None:
-        if self.data is None:
-            self.prepare_data()  # no-op when cached; covers use without a Trainer
-            self.data = load_trajectories(self.cache_path)
-        N = len(self.data)
-        n_val = min(self.n_val, max(N - 1, 0))
-        self.train_set = _RowDataset(self.data.subset(slice(0, N - n_val)), self.dtype)
-        self.val_set = _RowDataset(self.data.subset(slice(N - n_val, N)), self.dtype)
-
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, batch_size=max(len(self.val_set), 1), shuffle=False)
+        info: dict[str, np.ndarray] = {"length": np.full(N, T, dtype=np.int64)}
+        if goals is not None:
+            kw["desired_goal"] = steps(goals) if per_step(goals) and goals.ndim == 3 else (
+                np.repeat(goals.reshape(N, -1), T, axis=0))
+        if costs is not None:
+            if per_step(costs):
+                kw["cost"] = steps(costs)
+            else:
+                info["total_cost"] = costs[order]
+        if ctg is not None:
+            if per_step(ctg):
+                kw["cost_to_go"] = steps(ctg)
+            else:
+                info["cost_to_go"] = ctg[order]
+        kw["extras"] = {k: steps(v) for k, v in stored.items() if per_step(v)}
+        info.update({k: v[order] for k, v in stored.items() if not per_step(v)})
+        return TrajectorySet(**kw, episode_info=info, meta=meta)
+    if states.ndim != 2 or actions.ndim != 2:
+        raise ValueError(f"arrays 'states' and 'actions' must have shape (N, T+1, n) and "
+                         f"(N, T, m), or (N, n) and (N, m); got {states.shape} and "
+                         f"{actions.shape}")
+    # transitions: the successor of row i is row i+1 of the same episode; rows without one
+    # (each episode's last) are dropped
+    ids = np.zeros(N, dtype=np.int64) if ids is None else ids.astype(np.int64)
+    has_next = np.r_[ids[1:] == ids[:-1], False] if N else np.zeros(0, dtype=bool)
+    rows = np.flatnonzero(has_next)
+    is_last = ~np.r_[has_next[1:], False][rows] if N else np.zeros(0, dtype=bool)
+    starts = np.r_[True, ids[1:] != ids[:-1]] if N else np.zeros(0, dtype=bool)
+    run = np.cumsum(starts) - 1
+    first_row = np.flatnonzero(starts)
+    kw = {"observation": states[rows], "action": actions[rows],
+          "next_observation": states[rows + 1], "episode": ids[rows],
+          "timestep": (np.arange(N) - first_row[run])[rows],
+          "terminal": np.zeros(len(rows), dtype=bool), "truncated": is_last}
+    for new, old in (("desired_goal", goals), ("cost", costs), ("cost_to_go", ctg)):
+        if old is not None:
+            kw[new] = old[rows]
+    kw["extras"] = {k: v[rows] for k, v in stored.items()}
+    return TrajectorySet(**kw, meta=meta)

@@ -30,7 +30,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
-from diffto.data.trajectories import make_system
+from diffto.data.expert_mpc import make_system
 from diffto.policies import SolverPolicy, SolverPolicyOutput, normalized_log_weights
 
 __all__ = ["MPCImitation", "imitation_loss", "weight_error"]
@@ -63,7 +63,7 @@ def weight_error(w: Tensor, w_expert: Tensor) -> Tensor:
 class MPCImitation(L.LightningModule):
     """Learn an MPC's cost weights (and optionally physical parameters) from expert plans.
 
-    Expects batches from :class:`diffto.data.trajectories.ExpertMPCDataModule` (dicts with
+    Expects batches from :class:`diffto.data.expert_mpc.ExpertMPCDataModule` (dicts with
     ``x0 (B, n)``, ``states (B, T+1, n)``, ``actions (B, T, m)``, ``goal (B, n)``); when the
     datamodule is attached, its ``meta`` supplies the expert's weights and dynamics for the
     diagnostics, and is checked against this module's system, horizon, step and bounds.
@@ -169,7 +169,7 @@ class MPCImitation(L.LightningModule):
             if key in meta and meta[key] != mine:
                 raise ValueError(f"expert data have {key}={meta[key]!r} but the model has "
                                  f"{key}={mine!r}")
-        expert_dyn = meta.get("expert_dynamics", {})
+        expert_dyn = meta.get("dynamics", {})
         mine = self.dynamics.physical_parameters()
         for name, value in expert_dyn.items():
             if name not in self.learn_dynamics and abs(mine[name] - value) > 1e-9 * (1 + value):
@@ -180,9 +180,9 @@ class MPCImitation(L.LightningModule):
 
     def expert_weights(self) -> Tensor | None:
         """``[q*; r*]`` from the expert data's meta, or ``None`` when unknown."""
-        if self.expert_meta is None or "expert_q" not in self.expert_meta:
+        if self.expert_meta is None or "cost_weights" not in self.expert_meta:
             return None
-        w = self.expert_meta["expert_q"] + self.expert_meta["expert_r"]
+        w = self.expert_meta["cost_weights"]["q"] + self.expert_meta["cost_weights"]["r"]
         return torch.tensor(w, dtype=self._dtype, device=self.device)
 
     # ------------------------------------------------------------------ forward and loss
@@ -214,7 +214,7 @@ class MPCImitation(L.LightningModule):
             w = torch.cat([out.q, out.r], -1).detach()
             log[f"{prefix}/weight_error"] = weight_error(w, w_star).mean()
         if self.expert_meta is not None:
-            expert_dyn = self.expert_meta.get("expert_dynamics", {})
+            expert_dyn = self.expert_meta.get("dynamics", {})
             for name in self.learn_dynamics:
                 if name in expert_dyn:
                     value = getattr(self.dynamics, name).detach()
@@ -252,7 +252,7 @@ class MPCImitation(L.LightningModule):
                  f"{[round(v, 4) for v in w_norm.tolist()]} (normalized [q; r]), relative "
                  f"error {weight_error(w, w_star).item():.4f}"]
         for name in self.learn_dynamics:
-            expert = self.expert_meta.get("expert_dynamics", {}).get(name)
+            expert = self.expert_meta.get("dynamics", {}).get(name)
             value = float(getattr(self.dynamics, name).detach())
             parts.append(f"{name} {value:.4f} vs expert {expert}")
         rank_zero_info("MPCImitation: " + "; ".join(parts))

@@ -1,118 +1,17 @@
-"""Imitation of an expert MPC: the trajectory format, SolverPolicy, MPCImitation, the config."""
-
-import json
+"""Imitation of an expert MPC: SolverPolicy, MPCImitation, the config (the expert data
+and the dataset format are tested in tests/data/)."""
 
 import lightning as L
-import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
-from diffto.data.trajectories import (
-    ExpertMPCDataModule,
-    TrajectorySet,
-    generate_expert_trajectories,
-    load_trajectories,
-    save_trajectories,
-)
+from diffto.data.expert_mpc import ExpertMPCDataModule
 from diffto.layers.lqr import LQR
 from diffto.layers.mpc import MPC
 from diffto.learning.imitation import MPCImitation, imitation_loss, weight_error
 from diffto.policies import SolverPolicy
 from diffto.problem import LinearDynamics
 from diffto.tasks.classic.pendulum import Pendulum
-
-# ----------------------------------------------------------------------------- .npz format
-
-
-def _random_set(N: int, T: int, n: int, m: int, seed: int = 0) -> TrajectorySet:
-    rng = np.random.default_rng(seed)
-    return TrajectorySet(
-        states=rng.normal(size=(N, T + 1, n)),
-        actions=rng.normal(size=(N, T, m)).astype(np.float32),
-        dt=0.05,
-        goals=rng.normal(size=(N, n)),
-        costs=rng.normal(size=N),
-        cost_to_go=rng.normal(size=(N, T + 1)),
-        episode_ids=np.arange(N, dtype=np.int64),
-        extras={"contact": rng.integers(0, 2, size=(N, T, 4))},
-        meta={"system": "pendulum", "weights": [1.0, 2.5], "nested": {"a": None}},
-    )
-
-
-@given(N=st.integers(1, 6), T=st.integers(1, 5), n=st.integers(1, 4), m=st.integers(1, 3))
-@settings(max_examples=8)
-def test_npz_round_trip_is_exact(tmp_path_factory, N, T, n, m):
-    data = _random_set(N, T, n, m)
-    path = save_trajectories(tmp_path_factory.mktemp("npz") / "set", data)
-    assert path.suffix == ".npz"
-    back = load_trajectories(path)
-    assert back.meta == data.meta and back.dt == data.dt
-    assert set(back.arrays()) == set(data.arrays())
-    for k, v in data.arrays().items():
-        assert back.arrays()[k].dtype == v.dtype, k
-        np.testing.assert_array_equal(back.arrays()[k], v)
-    # no pickle needed, no stray temporary file left behind
-    with np.load(path, allow_pickle=False) as npz:
-        assert json.loads(str(npz["meta"])) == data.meta
-    assert [p.name for p in path.parent.iterdir()] == [path.name]
-
-
-def test_transitions_layout_and_folder_concatenation(tmp_path):
-    rng = np.random.default_rng(1)
-    for i, N in enumerate((3, 4)):
-        part = TrajectorySet(rng.normal(size=(N, 2)), rng.normal(size=(N, 1)), 0.1,
-                             episode_ids=np.array([0] * (N - 1) + [1]), meta={"part": i})
-        save_trajectories(tmp_path / f"part{i}.npz", part)
-    merged = load_trajectories(tmp_path)
-    assert len(merged) == 7 and not merged.is_trajectories
-    # ids stay unique across files: file 0 has {0, 1}, file 1 is shifted to {2, 3}
-    assert merged.episode_ids.tolist() == [0, 0, 1, 2, 2, 2, 3]
-    assert merged.meta["files"] == ["part0.npz", "part1.npz"]
-    assert len(merged.subset(slice(2, 5))) == 3
-
-
-@pytest.mark.parametrize(
-    "kwargs, match",
-    [
-        ({"states": np.zeros((4, 6, 2)), "actions": np.zeros((4, 6, 1))}, r"\(N, T, m\)"),
-        ({"states": np.zeros((4, 6, 2)), "actions": np.zeros((3, 5, 1))}, r"\(N, T, m\)"),
-        ({"states": np.zeros(4), "actions": np.zeros(4)}, "states must have shape"),
-        ({"states": np.zeros((4, 2)), "actions": np.zeros((5, 1))}, "actions must have shape"),
-        ({"goals": np.zeros((3, 2))}, "goals must have N=4 rows"),
-        ({"episode_ids": np.zeros(4)}, "episode_ids must be integers"),
-        ({"dt": 0.0}, "dt must be a positive"),
-        ({"dt": "fast"}, "dt must be a positive"),
-        ({"states": np.full((4, 2), np.nan), "actions": np.zeros((4, 1))}, "finite"),
-        ({"meta": {"bad": object()}}, "JSON-serializable"),
-        ({"extras": {"states": np.zeros(4)}}, "reserved"),
-        ({"extras": {"foo": np.zeros(3)}}, r"extras\['foo'\] must have N=4"),
-        ({"actions": [[0.0]] * 4}, "numpy array or torch tensor"),
-    ],
-)
-def test_trajectory_set_rejects_bad_input(kwargs, match):
-    base = {"states": np.zeros((4, 2)), "actions": np.zeros((4, 1)), "dt": 0.1}
-    with pytest.raises(ValueError, match=match):
-        TrajectorySet(**{**base, **kwargs})
-
-
-def test_loader_rejects_bad_files(tmp_path):
-    with pytest.raises(ValueError, match="does not exist"):
-        load_trajectories(tmp_path / "missing.npz")
-    np.savez(tmp_path / "partial.npz", states=np.zeros((2, 2)))
-    with pytest.raises(ValueError, match=r"missing required arrays \['actions', 'dt', 'meta'\]"):
-        load_trajectories(tmp_path / "partial.npz")
-    (tmp_path / "junk.npz").write_text("not a zip")
-    with pytest.raises(ValueError, match="not a readable trajectory"):
-        load_trajectories(tmp_path / "junk.npz")
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    with pytest.raises(ValueError, match="no .npz files"):
-        load_trajectories(empty)
-    with pytest.raises(ValueError, match="TrajectorySet"):
-        save_trajectories(tmp_path / "x.npz", {"states": np.zeros(3)})
-
 
 # ----------------------------------------------------------------------------- SolverPolicy
 
@@ -239,31 +138,16 @@ def test_imitation_learns_dynamics_parameter(tmp_path):
     assert abs(model.dynamics.mass.item() - 1.0) < 0.5 * 0.3, model.dynamics.mass.item()
 
 
-def test_expert_data_are_cached_and_checked(tmp_path):
+def test_imitation_checks_the_expert_data(tmp_path):
+    """The learner refuses expert data made for another horizon or other fixed dynamics."""
     dm = ExpertMPCDataModule(n_train=4, n_val=2, horizon=5, cache_dir=str(tmp_path))
     dm.setup()
-    assert dm.cache_path.exists() and len(dm.train_set) == 4 and len(dm.val_set) == 2
-    assert dm.meta["expert_q"] == [10.0, 1.0] and dm.meta["n_unconverged"] == 0
-    stamp = dm.cache_path.stat().st_mtime_ns
-    dm2 = ExpertMPCDataModule(n_train=4, n_val=2, horizon=5, cache_dir=str(tmp_path))
-    dm2.setup()
-    assert dm2.cache_path.stat().st_mtime_ns == stamp  # read, not regenerated
-    other = ExpertMPCDataModule(n_train=4, n_val=2, horizon=5, expert_r=[0.2],
-                                cache_dir=str(tmp_path))
-    assert other.cache_path != dm.cache_path
-    # expert plans are optimal and dynamically consistent: rolling out u reproduces x
-    pend = Pendulum(dt=0.05).double()
-    x = torch.as_tensor(dm.data.states)
-    u = torch.as_tensor(dm.data.actions)
-    torch.testing.assert_close(pend.rollout(x[:, 0], u), x)
     with pytest.raises(ValueError, match="horizon=5 but the model has horizon=20"):
         MPCImitation(horizon=20).check_expert(dm.meta)
     with pytest.raises(ValueError, match="mass"):
         MPCImitation(horizon=5, init_dynamics={"mass": 2.0}).check_expert(dm.meta)
-    with pytest.raises(ValueError, match="expert_q must have 2 entries"):
-        generate_expert_trajectories(n_rows=2, expert_q=[1.0])
-    with pytest.raises(ValueError, match="system must be"):
-        ExpertMPCDataModule(system="acrobot")
+    MPCImitation(horizon=5, learn_dynamics=["mass"], init_dynamics={"mass": 2.0}).check_expert(
+        dm.meta)
     with pytest.raises(ValueError, match="conditioning"):
         MPCImitation(conditioning="image")
 
@@ -284,7 +168,8 @@ def test_cartpole_imitation_runs_and_improves(tmp_path):
     dm = ExpertMPCDataModule(system="cartpole", n_train=8, n_val=0, horizon=5, batch_size=8,
                              cache_dir=str(tmp_path))
     dm.setup()
-    assert dm.data.states.shape == (8, 6, 4) and dm.data.actions.shape == (8, 5, 1)
+    assert dm.train_set.items["states"].shape == (8, 6, 4)
+    assert dm.train_set.items["actions"].shape == (8, 5, 1)
     model = MPCImitation(system="cartpole", horizon=5, optimizer="lbfgs", lr=1.0,
                          init_q=[1.0, 1.0, 1.0, 1.0])
     batch = dm.train_set.items
