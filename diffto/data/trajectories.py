@@ -80,10 +80,13 @@ Legacy files (the first format: ``states``, ``actions``, ``dt``, ``meta`` and op
   ``desired_goal``, ``cost``, ``cost_to_go``; other arrays become ``extras``;
 * ``dt`` goes to ``meta["dt"]``.
 
-Minari (Farama's offline-dataset standard) is not built in: minari 0.5 needs its own storage
-backend (h5py or pyarrow) and typer's command-line stack as new dependencies, and stores
-episodes as gymnasium-space observations of ``T+1`` steps; converting is a loop over
-:meth:`TrajectorySet.episode_slices`, not worth three dependencies for every install.
+Minari (Farama's offline-dataset standard) is not built in. minari 0.5.4 itself fits our
+pins (numpy >= 2, gymnasium >= 0.28), but with a storage backend (``minari[hdf5]``) it adds 12
+packages (h5py, typer, rich, pydantic ...) to every install, and its episodes store ``T+1``
+observations whose goal-env ``achieved_goal`` is the one at ``t``, while a row here keeps the
+one reached at ``t+1``: an export would lack each episode's initial achieved goal. An importer
+is a loop over ``dataset.iterate_episodes()`` filling the arrays above
+(``observation = obs[:-1]``, ``next_observation = obs[1:]``, ``achieved_goal = obs[1:]``).
 """
 
 from __future__ import annotations
@@ -104,6 +107,7 @@ __all__ = [
     "FORMAT",
     "SUMMED_META_KEYS",
     "TrajectorySet",
+    "check_compatible",
     "cost_to_go",
     "load_trajectories",
     "merge_trajectories",

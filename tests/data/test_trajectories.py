@@ -19,46 +19,12 @@ from diffto.data.trajectories import (
 )
 
 
-def random_set(lengths, o=3, m=2, g=2, seed=0, first_id=0, optional=True,
-               **meta) -> TrajectorySet:
-    """Episodes of the given lengths with every optional array (ids first_id, first_id+2...)."""
-    rng = np.random.default_rng(seed)
-    N, E = int(sum(lengths)), len(lengths)
-    ids = first_id + 2 * np.arange(E, dtype=np.int64)
-    kw = dict(
-        observation=rng.normal(size=(N, o)), action=rng.normal(size=(N, m)).astype(np.float32),
-        next_observation=rng.normal(size=(N, o)), episode=np.repeat(ids, lengths),
-        timestep=np.concatenate([np.arange(k) for k in lengths]).astype(np.int64),
-        terminal=rng.random(N) < 0.2, truncated=rng.random(N) < 0.2,
-    )
-    if optional:
-        kw.update(
-            desired_goal=rng.normal(size=(N, g)), achieved_goal=rng.normal(size=(N, g)),
-            reward=rng.normal(size=N), cost=rng.random(N), cost_to_go=rng.random(N),
-            task=rng.integers(0, 3, size=N), images=rng.integers(0, 256, (N, 4, 5, 3), np.uint8),
-            plan=rng.normal(size=(N, 4, m)), extras={"contact": rng.random((N, 4)) < 0.5},
-        )
-    info = {"converged": rng.random(E) < 0.8, "iterations": rng.random(E) * 10,
-            "length": np.asarray(lengths, dtype=np.int64), "seed": ids.copy(),
-            "solve_time": rng.random((E, 2))}
-    return TrajectorySet(**kw, episode_info=info, meta={"task": "toy", "dt": 0.05, **meta})
-
-
-def assert_same(a: TrajectorySet, b: TrajectorySet) -> None:
-    assert set(a.arrays()) == set(b.arrays()) and set(a.episode_info) == set(b.episode_info)
-    for k, v in a.arrays().items():
-        assert b.arrays()[k].dtype == v.dtype, k
-        np.testing.assert_array_equal(b.arrays()[k], v, err_msg=k)
-    for k, v in a.episode_info.items():
-        assert b.episode_info[k].dtype == v.dtype, k
-        np.testing.assert_array_equal(b.episode_info[k], v, err_msg=k)
-
-
 @given(lengths=st.lists(st.integers(1, 5), min_size=1, max_size=4), optional=st.booleans(),
        compressed=st.booleans())
 @settings(max_examples=10)
-def test_round_trip_is_exact(tmp_path_factory, lengths, optional, compressed):
-    data = random_set(lengths, optional=optional, nested={"a": None, "b": [1.5]})
+def test_round_trip_is_exact(tmp_path_factory, make_set, assert_same, lengths, optional,
+                             compressed):
+    data = make_set(lengths, optional=optional, nested={"a": None, "b": [1.5]})
     folder = tmp_path_factory.mktemp("npz")
     path = save_trajectories(folder / "set", data, compressed=compressed)
     assert path.suffix == ".npz"
@@ -70,8 +36,8 @@ def test_round_trip_is_exact(tmp_path_factory, lengths, optional, compressed):
     assert os.listdir(folder) == [path.name]  # no temporary file left behind
 
 
-def test_rows_are_sorted_by_episode_and_timestep():
-    data = random_set([3, 2, 4], optional=True)
+def test_rows_are_sorted_by_episode_and_timestep(make_set, assert_same):
+    data = make_set([3, 2, 4], optional=True)
     perm = np.random.default_rng(1).permutation(len(data))
     shuffled = TrajectorySet(**{k: v[perm] for k, v in data.arrays().items() if k != "contact"},
                              extras={"contact": data.extras["contact"][perm]},
@@ -148,19 +114,19 @@ def test_cost_to_go_matches_a_loop(lengths, seed):
     np.testing.assert_allclose(cost_to_go(cost, episode), expected, rtol=1e-12, atol=1e-12)
 
 
-def test_cost_to_go_rejects_split_episodes_and_with_cost_to_go_fills_it():
+def test_cost_to_go_rejects_split_episodes_and_with_cost_to_go_fills_it(make_set):
     with pytest.raises(ValueError, match="contiguous"):
         cost_to_go(np.ones(3), np.array([0, 1, 0]))
-    data = random_set([2, 3])
+    data = make_set([2, 3])
     filled = data.with_cost_to_go()
     np.testing.assert_allclose(filled.cost_to_go[[0, 2]], [data.cost[:2].sum(),
                                                            data.cost[2:].sum()])
     with pytest.raises(ValueError, match="needs the cost array"):
-        random_set([2], optional=False).with_cost_to_go()
+        make_set([2], optional=False).with_cost_to_go()
 
 
-def test_selection_and_stacking():
-    data = random_set([3, 3, 3])  # ids 0, 2, 4
+def test_selection_and_stacking(make_set):
+    data = make_set([3, 3, 3])  # ids 0, 2, 4
     picked = data.select_episodes([4, 0])
     assert picked.episode_ids().tolist() == [0, 4] and len(picked) == 6
     np.testing.assert_array_equal(picked.episode_info["seed"], [0, 4])
@@ -176,13 +142,13 @@ def test_selection_and_stacking():
     np.testing.assert_array_equal(obs[1], data.observation[3:6])
     assert data.stack_episodes("images").shape == (3, 3, 4, 5, 3)
     with pytest.raises(ValueError, match="equal length, got lengths from 2 to 3"):
-        random_set([3, 2]).stack_episodes("action")
+        make_set([3, 2]).stack_episodes("action")
     with pytest.raises(ValueError, match="key must be one of"):
         data.stack_episodes("states")
 
 
-def test_normalization_stats():
-    data = random_set([50, 50])
+def test_normalization_stats(make_set):
+    data = make_set([50, 50])
     stats = data.normalization_stats(["observation", "action"])
     np.testing.assert_allclose(stats["observation"]["mean"], data.observation.mean(0))
     np.testing.assert_allclose(stats["action"]["std"], data.action.std(0), rtol=1e-6)
@@ -191,10 +157,10 @@ def test_normalization_stats():
         data.normalization_stats(["terminal"])
 
 
-def test_shards_concatenate_with_global_ids(tmp_path):
-    a = random_set([2, 3], first_id=0, seed=1, episodes_requested=3, episodes_failed=1,
+def test_shards_concatenate_with_global_ids(make_set, tmp_path):
+    a = make_set([2, 3], first_id=0, seed=1, episodes_requested=3, episodes_failed=1,
                    normalization={"observation": {}})
-    b = random_set([4], first_id=1, seed=2, episodes_requested=2, episodes_failed=1)
+    b = make_set([4], first_id=1, seed=2, episodes_requested=2, episodes_failed=1)
     save_trajectories(tmp_path / "shard_000.npz", a)
     save_trajectories(tmp_path / "shard_001.npz", b)
     whole = load_trajectories(tmp_path, progress=True)
@@ -206,28 +172,28 @@ def test_shards_concatenate_with_global_ids(tmp_path):
     assert whole.meta["episodes_requested"] == 5 and whole.meta["episodes_failed"] == 2
     assert whole.meta["normalization"] == whole.normalization_stats(["observation"])
     # a repeated id names both files
-    save_trajectories(tmp_path / "shard_002.npz", random_set([1], first_id=2, seed=3))
+    save_trajectories(tmp_path / "shard_002.npz", make_set([1], first_id=2, seed=3))
     with pytest.raises(ValueError, match=r"episode id 2 is in both .*shard_000\.npz and "
                                          r".*shard_002\.npz"):
         load_trajectories(tmp_path)
 
 
-def test_merge_checks_and_renumbers():
-    a, b = random_set([2, 2]), random_set([3], seed=1)
+def test_merge_checks_and_renumbers(make_set):
+    a, b = make_set([2, 2]), make_set([3], seed=1)
     with pytest.raises(ValueError, match="episode id 0 is in both set 0 and set 1"):
         merge_trajectories([a, b])
     merged = merge_trajectories([a, b], renumber=True)
     assert merged.episode_ids().tolist() == [0, 1, 2] and len(merged) == 7
     np.testing.assert_array_equal(merged.observation[4:], b.observation)
-    b_other = random_set([3], seed=1, first_id=10, task="other")
+    b_other = make_set([3], seed=1, first_id=10, task="other")
     with pytest.raises(ValueError, match="set 1: meta 'task' is 'other' but set 0's is 'toy'"):
         merge_trajectories([a, b_other])
     with pytest.raises(ValueError, match="set 1: array 'observation' has trailing shape"):
-        merge_trajectories([a, random_set([3], o=5, first_id=10)])
+        merge_trajectories([a, make_set([3], o=5, first_id=10)])
     with pytest.raises(ValueError, match="set 1: arrays .* differ"):
-        merge_trajectories([a, random_set([3], optional=False, first_id=10)])
+        merge_trajectories([a, make_set([3], optional=False, first_id=10)])
     with pytest.raises(ValueError, match="set 1: dt is 0.1"):
-        merge_trajectories([a, random_set([3], first_id=10, dt=0.1)])
+        merge_trajectories([a, make_set([3], first_id=10, dt=0.1)])
 
 
 def test_files_not_in_the_format_are_named(tmp_path):
@@ -256,8 +222,8 @@ def test_files_not_in_the_format_are_named(tmp_path):
         save_trajectories(tmp_path / "x.npz", BASE)
 
 
-def test_failed_write_leaves_no_temporary_file(tmp_path, monkeypatch):
-    data = random_set([2])
+def test_failed_write_leaves_no_temporary_file(make_set, tmp_path, monkeypatch):
+    data = make_set([2])
     path = save_trajectories(tmp_path / "set.npz", data)
     before = path.read_bytes()
 
@@ -267,7 +233,7 @@ def test_failed_write_leaves_no_temporary_file(tmp_path, monkeypatch):
 
     monkeypatch.setattr(np, "savez", broken)
     with pytest.raises(OSError, match="disk full"):
-        save_trajectories(path, random_set([3], seed=1))
+        save_trajectories(path, make_set([3], seed=1))
     assert os.listdir(tmp_path) == ["set.npz"] and path.read_bytes() == before
 
 
