@@ -1,0 +1,184 @@
+"""The goal-conditioned policy network: ``(observation, desired_goal) -> action``.
+
+A multilayer perceptron over the normalized observation and goal,
+
+.. math::
+
+    z = \\mathrm{MLP}\\big([\\,\\bar o;\\ \\bar g\\,]\\big), \\qquad
+    \\bar o = (o - μ_o) / σ_o,\\quad \\bar g = (g - μ_g) / σ_g,
+
+squashed into the action box ``[a_lo, a_hi]``: ``"tanh"`` maps ``a = c + h \\tanh z`` with
+centre ``c = (a_hi + a_lo)/2`` and half-width ``h = (a_hi − a_lo)/2`` (smooth, never outside
+the box), ``"clip"`` clamps ``a = clip(z, a_lo, a_hi)`` (the identity inside the box, so an
+expert that saturates often is still fit exactly there; no gradient once outside).
+
+The statistics ``μ, σ`` are :class:`~diffto.learning.normalizer.RunningNormalizer` buffers,
+fitted once from the training data, so a checkpoint carries them with the weights and the
+policy acts on raw environment observations.
+
+Heads
+    ``"deterministic"``: the network outputs ``z (B, a)``; the loss is the mean squared error
+    of the action, measured in half-widths ``(a − a^*)/h`` so every action dimension counts
+    alike whatever its units. ``"gaussian"``: the network outputs ``z`` and a log-std
+    ``s (B, a)`` (clamped to ``[−5, 1]`` half-widths); the policy is ``N(squash(z), e^{2s})``
+    in half-width units and the loss is its negative log-likelihood of the expert's action
+    (a multimodal or noisy expert no longer averages into one mean; the mean is what acts).
+    Expert actions are clipped to the box first: the environment applies only that part.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from diffto.learning.normalizer import RunningNormalizer
+from diffto.policies import MLP
+
+__all__ = ["GoalPolicy", "Head", "Squash", "ACTIVATIONS"]
+
+Head = Literal["deterministic", "gaussian"]
+Squash = Literal["tanh", "clip"]
+ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "tanh": nn.Tanh, "elu": nn.ELU}
+_LOG_STD_MIN, _LOG_STD_MAX = -5.0, 1.0
+
+
+class GoalPolicy(nn.Module):
+    """Goal-conditioned MLP policy with its input normalization and action box.
+
+    Args:
+        obs_dim: ``o``, size of the observation vector.
+        goal_dim: ``g``, size of the desired goal (0: a policy of the observation alone).
+        action_low, action_high: the action box ``(a,)`` (finite for ``squash="tanh"``).
+        hidden: widths of the hidden layers.
+        activation: ``"relu"``, ``"tanh"`` or ``"elu"``.
+        head: ``"deterministic"`` (MSE) or ``"gaussian"`` (NLL); see the module docstring.
+        squash: ``"tanh"`` or ``"clip"`` into the action box.
+    """
+
+    action_low: Tensor
+    action_high: Tensor
+
+    def __init__(
+        self,
+        obs_dim: int,
+        goal_dim: int,
+        action_low: Sequence[float] | np.ndarray | Tensor,
+        action_high: Sequence[float] | np.ndarray | Tensor,
+        hidden: Sequence[int] = (256, 256),
+        activation: Literal["relu", "tanh", "elu"] = "relu",
+        head: Head = "deterministic",
+        squash: Squash = "tanh",
+    ) -> None:
+        super().__init__()
+        if obs_dim < 1 or goal_dim < 0:
+            raise ValueError(f"obs_dim must be >= 1 and goal_dim >= 0, got {obs_dim}, {goal_dim}")
+        if head not in ("deterministic", "gaussian"):
+            raise ValueError(f"head must be 'deterministic' or 'gaussian', got {head!r}")
+        if squash not in ("tanh", "clip"):
+            raise ValueError(f"squash must be 'tanh' or 'clip', got {squash!r}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {list(ACTIVATIONS)}, got {activation!r}")
+        low = torch.as_tensor(np.asarray(action_low, dtype=np.float32)).reshape(-1)
+        high = torch.as_tensor(np.asarray(action_high, dtype=np.float32)).reshape(-1)
+        if low.shape != high.shape or low.numel() < 1 or not bool((low < high).all()):
+            raise ValueError(
+                f"action_low and action_high must be (a,) with low < high, got "
+                f"{low.tolist()} and {high.tolist()}"
+            )
+        if squash == "tanh" and not bool(torch.isfinite(low).all() & torch.isfinite(high).all()):
+            raise ValueError("squash='tanh' needs a finite action box; use squash='clip'")
+        self.obs_dim, self.goal_dim, self.act_dim = obs_dim, goal_dim, int(low.numel())
+        self.head, self.squash = head, squash
+        self.register_buffer("action_low", low)
+        self.register_buffer("action_high", high)
+        # The loss's unit per action dimension: the half-width of the box (1 where unbounded).
+        finite = torch.isfinite(low) & torch.isfinite(high)
+        scale = torch.where(finite, (high - low) / 2, torch.ones_like(low))
+        self.register_buffer("action_scale", scale)
+        self.obs_normalizer = RunningNormalizer(obs_dim)
+        self.goal_normalizer = RunningNormalizer(goal_dim) if goal_dim > 0 else None
+        out = self.act_dim * (2 if head == "gaussian" else 1)
+        self.net = MLP(obs_dim + goal_dim, out, list(hidden), ACTIVATIONS[activation])
+
+    # ------------------------------------------------------------------ normalization
+    @property
+    def normalization_fitted(self) -> bool:
+        """Whether the input statistics have been fitted (a checkpoint restores them)."""
+        return bool(self.obs_normalizer.count > 0)
+
+    @torch.no_grad()
+    def fit_normalization(self, observation: Tensor, goal: Tensor | None = None) -> None:
+        """Set the input statistics from training data ``observation (N, o)``, ``goal (N, g)``."""
+        self.obs_normalizer.update(observation)
+        if self.goal_normalizer is not None:
+            if goal is None:
+                raise ValueError(f"goal (N, {self.goal_dim}) is needed: goal_dim > 0")
+            self.goal_normalizer.update(goal)
+
+    def features(self, observation: Tensor, goal: Tensor | None = None) -> Tensor:
+        """Normalized network input ``(B, o + g)`` of ``observation (B, o)``, ``goal (B, g)``."""
+        parts = [self.obs_normalizer(observation)]
+        if self.goal_normalizer is not None:
+            if goal is None:
+                raise ValueError(f"goal (B, {self.goal_dim}) is needed: goal_dim > 0")
+            parts.append(self.goal_normalizer(goal))
+        return torch.cat(parts, -1).to(self.action_low.dtype)
+
+    # ------------------------------------------------------------------ actions
+    def _squash(self, z: Tensor) -> Tensor:
+        if self.squash == "tanh":
+            centre = (self.action_high + self.action_low) / 2
+            return centre + self.action_scale * torch.tanh(z)
+        return torch.maximum(torch.minimum(z, self.action_high), self.action_low)
+
+    def mean_and_log_std(self, observation: Tensor, goal: Tensor | None = None
+                         ) -> tuple[Tensor, Tensor | None]:
+        """Action mean ``(B, a)`` inside the box and, for the Gaussian head, the log-std
+        ``(B, a)`` in half-width units (``None`` for the deterministic head)."""
+        out = self.net(self.features(observation, goal))
+        if self.head == "deterministic":
+            return self._squash(out), None
+        z, log_std = out.split(self.act_dim, -1)
+        return self._squash(z), log_std.clamp(_LOG_STD_MIN, _LOG_STD_MAX)
+
+    def forward(self, observation: Tensor, goal: Tensor | None = None) -> Tensor:
+        """The acting action ``(B, a)`` (the mean for the Gaussian head)."""
+        return self.mean_and_log_std(observation, goal)[0]
+
+    @torch.no_grad()
+    def act(self, observation: np.ndarray | Tensor, goal: np.ndarray | Tensor | None = None
+            ) -> np.ndarray:
+        """Numpy actions ``(B, a)`` for raw ``observation (B, o)`` and ``goal (B, g)``."""
+        dev = self.action_low.device
+        obs = torch.as_tensor(np.asarray(observation), dtype=torch.float32, device=dev)
+        g = None if goal is None else torch.as_tensor(np.asarray(goal), dtype=torch.float32,
+                                                      device=dev)
+        return self(obs, g).cpu().numpy()
+
+    # ------------------------------------------------------------------ loss
+    def loss(self, observation: Tensor, goal: Tensor | None, action: Tensor) -> dict[str, Tensor]:
+        """Behaviour-cloning loss on expert ``action (B, a)``.
+
+        Returns ``loss_bc`` (what is optimized: MSE in half-widths, or the Gaussian NLL per
+        action dimension) and the diagnostic ``action_mse`` (MSE in the action's own units).
+        """
+        target = torch.maximum(torch.minimum(action.to(self.action_low), self.action_high),
+                               self.action_low)
+        mean, log_std = self.mean_and_log_std(observation, goal)
+        err = (mean - target) / self.action_scale  # (B, a) in half-widths
+        if log_std is None:
+            loss = (err**2).mean()
+        else:
+            # −log N(err; 0, e^{2s}) = ½ (err / e^s)² + s + ½ log 2π, per action dimension
+            loss = (0.5 * (err * torch.exp(-log_std)) ** 2 + log_std).mean() + 0.5 * math.log(
+                2 * math.pi
+            )
+        return {"loss_bc": loss, "action_mse": ((mean - target) ** 2).mean().detach()}
+
+    def extra_repr(self) -> str:
+        return f"head={self.head!r}, squash={self.squash!r}"
