@@ -3,13 +3,14 @@
 - :mod:`diffto.data.trajectories`: the format, its loader, writer and merge.
 - :mod:`diffto.data.merge`: ``python -m diffto.data.merge OUT IN...`` for files.
 - :mod:`diffto.data.expert_mpc`: expert MPC plans on classic systems and their datamodule.
+
+The datamodules import Lightning, which the format does not need: they load on first access,
+so reading or merging datasets stays light.
 """
 
-from diffto.data.expert_mpc import (
-    ExpertMPCDataModule,
-    generate_expert_trajectories,
-    make_system,
-)
+from importlib import import_module
+from typing import Any
+
 from diffto.data.trajectories import (
     EVAL_SEED_BASE,
     TrajectorySet,
@@ -18,6 +19,12 @@ from diffto.data.trajectories import (
     merge_trajectories,
     save_trajectories,
 )
+
+_LAZY = {
+    "generate_expert_trajectories": "diffto.data.expert_mpc",
+    "make_system": "diffto.data.expert_mpc",
+    "ExpertMPCDataModule": "diffto.data.expert_mpc",
+}
 
 __all__ = [
     # the format
@@ -32,3 +39,9 @@ __all__ = [
     "make_system",
     "ExpertMPCDataModule",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'diffto.data' has no attribute {name!r}")

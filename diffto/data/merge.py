@@ -2,9 +2,10 @@
 
 Each input is a trajectory ``.npz`` or a folder of shards (read with
 :func:`~diffto.data.trajectories.load_trajectories`); the sets must agree on ``meta`` task /
-env id and ``dt``, on which arrays they hold and on those arrays' trailing shapes and dtypes
-(:func:`~diffto.data.trajectories.check_compatible`). Episode ids are global, so they must be
-disjoint across inputs unless ``--renumber`` gives the merged episodes new ids ``0 .. E-1``.
+env id and ``dt`` (where both record them), on which arrays they hold and on those arrays'
+trailing shapes and dtypes (:func:`~diffto.data.trajectories.check_compatible`). Episode ids
+are global, so they must be disjoint across inputs unless ``--renumber`` gives the merged
+episodes new ids ``0 .. E-1``.
 ``OUT`` is written atomically (a crash leaves no partial file) and its ``meta`` is the first
 input's, with the counts summed, ``normalization`` recomputed and ``files`` listing the
 inputs. A problem exits with status 1 and one line naming the input and the array.

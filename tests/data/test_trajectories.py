@@ -159,8 +159,9 @@ def test_normalization_stats(make_set):
 
 def test_shards_concatenate_with_global_ids(make_set, tmp_path):
     a = make_set([2, 3], first_id=0, seed=1, episodes_requested=3, episodes_failed=1,
-                   normalization={"observation": {}})
-    b = make_set([4], first_id=1, seed=2, episodes_requested=2, episodes_failed=1)
+                 failed_episodes=[4], normalization={"observation": {}})
+    b = make_set([4], first_id=1, seed=2, episodes_requested=2, episodes_failed=1,
+                 failed_episodes=[3])
     save_trajectories(tmp_path / "shard_000.npz", a)
     save_trajectories(tmp_path / "shard_001.npz", b)
     whole = load_trajectories(tmp_path, progress=True)
@@ -170,6 +171,7 @@ def test_shards_concatenate_with_global_ids(make_set, tmp_path):
     np.testing.assert_array_equal(whole.episode_info["length"], [2, 4, 3])
     assert whole.meta["files"] == ["shard_000.npz", "shard_001.npz"]
     assert whole.meta["episodes_requested"] == 5 and whole.meta["episodes_failed"] == 2
+    assert whole.meta["failed_episodes"] == [4, 3]
     assert whole.meta["normalization"] == whole.normalization_stats(["observation"])
     # a repeated id names both files
     save_trajectories(tmp_path / "shard_002.npz", make_set([1], first_id=2, seed=3))
@@ -192,8 +194,11 @@ def test_merge_checks_and_renumbers(make_set):
         merge_trajectories([a, make_set([3], o=5, first_id=10)])
     with pytest.raises(ValueError, match="set 1: arrays .* differ"):
         merge_trajectories([a, make_set([3], optional=False, first_id=10)])
-    with pytest.raises(ValueError, match="set 1: dt is 0.1"):
+    with pytest.raises(ValueError, match="set 1: meta 'dt' is 0.1 but set 0's is 0.05"):
         merge_trajectories([a, make_set([3], first_id=10, dt=0.1)])
+    # a set that does not record dt or task (e.g. labels collected online) merges
+    loose = make_set([3], first_id=10, dt=None, task=None)
+    assert merge_trajectories([a, loose]).meta["dt"] == 0.05
 
 
 def test_files_not_in_the_format_are_named(tmp_path):
