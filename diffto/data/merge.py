@@ -58,8 +58,9 @@ def merge_files(out: str | Path, inputs: Sequence[str | Path], renumber: bool = 
     if out.exists() and not overwrite:
         raise ValueError(f"out {out} exists: pass --overwrite to replace it")
     paths = [Path(p) for p in inputs]
-    sets = [load_trajectories(p) for p in tqdm(paths, desc="reading", unit="input",
-                                               disable=not progress)]
+    # a folder of shards gets its own bar (over its files) below the one over inputs
+    sets = [load_trajectories(p, progress=progress and p.is_dir())
+            for p in tqdm(paths, desc="reading", unit="input", disable=not progress)]
     merged = merge_trajectories(sets, renumber=renumber, names=[str(p) for p in paths])
     merged.meta["files"] = [str(p) for p in paths]
     save_trajectories(out, merged, compressed=compressed)

@@ -12,11 +12,14 @@ action              (N, m)          float    action applied at step t (env units
 next_observation    (N, o)          float    observation at step t+1
 episode             (N,)            int64    global episode id (e.g. the problem index)
 timestep            (N,)            int64    step index t within the episode
-terminal            (N,)            bool     the episode ended in a terminal state at t+1
-truncated           (N,)            bool     the episode was cut off (time limit) after t
+terminal            (N,)            bool     step t+1 is a terminal state (gymnasium's
+                                             ``terminated``: no value beyond it)
+truncated           (N,)            bool     the episode was cut off after step t (time
+                                             limit, end of a plan); the state has a value
 desired_goal        (N, g)          float    optional: the goal the episode pursues
-achieved_goal       (N, g)          float    optional: the goal achieved at t+1 (not always a
-                                             slice of the observation)
+achieved_goal       (N, g)          float    optional: the goal achieved at t+1 (the one a
+                                             goal env's reward compares; not always a slice
+                                             of the observation)
 reward              (N,)            float    optional: reward received for the transition
 cost                (N,)            float    optional: stage cost of (x_t, u_t); the terminal
                                              cost of a plan is added to its last stage
@@ -29,41 +32,50 @@ plan                (N, T, m)       float    optional: the expert's open-loop co
                                              control it applied)
 ==================  ==============  =======  ==================================================
 
-Further per-transition arrays travel in ``extras`` (``N`` rows each). ``episode_info`` holds
-per-episode arrays of ``E`` rows aligned with :meth:`TrajectorySet.episode_ids` (the sorted
-unique episode ids). Its standard keys: ``converged`` (bool: every solve of the expert
-converged), ``iterations`` (float: mean solver iterations per step), ``length`` (int64:
-steps of the episode as generated) and ``seed`` (int64: the env reset seed of the episode,
-``seed + i`` for dataset episode ``i``; evaluation episodes use ``EVAL_SEED_BASE + j`` so
-held-out goals never appear in training data). Other keys are allowed.
+Further per-transition arrays travel in ``extras`` (``N`` rows each).
 
-``meta`` (JSON) records how the data were made. Standard keys: ``task`` or ``env_id``,
-``dt``, ``dynamics``, ``cost_weights``, ``normalization`` (``{array: {"mean", "std"}}``,
-:meth:`TrajectorySet.normalization_stats`), ``versions`` and the counts
-``episodes_requested`` and ``episodes_failed`` (only converged solutions are expert data;
-failed episodes are left out and counted).
+**Per episode.** ``episode_info`` holds arrays of ``E`` rows aligned with
+:meth:`TrajectorySet.episode_ids` (the sorted unique episode ids). Standard keys:
+``converged`` (bool: every solve of the expert in the episode converged), ``iterations``
+(float: mean solver iterations per step), ``length`` (int64: steps of the episode as
+generated) and ``seed`` (int64: the env reset seed of the episode, ``seed + i`` for dataset
+episode ``i``; evaluation episodes use ``EVAL_SEED_BASE + j``, so held-out goals never appear
+in training data). Other keys are allowed.
 
-Row order: construction sorts rows by ``(episode, timestep)`` when they are not already in
-that order (writers produce sorted data, so this is a no-op for them) and rejects duplicate
+**Meta.** ``meta`` (one JSON object) records how the data were made. Standard keys: ``task``
+or ``env_id``, ``dt``, ``dynamics``, ``cost_weights``, ``normalization``
+(``{array: {"mean": [...], "std": [...]}}``, :meth:`TrajectorySet.normalization_stats`),
+``versions``, and the counts ``episodes_requested`` and ``episodes_failed`` (only converged
+solutions are expert data; failed episodes are left out and counted).
+
+**Row order.** Construction sorts rows by ``(episode, timestep)`` when they are not already
+in that order (writers produce sorted rows, so for them it is a check) and rejects duplicate
 ``(episode, timestep)`` pairs. Hence the rows of an episode are contiguous and in time order,
 and :meth:`TrajectorySet.episode_slices` are plain slices. Timesteps need not start at 0 or
 be consecutive (a subset of rows is still a valid set).
 
-Files. :func:`save_trajectories` writes one uncompressed (optionally compressed) ``.npz``:
-the arrays by name, ``episode_info.<key>`` per episode key, ``meta`` as one JSON string and
-``format`` (``"diffto.trajectories/2"``), so loading never needs pickle. It writes a
-temporary file in the destination folder and renames it with ``os.replace``: a reader never
-sees a half-written file, a crash leaves the previous file (or none), and concurrent writers
-of the same file are safe. :func:`load_trajectories` reads one file, or a folder of shards
-(``*.npz`` in name order, concatenated). Episode ids are global: they must be unique across
-shards (a repeated id is an error naming both files). The result's ``meta`` is the first
-file's plus ``files`` (the shard names), with the counts in :data:`SUMMED_META_KEYS` summed
-over shards (:data:`LISTED_META_KEYS` concatenated) and ``normalization`` recomputed on the
-whole set. :func:`merge_trajectories`
-combines sets in memory (``renumber=True`` makes ids consecutive instead of requiring them
-disjoint); ``python -m diffto.data.merge OUT IN...`` does it for files.
+**Files and shards.**
 
-Legacy files (the first format: ``states``, ``actions``, ``dt``, ``meta`` and optional
+* :func:`save_trajectories` writes one ``.npz`` (``compressed=True`` for images): the arrays
+  by name, ``episode_info.<key>`` per episode key, ``meta`` as one JSON string and
+  ``format`` (``"diffto.trajectories/2"``); loading never needs pickle. The file is written
+  under a temporary name in the destination folder and renamed with ``os.replace``: a reader
+  never sees a half-written file, a crash leaves the previous file (or none), and concurrent
+  writers of one file are safe.
+* :func:`load_trajectories` reads one file, or a folder of shards (``*.npz`` in name order,
+  concatenated). Episode ids are global, so they must be unique across shards: a repeated id
+  is an error naming both files. The result's ``meta`` is the first file's plus ``files``
+  (the shard names), with the counts of :data:`SUMMED_META_KEYS` (``episodes_requested``,
+  ``episodes_failed``, ``solves``, ``labels``, ``wall_time_s``) summed, the lists of
+  :data:`LISTED_META_KEYS` (``failed_episodes``) concatenated and ``normalization``
+  recomputed on the whole set; other keys are the first file's.
+* :func:`merge_trajectories` does the same in memory (``renumber=True`` numbers the episodes
+  ``0 .. E-1`` instead of requiring disjoint ids), and ``python -m diffto.data.merge OUT
+  IN...`` for files and folders. Sets merge when their task / env id and ``dt`` agree (where
+  both record them) and they hold the same arrays with the same trailing shapes and dtypes.
+* A file that is not in this format raises ``ValueError`` naming the file and the array.
+
+**Legacy files** (the first format: ``states``, ``actions``, ``dt``, ``meta``, optional
 ``goals``, ``costs``, ``cost_to_go``, ``episode_ids``) load into this one:
 
 * whole trajectories ``states (N, T+1, n)``, ``actions (N, T, m)``: each row becomes an
@@ -81,13 +93,13 @@ Legacy files (the first format: ``states``, ``actions``, ``dt``, ``meta`` and op
   ``desired_goal``, ``cost``, ``cost_to_go``; other arrays become ``extras``;
 * ``dt`` goes to ``meta["dt"]``.
 
-Minari (Farama's offline-dataset standard) is not built in. minari 0.5.4 itself fits our
+**Minari** (Farama's offline-dataset standard) is not built in. minari 0.5.4 itself fits our
 pins (numpy >= 2, gymnasium >= 0.28), but with a storage backend (``minari[hdf5]``) it adds 12
 packages (h5py, typer, rich, pydantic ...) to every install, and its episodes store ``T+1``
 observations whose goal-env ``achieved_goal`` is the one at ``t``, while a row here keeps the
-one reached at ``t+1``: an export would lack each episode's initial achieved goal. An importer
-is a loop over ``dataset.iterate_episodes()`` filling the arrays above
-(``observation = obs[:-1]``, ``next_observation = obs[1:]``, ``achieved_goal = obs[1:]``).
+one reached at ``t+1``: an export would lack each episode's initial achieved goal. An import
+is a loop over ``dataset.iterate_episodes()`` (``observation = obs["observation"][:-1]``,
+``next_observation = obs["observation"][1:]``, ``achieved_goal = obs["achieved_goal"][1:]``).
 """
 
 from __future__ import annotations
@@ -686,6 +698,8 @@ def _from_legacy(stored: dict[str, np.ndarray], path: Path) -> TrajectorySet:
     # transitions: the successor of row i is row i+1 of the same episode; rows without one
     # (each episode's last) are dropped
     ids = np.zeros(N, dtype=np.int64) if ids is None else ids.astype(np.int64)
+    if N and np.count_nonzero(np.r_[True, ids[1:] != ids[:-1]]) != len(np.unique(ids)):
+        raise ValueError("array 'episode_ids': the rows of each episode must be contiguous")
     has_next = np.r_[ids[1:] == ids[:-1], False] if N else np.zeros(0, dtype=bool)
     rows = np.flatnonzero(has_next)
     is_last = ~np.r_[has_next[1:], False][rows] if N else np.zeros(0, dtype=bool)

@@ -274,6 +274,10 @@ def test_legacy_transitions_load(tmp_path):
     assert data.episode.tolist() == [0, 0, 4] and data.timestep.tolist() == [0, 1, 0]
     np.testing.assert_array_equal(data.next_observation, states[[1, 2, 4]])
     assert data.truncated.tolist() == [False, True, True] and data.cost.tolist() == [0, 1, 3]
+    np.savez(tmp_path / "split.npz", states=states, actions=np.ones((5, 1)),
+             episode_ids=np.array([0, 1, 0, 1, 1]))
+    with pytest.raises(ValueError, match=r"split\.npz: array 'episode_ids': the rows of each"):
+        load_trajectories(tmp_path / "split.npz")
     np.savez(tmp_path / "bad.npz", states=np.zeros((2, 3, 2)), actions=np.zeros((2, 3, 1)))
     with pytest.raises(ValueError, match=r"bad\.npz: array 'actions' must have shape"):
         load_trajectories(tmp_path / "bad.npz")
