@@ -24,13 +24,28 @@ import os
 import sys
 from typing import Any
 
-__all__ = ["ENVIRONMENTS", "register_environments", "make_env", "use_osmesa_if_headless"]
+__all__ = [
+    "ENVIRONMENTS",
+    "EXPERTS",
+    "register_environments",
+    "make_env",
+    "make_expert",
+    "use_osmesa_if_headless",
+]
 
 ENVIRONMENTS: dict[str, str] = {
     "diffto/Go2Tracking-v0": "diffto.tasks.go2.env:Go2TrackingEnv",
     "diffto/PandaReach-v0": "diffto.tasks.panda.reach_env:PandaReachEnv",
+    "diffto/PendulumSwingUp-v0": "diffto.tasks.classic.swingup_env:PendulumSwingUpEnv",
 }
 """gymnasium id -> entry point ``"module:Class"`` of every environment diffto ships."""
+
+EXPERTS: dict[str, str] = {
+    "diffto/PandaReach-v0": "diffto.tasks.panda.expert:PandaReachExpert",
+    "diffto/PendulumSwingUp-v0": "diffto.tasks.classic.swingup_expert:SwingUpExpert",
+}
+"""gymnasium id -> ``"module:Class"`` of the default trajectory-optimization expert
+(:class:`diffto.tasks.mpc_expert.MPCExpert`) of that environment."""
 
 
 def register_environments() -> list[str]:
@@ -84,3 +99,16 @@ def make_env(env_id: str, env_kwargs: dict[str, Any] | None = None):
     import gymnasium as gym
 
     return gym.make(env_id, disable_env_checker=True, **(env_kwargs or {}))
+
+
+def make_expert(env_id: str, **overrides: Any):
+    """The default MPC expert of ``env_id`` (:data:`EXPERTS`), built with its defaults and
+    ``overrides`` as constructor arguments (e.g. ``horizon=10``). A config names an expert
+    class directly instead (``{class_path, init_args}``) when it wants another one."""
+    if not isinstance(env_id, str) or env_id not in EXPERTS:
+        raise ValueError(f"env_id must be one of {sorted(EXPERTS)} (an env with a default "
+                         f"expert), got {env_id!r}")
+    import importlib
+
+    module, _, name = EXPERTS[env_id].partition(":")
+    return getattr(importlib.import_module(module), name)(**overrides)
