@@ -180,6 +180,23 @@ def test_shards_concatenate_with_global_ids(make_set, tmp_path):
         load_trajectories(tmp_path)
 
 
+@given(lengths=st.lists(st.integers(1, 4), min_size=2, max_size=6), data=st.data())
+@settings(max_examples=10)
+def test_any_split_into_shards_loads_back_whole(tmp_path_factory, make_set, assert_same,
+                                                lengths, data):
+    """Episodes dealt to shards in any way (ids interleaved across files) load back as the
+    original set."""
+    whole = make_set(lengths)
+    owner = data.draw(st.lists(st.integers(0, 2), min_size=len(lengths),
+                               max_size=len(lengths)))
+    folder = tmp_path_factory.mktemp("shards")
+    ids = whole.episode_ids()
+    for k in sorted(set(owner)):
+        mine = [i for i, o in zip(ids, owner, strict=True) if o == k]
+        save_trajectories(folder / f"shard_{k}.npz", whole.select_episodes(mine))
+    assert_same(whole, load_trajectories(folder))
+
+
 def test_merge_checks_and_renumbers(make_set):
     a, b = make_set([2, 2]), make_set([3], seed=1)
     with pytest.raises(ValueError, match="episode id 0 is in both set 0 and set 1"):
