@@ -1,0 +1,176 @@
+"""Policies that warm-start trajectory optimization: a learned policy rolled out through the
+expert's planning model proposes the whole control sequence an MPC solve starts from.
+
+A receding-horizon MPC solve starts from a guess ``u_init (B, T, m)``: zeros (the cold start),
+or the previous plan shifted one step. A goal-conditioned policy ``π(o, g)`` trained on the
+expert's actions (:mod:`diffto.learning.gcbc`) knows roughly what the expert does from any
+state, so rolling it out through the planning model ``f``,
+
+.. math::
+
+    \\hat x_0 = x, \\qquad \\hat u_t = \\mathrm{clip}\\big(c(π(o(\\hat x_t), g)),
+    \\underline u, \\overline u\\big), \\qquad \\hat x_{t+1} = f(\\hat x_t, \\hat u_t),
+    \\quad t = 0, …, T-1,
+
+(``o`` the observation of a planning state, ``c`` the map from environment actions to the
+expert's controls) gives a whole dynamically consistent plan near the expert's: the solver
+then only refines it (Mansard et al., 2018, "Using a memory of motion to efficiently warm-start
+a nonlinear predictive controller": 9.5 → 3.0 Crocoddyl iterations). Unlike the shifted previous
+plan it exists on the first step of an episode and after a goal change, and unlike a
+regressor of whole plans it stays consistent with the model and the bounds by construction.
+
+:class:`PolicyWarmStart` is the proposer that :class:`diffto.tasks.mpc_expert.RecedingHorizon`
+takes with ``warm_start="policy"``: ``proposer(states (B, n), goals (B, g)) -> u_init
+(B, T, m)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["PolicyWarmStart", "rollout_policy", "load_policy"]
+
+Policy = Callable[[Tensor, Tensor], Tensor]
+
+
+def rollout_policy(
+    policy: Policy,
+    dynamics: Callable[[Tensor, Tensor], Tensor],
+    state: Tensor,
+    goal: Tensor,
+    horizon: int,
+    to_control: Callable[[Tensor], Tensor] | None = None,
+    observation_of: Callable[[Tensor], Tensor] | None = None,
+    u_lower: Tensor | None = None,
+    u_upper: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Closed-loop rollout of ``policy`` through the planning model ``dynamics``.
+
+    Args:
+        policy: ``(observation (B, o), goal (B, g)) -> action (B, a)``.
+        dynamics: the planning model ``(x (B, n), u (B, m)) -> x_next (B, n)``.
+        state: ``(B, n)`` initial planning states.
+        goal: ``(B, g)`` goals.
+        horizon: ``T``, steps to roll out.
+        to_control: actions ``(B, a)`` -> controls ``(B, m)`` (``None``: the same units).
+        observation_of: planning states ``(B, n)`` -> policy observations ``(B, o)``
+            (``None``: the planning state is the observation).
+        u_lower, u_upper: control bounds broadcasting to ``(B, m)``; controls are clipped to
+            them before they are applied (``None``: unbounded).
+
+    Returns:
+        ``u (B, T, m)`` and ``x (B, T+1, n)`` (``x[:, 0] = state``), in ``state``'s dtype.
+    """
+    if state.dim() != 2:
+        raise ValueError(f"state must have shape (B, n), got {tuple(state.shape)}")
+    if goal.dim() != 2 or goal.shape[0] != state.shape[0]:
+        raise ValueError(f"goal must have shape ({state.shape[0]}, g), got {tuple(goal.shape)}")
+    if isinstance(horizon, bool) or not isinstance(horizon, int) or horizon < 1:
+        raise ValueError(f"horizon must be an int >= 1, got {horizon!r}")
+    xs, us = [state], []
+    for _ in range(horizon):
+        obs = xs[-1] if observation_of is None else observation_of(xs[-1])
+        action = torch.as_tensor(policy(obs, goal))
+        u = action if to_control is None else torch.as_tensor(to_control(action))
+        u = u.to(state)
+        if u.dim() != 2 or u.shape[0] != state.shape[0]:
+            raise ValueError(f"the policy's controls must have shape ({state.shape[0]}, m), got "
+                             f"{tuple(u.shape)}")
+        if u_lower is not None or u_upper is not None:
+            u = torch.clamp(u, None if u_lower is None else u_lower.to(u),
+                            None if u_upper is None else u_upper.to(u))
+        us.append(u)
+        xs.append(dynamics(xs[-1], u))
+    return torch.stack(us, 1), torch.stack(xs, 1)
+
+
+def load_policy(checkpoint: str) -> nn.Module:
+    """The policy network ``(observation, goal) -> action`` of a goal-conditioned BC
+    checkpoint (:class:`diffto.learning.gcbc.GoalConditionedBC`), in eval mode on the CPU."""
+    from diffto.learning.gcbc import GoalConditionedBC
+
+    module = GoalConditionedBC.load_from_checkpoint(checkpoint, map_location="cpu")
+    module.eval()
+    return module.policy
+
+
+class PolicyWarmStart(nn.Module):
+    """A learned policy as the warm start of an MPC expert: its rollout through the expert's
+    planning model (:func:`rollout_policy`) is the whole ``u_init``.
+
+    Args:
+        policy: the policy network ``(observation (B, o), goal (B, g)) -> action (B, a)`` in
+            environment action units, or the path of a goal-conditioned BC checkpoint
+            (:func:`load_policy`).
+        expert: the :class:`~diffto.tasks.mpc_expert.MPCExpert` whose solves are warm-started:
+            its planning model, control bounds, action-to-control map and horizon are used.
+        horizon: ``T`` of the proposals; ``None``: the expert's.
+        observation_of: planning states ``(B, n)`` -> the policy's observations ``(B, o)``;
+            ``None``: the expert's ``observation_of`` if it has one, else the identity (the
+            planning state is the observation, as for the Panda).
+
+    ``proposer(states (B, n), goals (B, g)) -> u_init (B, T, m)`` (float64, within the
+    expert's bounds), under ``torch.no_grad``.
+    """
+
+    def __init__(
+        self,
+        policy: nn.Module | str,
+        expert: Any,
+        horizon: int | None = None,
+        observation_of: Callable[[Tensor], Tensor] | None = None,
+    ) -> None:
+        super().__init__()
+        for name in ("dynamics", "u_lower", "u_upper", "to_control", "horizon", "n_ctrl"):
+            if not hasattr(expert, name):
+                raise ValueError(f"expert must be an MPCExpert (with {name}), got "
+                                 f"{type(expert).__name__}")
+        if isinstance(policy, str):
+            policy = load_policy(policy)
+        if not callable(policy):
+            raise ValueError(f"policy must be a module (observation, goal) -> action or a "
+                             f"checkpoint path, got {type(policy).__name__}")
+        T = expert.horizon if horizon is None else horizon
+        if isinstance(T, bool) or not isinstance(T, int) or T < 1:
+            raise ValueError(f"horizon must be an int >= 1 or None, got {horizon!r}")
+        if observation_of is None:
+            observation_of = getattr(expert, "observation_of", None)
+        if observation_of is not None and not callable(observation_of):
+            raise ValueError(f"observation_of must be callable or None, got {observation_of!r}")
+        self.policy = policy.eval() if isinstance(policy, nn.Module) else policy
+        self.expert = expert
+        self.horizon = T
+        self.observation_of = observation_of
+
+    def _policy(self, observation: Tensor, goal: Tensor) -> Tensor:
+        # The network runs in its own dtype (float32 usually); the rollout stays in float64.
+        dtype = next((p.dtype for p in self.policy.parameters()), observation.dtype) \
+            if isinstance(self.policy, nn.Module) else observation.dtype
+        return self.policy(observation.to(dtype), goal.to(dtype)).to(observation.dtype)
+
+    @torch.no_grad()
+    def rollout(self, states: Tensor, goals: Tensor) -> tuple[Tensor, Tensor]:
+        """``u (B, T, m)`` and the predicted ``x (B, T+1, n)`` of the policy's rollout from
+        ``states (B, n)`` to ``goals (B, g)``."""
+        e = self.expert
+        x0 = torch.as_tensor(states, dtype=torch.float64)
+        g = torch.as_tensor(goals, dtype=torch.float64)
+        x0 = x0.unsqueeze(0) if x0.dim() == 1 else x0
+        g = g.unsqueeze(0) if g.dim() == 1 else g
+        u, x = rollout_policy(self._policy, e.dynamics, x0, g, self.horizon, e.to_control,
+                              self.observation_of, e.u_lower, e.u_upper)
+        if u.shape[-1] != e.n_ctrl:
+            raise ValueError(f"the policy's controls have {u.shape[-1]} entries, the expert "
+                             f"plans {e.n_ctrl}")
+        return u, x
+
+    def forward(self, states: Tensor, goals: Tensor) -> Tensor:
+        """The proposal ``u_init (B, T, m)`` for ``states (B, n)`` and ``goals (B, g)``."""
+        return self.rollout(states, goals)[0]
+
+    def extra_repr(self) -> str:
+        return f"horizon={self.horizon}, expert={type(self.expert).__name__}"
