@@ -68,7 +68,8 @@ be consecutive (a subset of rows is still a valid set).
   (the shard names), with the counts of :data:`SUMMED_META_KEYS` (``episodes_requested``,
   ``episodes_failed``, ``solves``, ``labels``, ``wall_time_s``) summed, the lists of
   :data:`LISTED_META_KEYS` (``failed_episodes``) concatenated and ``normalization``
-  recomputed on the whole set; other keys are the first file's.
+  recomputed on the whole set; other keys are the first file's. (A folder of legacy files
+  only is renumbered instead, as the first loader did: legacy ids were per file.)
 * :func:`merge_trajectories` does the same in memory (``renumber=True`` numbers the episodes
   ``0 .. E-1`` instead of requiring disjoint ids), and ``python -m diffto.data.merge OUT
   IN...`` for files and folders. Sets merge when their task / env id and ``dt`` agree (where
@@ -573,11 +574,12 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
         raise ValueError(f"{path}: not a readable .npz trajectory set ({err})") from err
 
 
-def _load_one(path: Path) -> TrajectorySet:
+def _load_one(path: Path) -> tuple[TrajectorySet, bool]:
+    """The set stored in ``path`` and whether the file is in the legacy layout."""
     stored = _read_npz(path)
     if "observation" not in stored and "states" in stored:
         try:
-            return _from_legacy(stored, path)
+            return _from_legacy(stored, path), True
         except ValueError as err:
             raise ValueError(f"{path}: {err} (legacy layout)") from err
     missing = [k for k in (*REQUIRED, "meta") if k not in stored]
@@ -592,7 +594,7 @@ def _load_one(path: Path) -> TrajectorySet:
             if k.startswith(_INFO_PREFIX)}
     kw = {k: stored.pop(k) for k in ROW_ARRAYS if k in stored}
     try:
-        return TrajectorySet(**kw, extras=stored, episode_info=info, meta=meta)
+        return TrajectorySet(**kw, extras=stored, episode_info=info, meta=meta), False
     except ValueError as err:
         raise ValueError(f"{path}: {err}") from err
 
@@ -611,7 +613,10 @@ def _parse_meta(raw: np.ndarray, path: Path) -> dict[str, Any]:
 def load_trajectories(path: str | os.PathLike, progress: bool = False) -> TrajectorySet:
     """Read a trajectory ``.npz``, or every ``*.npz`` shard of a folder (name order, merged
     with :func:`merge_trajectories`: episode ids must be unique across shards; ``meta`` is
-    the first file's plus ``files``, counts summed). ``progress`` shows a bar over shards."""
+    the first file's plus ``files``, counts summed). ``progress`` shows a bar over shards.
+
+    A folder of legacy files only gets consecutive episode ids, file after file: their ids
+    were per file, and the first loader renumbered them the same way."""
     path = Path(path)
     if path.is_dir():
         files = sorted(f for f in path.glob("*.npz") if not f.name.startswith("."))
@@ -623,13 +628,13 @@ def load_trajectories(path: str | os.PathLike, progress: bool = False) -> Trajec
             files_iter: Iterable[Path] = tqdm(files, desc=f"loading {path.name}", unit="file")
         else:
             files_iter = files
-        parts = [_load_one(f) for f in files_iter]
-        merged = merge_trajectories(parts, names=[str(f) for f in files])
+        parts, legacy = zip(*(_load_one(f) for f in files_iter), strict=True)
+        merged = merge_trajectories(parts, renumber=all(legacy), names=[str(f) for f in files])
         merged.meta["files"] = [f.name for f in files]
         return merged
     if not path.exists():
         raise ValueError(f"path {path} does not exist")
-    return _load_one(path)
+    return _load_one(path)[0]
 
 
 

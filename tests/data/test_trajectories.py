@@ -281,6 +281,20 @@ def test_legacy_whole_trajectories_load(tmp_path):
     np.testing.assert_array_equal(data.episode_info["total_cost"], costs[[1, 2, 0]])
 
 
+def test_a_folder_of_legacy_shards_is_renumbered(tmp_path):
+    """The first loader offset each file's ids past the previous file's: legacy shards all
+    starting at id 0 still load as one set."""
+    rng = np.random.default_rng(0)
+    for k, N in enumerate((2, 3)):
+        np.savez(tmp_path / f"part{k}.npz", states=rng.normal(size=(N, 3, 2)),
+                 actions=rng.normal(size=(N, 2, 1)), dt=np.asarray(0.1), meta=np.asarray("{}"),
+                 episode_ids=np.arange(N))
+    data = load_trajectories(tmp_path)
+    assert data.episode_ids().tolist() == [0, 1, 2, 3, 4] and len(data) == 10
+    with np.load(tmp_path / "part1.npz") as npz:
+        np.testing.assert_array_equal(data.select_episodes([2]).observation, npz["states"][0, :2])
+
+
 def test_legacy_transitions_load(tmp_path):
     states = np.arange(10, dtype=float).reshape(5, 2)
     np.savez(tmp_path / "old.npz", states=states, actions=np.ones((5, 1)), dt=np.asarray(0.1),
