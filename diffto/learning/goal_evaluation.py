@@ -320,7 +320,7 @@ def build_expert(env_id: str, expert: dict[str, Any] | None = None):
     init_args}``), or the environment's default expert when ``None``."""
     spec = expert_spec(env_id, expert)
     if "default_for" in spec:
-        from diffto.tasks.mpc_expert import make_expert
+        from diffto.tasks.registry import make_expert
 
         return make_expert(env_id)
     module, _, name = spec["class_path"].rpartition(".")

@@ -1,0 +1,203 @@
+"""Goal-conditioned BC: the policy network, the learner, its configs and its resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+
+from diffto import cli
+from diffto.data.trajectories import TrajectorySet, load_trajectories, save_trajectories
+from diffto.learning.dagger import collect_labels
+from diffto.learning.gcbc import GoalConditionedBC, TransitionsDataModule, split_transitions
+from diffto.learning.goal_evaluation import build_expert
+from diffto.learning.goal_policy import GoalPolicy
+from diffto.tasks.registry import make_env
+
+SWINGUP = "diffto/PendulumSwingUp-v0"
+PANDA = "diffto/PandaReach-v0"
+# A short-horizon swing-up expert: cheap enough for tests (one solve ~20 ms).
+EXPERT = {"class_path": "diffto.tasks.classic.SwingUpExpert",
+          "init_args": {"horizon": 10, "max_iter": 2}}
+
+
+def zero_policy(observation, goal):
+    return np.zeros((len(observation), 1))
+
+
+@pytest.fixture(scope="module")
+def swingup_data(tmp_path_factory) -> Path:
+    """Expert episodes (the expert acts: beta = 1), 8 x 20 steps, every label kept."""
+    data, counts = collect_labels(zero_policy, build_expert(SWINGUP, EXPERT), SWINGUP,
+                                  list(range(8)), beta=1.0, max_steps=20,
+                                  keep_unconverged=True, progress=False)
+    assert counts["labels"] == len(data) == 160
+    return save_trajectories(tmp_path_factory.mktemp("data") / "swingup.npz", data)
+
+
+def random_dataset(env_id: str, path: Path, episodes: int = 2, steps: int = 4) -> Path:
+    """Random-action transitions of a goal env in the dataset format (for plumbing tests)."""
+    rows: dict[str, list] = {k: [] for k in ("observation", "desired_goal", "achieved_goal",
+                                             "action", "next_observation", "episode",
+                                             "timestep", "terminal", "truncated")}
+    for e in range(episodes):
+        env = make_env(env_id)
+        obs, _ = env.reset(seed=e)
+        env.action_space.seed(e)
+        for t in range(steps):
+            a = env.action_space.sample().astype(np.float64)
+            nxt, _, term, trunc, _ = env.step(a)
+            for k, v in (("observation", obs["observation"]), ("desired_goal",
+                         obs["desired_goal"]), ("achieved_goal", obs["achieved_goal"]),
+                         ("action", a), ("next_observation", nxt["observation"]),
+                         ("episode", e), ("timestep", t), ("terminal", term),
+                         ("truncated", trunc or t == steps - 1)):
+                rows[k].append(v)
+            obs = nxt
+        env.close()
+    arrays = {k: np.asarray(v) for k, v in rows.items()}
+    arrays["episode"] = arrays["episode"].astype(np.int64)
+    arrays["timestep"] = arrays["timestep"].astype(np.int64)
+    return save_trajectories(path, TrajectorySet(**arrays, meta={"env_id": env_id}))
+
+
+# ------------------------------------------------------------------------------ the network
+def test_policy_respects_the_box_and_its_heads():
+    low, high = np.array([-1.0, 0.0]), np.array([1.0, 4.0])
+    obs, goal = torch.randn(64, 3) * 100, torch.randn(64, 1)
+    for head in ("deterministic", "gaussian"):
+        for squash in ("tanh", "clip"):
+            pol = GoalPolicy(3, 1, low, high, hidden=(16,), head=head, squash=squash)
+            pol.fit_normalization(obs, goal)
+            a = pol(obs, goal)
+            assert a.shape == (64, 2)
+            assert (a >= torch.tensor(low, dtype=a.dtype)).all()
+            assert (a <= torch.tensor(high, dtype=a.dtype)).all()
+            terms = pol.loss(obs, goal, torch.zeros(64, 2))
+            terms["loss_bc"].backward()
+            assert all(p.grad is not None for p in pol.net.parameters())
+    with pytest.raises(ValueError, match="finite action box"):
+        GoalPolicy(3, 1, [-np.inf], [np.inf])
+    with pytest.raises(ValueError, match="head"):
+        GoalPolicy(3, 1, [-1.0], [1.0], head="mixture")
+    with pytest.raises(ValueError, match="goal"):
+        GoalPolicy(3, 1, [-1.0], [1.0])(obs, None)
+
+
+def test_normalization_travels_in_the_state_dict():
+    pol = GoalPolicy(3, 1, [-1.0], [1.0], hidden=(8,))
+    assert not pol.normalization_fitted
+    pol.fit_normalization(torch.randn(100, 3) * 5 + 2, torch.randn(100, 1))
+    fresh = GoalPolicy(3, 1, [-1.0], [1.0], hidden=(8,))
+    fresh.load_state_dict(pol.state_dict())
+    assert fresh.normalization_fitted
+    x, g = torch.randn(5, 3), torch.randn(5, 1)
+    torch.testing.assert_close(fresh(x, g), pol(x, g))
+
+
+def test_split_is_by_episode_and_max_transitions_bounds_every_row(swingup_data):
+    data = load_trajectories(swingup_data)
+    train, val = split_transitions(data, 0.25, max_transitions=150, split_seed=1)
+    assert len(train) + len(val) == 150  # the last episode is cut at 10 of 20 rows
+    assert not set(train.episode_ids()) & set(val.episode_ids())
+    assert len(val.episode_ids()) == 2
+    train, val = split_transitions(data, 0.0)
+    assert val is None and len(train) == len(data)
+    with pytest.raises(ValueError, match="max_transitions"):
+        split_transitions(data, 0.1, max_transitions=10_000)
+
+
+# ------------------------------------------------------------------------------ learning
+def test_bc_imitates_the_expert_far_better_than_any_constant(swingup_data):
+    """Held-out episodes' expert actions: the learner's error must be a small fraction of
+    the best constant's (the training mean), which a learner that ignores its inputs, or
+    does not learn, cannot beat."""
+    L.seed_everything(0, verbose=False)
+    dm = TransitionsDataModule(str(swingup_data), batch_size=32, val_fraction=0.25)
+    model = GoalConditionedBC(SWINGUP, hidden=[64, 64], lr=3e-3, expert_baseline=False,
+                              report=False)
+    trainer = L.Trainer(max_epochs=60, limit_val_batches=0, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    trainer.fit(model, dm)
+    val, train = dm.val_set, dm.train_set
+    pred = model.act(val.observation, val.desired_goal)
+    mse = float(np.mean((pred - np.clip(val.action, -1, 1)) ** 2))
+    const = float(np.mean((np.clip(train.action, -1, 1).mean(0) - val.action) ** 2))
+    assert mse < 0.2 * const, f"BC action MSE {mse:.4f} vs best constant {const:.4f}"
+
+
+# ------------------------------------------------------------------------------ configs
+def _tiny_bc_flags(data: Path) -> list[str]:
+    return [f"--data.init_args.path={data}", "--data.init_args.batch_size=16",
+            "--model.init_args.eval_episodes=2", "--model.init_args.eval_max_steps=3"]
+
+
+def test_pendulum_bc_config_fast_dev_run(tmp_path, monkeypatch, swingup_data):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.argv", ["lightning"])
+    cli.main(["fit", "--config", "pendulum_bc.yaml", "--trainer.fast_dev_run=true",
+              *_tiny_bc_flags(swingup_data), "--model.init_args.video_episodes=1",
+              f"--model.init_args.expert={EXPERT}".replace("'", '"')])
+    report = next(tmp_path.glob("**/report.json"))
+    assert {"TO expert (MPC)", "last checkpoint"} <= set(
+        json.loads(report.read_text())["results"])
+    assert list(tmp_path.glob("runs/expert_cache/expert_*.json"))
+    assert list(tmp_path.glob("**/last.mp4"))
+
+
+def test_panda_gcbc_config_fast_dev_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.argv", ["lightning"])
+    data = random_dataset(PANDA, tmp_path / "panda.npz")
+    cli.main(["fit", "--config", "panda_gcbc.yaml", "--trainer.fast_dev_run=true",
+              *_tiny_bc_flags(data), "--data.init_args.val_fraction=0.5",
+              "--model.init_args.expert_baseline=false", "--model.init_args.video_episodes=0"])
+    assert list(tmp_path.glob("**/report.md"))
+
+
+@pytest.mark.filterwarnings("ignore:Checkpoint directory .* exists and is not empty")
+def test_fit_resumes_from_the_last_checkpoint(tmp_path, monkeypatch, swingup_data):
+    """`--ckpt_path last` continues: epochs and steps go on, the normalizer is the saved one,
+    and the final report names the best checkpoint next to the last."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.argv", ["lightning"])
+    base = ["fit", "--config", "pendulum_bc.yaml", *_tiny_bc_flags(swingup_data),
+            "--trainer.check_val_every_n_epoch=1", "--model.init_args.expert_baseline=false",
+            "--model.init_args.video_episodes=0", "--trainer.logger=false"]
+    cli.main([*base, "--trainer.max_epochs=1"])
+    last = tmp_path / "runs/pendulum_bc/checkpoints/last.ckpt"
+    first = torch.load(last, weights_only=False)
+    assert first["epoch"] == 0
+    cli.main([*base, "--trainer.max_epochs=2", "--ckpt_path=last"])
+    second = torch.load(last, weights_only=False)
+    assert second["epoch"] > first["epoch"] and second["global_step"] == 2 * first["global_step"]
+    for key in ("policy.obs_normalizer.mean", "policy.obs_normalizer.count"):
+        torch.testing.assert_close(second["state_dict"][key], first["state_dict"][key])
+    report = next(tmp_path.glob("**/report.json"))
+    payload = json.loads(report.read_text())
+    assert payload["best_checkpoint"].endswith("best.ckpt")
+    assert {"best checkpoint", "last checkpoint"} <= set(payload["results"])
+
+
+def test_evaluate_goal_prints_the_table_for_a_checkpoint(tmp_path, monkeypatch, capsys,
+                                                         swingup_data):
+    from diffto.learning.evaluate_goal import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.argv", ["lightning"])
+    cli.main(["fit", "--config", "pendulum_bc.yaml", *_tiny_bc_flags(swingup_data),
+              "--trainer.max_epochs=1", "--model.init_args.expert_baseline=false",
+              "--model.init_args.report=false", "--trainer.logger=false"])
+    ckpt = tmp_path / "runs/pendulum_bc/checkpoints/last.ckpt"
+    main([str(ckpt), "--episodes", "2", "--no-expert", "--video", str(tmp_path / "e.mp4"),
+          "--video-episodes", "1", "--json", str(tmp_path / "e.json")])
+    out = capsys.readouterr().out
+    assert "| policy (last.ckpt) |" in out and (tmp_path / "e.mp4").exists()
+    with pytest.raises(ValueError, match="not written by"):
+        torch.save({"state_dict": {}}, tmp_path / "other.ckpt")
+        main([str(tmp_path / "other.ckpt")])
