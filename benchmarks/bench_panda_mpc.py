@@ -6,29 +6,16 @@ the env's nominal model (state ``[qpos; qvel]``, control the torque command), fo
 end-effector cost, and the first torque is applied; the next call is warm-started with the
 previous plan shifted one step (``u_init=previous.shifted()``).
 
-Planning model
-    ``env.nominal_model()`` with its timestep set to ``20 ms / --plan-substeps`` and
-    ``MujocoDynamics(model, substeps=--plan-substeps)``, so one planning step spans one control
-    step. The default, 10 steps of 2 ms, is the env's own physics: the plan's model is exact
-    (no mismatch options are on). ``--plan-substeps 2`` (2 steps of 10 ms) needs a fifth of
-    the finite-difference Jacobians and rollouts; measured here it saved only about a fifth of
-    the solve time (the box-QP sweeps and the FK cost derivatives dominate) and took more
-    iterations per step (2.1 against 1.6: the integration mismatch shows).
-
-Gravity compensation
-    The environment adds the arm's gravity torques inside the physics (MuJoCo ``gravcomp``), so
-    the planning model is the env's nominal model *with* that compensation: the MPC plans the
-    torque command on top of it, exactly the quantity the env's action scales
-    (``action = τ / τ_max``), and its bounds are the published limits ``±τ_max`` (the motors'
-    ``ctrlrange``). Planning without it would spend up to 25 Nm of the 87 Nm budget on holding
-    the arm and plan in a different control space from the one applied.
-
-Cost (Gauss-Newton in the solver, ``hessian="gauss_newton"``)
-    ``Σ_t ½‖w_p (p(q_t) − g)‖² + ½‖w_v q̇_t‖² + ½‖w_u u_t / τ_max‖²`` plus the terminal
-    ``½ (w_f / w_p)² (‖w_p (p(q_T) − g)‖² + ‖w_v q̇_T‖²)``, with ``p`` the flange position by
-    the pytorch-kinematics chain (:func:`diffto.tasks.panda.panda_chain`) and ``g`` the goal:
-    ``diffto.layers.ee_pose_cost`` for the position and velocity terms where it exists (else
-    the same residuals with ``diffto.LeastSquaresCost``), plus a ``QuadraticCost`` for torques.
+Expert
+    :class:`diffto.tasks.panda.PandaReachExpert` holds the planning model and the cost (see
+    its module docstring): the env's nominal model with gravity compensation (the MPC plans
+    the torque command on top of it, the quantity the env's action scales, within the
+    published limits ``±τ_max``), ``MujocoDynamics`` with ``--plan-substeps`` physics steps
+    per 20 ms planning step, and the end-effector cost ``Σ_t ½‖w_p (p(q_t) − g)‖² +
+    ½‖w_v q̇_t‖² + ½‖w_u u_t / τ_max‖²`` plus its terminal term (Gauss-Newton in the solver).
+    ``--plan-substeps 10`` is the env's own 2 ms physics (an exact model); the expert's
+    default, 2 steps of 10 ms, needs a fifth of the finite-difference Jacobians and rollouts,
+    which dominate batched solves.
 
 Measured, per goal and over all goals: success (the flange within the env's 2 cm of the goal
 within ``--max-steps`` steps and still there ``--hold`` steps later), steps to reach, final
@@ -42,7 +29,7 @@ Results go atomically to ``benchmarks/results/panda_mpc.json``.
 Usage::
 
     python benchmarks/bench_panda_mpc.py [--goals 20] [--horizon 15] [--iterations 3]
-        [--plan-substeps 10] [--max-steps 100] [--hold 10] [--compare-every 5] [--tol 1e-4]
+        [--plan-substeps 2] [--max-steps 100] [--hold 10] [--compare-every 5] [--tol 1e-4]
 """
 
 from __future__ import annotations
@@ -57,75 +44,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import mujoco
-import numpy as np
 import torch
 from _results import write_atomic
 from tqdm import tqdm
 
-import diffto
-from diffto.layers import MPC
-from diffto.layers.mujoco_dynamics import MujocoDynamics
-from diffto.tasks.panda import TORQUE_LIMITS, PandaReachEnv, panda_chain
+from diffto.tasks.panda import PandaReachEnv, PandaReachExpert
 
 RESULTS = Path(__file__).resolve().parent / "results" / "panda_mpc.json"
 CONTROL_DT = 0.02  # s, the env's 50 Hz
-
-
-def ee_cost(
-    chain, goal: torch.Tensor, horizon: int, w_p: float, w_f: float, w_v: float, w_u: float
-):
-    """The end-effector reaching cost of the module docstring for goals ``(B, 3)``.
-
-    Position and velocity terms: ``diffto.layers.ee_pose_cost`` (a ``LeastSquaresCost`` through
-    FK; its terminal residual is ``√w_T`` times the stage's, so ``w_T = (w_f / w_p)²``), or the
-    same residuals written here where that builder is not available. The torque term, scaled
-    per joint by the limits, is a ``QuadraticCost`` added to it.
-    """
-    try:
-        from diffto.layers import ee_pose_cost
-    except ImportError:
-        ee_pose_cost = None
-    scale = w_f / w_p  # terminal residual factor
-    if ee_pose_cost is not None:
-        position = ee_pose_cost(
-            chain,
-            goal,
-            position_weight=w_p**2,
-            velocity_weight=w_v**2,
-            control_weight=0.0,
-            terminal_weight=scale**2,
-        )
-    else:
-
-        def residual(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:  # (B, T, 14), (B, T, 7)
-            B, T, _ = x.shape
-            p = chain.position(x[..., :7].reshape(B * T, 7)).reshape(B, T, 3)
-            return torch.cat([w_p * (p - goal[:, None]), w_v * x[..., 7:]], -1)
-
-        def terminal(xT: torch.Tensor) -> torch.Tensor:  # (B, 14)
-            p = chain.position(xT[:, :7])
-            return scale * torch.cat([w_p * (p - goal), w_v * xT[:, 7:]], -1)
-
-        position = diffto.LeastSquaresCost(residual, terminal)
-    # ½‖w_u u / τ_max‖² per stage: a constant diagonal C on the control block of τ = [x; u].
-    limits = torch.as_tensor(np.array(TORQUE_LIMITS), dtype=goal.dtype)
-    diag = torch.cat([torch.zeros(14, dtype=goal.dtype), (w_u / limits) ** 2])
-    return position + diffto.QuadraticCost(torch.diag(diag).expand(horizon, 21, 21))
-
-
-def _has_ee_pose_cost() -> bool:
-    try:
-        from diffto.layers import ee_pose_cost  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def planning_model(env: PandaReachEnv, plan_substeps: int) -> mujoco.MjModel:
-    """The env's nominal model with its timestep set so ``plan_substeps`` steps span 20 ms."""
-    model = env.nominal_model()
-    model.opt.timestep = CONTROL_DT / plan_substeps
-    return model
 
 
 def machine() -> dict:
@@ -140,25 +66,24 @@ def machine() -> dict:
     }
 
 
-def run_goal(env, seed: int, mpc: MPC, reference: MPC, dynamics, chain, args, bar) -> dict:
+def run_goal(env, seed: int, expert: PandaReachExpert, args, bar) -> dict:
     obs, info = env.reset(seed=seed)
     initial_distance = info["distance"]
     goal = torch.as_tensor(obs["desired_goal"]).unsqueeze(0)
-    cost = ee_cost(chain, goal, args.horizon, args.w_p, args.w_f, args.w_v, args.w_u)
     prev = None
     times, cpu, iters, converged, distances, compare = [], [], [], [], [], []
     reached = None
     for step in range(args.max_steps):
-        x0 = torch.as_tensor(env.state).unsqueeze(0)
+        x0 = torch.as_tensor(expert.state_of(env)).unsqueeze(0)
         warm = None if prev is None else prev.shifted()
         with torch.no_grad():
             t0, c0 = time.perf_counter(), time.process_time()
-            sol = mpc(x0, cost, dynamics, u_init=warm)
+            sol = expert.solve(x0, goal, u_init=warm)
             times.append(time.perf_counter() - t0)
             cpu.append(time.process_time() - c0)
             if warm is not None and step % args.compare_every == 0:
-                cold_sol = reference(x0, cost, dynamics)
-                warm_sol = reference(x0, cost, dynamics, u_init=warm)
+                cold_sol = expert.solve(x0, goal, max_iter=args.compare_iterations)
+                warm_sol = expert.solve(x0, goal, u_init=warm, max_iter=args.compare_iterations)
                 compare.append(
                     {
                         "step": step,
@@ -173,7 +98,7 @@ def run_goal(env, seed: int, mpc: MPC, reference: MPC, dynamics, chain, args, ba
         iters.append(int(sol.iterations[0]))
         converged.append(bool(sol.converged[0]))
         prev = sol
-        obs, _, _, _, info = env.step(env.torque_to_action(sol.u[0, 0].numpy()))
+        obs, _, _, _, info = env.step(expert.to_action(sol.u[:, 0])[0])
         distances.append(info["distance"])
         bar.set_postfix(step=step + 1, distance=f"{info['distance']:.3f}")
         if reached is None and info["is_success"]:
@@ -252,7 +177,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--plan-substeps",
         type=int,
-        default=10,
+        default=2,
         help="physics steps per 20 ms planning step (10: the env's own 2 ms)",
     )
     parser.add_argument("--max-steps", type=int, default=100, help="control steps per goal")
@@ -281,6 +206,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--w-f", type=float, default=30.0, help="terminal position weight")
     parser.add_argument("--w-v", type=float, default=0.3, help="joint velocity weight")
     parser.add_argument("--w-u", type=float, default=0.05, help="torque weight (of u / τ_max)")
+    parser.add_argument("--nthread", type=int, default=0, help="MujocoDynamics threads")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     for name in (
@@ -297,20 +223,24 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(1)
 
     env = PandaReachEnv()
-    dynamics = MujocoDynamics(planning_model(env, args.plan_substeps), substeps=args.plan_substeps)
-    chain = panda_chain(env.model)
-    limits = torch.as_tensor(np.array(TORQUE_LIMITS))
-    common = dict(
-        horizon=args.horizon, u_lower=-limits, u_upper=limits, tol=args.tol, hessian="gauss_newton"
+    expert = PandaReachExpert(
+        horizon=args.horizon,
+        max_iter=args.iterations,
+        tol=args.tol,
+        plan_substeps=args.plan_substeps,
+        control_dt=CONTROL_DT,
+        position_weight=args.w_p,
+        final_weight=args.w_f,
+        velocity_weight=args.w_v,
+        control_weight=args.w_u,
+        nthread=args.nthread,
     )
-    mpc = MPC(max_iter=args.iterations, **common)
-    reference = MPC(max_iter=args.compare_iterations, **common)
 
     goals = []
     started = time.perf_counter()
     with tqdm(total=args.goals, unit="goal", desc="panda mpc") as bar:
         for g in range(args.goals):
-            goals.append(run_goal(env, args.seed + g, mpc, reference, dynamics, chain, args, bar))
+            goals.append(run_goal(env, args.seed + g, expert, args, bar))
             bar.update(1)
     result = {
         "benchmark": "panda_mpc",
@@ -318,7 +248,7 @@ def main(argv: list[str] | None = None) -> dict:
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "planning_dt_s": CONTROL_DT,
         "planning_timestep_s": CONTROL_DT / args.plan_substeps,
-        "cost": "ee_pose_cost" if _has_ee_pose_cost() else "inline LeastSquaresCost",
+        "expert": repr(expert),
         "gravity_compensation": "inside the env and the planning model (MuJoCo gravcomp)",
         "wall_time_s": time.perf_counter() - started,
         "machine": machine(),

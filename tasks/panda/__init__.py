@@ -7,8 +7,10 @@
   forward kinematics is MuJoCo's.
 - :class:`PandaReachEnv` (gymnasium id ``diffto/PandaReach-v0``): goal-conditioned torque-level
   reaching at 50 Hz with optional model mismatch.
+- :class:`PandaReachExpert`: its MPC expert (box-DDP over ``MujocoDynamics``, flange cost).
 """
 
+from diffto.tasks.panda.expert import PandaReachExpert
 from diffto.tasks.panda.kinematics import flange_position, panda_chain
 from diffto.tasks.panda.model import (
     ACTUATOR_NAMES,
@@ -51,4 +53,6 @@ __all__ = [
     "PandaReachEnv",
     "RenderingUnavailableError",
     "goal_distance",
+    # expert
+    "PandaReachExpert",
 ]

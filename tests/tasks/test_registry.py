@@ -18,7 +18,11 @@ def test_table_names_existing_classes_without_importing_them():
         registry.ENVIRONMENTS["diffto/PandaReach-v0"]
         == "diffto.tasks.panda.reach_env:PandaReachEnv"
     )
-    for env_id, entry in registry.ENVIRONMENTS.items():
+    assert (
+        registry.ENVIRONMENTS["diffto/PendulumSwingUp-v0"]
+        == "diffto.tasks.classic.swingup_env:PendulumSwingUpEnv"
+    )
+    for env_id, entry in [*registry.ENVIRONMENTS.items(), *registry.EXPERTS.items()]:
         module, _, cls = entry.partition(":")
         assert env_id.startswith("diffto/") and cls, entry
         assert importlib.util.find_spec(module) is not None, entry
@@ -50,6 +54,17 @@ def test_make_env_registers_on_demand_and_checks_its_arguments():
         registry.make_env("Pendulum-v1", [1, 2])
     with pytest.raises(gym.error.Error):
         registry.make_env("diffto/NoSuchTask-v0")
+
+
+def test_make_expert_builds_the_default_expert_with_overrides():
+    expert = registry.make_expert("diffto/PendulumSwingUp-v0", horizon=12, max_iter=2)
+    assert type(expert).__name__ == "SwingUpExpert"
+    assert (expert.horizon, expert.max_iter) == (12, 2)
+    assert set(registry.EXPERTS) <= set(registry.ENVIRONMENTS)
+    with pytest.raises(ValueError, match="env_id must be one of"):
+        registry.make_expert("diffto/Go2Tracking-v0")
+    with pytest.raises(TypeError, match="no_such_option"):
+        registry.make_expert("diffto/PendulumSwingUp-v0", no_such_option=1)
 
 
 @pytest.mark.parametrize(
