@@ -1,0 +1,260 @@
+"""Learned warm starts of trajectory optimization: iterations, time and final cost of MPC solves
+started cold, from the shifted previous plan, and from a goal-conditioned policy's rollout.
+
+States
+    Held-out episodes (env seeds ``EVAL_SEED_BASE + j``, never in training data) of the task's
+    expert in receding horizon (its own horizon, iteration cap and shifted warm start), run in
+    lockstep; every ``--every``-th control step, the states of all episodes are taken, with
+    the expert's previous plan (the step before) for the shifted start.
+
+Solves (one batch of all episodes per sampled step, to the expert's tolerance, at most
+``--max-iter`` iterations)
+    ``cold``: the expert's cold start (:meth:`MPCExpert.initial_controls`: zeros for the Panda,
+    whose gravity compensation is inside the physics and the planning model, so zero torque is
+    the natural cold start there; a small constant torque toward the goal's side for the
+    pendulum, whose hanging rest is a stationary point of zero controls). ``shifted``: the
+    previous plan moved one step, its last control repeated (from the second control step on,
+    as in receding horizon). ``learned``: :class:`diffto.learning.warm_start.PolicyWarmStart`,
+    the policy of a goal-conditioned BC checkpoint rolled out through the expert's planning
+    model over the horizon; its rollout time is reported and included in its wall time.
+
+Per method: iterations per solve (mean, median), the fraction converged, the wall time of the
+batched solves (summed over sampled steps), and the final cost against the cold start's on the
+same rows (median ratio, fraction within 0.1 %, and the same restricted to rows where both
+converged). The headline is ``iterations_ratio_cold_over_learned`` at equal final cost.
+
+Closed loop (``--closed-loop``)
+    The same held-out episodes run three times in receding horizon with the expert's
+    iteration cap per step: shifted (the expert), cold every step, and the learned proposal
+    every step (``RecedingHorizon(warm_start="policy")``); success (``is_success`` at the last
+    step), mean iterations and time per control step, and the fraction of converged steps.
+
+Results go atomically to ``benchmarks/results/warm_start_<task>.json``.
+
+Usage::
+
+    python benchmarks/bench_warm_start.py --env-id diffto/PendulumSwingUp-v0 \\
+        --policy runs/pendulum_bc/checkpoints/last.ckpt [--episodes 8] [--every 10] \\
+        [--max-iter 100] [--closed-loop]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+from _results import machine_info, write_atomic
+from tqdm import tqdm
+
+from diffto.data.trajectories import EVAL_SEED_BASE
+from diffto.learning.warm_start import PolicyWarmStart, load_policy
+from diffto.tasks.mpc_expert import RecedingHorizon
+from diffto.tasks.registry import make_env, make_expert
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def observation_map(expert, env_id: str):
+    """Planning state ``(B, n)`` -> the env's observation ``(B, o)``, differentiable in torch:
+    the expert's ``observation_of``; for an expert without one, the pendulum's
+    ``[cos θ, sin θ, θ̇]`` or the identity (the Panda observes its planning state)."""
+    if hasattr(expert, "observation_of"):
+        return expert.observation_of
+    if "PendulumSwingUp" in env_id:
+        return lambda x: torch.stack([torch.cos(x[:, 0]), torch.sin(x[:, 0]), x[:, 1]], -1)
+    return None
+
+
+def expert_states(expert, env_id: str, seeds: list[int], steps: int, every: int, bar) -> dict:
+    """Lockstep receding-horizon episodes of the expert; returns, per sampled step, the states
+    ``(E, n)``, goals ``(E, g)`` and previous plans ``(E, T, m)`` (``None`` at step 0)."""
+    envs = [make_env(env_id) for _ in seeds]
+    obs = [env.reset(seed=s)[0] for env, s in zip(envs, seeds, strict=True)]
+    controller = RecedingHorizon(expert, warm_start="shifted")
+    samples, previous, success = [], None, []
+    for t in range(steps):
+        states = np.stack([expert.state_of(env) for env in envs])
+        goals = np.stack([o["desired_goal"] for o in obs])
+        if t % every == 0:
+            samples.append({"step": t, "states": states, "goals": goals, "previous": previous})
+        actions, sol = controller.act(states, goals)
+        previous = sol.u.detach().clone()
+        out = [env.step(a) for env, a in zip(envs, actions, strict=True)]
+        obs = [o[0] for o in out]
+        success = [bool(o[4].get("is_success", False)) for o in out]
+        bar.update(1)
+    for env in envs:
+        env.close()
+    return {"samples": samples, "expert_success": success}
+
+
+def solve_from(expert, states, goals, u_init, max_iter: int) -> dict:
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        sol = expert.solve(states, goals, u_init=u_init, max_iter=max_iter)
+    return {
+        "wall_s": time.perf_counter() - t0,
+        "iterations": sol.iterations.tolist(),
+        "converged": sol.converged.tolist(),
+        "cost": sol.cost.detach().tolist(),
+    }
+
+
+def summarize(rows: list[dict], method: str) -> dict:
+    its = [r[method]["iterations"] for r in rows if method in r]
+    conv = [r[method]["converged"] for r in rows if method in r]
+    ratio = [r[method]["cost"] / r["cold"]["cost"] for r in rows if method in r]
+    both = [r[method]["cost"] / r["cold"]["cost"] for r in rows
+            if method in r and r[method]["converged"] and r["cold"]["converged"]]
+    out = {
+        "solves": len(its),
+        "iterations_mean": statistics.fmean(its),
+        "iterations_median": statistics.median(its),
+        "converged_fraction": statistics.fmean(conv),
+        "cost_ratio_over_cold_median": statistics.median(ratio),
+        "cost_within_0.1pct_of_cold_fraction": statistics.fmean(
+            abs(r - 1) <= 1e-3 for r in ratio),
+        "cost_below_cold_fraction": statistics.fmean(r < 1 - 1e-3 for r in ratio),
+        "both_converged_rows": len(both),
+        "cost_ratio_over_cold_median_both_converged": statistics.median(both) if both else None,
+    }
+    return out
+
+
+def closed_loop(expert, env_id: str, seeds: list[int], steps: int, warm_start: str,
+                proposer, bar) -> dict:
+    envs = [make_env(env_id) for _ in seeds]
+    obs = [env.reset(seed=s)[0] for env, s in zip(envs, seeds, strict=True)]
+    controller = RecedingHorizon(expert, warm_start=warm_start, proposer=proposer)
+    times, its, conv, success = [], [], [], []
+    for _ in range(steps):
+        states = np.stack([expert.state_of(env) for env in envs])
+        goals = np.stack([o["desired_goal"] for o in obs])
+        t0 = time.perf_counter()
+        actions, sol = controller.act(states, goals)
+        times.append(time.perf_counter() - t0)
+        its.extend(sol.iterations.tolist())
+        conv.extend(sol.converged.tolist())
+        out = [env.step(a) for env, a in zip(envs, actions, strict=True)]
+        obs = [o[0] for o in out]
+        success = [bool(o[4].get("is_success", False)) for o in out]
+        bar.update(1)
+    for env in envs:
+        env.close()
+    return {
+        "success_rate": statistics.fmean(success),
+        "iterations_per_step_mean": statistics.fmean(its),
+        "converged_step_fraction": statistics.fmean(conv),
+        "time_per_control_step_s": statistics.fmean(times),
+        "batch": len(seeds),
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--env-id", default="diffto/PendulumSwingUp-v0")
+    parser.add_argument("--policy", required=True, help="goal-conditioned BC checkpoint")
+    parser.add_argument("--episodes", type=int, default=8, help="held-out episodes")
+    parser.add_argument("--steps", type=int, default=100, help="control steps per episode")
+    parser.add_argument("--every", type=int, default=10, help="sample every k-th step")
+    parser.add_argument("--max-iter", type=int, default=100,
+                        help="iteration cap of the compared solves (to the expert's tol)")
+    parser.add_argument("--closed-loop", action="store_true",
+                        help="also run the episodes with each warm start in receding horizon")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    for name in ("episodes", "steps", "every", "max_iter"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    torch.set_num_threads(1)
+    task = args.env_id.split("/")[-1].split("-")[0].lower()
+    out_path = args.out or RESULTS / f"warm_start_{task}.json"
+
+    expert = make_expert(args.env_id)
+    policy = load_policy(args.policy)
+    proposer = PolicyWarmStart(policy, expert, observation_of=observation_map(expert, args.env_id))
+    seeds = [EVAL_SEED_BASE + j for j in range(args.episodes)]
+    started = time.perf_counter()
+    with tqdm(total=args.steps, desc="expert episodes", unit="step") as bar:
+        traj = expert_states(expert, args.env_id, seeds, args.steps, args.every, bar)
+
+    rows = []
+    wall = {"cold": 0.0, "zeros": 0.0, "shifted": 0.0, "learned": 0.0, "learned_proposal": 0.0}
+    for sample in tqdm(traj["samples"], desc="solves", unit="step"):
+        x = torch.as_tensor(sample["states"])
+        g = torch.as_tensor(sample["goals"])
+        results = {"cold": solve_from(expert, x, g, None, args.max_iter)}
+        zeros = torch.zeros(x.shape[0], expert.horizon, expert.n_ctrl, dtype=x.dtype)
+        if not torch.equal(expert.initial_controls(x, g, expert.horizon), zeros):
+            results["zeros"] = solve_from(expert, x, g, zeros, args.max_iter)
+        if sample["previous"] is not None:
+            prev = sample["previous"]
+            shifted = torch.cat([prev[:, 1:], prev[:, -1:]], 1)
+            results["shifted"] = solve_from(expert, x, g, shifted, args.max_iter)
+        t0 = time.perf_counter()
+        proposal = proposer(x, g)
+        wall["learned_proposal"] += time.perf_counter() - t0
+        results["learned"] = solve_from(expert, x, g, proposal, args.max_iter)
+        for method, res in results.items():
+            wall[method] += res["wall_s"]
+        for i in range(x.shape[0]):
+            rows.append({"step": sample["step"], "episode": i, **{
+                m: {k: r[k][i] for k in ("iterations", "converged", "cost")}
+                for m, r in results.items()}})
+    wall["learned"] += wall["learned_proposal"]
+
+    methods = [m for m in ("cold", "zeros", "shifted", "learned") if any(m in r for r in rows)]
+    summary = {m: summarize(rows, m) for m in methods}
+    for m in methods:
+        summary[m]["wall_time_s"] = wall[m]
+    # Iterations by sampled control step (the swing-up, then holding at the goal).
+    summary["iterations_mean_by_step"] = {
+        str(step): {m: statistics.fmean(r[m]["iterations"] for r in rows
+                                        if r["step"] == step and m in r)
+                    for m in methods if any(m in r for r in rows if r["step"] == step)}
+        for step in sorted({r["step"] for r in rows})}
+    summary["learned"]["proposal_time_s"] = wall["learned_proposal"]
+    # Same rows for every ratio: the shifted start does not exist at step 0.
+    later = [r for r in rows if "shifted" in r]
+    summary["steps_after_first"] = {m: summarize(later, m) for m in methods}
+    its = {m: summary[m]["iterations_mean"] for m in ("cold", "learned")}
+    summary["iterations_ratio_cold_over_learned"] = its["cold"] / its["learned"]
+    summary["iterations_ratio_shifted_over_learned_after_first"] = (
+        summary["steps_after_first"]["shifted"]["iterations_mean"]
+        / summary["steps_after_first"]["learned"]["iterations_mean"])
+    summary["expert_success_rate"] = statistics.fmean(traj["expert_success"])
+
+    result = {
+        "benchmark": "warm_start",
+        "env_id": args.env_id,
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "expert": repr(expert),
+        "expert_tol": expert.tol,
+        "cold_start": "expert.initial_controls (zeros for the Panda: gravity compensation is "
+                      "inside its physics and planning model)",
+        "summary": summary,
+    }
+    if args.closed_loop:
+        loops = {}
+        for name, ws, prop in (("shifted", "shifted", None), ("cold", "cold", None),
+                               ("learned", "policy", proposer)):
+            with tqdm(total=args.steps, desc=f"closed loop ({name})", unit="step") as bar:
+                loops[name] = closed_loop(expert, args.env_id, seeds, args.steps, ws, prop, bar)
+        result["closed_loop"] = loops
+    result["wall_time_s"] = time.perf_counter() - started
+    result["machine"] = machine_info(torch=torch.__version__)
+    result["per_state"] = rows
+    write_atomic(out_path, result)
+    print(json.dumps({"summary": summary, "closed_loop": result.get("closed_loop")}, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()
