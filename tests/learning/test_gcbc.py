@@ -161,9 +161,12 @@ def test_panda_gcbc_config_fast_dev_run(tmp_path, monkeypatch):
 
 
 @pytest.mark.filterwarnings("ignore:Checkpoint directory .* exists and is not empty")
-def test_fit_resumes_from_the_last_checkpoint(tmp_path, monkeypatch, swingup_data):
+def test_fit_resumes_from_the_last_checkpoint_and_evaluate_goal_reads_it(
+        tmp_path, monkeypatch, capsys, swingup_data):
     """`--ckpt_path last` continues: epochs and steps go on, the normalizer is the saved one,
-    and the final report names the best checkpoint next to the last."""
+    and the final report names the best checkpoint next to the last; the evaluate_goal
+    command prints its table and films it."""
+    from diffto.learning.evaluate_goal import main
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr("sys.argv", ["lightning"])
     base = ["fit", "--config", "pendulum_bc.yaml", *_tiny_bc_flags(swingup_data),
@@ -183,21 +186,12 @@ def test_fit_resumes_from_the_last_checkpoint(tmp_path, monkeypatch, swingup_dat
     assert payload["best_checkpoint"].endswith("best.ckpt")
     assert {"best checkpoint", "last checkpoint"} <= set(payload["results"])
 
-
-def test_evaluate_goal_prints_the_table_for_a_checkpoint(tmp_path, monkeypatch, capsys,
-                                                         swingup_data):
-    from diffto.learning.evaluate_goal import main
-
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr("sys.argv", ["lightning"])
-    cli.main(["fit", "--config", "pendulum_bc.yaml", *_tiny_bc_flags(swingup_data),
-              "--trainer.max_epochs=1", "--model.init_args.expert_baseline=false",
-              "--model.init_args.report=false", "--trainer.logger=false"])
-    ckpt = tmp_path / "runs/pendulum_bc/checkpoints/last.ckpt"
-    main([str(ckpt), "--episodes", "2", "--no-expert", "--video", str(tmp_path / "e.mp4"),
+    main([str(last), "--episodes", "2", "--no-expert", "--video", str(tmp_path / "e.mp4"),
           "--video-episodes", "1", "--json", str(tmp_path / "e.json")])
     out = capsys.readouterr().out
     assert "| policy (last.ckpt) |" in out and (tmp_path / "e.mp4").exists()
+    figures = json.loads((tmp_path / "e.json").read_text())
+    assert figures["seeds"] == [1_000_000, 1_000_001]
+    torch.save({"state_dict": {}}, tmp_path / "other.ckpt")
     with pytest.raises(ValueError, match="not written by"):
-        torch.save({"state_dict": {}}, tmp_path / "other.ckpt")
         main([str(tmp_path / "other.ckpt")])
