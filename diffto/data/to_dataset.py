@@ -65,7 +65,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from diffto.data.trajectories import TrajectorySet, cost_to_go, save_trajectories
 from diffto.tasks.mpc_expert import MPCExpert, RecedingHorizon
-from diffto.tasks.registry import make_env
+from diffto.tasks.registry import make_env, make_expert
 
 __all__ = [
     "TOProblems",
@@ -94,10 +94,8 @@ def _int(name: str, value: Any, low: int) -> int:
 # ------------------------------------------------------------------------------ expert
 def build_expert(env_id: str, expert: dict[str, Any] | None = None) -> MPCExpert:
     """The expert of a config: ``{"class_path": ..., "init_args": {...}}``, or ``None`` for the
-    default expert of ``env_id`` (:func:`diffto.tasks.make_expert`)."""
+    default expert of ``env_id`` (:func:`diffto.tasks.registry.make_expert`)."""
     if expert is None:
-        from diffto.tasks import make_expert
-
         built = make_expert(env_id)
     elif isinstance(expert, dict) and isinstance(expert.get("class_path"), str):
         extra = set(expert) - {"class_path", "init_args"}
@@ -167,6 +165,8 @@ def run_expert_episodes(
     store_plan: bool = True,
     images: bool = False,
     terminal_cost_at_end: bool = False,
+    max_iter: int | None = None,
+    first_max_iter: int | None = None,
 ) -> tuple[TrajectorySet | None, dict[str, Any]]:
     """Closed-loop receding-horizon episodes of ``expert``, in lockstep, as transitions.
 
@@ -185,6 +185,10 @@ def run_expert_episodes(
         terminal_cost_at_end: add the expert's terminal cost ``ℓ_T(x_L)`` of the final state
             to the last stage of a truncated episode, so ``cost_to_go`` is the plan's total
             (by default ``cost`` is the stage cost alone, the realized running cost).
+        max_iter: iteration cap of each control step's solve; ``None``: the expert's.
+        first_max_iter: iteration cap of the first step's solve, from the expert's cold start;
+            ``None``: ``max_iter``. A receding-horizon loop converges in one or two
+            iterations per step once its plan has, but the first solve starts from scratch.
 
     Returns:
         ``(data, counts)``: ``data`` holds the converged episodes only (zero rows when none
@@ -211,7 +215,30 @@ def run_expert_episodes(
     envs = [make_env(env_id, kwargs) for _ in range(E)]
     try:
         obs = [_goal_obs(env.reset(seed=s)[0], env_id) for env, s in zip(envs, seeds, strict=True)]
-        controller = RecedingHorizon(expert, warm_start=warm_start)
+        # The controller takes its warm starts from `propose`: the first step's long solve
+        # from the cold start, then each row's previous plan shifted one step ("shifted") or
+        # the cold start again ("cold"). A row whose plan is not finite (a failed solve) is
+        # dropped from the data anyway; it restarts cold so it cannot spoil the batch.
+        previous: dict[str, torch.Tensor] = {}
+        first_iterations = np.zeros(E)
+
+        def propose(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+            cold = expert.initial_controls(x, g, expert.horizon)
+            if "plan" not in previous:
+                if first_max_iter is None:
+                    return cold
+                first = expert.solve(x, g, u_init=cold, max_iter=first_max_iter)
+                first_iterations[:] = first.iterations.cpu().numpy()
+                return first.u.detach()
+            if warm_start == "cold":
+                return cold
+            plan = previous["plan"]  # (E, T, m)
+            shifted = torch.cat([plan[:, 1:], plan[:, -1:]], 1)
+            finite = torch.isfinite(shifted).flatten(1).all(1).view(-1, 1, 1)
+            return torch.where(finite, shifted, cold)
+
+        controller = RecedingHorizon(expert, warm_start="policy", proposer=propose,
+                                     max_iter=max_iter)
         running = np.ones(E, bool)  # still stepping (not ended, not failed)
         failed = np.zeros(E, bool)
         steps: list[list[dict[str, Any]]] = [[] for _ in range(E)]
@@ -225,6 +252,7 @@ def run_expert_episodes(
             states = np.stack([expert.state_of(env.unwrapped) for env in envs])  # (E, n)
             goals = np.stack([o["desired_goal"] for o in obs])  # (E, g)
             actions, sol = controller.act(states, goals)  # (E, a), plans (E, T, m)
+            previous["plan"] = sol.u.detach()
             counts["solves"] += int(running.sum())
             controls = expert.to_control(actions)  # (E, m): what the env applies
             ell = stage_cost(expert, states, controls, goals)  # (E,)
@@ -266,7 +294,8 @@ def run_expert_episodes(
         for i, end in zip(keep, ends, strict=True):
             if steps[i][-1]["truncated"]:
                 steps[i][-1]["cost"] += float(end)
-    return _to_set(steps, keep, episodes, seeds, success, final_states, template), counts
+    info = {"first_solve_iterations": first_iterations[keep]} if first_max_iter else {}
+    return _to_set(steps, keep, episodes, seeds, success, final_states, template, info), counts
 
 
 def _row(obs, action, next_obs, reward, cost, t, terminal, truncated, state, iterations, plan,
@@ -286,7 +315,8 @@ def _row(obs, action, next_obs, reward, cost, t, terminal, truncated, state, ite
     return row
 
 
-def _to_set(steps, keep, episodes, seeds, success, final_states, template) -> TrajectorySet:
+def _to_set(steps, keep, episodes, seeds, success, final_states, template,
+            extra_info) -> TrajectorySet:
     """The kept episodes' rows as a set; with none kept, a set of zero rows (same arrays)."""
     rows = [s for i in keep for s in steps[i]]
     col = {k: np.stack([np.asarray(r[k]) for r in rows or [template]])[: len(rows)]
@@ -314,6 +344,7 @@ def _to_set(steps, keep, episodes, seeds, success, final_states, template) -> Tr
         "total_cost": per_episode_cost,
         "return": per_episode_return,
     }
+    info.update(extra_info)
     if keep and not np.isnan(success[keep]).any():
         info["success"] = success[keep].astype(bool)
     return TrajectorySet(
@@ -450,7 +481,8 @@ class TODatasetGenerator(L.LightningModule):
         env_id: the goal environment (gymnasium id, e.g. ``diffto/PendulumSwingUp-v0``).
         env_kwargs: keyword arguments of the environment.
         expert: ``{"class_path": ..., "init_args": {...}}`` of an
-            :class:`~diffto.tasks.mpc_expert.MPCExpert`; ``None``: ``make_expert(env_id)``.
+            :class:`~diffto.tasks.mpc_expert.MPCExpert`; ``None``: the env's default expert
+            (:func:`~diffto.tasks.registry.make_expert`).
         episode_length: control steps per episode (then ``truncated``, unless the env ended it).
         warm_start: each MPC solve starts from the previous plan shifted one step
             (``"shifted"``, the receding-horizon default) or cold (``"cold"``).
@@ -460,6 +492,9 @@ class TODatasetGenerator(L.LightningModule):
             then written compressed).
         terminal_cost_at_end: add the expert's terminal cost of the final state to the last
             stage of truncated episodes (see :func:`run_expert_episodes`).
+        max_iter: iteration cap of each control step's solve; ``None``: the expert's.
+        first_max_iter: iteration cap of an episode's first solve (from the cold start);
+            ``None``: ``max_iter``.
 
     A batch from :class:`TOProblems` is solved in :meth:`predict_step`; the resulting
     :class:`TrajectorySet` waits in the module until :class:`TrajectoryShardWriter` takes it
@@ -476,6 +511,8 @@ class TODatasetGenerator(L.LightningModule):
         store_plan: bool = True,
         images: bool = False,
         terminal_cost_at_end: bool = False,
+        max_iter: int | None = None,
+        first_max_iter: int | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -490,6 +527,9 @@ class TODatasetGenerator(L.LightningModule):
         self.episode_length, self.warm_start = episode_length, warm_start
         self.store_plan, self.images = bool(store_plan), bool(images)
         self.terminal_cost_at_end = bool(terminal_cost_at_end)
+        self.max_iter = None if max_iter is None else _int("max_iter", max_iter, 1)
+        self.first_max_iter = (None if first_max_iter is None
+                               else _int("first_max_iter", first_max_iter, 1))
         self.expert = build_expert(env_id, expert)
         self._shard: tuple[str, TrajectorySet] | None = None
 
@@ -514,7 +554,8 @@ class TODatasetGenerator(L.LightningModule):
                 "init_args": spec.get("init_args") or {},
                 "default_of_env": self.hparams["expert"] is None,
                 "horizon": expert.horizon,
-                "max_iter": expert.max_iter,
+                "max_iter": expert.max_iter if self.max_iter is None else self.max_iter,
+                "first_max_iter": self.first_max_iter,
                 "tol": expert.tol,
                 "repr": repr(expert),
             },
@@ -537,7 +578,8 @@ class TODatasetGenerator(L.LightningModule):
             return run_expert_episodes(
                 self.expert, self.env_id, self.env_kwargs, episodes, seeds, self.episode_length,
                 warm_start=self.warm_start, store_plan=self.store_plan, images=self.images,
-                terminal_cost_at_end=self.terminal_cost_at_end,
+                terminal_cost_at_end=self.terminal_cost_at_end, max_iter=self.max_iter,
+                first_max_iter=self.first_max_iter,
             )
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int = 0) -> dict[str, int]:
