@@ -94,7 +94,9 @@ class MPCExpert(nn.Module):
             (see :class:`diffto.layers.MPC`).
 
     Subclasses set ``n_state``, ``n_ctrl``, ``goal_dim``, ``action_dim`` and ``dt`` and
-    implement :meth:`cost`, :meth:`state_of`, :meth:`to_action` and :meth:`to_control`.
+    implement :meth:`cost`, :meth:`state_of`, :meth:`to_action`, :meth:`to_control` and
+    :meth:`achieved_goal_of` (and :meth:`observation_of` where the observation is not the
+    planning state).
     """
 
     n_state: int
@@ -148,6 +150,17 @@ class MPCExpert(nn.Module):
         """Controls ``(B, m)`` (float64) that environment actions ``(B, action_dim)`` command
         (after the environment's own clipping)."""
         raise NotImplementedError(f"{type(self).__name__} must implement to_control()")
+
+    def observation_of(self, x: Tensor) -> Tensor:
+        """The environment's ``observation`` ``(..., o)`` of planning states ``x (..., n)``,
+        differentiable in torch (so a policy or a critic on observations can be evaluated on
+        planned states). Default: the planning state itself."""
+        return x
+
+    def achieved_goal_of(self, x: Tensor) -> Tensor:
+        """The environment's ``achieved_goal`` ``(..., goal_dim)`` of planning states
+        ``x (..., n)``, differentiable in torch."""
+        raise NotImplementedError(f"{type(self).__name__} must implement achieved_goal_of()")
 
     def initial_controls(self, state: Tensor, goal: Tensor, horizon: int) -> Tensor:
         """The cold start ``(B, T, m)``: zeros (a subclass may know better)."""

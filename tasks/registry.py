@@ -10,6 +10,12 @@ learners and their subprocess workers call::
 
     env = make_env("diffto/PandaReach-v0", {"reward_type": "dense"})
 
+The trajectory-optimization expert of an environment (an
+:class:`~diffto.tasks.mpc_expert.MPCExpert`) is in a second table, :data:`EXPERTS`;
+:func:`make_expert` builds the default one of an id, with constructor overrides::
+
+    expert = make_expert("diffto/PendulumSwingUp-v0", horizon=40)
+
 MuJoCo chooses its OpenGL back-end from ``MUJOCO_GL`` when ``mujoco`` is first imported, and
 on a Linux machine without a display only OSMesa renders offscreen. diffto's modules never
 change the environment on import; the command line (:mod:`diffto.cli`) and :func:`make_env`

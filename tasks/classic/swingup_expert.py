@@ -147,6 +147,14 @@ class SwingUpExpert(MPCExpert):
         """``[θ, θ̇] (2,)`` of a :class:`PendulumSwingUpEnv` (or a wrapper of one)."""
         return np.asarray(env.unwrapped.state, dtype=np.float64)
 
+    def observation_of(self, x: Tensor) -> Tensor:
+        """``[cos θ, sin θ, θ̇] (..., 3)`` of states ``x (..., 2)``, as the env observes."""
+        return torch.stack([torch.cos(x[..., 0]), torch.sin(x[..., 0]), x[..., 1]], -1)
+
+    def achieved_goal_of(self, x: Tensor) -> Tensor:
+        """``θ`` wrapped onto ``[−π, π)``, ``(..., 1)``."""
+        return torch.remainder(x[..., :1] + math.pi, 2 * math.pi) - math.pi
+
     def to_action(self, u: Tensor) -> np.ndarray:
         """``τ / τ_max`` as ``(B, 1)`` float64 actions."""
         return (u.detach().double().reshape(-1, 1) / self.torque_limit).cpu().numpy()

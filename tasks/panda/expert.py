@@ -37,7 +37,7 @@ from diffto.layers.mujoco_dynamics import MujocoDynamics
 from diffto.layers.robot_costs import ee_pose_cost
 from diffto.problem import QuadraticCost
 from diffto.tasks.mpc_expert import MPCExpert, TerminalValue, terminal_value_cost
-from diffto.tasks.panda.kinematics import panda_chain
+from diffto.tasks.panda.kinematics import flange_position, panda_chain
 from diffto.tasks.panda.model import TIMESTEP, TORQUE_LIMITS, load_model
 
 __all__ = ["PandaReachExpert"]
@@ -140,6 +140,11 @@ class PandaReachExpert(MPCExpert):
     def state_of(self, env) -> np.ndarray:
         """``[qpos; qvel] (14,)`` of a :class:`PandaReachEnv` (or a wrapper of one)."""
         return np.asarray(env.unwrapped.state, dtype=np.float64)
+
+    def achieved_goal_of(self, x: Tensor) -> Tensor:
+        """Flange positions ``(..., 3)`` (m, world frame) of states ``x (..., 14)``, by FK."""
+        q = x[..., :7]
+        return flange_position(self.chain, q.reshape(-1, 7)).reshape(*q.shape[:-1], 3)
 
     def to_action(self, u: Tensor) -> np.ndarray:
         """``τ / τ_max`` as ``(B, 7)`` float64 actions."""

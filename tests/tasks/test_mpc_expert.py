@@ -100,7 +100,7 @@ def test_per_row_reset_and_shifted_warm_start(monkeypatch):
 
 
 def test_shifted_warm_start_takes_fewer_iterations_than_cold():
-    B, steps = 4, 8
+    B, steps = 2, 6
     iterations = {}
     for mode in ("shifted", "cold"):
         envs = [PendulumSwingUpEnv(dt=0.1) for _ in range(B)]

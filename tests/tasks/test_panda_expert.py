@@ -28,6 +28,10 @@ def test_planning_model_with_ten_substeps_is_the_env_physics():
     env.step(action)
     predicted = expert.dynamics(x, expert.to_control(action[None]))[0].numpy()
     assert np.allclose(predicted, env.state, atol=1e-9)
+    obs = env.unwrapped._observation()
+    state = torch.as_tensor(env.state)
+    assert np.allclose(expert.observation_of(state).numpy(), obs["observation"])
+    assert np.allclose(expert.achieved_goal_of(state).numpy(), obs["achieved_goal"], atol=1e-9)
     coarse = PandaReachExpert()  # 2 steps of 10 ms: close, not equal
     approx = coarse.dynamics(x, coarse.to_control(action[None]))[0].numpy()
     assert 0 < np.abs(approx - env.state).max() < 0.05

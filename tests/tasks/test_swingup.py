@@ -105,6 +105,10 @@ def test_planning_model_is_the_env_dynamics_and_mass_scale_breaks_it():
         predicted = expert.dynamics(x, expert.to_control(action[None]))[0].numpy()
         predicted[0] = wrap_angle(predicted[0])
         assert np.allclose(predicted, env.state, atol=1e-12) == same
+    obs = env._observation()
+    x = torch.as_tensor(env.state) + torch.tensor([2 * math.pi, 0.0])  # one turn further
+    assert np.allclose(expert.observation_of(x).numpy(), obs["observation"])
+    assert np.allclose(expert.achieved_goal_of(x).numpy(), obs["achieved_goal"])
 
 
 def test_render_draws_the_bob_where_the_pendulum_is():
