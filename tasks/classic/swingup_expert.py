@@ -21,6 +21,13 @@ of ``cold_start`` · ``τ_max`` (default 0.1) in the direction that moves the pe
 the goal's side, ``sign(wrap(g − θ))`` (positive when that is 0). The horizon (60 steps, 3 s)
 covers a whole swing-up with pumping, so the plan reaches the goal inside the horizon from the
 first control step; with the shifted warm start 3 iterations per control step suffice.
+
+Measured with the defaults (2 shared cores, load average about 6; CPU time), in closed loop
+on the held-out episodes ``1_000_000 + j``, j < 50, with the shifted warm start: 50 of 50
+succeed (within 0.1 rad at the last step), the goal is first reached after 51.9 steps on
+average (2.6 s, at most 54), 1.8 iterations per control step. A control step costs 0.21 s for
+one row and 0.30 s for the 50 rows in one batch (6 ms per row): the work is the Python of the
+60-stage sweeps, nearly independent of ``B``, so batch the episodes.
 """
 
 from __future__ import annotations
