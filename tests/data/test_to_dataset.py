@@ -242,6 +242,8 @@ def test_ddp_over_two_processes_gives_the_single_process_shards(generated, tmp_p
 @pytest.mark.parametrize("config, overrides", [
     ("pendulum_to_dataset.yaml", ["--model.episode_length=2", "--model.first_max_iter=5",
                                   "--data.episodes_per_shard=2"]),
+    ("panda_to_dataset.yaml", ["--model.episode_length=2", "--model.first_max_iter=3",
+                               "--data.episodes_per_shard=2"]),
 ])
 def test_shipped_configs_fast_dev_run(config, overrides, tmp_path, monkeypatch):
     from diffto.cli import main
