@@ -12,12 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from diffto.data.to_dataset import (
-    TODatasetGenerator,
-    TOProblems,
-    TrajectoryShardWriter,
-    shard_filename,
-)
+from diffto.data.shard_writer import TOProblems, TrajectoryShardWriter, shard_filename
+from diffto.data.to_dataset import TODatasetGenerator
+from diffto.data.to_expert import stage_cost, terminal_cost
 from diffto.data.trajectories import load_trajectories
 from diffto.tasks.classic import SwingUpExpert
 
@@ -205,6 +202,29 @@ def test_every_rank_gets_a_batch_when_fewer_shards_remain_than_ranks(tmp_path):
     assert shard_filename(0, 4) == "episodes_000000-000003.npz"
 
 
+def test_stage_and_terminal_cost_of_the_panda_expert_match_its_formula():
+    """The stage is isolated from the expert's cost object (a sum with a QuadraticCost here)."""
+    from diffto.tasks.panda import PandaReachExpert
+
+    expert = PandaReachExpert()
+    gen = torch.Generator().manual_seed(0)
+    x = torch.zeros(3, 14, dtype=torch.float64)
+    x[:, :7] = torch.tensor([0.0, 0.0, 0.0, -1.5708, 0.0, 1.5708, -0.7853], dtype=torch.float64)
+    x += 0.2 * torch.randn(3, 14, generator=gen, dtype=torch.float64)
+    u = 10 * torch.randn(3, 7, generator=gen, dtype=torch.float64)
+    g = torch.tensor([[0.5, 0.1, 0.5], [0.4, -0.1, 0.6], [0.6, 0.0, 0.3]], dtype=torch.float64)
+    w = expert.weights
+    position = ((expert.achieved_goal_of(x) - g) ** 2).sum(-1)
+    velocity = (x[:, 7:] ** 2).sum(-1)
+    stage = (0.5 * w["position_weight"] ** 2 * position + 0.5 * w["velocity_weight"] ** 2
+             * velocity + 0.5 * w["control_weight"] ** 2
+             * ((u / expert.torque_limits) ** 2).sum(-1))
+    final = 0.5 * (w["final_weight"] / w["position_weight"]) ** 2 * (
+        w["position_weight"] ** 2 * position + w["velocity_weight"] ** 2 * velocity)
+    np.testing.assert_allclose(stage_cost(expert, x, u, g), stage.numpy(), rtol=1e-10)
+    np.testing.assert_allclose(terminal_cost(expert, x, g), final.numpy(), rtol=1e-10)
+
+
 def _cli(args, cwd, timeout=240):
     env = dict(os.environ, DIFFTO_NUM_THREADS="1")
     out = subprocess.run([sys.executable, "-m", "diffto", "predict", *args], cwd=cwd, env=env,
@@ -221,12 +241,12 @@ def test_ddp_over_two_processes_gives_the_single_process_shards(generated, tmp_p
         "seed_everything: 0\n"
         "trainer: {accelerator: cpu, logger: false, enable_model_summary: false,\n"
         "          inference_mode: false,\n"
-        "          callbacks: [{class_path: diffto.data.to_dataset.TrajectoryShardWriter}]}\n"
+        "          callbacks: [{class_path: diffto.data.shard_writer.TrajectoryShardWriter}]}\n"
         f"model:\n  class_path: diffto.data.to_dataset.TODatasetGenerator\n"
         f"  init_args: {{env_id: {ENV}, episode_length: 5, first_max_iter: 40,\n"
         f"    expert: {{class_path: {SMALL_EXPERT['class_path']},\n"
         "              init_args: {horizon: 10, max_iter: 20, tol: 1.0e-4}}}\n"
-        "data:\n  class_path: diffto.data.to_dataset.TOProblems\n"
+        "data:\n  class_path: diffto.data.shard_writer.TOProblems\n"
         "  init_args: {output_dir: out, episodes: 4, episodes_per_shard: 2}\n"
     )
     _cli(["--config", str(config), "--trainer.strategy=ddp", "--trainer.devices=2"], tmp_path)
