@@ -123,7 +123,8 @@ def run_expert_episodes(
     """Closed-loop receding-horizon episodes of ``expert``, in lockstep, as transitions.
 
     Args:
-        expert: the MPC expert; one batched solve over the running episodes per step.
+        expert: the MPC expert; one batched solve over the episodes per control step (rows
+            whose episode ended keep their last state: the batch never changes).
         env_id, env_kwargs: the goal environment (:func:`~diffto.tasks.registry.make_env`).
         episodes: ``(E,)`` global episode ids (the rows' ``episode``).
         seeds: ``(E,)`` reset seeds, one per episode.

@@ -14,7 +14,7 @@ import torch
 
 from diffto.data.shard_writer import TOProblems, TrajectoryShardWriter, shard_filename
 from diffto.data.to_dataset import TODatasetGenerator
-from diffto.data.to_expert import stage_cost, terminal_cost
+from diffto.data.to_expert import run_expert_episodes, stage_cost, terminal_cost
 from diffto.data.trajectories import load_trajectories
 from diffto.tasks.classic import SwingUpExpert
 
@@ -200,6 +200,20 @@ def test_every_rank_gets_a_batch_when_fewer_shards_remain_than_ranks(tmp_path):
     assert batches[0]["seed"].tolist() == [10, 11, 12, 13]
     assert [len(b["episode"]) for b in batches[1:]] == [0, 0]
     assert shard_filename(0, 4) == "episodes_000000-000003.npz"
+
+
+def test_images_are_the_frames_at_each_step_and_the_terminal_cost_ends_the_episode():
+    expert = SwingUpExpert(horizon=10, max_iter=20, tol=1e-4)
+    kwargs = dict(episodes=[7], seeds=[7], episode_length=3, first_max_iter=40)
+    data, _ = run_expert_episodes(expert, ENV, None, images=True, **kwargs)
+    assert data.images.dtype == np.uint8 and data.images.ndim == 4 and len(data.images) == 3
+    assert data.images.shape[-1] == 3 and data.images.std() > 0
+    assert not np.array_equal(data.images[0], data.images[-1])  # the pendulum moved
+    with_end, _ = run_expert_episodes(expert, ENV, None, terminal_cost_at_end=True, **kwargs)
+    end = terminal_cost(expert, data.extras["next_state"][-1:], data.desired_goal[-1:])
+    np.testing.assert_allclose(with_end.cost[:-1], data.cost[:-1])
+    np.testing.assert_allclose(with_end.cost[-1], data.cost[-1] + end[0])
+    np.testing.assert_allclose(with_end.cost_to_go[0], data.cost_to_go[0] + end[0])
 
 
 def test_stage_and_terminal_cost_of_the_panda_expert_match_its_formula():
