@@ -138,6 +138,25 @@ def table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def make_data(path: Path, env_id: str, expert: dict | None, episodes: int,
+              keep_unconverged: bool) -> None:
+    """Expert episodes (seeds ``0 .. episodes−1``, the expert acting: β = 1) in the dataset
+    format, for a run without a TO dataset from ``lightning predict``."""
+    import torch
+
+    from diffto.data.trajectories import save_trajectories
+    from diffto.learning.dagger import collect_labels
+    from diffto.learning.goal_evaluation import build_expert
+
+    torch.set_num_threads(1)
+    data, counts = collect_labels(lambda o, g: np.zeros((len(o), 1)), build_expert(env_id, expert),
+                                  env_id, list(range(episodes)), beta=1.0,
+                                  keep_unconverged=keep_unconverged)
+    data.meta.update(labels=counts["labels"], converged=counts["converged"])
+    save_trajectories(path, data)
+    print(f"expert data: {path} ({counts})", flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default="pendulum_bc.yaml", help="the BC config (a shipped name)")
@@ -151,8 +170,13 @@ def main() -> None:
     p.add_argument("--keep-unconverged", action="store_true",
                    help="DAgger keeps labels of solves stopped at the iteration cap (use it "
                         "when the BC data keep them too)")
+    p.add_argument("--make-data", type=int, default=None, metavar="EPISODES",
+                   help="if --data does not exist, write that many expert episodes there first "
+                        "(the expert acting in closed loop, seeds 0 ..)")
     p.add_argument("--full-bc", action="store_true", help="also BC on the whole dataset")
     p.add_argument("--full-bc-epochs", type=int, default=200)
+    p.add_argument("--bc-only", action="store_true",
+                   help="only BC on the whole dataset (the plain BC figure over seeds)")
     p.add_argument("--root", default="runs/bench_dagger_vs_bc")
     p.add_argument("--name", default=None, help="results file stem (default from the config)")
     args = p.parse_args()
@@ -160,20 +184,25 @@ def main() -> None:
     base = yaml.safe_load(Path(resolve_config(args.config)).read_text())
     env_id = base["model"]["init_args"]["env_id"]
     stem = args.name or f"dagger_vs_bc_{Path(args.config).stem}"
+    if args.make_data and args.data and not Path(args.data).exists():
+        make_data(Path(args.data), env_id, base["model"]["init_args"].get("expert"),
+                  args.make_data, args.keep_unconverged)
     root = Path(args.root) / stem
     t0 = time.perf_counter()
     runs: dict[str, list[dict]] = {"DAgger": [], "BC, same labels": [], "BC, all data": []}
     epochs = (args.rounds + 1) * args.epochs_per_round
     for seed in args.seeds:
-        d_root = root / f"dagger_seed{seed}"
-        rep = run(dagger_config(base, d_root, seed, args), d_root, root / f"dagger_seed{seed}.log")
-        runs["DAgger"].append(rep)
-        labels = int(rep["labels"])
-        b_root = root / f"bc{labels}_seed{seed}"
-        runs["BC, same labels"].append(run(
-            bc_config(base, b_root, seed, epochs, args.epochs_per_round, args.data, labels),
-            b_root, root / f"bc{labels}_seed{seed}.log"))
-        if args.full_bc:
+        if not args.bc_only:
+            d_root = root / f"dagger_seed{seed}"
+            rep = run(dagger_config(base, d_root, seed, args), d_root,
+                      root / f"dagger_seed{seed}.log")
+            runs["DAgger"].append(rep)
+            labels = int(rep["labels"])
+            b_root = root / f"bc{labels}_seed{seed}"
+            runs["BC, same labels"].append(run(
+                bc_config(base, b_root, seed, epochs, args.epochs_per_round, args.data, labels),
+                b_root, root / f"bc{labels}_seed{seed}.log"))
+        if args.full_bc or args.bc_only:
             f_root = root / f"bc_all_seed{seed}"
             runs["BC, all data"].append(run(
                 bc_config(base, f_root, seed, args.full_bc_epochs, args.full_bc_epochs // 4,
@@ -183,7 +212,8 @@ def main() -> None:
     for k, v in runs.items():  # labels of full-data BC: the dataset's rows
         if v and k == "BC, all data":
             summary[k]["labels"] = [r.get("labels") for r in v]
-    expert = runs["DAgger"][0]["results"].get("TO expert (MPC)")
+    first = next(v[0] for v in runs.values() if v)
+    expert = first["results"].get("TO expert (MPC)")
     rows = dict(summary)
     if expert is not None:
         rows = {"TO expert (MPC)": {"seeds": 1, "labels": None,

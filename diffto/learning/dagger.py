@@ -35,6 +35,7 @@ can train any other learner.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +72,7 @@ def collect_labels(
     rng: np.random.Generator | None = None,
     keep_unconverged: bool = False,
     progress: bool = True,
+    observation_keys: Sequence[str] = ("observation",),
 ) -> tuple[TrajectorySet | None, dict[str, int]]:
     """Roll out ``act`` (β-mixed with the expert) in one episode per seed; label every
     visited state with the expert's action.
@@ -86,6 +88,8 @@ def collect_labels(
         keep_unconverged: keep the labels of solves that stopped at the iteration cap
             before the tolerance (what the expert executes in closed loop all the same);
             by default only converged solves are expert data.
+        observation_keys: the dict entries the learner's observation concatenates (the
+            data store ``observation`` and ``achieved_goal`` apart, as the format has them).
 
     Returns:
         The converged labels as a :class:`TrajectorySet` (``None`` if there are none), and
@@ -117,7 +121,8 @@ def collect_labels(
             goal = None if parts[0][1] is None else np.stack([p[1] for p in parts])
             states = np.stack([expert.state_of(env.unwrapped) for env in envs])
             a_expert, sol = controller.act(states, goal)  # one batched solve: B labels
-            a_learner = np.asarray(act(ob, goal))
+            policy_ob = np.stack([_split(o, observation_keys)[0] for o in obs])
+            a_learner = np.asarray(act(policy_ob, goal))
             use_expert = rng.random(B) < beta
             executed = np.where(use_expert[:, None], a_expert, a_learner)
             converged = np.asarray(sol.converged, bool).reshape(B)
@@ -267,7 +272,7 @@ class DAgger(GoalConditionedBC):
             self.policy.act, self._expert[0], hp.env_id, seeds, self.env_kwargs, beta=beta,
             max_steps=hp.label_max_steps, max_iter=hp.label_max_iter, first_episode_id=first_id,
             rng=np.random.default_rng(hp.collect_seed + r),
-            keep_unconverged=hp.keep_unconverged)
+            keep_unconverged=hp.keep_unconverged, observation_keys=self.observation_keys)
         self.policy.train()
         counts["beta"] = beta
         if data is not None:

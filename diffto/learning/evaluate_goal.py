@@ -74,7 +74,8 @@ def evaluate_checkpoint(
     result, frames = evaluate_policy(model.policy.act, hp.env_id, seeds, model.env_kwargs,
                                      hp.eval_max_steps,
                                      video_episodes=video_episodes if video else 0,
-                                     progress=progress)
+                                     progress=progress,
+                                     observation_keys=model.observation_keys)
     rows[f"policy ({Path(path).name})"] = result.summary()
     saved = None
     if video and frames:

@@ -70,15 +70,15 @@ _VAL_KEYS = ("success", "final_distance", "steps_to_success", "return")
 class TransitionBatches(Dataset):
     """Whole minibatches of a :class:`TrajectorySet`: item ``idx`` (a list of row indices)
     is a dict of ``observation (b, o)``, ``action (b, a)`` and, when present,
-    ``desired_goal (b, g)``, as float32 tensors. Indexing tensors by a list is one gather,
-    far cheaper than collating ``b`` single rows."""
+    ``desired_goal (b, g)`` and ``achieved_goal (b, g)``, as float32 tensors. Indexing
+    tensors by a list is one gather, far cheaper than collating ``b`` single rows."""
 
     def __init__(self, data: TrajectorySet) -> None:
         self.tensors = {"observation": torch.as_tensor(data.observation, dtype=torch.float32),
                         "action": torch.as_tensor(data.action, dtype=torch.float32)}
-        if data.desired_goal is not None:
-            self.tensors["desired_goal"] = torch.as_tensor(data.desired_goal,
-                                                           dtype=torch.float32)
+        for key in ("desired_goal", "achieved_goal"):
+            if getattr(data, key) is not None:
+                self.tensors[key] = torch.as_tensor(getattr(data, key), dtype=torch.float32)
 
     def __len__(self) -> int:
         return int(self.tensors["observation"].shape[0])
@@ -210,6 +210,10 @@ class GoalConditionedBC(L.LightningModule):
         env_id: gymnasium id of the task the data come from (``diffto.tasks.registry``);
             the policy's sizes and action box are read from it.
         env_kwargs: keyword arguments of that environment (evaluation uses the same).
+        observation_keys: the goal-env dict entries the policy observes, concatenated
+            (default ``["observation"]``); ``["observation", "achieved_goal"]`` adds the
+            achieved goal (the Panda's flange position, a nonlinear function of the joint
+            angles the network would otherwise have to learn from few goals).
         hidden: hidden widths of the policy MLP; ``activation`` its nonlinearity.
         head: ``"deterministic"`` (MSE) or ``"gaussian"`` (NLL; the mean acts).
         squash: ``"tanh"`` or ``"clip"`` into the action box.
@@ -233,6 +237,7 @@ class GoalConditionedBC(L.LightningModule):
         self,
         env_id: str,
         env_kwargs: dict[str, Any] | None = None,
+        observation_keys: list[str] | None = None,
         hidden: list[int] | None = None,
         activation: Literal["relu", "tanh", "elu"] = "relu",
         head: Head = "deterministic",
@@ -261,7 +266,9 @@ class GoalConditionedBC(L.LightningModule):
             raise ValueError(f"video_episodes must be >= 0, got {video_episodes}")
         expert_spec(env_id, expert)  # validates its form
         self.env_kwargs = dict(env_kwargs or {})
-        obs_dim, goal_dim, low, high = _env_spaces(env_id, self.env_kwargs)
+        self.observation_keys = tuple(observation_keys or ("observation",))
+        obs_dim, goal_dim, low, high = _env_spaces(env_id, self.env_kwargs,
+                                                   self.observation_keys)
         self.policy = GoalPolicy(obs_dim, goal_dim, low, high,
                                  hidden=tuple(hidden or (256, 256)), activation=activation,
                                  head=head, squash=squash)
@@ -285,20 +292,27 @@ class GoalConditionedBC(L.LightningModule):
         if isinstance(env_id, str) and "/" in env_id and env_id != self.hparams.env_id:
             raise ValueError(f"the dataset was made on {env_id!r} but the model's env_id is "
                              f"{self.hparams.env_id!r}")
-        if data.observation.shape[1] != self.policy.obs_dim or data.action.shape[1] != (
-                self.policy.act_dim):
+        for key in self.observation_keys:
+            if getattr(data, key, None) is None:
+                raise ValueError(f"observation_keys names {key!r}, which the dataset lacks")
+        obs = torch.as_tensor(np.concatenate([getattr(data, k) for k in self.observation_keys],
+                                             -1))
+        if obs.shape[1] != self.policy.obs_dim or data.action.shape[1] != self.policy.act_dim:
             raise ValueError(
-                f"the dataset's observation {data.observation.shape[1:]} / action "
+                f"the dataset's observation {tuple(obs.shape[1:])} / action "
                 f"{data.action.shape[1:]} do not match {self.hparams.env_id}'s "
                 f"({self.policy.obs_dim},) / ({self.policy.act_dim},)")
         if self.policy.goal_dim > 0 and data.desired_goal is None:
             raise ValueError("the dataset has no desired_goal, but the environment has goals")
         if not self.policy.normalization_fitted:  # a restored checkpoint keeps its own
-            obs = torch.as_tensor(data.observation)
             goal = None if data.desired_goal is None else torch.as_tensor(data.desired_goal)
             self.policy.fit_normalization(obs, goal)
 
     # ------------------------------------------------------------------ policy
+    def policy_observation(self, batch: dict[str, Tensor]) -> Tensor:
+        """The policy's observation ``(B, o)``: the batch's ``observation_keys`` concatenated."""
+        return torch.cat([batch[k] for k in self.observation_keys], -1)
+
     def forward(self, observation: Tensor, goal: Tensor | None = None) -> Tensor:
         """Actions ``(B, a)`` for raw ``observation (B, o)`` and ``goal (B, g)``."""
         return self.policy(observation, goal)
@@ -309,7 +323,7 @@ class GoalConditionedBC(L.LightningModule):
 
     # ------------------------------------------------------------------ optimization
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        terms = self.policy.loss(batch["observation"], batch.get("desired_goal"),
+        terms = self.policy.loss(self.policy_observation(batch), batch.get("desired_goal"),
                                  batch["action"])
         B = batch["observation"].shape[0]
         self.log("train/loss_bc", terms["loss_bc"], prog_bar=True, batch_size=B)
@@ -330,7 +344,7 @@ class GoalConditionedBC(L.LightningModule):
         if not batch:  # no held-out transitions: only the environment evaluation runs
             return
         with torch.no_grad():
-            terms = self.policy.loss(batch["observation"], batch.get("desired_goal"),
+            terms = self.policy.loss(self.policy_observation(batch), batch.get("desired_goal"),
                                      batch["action"])
         B = batch["observation"].shape[0]
         self.log("val/loss_bc", terms["loss_bc"], batch_size=B)
@@ -347,7 +361,8 @@ class GoalConditionedBC(L.LightningModule):
             return evaluate_policy(pol.act, self.hparams.env_id,
                                    eval_seeds(episodes or self.hparams.eval_episodes),
                                    self.env_kwargs, self.hparams.eval_max_steps,
-                                   video_episodes=video_episodes, progress=progress)
+                                   video_episodes=video_episodes, progress=progress,
+                                   observation_keys=self.observation_keys)
         finally:
             pol.train(was_training)
 
@@ -430,17 +445,25 @@ class GoalConditionedBC(L.LightningModule):
 
 
 # ----------------------------------------------------------------------------- helpers
-def _env_spaces(env_id: str, env_kwargs: dict[str, Any]) -> tuple[int, int, np.ndarray,
-                                                                   np.ndarray]:
+def _env_spaces(env_id: str, env_kwargs: dict[str, Any],
+                observation_keys: tuple[str, ...] = ("observation",)
+                ) -> tuple[int, int, np.ndarray, np.ndarray]:
     """``(obs_dim, goal_dim, action_low, action_high)`` of an environment (goal dict or flat
-    observation, flat Box actions)."""
+    observation, flat Box actions); ``obs_dim`` sums the ``observation_keys`` entries."""
     env = make_env(env_id, env_kwargs)
     try:
         space, act = env.observation_space, env.action_space
         if isinstance(space, gym.spaces.Dict):
-            obs_dim = int(np.prod(space["observation"].shape))
+            unknown = [k for k in observation_keys if k not in space.spaces]
+            if unknown:
+                raise ValueError(f"observation_keys {unknown} are not entries of {env_id}'s "
+                                 f"observations {list(space.spaces)}")
+            obs_dim = sum(int(np.prod(space[k].shape)) for k in observation_keys)
             goal_dim = int(np.prod(space["desired_goal"].shape))
         elif isinstance(space, gym.spaces.Box) and len(space.shape) == 1:
+            if observation_keys != ("observation",):
+                raise ValueError(f"{env_id} has flat observations: observation_keys must be "
+                                 f"left at ['observation'], got {list(observation_keys)}")
             obs_dim, goal_dim = int(space.shape[0]), 0
         else:
             raise ValueError(f"{env_id}: observations must be a goal dict or a flat Box, got "

@@ -48,6 +48,7 @@ __all__ = [
     "Evaluation",
     "Controller",
     "eval_seeds",
+    "split_observation",
     "rollout_episodes",
     "evaluate_policy",
     "evaluate_expert",
@@ -135,12 +136,19 @@ class Evaluation:
 
 
 # ----------------------------------------------------------------------------- rollouts
-def _split(obs: Any) -> tuple[np.ndarray, np.ndarray | None]:
-    """``(observation, desired_goal)`` of a goal-env dict observation, or ``(obs, None)``."""
+def split_observation(obs: Any, observation_keys: Sequence[str] = ("observation",)
+                      ) -> tuple[np.ndarray, np.ndarray | None]:
+    """``(policy observation, desired_goal)`` of a goal-env dict observation: the entries
+    ``observation_keys`` concatenated (e.g. ``["observation", "achieved_goal"]``); a flat
+    observation is returned as it is, with goal ``None``."""
     if isinstance(obs, dict):
-        return (np.asarray(obs["observation"], np.float64),
+        return (np.concatenate([np.asarray(obs[k], np.float64).reshape(-1)
+                                for k in observation_keys]),
                 np.asarray(obs["desired_goal"], np.float64))
     return np.asarray(obs, np.float64), None
+
+
+_split = split_observation
 
 
 def _distance(obs: Any, info: dict[str, Any]) -> float:
@@ -185,6 +193,7 @@ def rollout_episodes(
     video_episodes: int = 0,
     on_reset: Callable[[], None] | None = None,
     progress: bool = False,
+    observation_keys: Sequence[str] = ("observation",),
 ) -> tuple[Evaluation, list[np.ndarray]]:
     """Run one episode per seed, all environments stepped in lockstep by ``controller``.
 
@@ -198,6 +207,7 @@ def rollout_episodes(
         video_episodes: render the first ones (tiled side by side) where possible.
         on_reset: called once after the environments reset (e.g. a controller's ``reset``).
         progress: show a progress bar over control steps.
+        observation_keys: the dict entries concatenated into the controller's observation.
 
     Returns:
         The :class:`Evaluation` and the video frames ``[(H, k W, 3) uint8]`` (empty without video).
@@ -234,7 +244,7 @@ def rollout_episodes(
                     warnings.warn(f"rendering unavailable for {env_id}: {err}; no video",
                                   RuntimeWarning, stacklevel=2)
                     n_video, frames = 0, []
-            parts = [_split(o) for o in obs]
+            parts = [_split(o, observation_keys) for o in obs]
             ob = np.stack([p[0] for p in parts])
             goal = None if parts[0][1] is None else np.stack([p[1] for p in parts])
             actions = np.asarray(controller(ob, goal, unwrapped))
@@ -288,14 +298,17 @@ def evaluate_policy(
     max_steps: int | None = None,
     video_episodes: int = 0,
     progress: bool = False,
+    observation_keys: Sequence[str] = ("observation",),
 ) -> tuple[Evaluation, list[np.ndarray]]:
     """Evaluate a batched policy ``act(observation (B, o), goal (B, g)) -> (B, a)`` on
-    ``seeds``; ``timing["time_per_action_s"]`` is its inference time on a batch of one."""
+    ``seeds`` (``observation``: the entries ``observation_keys`` of the env's dict,
+    concatenated); ``timing["time_per_action_s"]`` is its inference time on a batch of one."""
     result, frames = rollout_episodes(lambda o, g, envs: act(o, g), env_id, seeds, env_kwargs,
-                                      max_steps, video_episodes, progress=progress)
+                                      max_steps, video_episodes, progress=progress,
+                                      observation_keys=observation_keys)
     env = make_env(env_id, env_kwargs)
     try:
-        ob, goal = _split(env.reset(seed=int(seeds[0]))[0])
+        ob, goal = _split(env.reset(seed=int(seeds[0]))[0], observation_keys)
     finally:
         env.close()
     result.timing["time_per_action_s"] = time_policy(act, ob[None], None if goal is None else

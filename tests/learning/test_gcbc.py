@@ -111,6 +111,16 @@ def test_split_is_by_episode_and_max_transitions_bounds_every_row(swingup_data):
         split_transitions(data, 0.1, max_transitions=10_000)
 
 
+def test_observation_keys_pick_the_policy_inputs():
+    model = GoalConditionedBC(PANDA, observation_keys=["observation", "achieved_goal"],
+                              expert_baseline=False)
+    assert model.policy.obs_dim == 14 + 3 and model.policy.goal_dim == 3
+    batch = {"observation": torch.zeros(2, 14), "achieved_goal": torch.ones(2, 3)}
+    assert model.policy_observation(batch)[:, 14:].eq(1).all()
+    with pytest.raises(ValueError, match="observation_keys"):
+        GoalConditionedBC(PANDA, observation_keys=["observation", "joint_torques"])
+
+
 # ------------------------------------------------------------------------------ learning
 def test_bc_imitates_the_expert_far_better_than_any_constant(swingup_data):
     """Held-out episodes' expert actions: the learner's error must be a small fraction of
