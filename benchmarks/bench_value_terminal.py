@@ -42,7 +42,7 @@ import torch
 from _results import machine_info, write_atomic
 from tqdm import tqdm
 
-from diffto.data.to_dataset import stage_cost
+from diffto.data.to_expert import stage_cost
 from diffto.data.trajectories import EVAL_SEED_BASE
 from diffto.learning.value import CostToGoCritic, LearnedTerminalValue
 from diffto.tasks.mpc_expert import RecedingHorizon
