@@ -79,6 +79,7 @@ def dagger_config(base: dict, root: Path, seed: int, args: argparse.Namespace) -
         initial_transitions=args.initial_transitions, rounds=args.rounds,
         epochs_per_round=args.epochs_per_round, episodes_per_round=args.episodes_per_round,
         beta=args.beta, keep_unconverged=args.keep_unconverged, data_dir=str(root / "labels"),
+        label_max_iter=args.label_max_iter,
         batch_size=cfg["data"]["init_args"].get("batch_size", 256), lr_schedule="constant",
         video_episodes=0)
     cfg["model"] = {"class_path": "diffto.learning.dagger.DAgger", "init_args": model}
@@ -167,6 +168,8 @@ def main() -> None:
     p.add_argument("--episodes-per-round", type=int, default=8)
     p.add_argument("--epochs-per-round", type=int, default=100)
     p.add_argument("--beta", type=float, default=0.0)
+    p.add_argument("--label-max-iter", type=int, default=None,
+                   help="MPC iterations per DAgger label (default: the expert's per-step cap)")
     p.add_argument("--keep-unconverged", action="store_true",
                    help="DAgger keeps labels of solves stopped at the iteration cap (use it "
                         "when the BC data keep them too)")
