@@ -90,12 +90,29 @@ def rollout_policy(
 
 def load_policy(checkpoint: str) -> nn.Module:
     """The policy network ``(observation, goal) -> action`` of a goal-conditioned BC
-    checkpoint (:class:`diffto.learning.gcbc.GoalConditionedBC`), in eval mode on the CPU."""
+    checkpoint (:class:`diffto.learning.gcbc.GoalConditionedBC`), in eval mode on the CPU;
+    its attribute ``observation_keys`` names the goal-env entries its observation
+    concatenates (``("observation",)`` unless the learner was told otherwise)."""
     from diffto.learning.gcbc import GoalConditionedBC
 
     module = GoalConditionedBC.load_from_checkpoint(checkpoint, map_location="cpu")
     module.eval()
-    return module.policy
+    policy = module.policy
+    policy.observation_keys = tuple(getattr(module, "observation_keys", ("observation",)))
+    return policy
+
+
+def _observation_from_keys(expert: Any, keys: tuple[str, ...]) -> Callable[[Tensor], Tensor]:
+    """Planning states ``(B, n)`` -> the policy's observation: the goal-env entries ``keys``
+    of the states (the expert's ``observation_of`` and ``achieved_goal_of``), concatenated."""
+    maps = {"observation": "observation_of", "achieved_goal": "achieved_goal_of"}
+    unknown = [k for k in keys if k not in maps]
+    if unknown:
+        raise ValueError(f"observation_keys may name {sorted(maps)}, got {list(keys)}")
+    fns = [getattr(expert, maps[k]) for k in keys]
+    if len(fns) == 1:
+        return fns[0]
+    return lambda x: torch.cat([f(x) for f in fns], -1)
 
 
 class PolicyWarmStart(nn.Module):
@@ -110,8 +127,9 @@ class PolicyWarmStart(nn.Module):
             its planning model, control bounds, action-to-control map and horizon are used.
         horizon: ``T`` of the proposals; ``None``: the expert's.
         observation_of: planning states ``(B, n)`` -> the policy's observations ``(B, o)``;
-            ``None``: the expert's ``observation_of`` if it has one, else the identity (the
-            planning state is the observation, as for the Panda).
+            ``None``: built from the expert's ``observation_of`` (and ``achieved_goal_of``
+            where the policy's ``observation_keys`` name ``achieved_goal``), or the identity
+            for an expert without them.
 
     ``proposer(states (B, n), goals (B, g)) -> u_init (B, T, m)`` (float64, within the
     expert's bounds), under ``torch.no_grad``.
@@ -137,8 +155,9 @@ class PolicyWarmStart(nn.Module):
         T = expert.horizon if horizon is None else horizon
         if isinstance(T, bool) or not isinstance(T, int) or T < 1:
             raise ValueError(f"horizon must be an int >= 1 or None, got {horizon!r}")
-        if observation_of is None:
-            observation_of = getattr(expert, "observation_of", None)
+        if observation_of is None and hasattr(expert, "observation_of"):
+            keys = tuple(getattr(policy, "observation_keys", ("observation",)))
+            observation_of = _observation_from_keys(expert, keys)
         if observation_of is not None and not callable(observation_of):
             raise ValueError(f"observation_of must be callable or None, got {observation_of!r}")
         self.policy = policy.eval() if isinstance(policy, nn.Module) else policy

@@ -112,23 +112,26 @@ def test_exact_proposal_converges_at_once_in_receding_horizon(expert):
 
 
 def test_proposer_from_a_gcbc_checkpoint(tmp_path, expert):
-    """The config path: a goal-conditioned BC checkpoint's policy, rolled out."""
+    """The config path: a goal-conditioned BC checkpoint's policy, rolled out; its
+    observation (here the env's observation and achieved goal) is rebuilt from the planned
+    states with the expert's maps."""
     import lightning as L
 
     from diffto.learning.gcbc import GoalConditionedBC
 
     module = GoalConditionedBC(env_id="diffto/PendulumSwingUp-v0", hidden=[8],
+                               observation_keys=["observation", "achieved_goal"],
                                expert_baseline=False, report=False)
     trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, default_root_dir=str(tmp_path))
     trainer.strategy.connect(module)
     trainer.save_checkpoint(tmp_path / "bc.ckpt")
-    proposer = PolicyWarmStart(str(tmp_path / "bc.ckpt"), expert, horizon=7,
-                               observation_of=pendulum_observation)
+    proposer = PolicyWarmStart(str(tmp_path / "bc.ckpt"), expert, horizon=7)
     states = torch.tensor([[3.0, 0.0], [0.1, 0.5]], dtype=torch.float64)
     goals = torch.tensor([[0.0], [0.2]], dtype=torch.float64)
     u = proposer(states, goals)
     assert u.shape == (2, 7, 1) and (u.abs() <= expert.torque_limit).all()
     with torch.no_grad():
-        first = module.policy(pendulum_observation(states).float(), goals.float())
+        obs = torch.cat([pendulum_observation(states), states[:, :1]], -1)  # θ in [-π, π)
+        first = module.policy(obs.float(), goals.float())
     assert torch.allclose(u[:, 0], expert.to_control(first.double()), atol=1e-5)
