@@ -198,6 +198,13 @@ class CostToGoCritic(L.LightningModule):
         weight_decay: AdamW's decoupled weight decay.
         lr_schedule: ``"cosine"`` anneals the rate to zero over the run's optimizer steps,
             ``"constant"`` keeps it.
+        input_noise: standard deviation of Gaussian noise added to the normalized
+            observations of each training batch (the targets unchanged; 0: none). Expert data
+            lie on a thin set of the state space (a Panda's joint velocities are nearly a
+            function of its joint positions along reaching motions), and a critic fitted
+            there alone extrapolates off it with large, arbitrary slopes, which an MPC that
+            minimizes ``V`` then follows. Noise of standard deviation ``σ`` adds about
+            ``σ² ‖∇V‖²`` to the loss (Bishop, 1995), flattening ``V`` across the data.
     """
 
     obs_mean: Tensor
@@ -217,8 +224,11 @@ class CostToGoCritic(L.LightningModule):
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         lr_schedule: Literal["constant", "cosine"] = "cosine",
+        input_noise: float = 0.0,
     ) -> None:
         super().__init__()
+        if not input_noise >= 0:
+            raise ValueError(f"input_noise must be >= 0, got {input_noise!r}")
         if activation not in _ACTIVATIONS:
             raise ValueError(
                 f"activation must be one of {sorted(_ACTIVATIONS)}, got {activation!r}"
@@ -301,16 +311,19 @@ class CostToGoCritic(L.LightningModule):
                              "or call fit_normalization(...) first")
         return self.net
 
-    def normalized_value(self, observation: Tensor, goal: Tensor | None = None) -> Tensor:
+    def normalized_value(self, observation: Tensor, goal: Tensor | None = None,
+                         noise: float = 0.0) -> Tensor:
         """``V̂ (B,)``, the network's output in standardized target units, for
-        ``observation (B, o)`` and ``goal (B, g)``."""
+        ``observation (B, o)`` and ``goal (B, g)``; ``noise`` is the standard deviation of
+        Gaussian noise on the normalized observation (training only)."""
         net = self._check_ready()
         o_dim, g_dim = self.hparams.observation_dim, self.hparams.goal_dim
         if observation.dim() != 2 or observation.shape[1] != o_dim:
             raise ValueError(f"observation must have shape (B, {o_dim}), got "
                              f"{tuple(observation.shape)}")
         dtype = self.obs_mean.dtype
-        parts = [(observation.to(dtype) - self.obs_mean) / self.obs_std]
+        obs = (observation.to(dtype) - self.obs_mean) / self.obs_std
+        parts = [obs + noise * torch.randn_like(obs) if noise > 0 else obs]
         if g_dim > 0:
             if goal is None or goal.dim() != 2 or goal.shape != (observation.shape[0], g_dim):
                 got = None if goal is None else tuple(goal.shape)
@@ -329,7 +342,8 @@ class CostToGoCritic(L.LightningModule):
     def _step(self, batch: dict[str, Tensor], prefix: str) -> Tensor:
         target = (batch["cost_to_go"].to(self.target_mean.dtype) - self.target_mean)
         target = target / self.target_std
-        pred = self.normalized_value(batch["observation"], batch.get("desired_goal"))
+        noise = self.hparams.input_noise if prefix == "train" else 0.0
+        pred = self.normalized_value(batch["observation"], batch.get("desired_goal"), noise)
         loss = value_loss(pred, target.reshape(pred.shape))
         B = pred.shape[0]
         self.log(f"{prefix}/loss_value", loss, prog_bar=True, batch_size=B)

@@ -93,6 +93,8 @@ def test_checkpoint_carries_sizes_and_normalization(tmp_path):
 def test_critic_argument_errors():
     with pytest.raises(ValueError, match="activation"):
         CostToGoCritic(activation="relu6")
+    with pytest.raises(ValueError, match="input_noise"):
+        CostToGoCritic(input_noise=-0.1)
     with pytest.raises(ValueError, match="observation_dim"):
         CostToGoCritic(observation_dim=0, goal_dim=1)
     critic = CostToGoCritic(observation_dim=3, goal_dim=1, hidden=[8])
