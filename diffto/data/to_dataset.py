@@ -22,8 +22,7 @@ Three Lightning pieces:
   episodes in lockstep (:func:`~diffto.data.to_expert.run_expert_episodes`: one environment
   per episode, one batched MPC solve per control step) and keeps the chunk's
   :class:`TrajectorySet` for the writer (:meth:`TODatasetGenerator.take_shard`).
-  It returns only a few counts: Lightning keeps returned predictions in memory, and a
-  ``None`` return makes it warn on every run.
+  It returns nothing: Lightning keeps returned predictions in memory until the end.
 * :class:`~diffto.data.shard_writer.TrajectoryShardWriter` (a ``BasePredictionWriter``
   callback, ``write_interval="batch"``): takes the shard after each batch and writes it with
   :func:`~diffto.data.trajectories.save_trajectories` (temporary file + ``os.replace``), so a
@@ -45,6 +44,7 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import time
+import warnings
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -97,7 +97,7 @@ class TODatasetGenerator(L.LightningModule):
     A batch from :class:`~diffto.data.shard_writer.TOProblems` is solved in
     :meth:`predict_step`; the resulting :class:`TrajectorySet` waits in the module until
     :class:`~diffto.data.shard_writer.TrajectoryShardWriter` takes it (:meth:`take_shard`);
-    ``predict_step`` returns only the shard's counts.
+    ``predict_step`` returns nothing.
     """
 
     def __init__(
@@ -181,8 +181,9 @@ class TODatasetGenerator(L.LightningModule):
                 first_max_iter=self.first_max_iter,
             )
 
-    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int = 0) -> dict[str, int]:
-        """Solve the chunk's episodes; keep the shard for the writer; return its counts."""
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int = 0) -> None:
+        """Solve the chunk's episodes and keep the shard for the writer; returns nothing, since
+        Lightning keeps whatever ``predict_step`` returns in memory until the end."""
         if self._shard is not None:
             raise ValueError(
                 f"the shard {self._shard[0]} was not written: add a TrajectoryShardWriter to "
@@ -191,7 +192,7 @@ class TODatasetGenerator(L.LightningModule):
         episodes = [int(e) for e in batch["episode"].reshape(-1)]
         seeds = [int(s) for s in batch["seed"].reshape(-1)]
         if not episodes:  # padding chunk of a rank with nothing left to do
-            return {"episodes": 0, "episodes_failed": 0, "transitions": 0}
+            return None
         start = time.perf_counter()
         data, counts = self(episodes, seeds)
         meta = self.describe()
@@ -204,8 +205,7 @@ class TODatasetGenerator(L.LightningModule):
                 ["observation", "action", "desired_goal"])
         data.meta = _jsonable(meta)
         self._shard = (shard_filename(episodes[0], episodes[-1] + 1), data)
-        return {"episodes": len(data.episode_ids()), "episodes_failed": counts["episodes_failed"],
-                "transitions": len(data)}
+        return None
 
     def take_shard(self) -> tuple[str, TrajectorySet] | None:
         """The last batch's ``(file name, shard)``, handed over once (``None`` if none)."""
@@ -213,6 +213,9 @@ class TODatasetGenerator(L.LightningModule):
         return shard
 
     def on_predict_start(self) -> None:
+        # Lightning warns at every step whose predict_step returns None, "if it was on purpose,
+        # ignore this warning": it is on purpose here (the writer holds the data).
+        warnings.filterwarnings("ignore", message="predict returned None if it was on purpose")
         if not any(isinstance(cb, TrajectoryShardWriter) for cb in self.trainer.callbacks):
             raise ValueError(
                 "TODatasetGenerator writes nothing itself: add a TrajectoryShardWriter to "
