@@ -559,6 +559,7 @@ def save_trajectories(path: str | os.PathLike, data: TrajectorySet,
     try:
         with os.fdopen(fd, "wb") as fh:
             (np.savez_compressed if compressed else np.savez)(fh, **payload)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; a dataset is for every reader
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
