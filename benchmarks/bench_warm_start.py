@@ -178,7 +178,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     expert = make_expert(args.env_id)
     policy = load_policy(args.policy)
-    proposer = PolicyWarmStart(policy, expert, observation_of=observation_map(expert, args.env_id))
+    # The policy's observation from planned states: built by the proposer from the expert's
+    # maps and the policy's observation_keys, unless the expert has none.
+    obs_map = None if hasattr(expert, "observation_of") else observation_map(expert, args.env_id)
+    proposer = PolicyWarmStart(policy, expert, observation_of=obs_map)
     seeds = [EVAL_SEED_BASE + j for j in range(args.episodes)]
     started = time.perf_counter()
     with tqdm(total=args.steps, desc="expert episodes", unit="step") as bar:
