@@ -18,7 +18,8 @@ Usage::
 
     python benchmarks/bench_dagger_vs_bc.py --config pendulum_bc.yaml \\
         --data runs/datasets/pendulum_swingup --seeds 0 1 2 --initial-transitions 500 \\
-        --rounds 2 --episodes-per-round 8 --epochs-per-round 100 --keep-unconverged --full-bc
+        --rounds 2 --episodes-per-round 8 --epochs-per-round 100 --beta 1 --beta-decay 0.5 \\
+        --label-tol 1e-3 --label-max-iter 10 --label-first-max-iter 200
 """
 
 from __future__ import annotations
@@ -78,13 +79,27 @@ def dagger_config(base: dict, root: Path, seed: int, args: argparse.Namespace) -
         initial_data=args.data or cfg["data"]["init_args"]["path"],
         initial_transitions=args.initial_transitions, rounds=args.rounds,
         epochs_per_round=args.epochs_per_round, episodes_per_round=args.episodes_per_round,
-        beta=args.beta, keep_unconverged=args.keep_unconverged, data_dir=str(root / "labels"),
-        label_max_iter=args.label_max_iter,
+        beta=args.beta, beta_decay=args.beta_decay, keep_unconverged=args.keep_unconverged,
+        data_dir=str(root / "labels"),
+        label_max_iter=args.label_max_iter, label_first_max_iter=args.label_first_max_iter,
+        label_expert=_label_expert(model.get("expert"), args.label_tol),
         batch_size=cfg["data"]["init_args"].get("batch_size", 256), lr_schedule="constant",
         video_episodes=0)
     cfg["model"] = {"class_path": "diffto.learning.dagger.DAgger", "init_args": model}
     cfg.pop("data", None)
     return cfg
+
+
+def _label_expert(expert: dict | None, tol: float | None) -> dict | None:
+    """The labelling expert: the config's evaluated ``expert`` with ``tol`` (the TO dataset's
+    tolerance) when given, else ``None`` (DAgger then labels with ``expert`` itself)."""
+    if tol is None:
+        return None
+    if expert is None:
+        raise ValueError("--label-tol needs the config's model.init_args.expert to be set")
+    spec = copy.deepcopy(expert)
+    spec.setdefault("init_args", {})["tol"] = tol
+    return spec
 
 
 def run(cfg: dict, root: Path, log: Path) -> dict:
@@ -168,8 +183,15 @@ def main() -> None:
     p.add_argument("--episodes-per-round", type=int, default=8)
     p.add_argument("--epochs-per-round", type=int, default=100)
     p.add_argument("--beta", type=float, default=0.0)
+    p.add_argument("--beta-decay", type=float, default=0.5,
+                   help="beta_r = beta * beta_decay^(r-1): beta 1 lets the expert act in round 1")
     p.add_argument("--label-max-iter", type=int, default=None,
                    help="MPC iterations per DAgger label (default: the expert's per-step cap)")
+    p.add_argument("--label-first-max-iter", type=int, default=None,
+                   help="iterations of each labelled episode's first, cold solve")
+    p.add_argument("--label-tol", type=float, default=None,
+                   help="the labelling expert's tolerance (the TO dataset's, e.g. 1e-3; default: "
+                        "the evaluated expert's own)")
     p.add_argument("--keep-unconverged", action="store_true",
                    help="DAgger keeps labels of solves stopped at the iteration cap (use it "
                         "when the BC data keep them too)")

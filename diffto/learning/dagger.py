@@ -68,6 +68,7 @@ def collect_labels(
     beta: float = 0.0,
     max_steps: int | None = None,
     max_iter: int | None = None,
+    first_max_iter: int | None = None,
     first_episode_id: int = 0,
     rng: np.random.Generator | None = None,
     keep_unconverged: bool = False,
@@ -84,6 +85,8 @@ def collect_labels(
         beta: probability that a row executes the expert's action instead of the learner's.
         max_steps: cap on the episode length (``None``: the environment's).
         max_iter: MPC iterations per label (``None``: the expert's).
+        first_max_iter: iterations of each episode's first solve, from the expert's cold
+            start (``None``: ``max_iter``); later solves start from the shifted plan.
         first_episode_id: episode id of the first seed (ids must be unique across rounds).
         keep_unconverged: keep the labels of solves that stopped at the iteration cap
             before the tolerance (what the expert executes in closed loop all the same);
@@ -101,6 +104,8 @@ def collect_labels(
 
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"beta must be in [0, 1], got {beta}")
+    if first_max_iter is not None and first_max_iter < 1:
+        raise ValueError(f"first_max_iter must be >= 1 or None, got {first_max_iter}")
     rng = np.random.default_rng(0) if rng is None else rng
     controller = RecedingHorizon(expert, warm_start="shifted", max_iter=max_iter)
     envs = [make_env(env_id, env_kwargs) for _ in seeds]
@@ -120,6 +125,9 @@ def collect_labels(
             ob = np.stack([p[0] for p in parts])
             goal = None if parts[0][1] is None else np.stack([p[1] for p in parts])
             states = np.stack([expert.state_of(env.unwrapped) for env in envs])
+            # The first solve starts cold and needs many iterations (20-50 on the swing-up);
+            # later ones start from the shifted plan and converge in a few.
+            controller.max_iter = first_max_iter if t == 0 and first_max_iter else max_iter
             a_expert, sol = controller.act(states, goal)  # one batched solve: B labels
             policy_ob = np.stack([_split(o, observation_keys)[0] for o in obs])
             a_learner = np.asarray(act(policy_ob, goal))
@@ -187,6 +195,12 @@ class DAgger(GoalConditionedBC):
         beta, beta_decay: expert mixing probability ``β_r = β · β_decay^{r−1}``.
         label_max_steps: cap on the length of those episodes (``None``: the environment's).
         label_max_iter: MPC iterations per label (``None``: the expert's).
+        label_first_max_iter: iterations of each labelled episode's first (cold) solve
+            (``None``: ``label_max_iter``).
+        label_expert: the labelling expert (``{class_path, init_args}``; ``None``: ``expert``,
+            the one evaluated beside the learner). Label with the settings that made the
+            initial data (e.g. a looser ``tol`` that a control step's solve reaches), so that
+            round labels and initial labels are the same kind of converged solution.
         keep_unconverged: also aggregate labels whose solve stopped at the iteration cap
             (see :func:`collect_labels`); they count as labels either way.
         collect_seed: seed of round 1's first episode (later ones follow); must stay below
@@ -207,6 +221,8 @@ class DAgger(GoalConditionedBC):
         beta_decay: float = 0.5,
         label_max_steps: int | None = None,
         label_max_iter: int | None = None,
+        label_first_max_iter: int | None = None,
+        label_expert: dict[str, Any] | None = None,
         keep_unconverged: bool = False,
         collect_seed: int = 500_000,
         data_dir: str = "runs/dagger/data",
@@ -262,7 +278,8 @@ class DAgger(GoalConditionedBC):
             self._rounds[r] = load_trajectories(path) if path.exists() else None
             return
         if not self._expert:
-            self._expert.append(build_expert(hp.env_id, hp.expert))
+            spec = hp.expert if hp.label_expert is None else hp.label_expert
+            self._expert.append(build_expert(hp.env_id, spec))
         first_id = 1_000_000_000 + r * hp.episodes_per_round  # clear of the initial data's ids
         seeds = [hp.collect_seed + (r - 1) * hp.episodes_per_round + j
                  for j in range(hp.episodes_per_round)]
@@ -270,7 +287,8 @@ class DAgger(GoalConditionedBC):
         self.policy.eval()
         data, counts = collect_labels(
             self.policy.act, self._expert[0], hp.env_id, seeds, self.env_kwargs, beta=beta,
-            max_steps=hp.label_max_steps, max_iter=hp.label_max_iter, first_episode_id=first_id,
+            max_steps=hp.label_max_steps, max_iter=hp.label_max_iter,
+            first_max_iter=hp.label_first_max_iter, first_episode_id=first_id,
             rng=np.random.default_rng(hp.collect_seed + r),
             keep_unconverged=hp.keep_unconverged, observation_keys=self.observation_keys)
         self.policy.train()

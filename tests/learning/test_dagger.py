@@ -69,6 +69,33 @@ def test_collect_labels_counts_every_solve_and_keeps_the_converged():
         collect_labels(learner, expert, SWINGUP, [0], beta=1.5)
 
 
+def test_first_max_iter_lets_the_cold_first_solve_converge():
+    # one iteration per step: the cold first solve stops short of the tolerance (none kept,
+    # above); with more iterations for that first solve alone, each episode's first state is
+    # labelled with a converged solution
+    capped = build_expert(SWINGUP, {**EXPERT, "init_args": {"horizon": 5, "max_iter": 1}})
+    learner = lambda o, g: np.full((len(o), 1), 0.3)  # noqa: E731
+    data, counts = collect_labels(learner, capped, SWINGUP, [7, 8], max_steps=4,
+                                  first_max_iter=20, first_episode_id=100, progress=False)
+    assert counts["labels"] == 8 and counts["converged"] == len(data) >= 2
+    first = data.timestep == 0
+    assert sorted(data.episode[first].tolist()) == [100, 101]
+    with pytest.raises(ValueError, match="first_max_iter"):
+        collect_labels(learner, capped, SWINGUP, [0], first_max_iter=0)
+
+
+def test_dagger_labels_with_label_expert_not_the_evaluated_one(tmp_path, initial):
+    # the evaluated expert stops after 1 iteration (never converged): labelled by it, no round
+    # label would be kept; the label expert (10 iterations) converges
+    capped = {**EXPERT, "init_args": {"horizon": 5, "max_iter": 1}}
+    model = make_dagger(initial, tmp_path / "labels", expert=capped, label_expert=EXPERT,
+                        rounds=1)
+    trainer(2, tmp_path).fit(model)
+    counts = json.loads((tmp_path / "labels/round_1.json").read_text())
+    assert counts["labels"] == EPISODES * STEPS and counts["kept"] > EPISODES * STEPS // 2
+    assert model._expert[0].max_iter == 10
+
+
 def test_dagger_aggregates_rounds_and_counts_labels_exactly(tmp_path, initial):
     model = make_dagger(initial, tmp_path / "labels")
     trainer(3, tmp_path).fit(model)  # epoch 0: round 0 (BC); epochs 1, 2: rounds 1, 2
@@ -136,3 +163,15 @@ def test_panda_dagger_config_fast_dev_run(tmp_path, monkeypatch):
               "--model.init_args.expert_baseline=false", "--model.init_args.video_episodes=0"])
     report = json.loads(next(tmp_path.glob("**/report.json")).read_text())
     assert report["labels"] == 8
+
+
+def test_pendulum_dagger_config_fast_dev_run(tmp_path, monkeypatch, initial):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.argv", ["lightning"])
+    cli.main(["fit", "--config", "pendulum_dagger.yaml", "--trainer.fast_dev_run=true",
+              f"--model.init_args.initial_data={initial}", "--model.init_args.hidden=[16]",
+              "--model.init_args.initial_transitions=8",
+              "--model.init_args.eval_episodes=2", "--model.init_args.eval_max_steps=3",
+              "--model.init_args.expert_baseline=false", "--model.init_args.video_episodes=0"])
+    report = json.loads(next(tmp_path.glob("**/report.json")).read_text())
+    assert report["labels"] == 8  # the initial transitions (fast_dev_run: round 0 only)
