@@ -255,11 +255,19 @@ class RecedingHorizon:
     Args:
         expert: the :class:`MPCExpert`.
         warm_start: what each solve starts from: ``"shifted"`` the row's previous plan moved one
-            step forward (the expert's cold start on a row's first step), ``"cold"`` the
-            expert's cold start every step, ``"policy"`` the controls ``proposer`` returns.
+            step forward (on a row's first step: ``proposer``'s controls if given, else the
+            expert's cold start), ``"cold"`` the expert's cold start every step, ``"policy"``
+            the controls ``proposer`` returns at every step.
         proposer: ``(states (B, n), goals (B, g)) -> u_init (B, T, m)``, needed for
-            ``"policy"`` (e.g. a policy network rolled out through :attr:`MPCExpert.dynamics`).
+            ``"policy"`` (e.g. a policy network rolled out through :attr:`MPCExpert.dynamics`,
+            :class:`diffto.learning.warm_start.PolicyWarmStart`). With ``"shifted"`` it seeds
+            only the first step, where no previous plan exists: measured on the pendulum
+            swing-up, a learned proposal needs about a quarter of the cold start's iterations
+            there, while the shifted plan is the better start afterwards.
         max_iter: iterations per control step; ``None``: the expert's.
+        first_max_iter: iterations of a solve in which some row has no previous plan (an
+            episode's first step, from a cold start, usually needs many more); ``None``:
+            ``max_iter``.
         horizon: planning horizon; ``None``: the expert's.
         terminal_value: ``(x_T (B, n), goals (B, g)) -> (B,)``, e.g. a learned ``V(s, g)``;
             the goals of each step are closed over before it reaches the expert.
@@ -278,6 +286,7 @@ class RecedingHorizon:
         max_iter: int | None = None,
         horizon: int | None = None,
         terminal_value: Callable[[Tensor, Tensor], Tensor] | None = None,
+        first_max_iter: int | None = None,
     ) -> None:
         if not isinstance(expert, MPCExpert):
             raise ValueError(f"expert must be an MPCExpert, got {type(expert).__name__}")
@@ -295,6 +304,8 @@ class RecedingHorizon:
             )
         self.expert, self.warm_start, self.proposer = expert, warm_start, proposer
         self.max_iter = None if max_iter is None else _positive_int("max_iter", max_iter)
+        self.first_max_iter = (None if first_max_iter is None
+                               else _positive_int("first_max_iter", first_max_iter))
         self.horizon = expert.horizon if horizon is None else _positive_int("horizon", horizon)
         self.terminal_value = terminal_value
         self._plan: Tensor | None = None  # (B, T, m) last plan per row
@@ -324,17 +335,20 @@ class RecedingHorizon:
             )
         B, T = x0.shape[0], self.horizon
         with torch.no_grad():
-            if self.warm_start == "policy":
+            has_plan = (self._valid if self._plan is not None and self._plan.shape[0] == B
+                        else torch.zeros(B, dtype=torch.bool))
+            if self.warm_start == "policy" or (
+                self.warm_start == "shifted" and self.proposer is not None and not has_plan.all()
+            ):
                 u_init = torch.as_tensor(self.proposer(x0, g)).to(x0)
             else:
                 u_init = expert.initial_controls(x0, g, T)
-                if (
-                    self.warm_start == "shifted"
-                    and self._plan is not None
-                    and self._plan.shape[0] == B
-                ):
-                    shifted = torch.cat([self._plan[:, 1:], self._plan[:, -1:]], 1)
-                    u_init = torch.where(self._valid.view(B, 1, 1), shifted, u_init)
+            if self.warm_start == "shifted" and has_plan.any():
+                shifted = torch.cat([self._plan[:, 1:], self._plan[:, -1:]], 1)
+                u_init = torch.where(has_plan.view(B, 1, 1), shifted, u_init)
+            max_iter = self.max_iter
+            if self.first_max_iter is not None and not has_plan.all():
+                max_iter = self.first_max_iter
             value = None
             if self.terminal_value is not None:
                 critic = self.terminal_value
@@ -343,7 +357,7 @@ class RecedingHorizon:
                     return critic(xT, g.to(xT))
 
             sol = expert.solve(x0, g, u_init=u_init, horizon=T, terminal_value=value,
-                               max_iter=self.max_iter)
+                               max_iter=max_iter)
         # A row whose plan is not finite (failed solve) must not warm-start the next step.
         finite = torch.isfinite(sol.u).all(-1).all(-1)
         self._plan = torch.where(finite.view(B, 1, 1), sol.u.detach(), u_init)

@@ -168,30 +168,13 @@ def run_expert_episodes(
     envs = [make_env(env_id, kwargs) for _ in range(E)]
     try:
         obs = [_goal_obs(env.reset(seed=s)[0], env_id) for env, s in zip(envs, seeds, strict=True)]
-        # The controller takes its warm starts from `propose`: the first step's long solve
-        # from the cold start, then each row's previous plan shifted one step ("shifted") or
-        # the cold start again ("cold"). A row whose plan is not finite (a failed solve) is
-        # dropped from the data anyway; it restarts cold so it cannot spoil the batch.
-        previous: dict[str, torch.Tensor] = {}
+        # Each row's first solve starts cold and may take up to first_max_iter iterations;
+        # later ones start from the row's previous plan shifted one step ("shifted") or cold
+        # again ("cold"). A row whose plan is not finite (a failed solve) is dropped from the
+        # data anyway; it restarts cold so it cannot spoil the batch.
+        controller = RecedingHorizon(expert, warm_start=warm_start, max_iter=max_iter,
+                                     first_max_iter=first_max_iter)
         first_iterations = np.zeros(E)
-
-        def propose(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-            cold = expert.initial_controls(x, g, expert.horizon)
-            if "plan" not in previous:
-                if first_max_iter is None:
-                    return cold
-                first = expert.solve(x, g, u_init=cold, max_iter=first_max_iter)
-                first_iterations[:] = first.iterations.cpu().numpy()
-                return first.u.detach()
-            if warm_start == "cold":
-                return cold
-            plan = previous["plan"]  # (E, T, m)
-            shifted = torch.cat([plan[:, 1:], plan[:, -1:]], 1)
-            finite = torch.isfinite(shifted).flatten(1).all(1).view(-1, 1, 1)
-            return torch.where(finite, shifted, cold)
-
-        controller = RecedingHorizon(expert, warm_start="policy", proposer=propose,
-                                     max_iter=max_iter)
         running = np.ones(E, bool)  # still stepping (not ended, not failed)
         failed = np.zeros(E, bool)
         steps: list[list[dict[str, Any]]] = [[] for _ in range(E)]
@@ -205,7 +188,8 @@ def run_expert_episodes(
             states = np.stack([expert.state_of(env.unwrapped) for env in envs])  # (E, n)
             goals = np.stack([o["desired_goal"] for o in obs])  # (E, g)
             actions, sol = controller.act(states, goals)  # (E, a), plans (E, T, m)
-            previous["plan"] = sol.u.detach()
+            if t == 0:
+                first_iterations[:] = sol.iterations.cpu().numpy()
             counts["solves"] += int(running.sum())
             controls = expert.to_control(actions)  # (E, m): what the env applies
             ell = stage_cost(expert, states, controls, goals)  # (E,)

@@ -135,6 +135,33 @@ def test_policy_proposals_reach_the_solver_and_errors_name_arguments(monkeypatch
         controller.act(np.zeros((2, 2)), np.zeros((1, 1)))
 
 
+def test_shifted_with_a_proposer_seeds_only_rows_without_a_plan_and_first_cap(monkeypatch):
+    expert = _expert(max_iter=2)
+    seen, caps, solve = [], [], expert.solve
+
+    def spy(state, goal, u_init=None, max_iter=None, **kwargs):
+        seen.append(u_init.clone())
+        caps.append(max_iter)
+        return solve(state, goal, u_init=u_init, max_iter=max_iter, **kwargs)
+
+    monkeypatch.setattr(expert, "solve", spy)
+    proposal = torch.full((2, 15, 1), 0.25, dtype=torch.float64)
+    controller = RecedingHorizon(expert, warm_start="shifted", max_iter=2, first_max_iter=7,
+                                 proposer=lambda x, g: proposal[: x.shape[0]])
+    states, goals = np.array([[3.0, 0.2], [-2.9, -0.1]]), np.array([[0.1], [-0.1]])
+    _, first = controller.act(states, goals)
+    torch.testing.assert_close(seen[0], proposal)
+    _, second = controller.act(first.x[:, 1].numpy(), goals)
+    torch.testing.assert_close(seen[1], torch.cat([first.u[:, 1:], first.u[:, -1:]], 1))
+    controller.reset(mask=[False, True])
+    controller.act(second.x[:, 1].numpy(), goals)
+    torch.testing.assert_close(seen[2][0], torch.cat([second.u[0, 1:], second.u[0, -1:]]))
+    torch.testing.assert_close(seen[2][1], proposal[1])
+    assert caps == [7, 2, 7]
+    with pytest.raises(ValueError, match="first_max_iter"):
+        RecedingHorizon(expert, first_max_iter=0)
+
+
 def test_receding_horizon_terminal_value_sees_each_steps_goals(monkeypatch):
     expert = _expert(max_iter=2, horizon=5)
     calls = []
