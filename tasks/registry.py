@@ -36,6 +36,7 @@ __all__ = [
     "register_environments",
     "make_env",
     "make_expert",
+    "build_expert",
     "use_osmesa_if_headless",
 ]
 
@@ -118,3 +119,32 @@ def make_expert(env_id: str, **overrides: Any):
 
     module, _, name = EXPERTS[env_id].partition(":")
     return getattr(importlib.import_module(module), name)(**overrides)
+
+
+def build_expert(env_id: str, expert: dict[str, Any] | None = None):
+    """The expert a config names, ``{"class_path": ..., "init_args": {...}}``, or ``None`` for
+    the default expert of ``env_id`` (:func:`make_expert`); it must be an ``MPCExpert``."""
+    import importlib
+
+    from diffto.tasks.mpc_expert import MPCExpert
+
+    if expert is None:
+        built = make_expert(env_id)
+    elif isinstance(expert, dict) and isinstance(expert.get("class_path"), str):
+        extra = set(expert) - {"class_path", "init_args"}
+        if extra:
+            raise ValueError(f"expert takes the keys class_path and init_args, got {sorted(extra)}")
+        module, _, name = expert["class_path"].rpartition(".")
+        try:
+            cls = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError, ValueError) as err:
+            raise ValueError(f"expert class_path {expert['class_path']!r} does not name an "
+                             f"importable class ({err})") from err
+        built = cls(**dict(expert.get("init_args") or {}))
+    else:
+        raise ValueError(
+            f"expert must be None or a dict {{class_path, init_args}}, got {expert!r}"
+        )
+    if not isinstance(built, MPCExpert):
+        raise ValueError(f"expert must build an MPCExpert, got {type(built).__name__}")
+    return built

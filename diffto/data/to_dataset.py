@@ -52,8 +52,9 @@ import lightning as L
 import torch
 
 from diffto.data.shard_writer import TrajectoryShardWriter, shard_filename
-from diffto.data.to_expert import _int, build_expert, run_expert_episodes
+from diffto.data.to_expert import _int, run_expert_episodes
 from diffto.data.trajectories import TrajectorySet
+from diffto.tasks.registry import build_expert
 
 __all__ = ["TODatasetGenerator"]
 

@@ -20,7 +20,6 @@ suffix sum), ``terminal``/``truncated`` (the env's; ``truncated`` also after the
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -29,40 +28,15 @@ import torch
 
 from diffto.data.trajectories import TrajectorySet, cost_to_go
 from diffto.tasks.mpc_expert import MPCExpert, RecedingHorizon
-from diffto.tasks.registry import make_env, make_expert
+from diffto.tasks.registry import make_env
 
-__all__ = ["build_expert", "stage_cost", "terminal_cost", "run_expert_episodes"]
+__all__ = ["stage_cost", "terminal_cost", "run_expert_episodes"]
 
 
 def _int(name: str, value: Any, low: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
     return value
-
-
-def build_expert(env_id: str, expert: dict[str, Any] | None = None) -> MPCExpert:
-    """The expert of a config: ``{"class_path": ..., "init_args": {...}}``, or ``None`` for the
-    default expert of ``env_id`` (:func:`diffto.tasks.registry.make_expert`)."""
-    if expert is None:
-        built = make_expert(env_id)
-    elif isinstance(expert, dict) and isinstance(expert.get("class_path"), str):
-        extra = set(expert) - {"class_path", "init_args"}
-        if extra:
-            raise ValueError(f"expert takes the keys class_path and init_args, got {sorted(extra)}")
-        module, _, name = expert["class_path"].rpartition(".")
-        try:
-            cls = getattr(importlib.import_module(module), name)
-        except (ImportError, AttributeError, ValueError) as err:
-            raise ValueError(f"expert class_path {expert['class_path']!r} does not name an "
-                             f"importable class ({err})") from err
-        built = cls(**dict(expert.get("init_args") or {}))
-    else:
-        raise ValueError(
-            f"expert must be None or a dict {{class_path, init_args}}, got {expert!r}"
-        )
-    if not isinstance(built, MPCExpert):
-        raise ValueError(f"expert must build an MPCExpert, got {type(built).__name__}")
-    return built
 
 
 def stage_cost(expert: MPCExpert, state, control, goal) -> np.ndarray:

@@ -27,7 +27,6 @@ a ``RuntimeWarning``.
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import os
 import tempfile
@@ -41,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from diffto.data.trajectories import EVAL_SEED_BASE
-from diffto.tasks.registry import make_env
+from diffto.tasks.registry import build_expert, make_env
 
 __all__ = [
     "EVAL_SEED_BASE",
@@ -326,19 +325,6 @@ def expert_spec(env_id: str, expert: dict[str, Any] | None = None) -> dict[str, 
         raise ValueError(f"expert must be None or {{class_path, init_args}}, got {expert!r}")
     return {"class_path": str(expert["class_path"]),
             "init_args": dict(expert.get("init_args") or {})}
-
-
-def build_expert(env_id: str, expert: dict[str, Any] | None = None):
-    """The :class:`~diffto.tasks.mpc_expert.MPCExpert` of ``expert`` (``{class_path,
-    init_args}``), or the environment's default expert when ``None``."""
-    spec = expert_spec(env_id, expert)
-    if "default_for" in spec:
-        from diffto.tasks.registry import make_expert
-
-        return make_expert(env_id)
-    module, _, name = spec["class_path"].rpartition(".")
-    cls = getattr(importlib.import_module(module), name)
-    return cls(**spec["init_args"])
 
 
 def _expert_controller(controller, stats: dict[str, list[float]]) -> Controller:
