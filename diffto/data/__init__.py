@@ -2,7 +2,11 @@
 
 - :mod:`diffto.data.trajectories`: the format, its loader, writer and merge.
 - :mod:`diffto.data.merge`: ``python -m diffto.data.merge OUT IN...`` for files.
+- :mod:`diffto.data.legacy`: the first format's files, read into this one.
 - :mod:`diffto.data.expert_mpc`: expert MPC plans on classic systems and their datamodule.
+- :mod:`diffto.data.to_dataset`, :mod:`diffto.data.shard_writer`, :mod:`diffto.data.to_expert`:
+  TO datasets as ``lightning predict`` jobs (closed-loop MPC episodes, atomic shards, resume,
+  ranks sharing the work).
 
 The datamodules import Lightning, which the format does not need: they load on first access,
 so reading or merging datasets stays light.
@@ -24,6 +28,10 @@ _LAZY = {
     "generate_expert_trajectories": "diffto.data.expert_mpc",
     "make_system": "diffto.data.expert_mpc",
     "ExpertMPCDataModule": "diffto.data.expert_mpc",
+    "TODatasetGenerator": "diffto.data.to_dataset",
+    "TOProblems": "diffto.data.shard_writer",
+    "TrajectoryShardWriter": "diffto.data.shard_writer",
+    "run_expert_episodes": "diffto.data.to_expert",
 }
 
 __all__ = [
@@ -38,6 +46,11 @@ __all__ = [
     "generate_expert_trajectories",
     "make_system",
     "ExpertMPCDataModule",
+    # TO datasets (lightning predict)
+    "TODatasetGenerator",
+    "TOProblems",
+    "TrajectoryShardWriter",
+    "run_expert_episodes",
 ]
 
 
