@@ -214,6 +214,11 @@ class GoalConditionedBC(L.LightningModule):
             (default ``["observation"]``); ``["observation", "achieved_goal"]`` adds the
             achieved goal (the Panda's flange position, a nonlinear function of the joint
             angles the network would otherwise have to learn from few goals).
+        relative_goal: add the goal relative to the achieved goal, ``desired_goal −
+            achieved_goal``, to the policy's input (``observation_keys`` must name
+            ``achieved_goal``). A reach depends mostly on where the target lies relative to
+            the hand; on the Panda reach it lifts held-out success from 65-75% to 85-95%
+            (see panda_gcbc.yaml).
         hidden: hidden widths of the policy MLP; ``activation`` its nonlinearity.
         head: ``"deterministic"`` (MSE) or ``"gaussian"`` (NLL; the mean acts).
         squash: ``"tanh"`` or ``"clip"`` into the action box.
@@ -238,6 +243,7 @@ class GoalConditionedBC(L.LightningModule):
         env_id: str,
         env_kwargs: dict[str, Any] | None = None,
         observation_keys: list[str] | None = None,
+        relative_goal: bool = False,
         hidden: list[int] | None = None,
         activation: Literal["relu", "tanh", "elu"] = "relu",
         head: Head = "deterministic",
@@ -269,9 +275,18 @@ class GoalConditionedBC(L.LightningModule):
         self.observation_keys = tuple(observation_keys or ("observation",))
         obs_dim, goal_dim, low, high = _env_spaces(env_id, self.env_kwargs,
                                                    self.observation_keys)
+        relative_at = None
+        if relative_goal:
+            if "achieved_goal" not in self.observation_keys:
+                raise ValueError(f"relative_goal needs 'achieved_goal' in observation_keys, got "
+                                 f"{list(self.observation_keys)}")
+            # where achieved_goal starts in the concatenated observation: the size of the
+            # entries before it
+            before = self.observation_keys[:self.observation_keys.index("achieved_goal")]
+            relative_at = _env_spaces(env_id, self.env_kwargs, before)[0]
         self.policy = GoalPolicy(obs_dim, goal_dim, low, high,
                                  hidden=tuple(hidden or (256, 256)), activation=activation,
-                                 head=head, squash=squash)
+                                 head=head, squash=squash, relative_goal_at=relative_at)
         self._expert_eval: Evaluation | None = None
 
     # ------------------------------------------------------------------ data hooks

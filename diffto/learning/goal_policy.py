@@ -16,6 +16,13 @@ The statistics ``μ, σ`` are :class:`~diffto.learning.normalizer.RunningNormali
 fitted once from the training data, so a checkpoint carries them with the weights and the
 policy acts on raw environment observations.
 
+Relative goal
+    With ``relative_goal_at = k`` the observation holds the achieved goal at ``o[k : k+g]``
+    (e.g. the flange position) and the input gains the normalized offset ``g − o[k : k+g]``,
+    ``[ō; ḡ; (g − o_{k:k+g}) normalized]``. A reach is translation invariant in that offset: the
+    expert's torques depend mostly on where the target lies relative to the hand, which the
+    network would otherwise have to form by subtracting two separately normalized inputs.
+
 Heads
     ``"deterministic"``: the network outputs ``z (B, a)``; the loss is the mean squared error
     of the action, measured in half-widths ``(a − a^*)/h`` so every action dimension counts
@@ -58,6 +65,8 @@ class GoalPolicy(nn.Module):
         activation: ``"relu"``, ``"tanh"`` or ``"elu"``.
         head: ``"deterministic"`` (MSE) or ``"gaussian"`` (NLL); see the module docstring.
         squash: ``"tanh"`` or ``"clip"`` into the action box.
+        relative_goal_at: index ``k`` of the achieved goal inside the observation; the input
+            then includes ``goal − observation[k : k+g]`` (``None``: not).
     """
 
     action_low: Tensor
@@ -73,6 +82,7 @@ class GoalPolicy(nn.Module):
         activation: Literal["relu", "tanh", "elu"] = "relu",
         head: Head = "deterministic",
         squash: Squash = "tanh",
+        relative_goal_at: int | None = None,
     ) -> None:
         super().__init__()
         if obs_dim < 1 or goal_dim < 0:
@@ -83,6 +93,11 @@ class GoalPolicy(nn.Module):
             raise ValueError(f"squash must be 'tanh' or 'clip', got {squash!r}")
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {list(ACTIVATIONS)}, got {activation!r}")
+        if relative_goal_at is not None and (
+                goal_dim < 1 or not 0 <= relative_goal_at <= obs_dim - goal_dim):
+            raise ValueError(f"relative_goal_at must index a goal-sized slice of the "
+                             f"observation (0..{obs_dim - goal_dim}) with goal_dim >= 1, got "
+                             f"{relative_goal_at} (goal_dim {goal_dim})")
         low = torch.as_tensor(np.asarray(action_low, dtype=np.float32)).reshape(-1)
         high = torch.as_tensor(np.asarray(action_high, dtype=np.float32)).reshape(-1)
         if low.shape != high.shape or low.numel() < 1 or not bool((low < high).all()):
@@ -102,8 +117,12 @@ class GoalPolicy(nn.Module):
         self.register_buffer("action_scale", scale)
         self.obs_normalizer = RunningNormalizer(obs_dim)
         self.goal_normalizer = RunningNormalizer(goal_dim) if goal_dim > 0 else None
+        self.relative_goal_at = relative_goal_at
+        self.relative_normalizer = (RunningNormalizer(goal_dim) if relative_goal_at is not None
+                                    else None)
         out = self.act_dim * (2 if head == "gaussian" else 1)
-        self.net = MLP(obs_dim + goal_dim, out, list(hidden), ACTIVATIONS[activation])
+        n_in = obs_dim + goal_dim * (1 if relative_goal_at is None else 2)
+        self.net = MLP(n_in, out, list(hidden), ACTIVATIONS[activation])
 
     # ------------------------------------------------------------------ normalization
     @property
@@ -119,14 +138,24 @@ class GoalPolicy(nn.Module):
             if goal is None:
                 raise ValueError(f"goal (N, {self.goal_dim}) is needed: goal_dim > 0")
             self.goal_normalizer.update(goal)
+            if self.relative_normalizer is not None:
+                self.relative_normalizer.update(self._relative_goal(observation, goal))
+
+    def _relative_goal(self, observation: Tensor, goal: Tensor) -> Tensor:
+        """``goal − observation[:, k : k+g]`` ``(B, g)``: the target relative to the hand."""
+        k = int(self.relative_goal_at)  # type: ignore[arg-type]
+        return goal - observation[..., k:k + self.goal_dim]
 
     def features(self, observation: Tensor, goal: Tensor | None = None) -> Tensor:
-        """Normalized network input ``(B, o + g)`` of ``observation (B, o)``, ``goal (B, g)``."""
+        """Normalized network input ``(B, o + g)`` (``(B, o + 2g)`` with the relative goal)
+        of ``observation (B, o)``, ``goal (B, g)``."""
         parts = [self.obs_normalizer(observation)]
         if self.goal_normalizer is not None:
             if goal is None:
                 raise ValueError(f"goal (B, {self.goal_dim}) is needed: goal_dim > 0")
             parts.append(self.goal_normalizer(goal))
+            if self.relative_normalizer is not None:
+                parts.append(self.relative_normalizer(self._relative_goal(observation, goal)))
         return torch.cat(parts, -1).to(self.action_low.dtype)
 
     # ------------------------------------------------------------------ actions
@@ -181,4 +210,5 @@ class GoalPolicy(nn.Module):
         return {"loss_bc": loss, "action_mse": ((mean - target) ** 2).mean().detach()}
 
     def extra_repr(self) -> str:
-        return f"head={self.head!r}, squash={self.squash!r}"
+        return (f"head={self.head!r}, squash={self.squash!r}, "
+                f"relative_goal_at={self.relative_goal_at}")

@@ -99,6 +99,36 @@ def test_normalization_travels_in_the_state_dict():
     torch.testing.assert_close(fresh(x, g), pol(x, g))
 
 
+def test_relative_goal_is_the_goal_minus_the_achieved_goal_slice():
+    torch.manual_seed(0)
+    obs, goal = torch.randn(64, 5) * 3 + 1, torch.randn(64, 2)
+    pol = GoalPolicy(5, 2, [-1.0], [1.0], hidden=(8,), relative_goal_at=3)
+    pol.fit_normalization(obs, goal)
+    feats = pol.features(obs, goal)
+    assert feats.shape == (64, 5 + 2 + 2)
+    rel = goal - obs[:, 3:5]
+    expected = (rel - rel.mean(0)) / rel.std(0, unbiased=False)
+    torch.testing.assert_close(feats[:, -2:], expected, atol=1e-4, rtol=1e-4)
+    # the offset's statistics travel with the weights
+    fresh = GoalPolicy(5, 2, [-1.0], [1.0], hidden=(8,), relative_goal_at=3)
+    fresh.load_state_dict(pol.state_dict())
+    torch.testing.assert_close(fresh(obs, goal), pol(obs, goal))
+    for bad in (4, -1):
+        with pytest.raises(ValueError, match="relative_goal_at"):
+            GoalPolicy(5, 2, [-1.0], [1.0], relative_goal_at=bad)
+
+
+def test_relative_goal_finds_the_achieved_goal_in_the_observation():
+    model = GoalConditionedBC(PANDA, observation_keys=["observation", "achieved_goal"],
+                              relative_goal=True, expert_baseline=False)
+    assert model.policy.relative_goal_at == 14
+    model = GoalConditionedBC(PANDA, observation_keys=["achieved_goal", "observation"],
+                              relative_goal=True, expert_baseline=False)
+    assert model.policy.relative_goal_at == 0
+    with pytest.raises(ValueError, match="relative_goal"):
+        GoalConditionedBC(PANDA, relative_goal=True, expert_baseline=False)
+
+
 def test_split_is_by_episode_and_max_transitions_bounds_every_row(swingup_data):
     data = load_trajectories(swingup_data)
     train, val = split_transitions(data, 0.25, max_transitions=150, split_seed=1)
