@@ -83,6 +83,7 @@ def dagger_config(base: dict, root: Path, seed: int, args: argparse.Namespace) -
         data_dir=str(root / "labels"),
         label_max_iter=args.label_max_iter, label_first_max_iter=args.label_first_max_iter,
         label_expert=_label_expert(model.get("expert"), args.label_tol),
+        label_warm_start=args.label_warm_start,
         batch_size=cfg["data"]["init_args"].get("batch_size", 256), lr_schedule="constant",
         video_episodes=0)
     cfg["model"] = {"class_path": "diffto.learning.dagger.DAgger", "init_args": model}
@@ -189,6 +190,9 @@ def main() -> None:
                    help="MPC iterations per DAgger label (default: the expert's per-step cap)")
     p.add_argument("--label-first-max-iter", type=int, default=None,
                    help="iterations of each labelled episode's first, cold solve")
+    p.add_argument("--label-warm-start", choices=["shifted", "nearest"], default="shifted",
+                   help="each label's solve starts from the expert's shifted plan along the "
+                        "visited trajectory, or from the plan of the nearest labelled row")
     p.add_argument("--label-tol", type=float, default=None,
                    help="the labelling expert's tolerance (the TO dataset's, e.g. 1e-3; default: "
                         "the evaluated expert's own)")

@@ -16,7 +16,16 @@ Here the expert is an MPC (:class:`~diffto.tasks.mpc_expert.MPCExpert`) in reced
 warm-started with its own previous plan shifted along the learner's trajectory
 (:class:`~diffto.tasks.mpc_expert.RecedingHorizon`), so one label costs one warm MPC solve;
 the ``E`` episodes of a round run in lockstep and their states are solved as one batch.
-``β_r = β · β_decay^{r−1}`` (β = 0, the default: the learner alone acts, the common choice).
+``β_r = β · β_decay^{r−1}`` (β = 0, the default: the learner alone acts).
+
+Which states get labels matters with an MPC labeller. Warm-started along the trajectory of an
+early learner (β = 0) that swings the pendulum the wrong way or not at all, the expert's
+labels depend on its plan history where the swing can go either way, and few of its solves
+converge; on the pendulum swing-up such labels made the policy worse than BC on the same
+number of expert transitions. β = 1 in round 1, decaying (Ross et al.'s schedule), keeps the
+visited states near the expert's own, where the labels are consistent. ``label_expert`` lets
+the labeller carry the settings that made the initial data (a tolerance that a control step's
+solve reaches), distinct from the expert evaluated beside the learner.
 
 Label budget. Every solve is one label, converged or not; only converged solves enter the
 data (the dataset rule: expert data are converged solutions), the others are counted. The
@@ -37,7 +46,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -70,6 +79,7 @@ def collect_labels(
     max_iter: int | None = None,
     first_max_iter: int | None = None,
     first_episode_id: int = 0,
+    reference: TrajectorySet | None = None,
     rng: np.random.Generator | None = None,
     keep_unconverged: bool = False,
     progress: bool = True,
@@ -88,6 +98,12 @@ def collect_labels(
         first_max_iter: iterations of each episode's first solve, from the expert's cold
             start (``None``: ``max_iter``); later solves start from the shifted plan.
         first_episode_id: episode id of the first seed (ids must be unique across rounds).
+        reference: expert data with plans (``plan (N, T, m)``, ``T`` the expert's horizon):
+            when given, every solve is warm-started from the plan of the reference row
+            nearest to the visited state in (observation, goal), each coordinate scaled by
+            the reference's std, instead of the row's own previous plan shifted. The label
+            then follows the expert's choice at a similar state (e.g. which way to swing)
+            rather than the history of plans along the learner's trajectory.
         keep_unconverged: keep the labels of solves that stopped at the iteration cap
             before the tolerance (what the expert executes in closed loop all the same);
             by default only converged solves are expert data.
@@ -107,12 +123,14 @@ def collect_labels(
     if first_max_iter is not None and first_max_iter < 1:
         raise ValueError(f"first_max_iter must be >= 1 or None, got {first_max_iter}")
     rng = np.random.default_rng(0) if rng is None else rng
-    controller = RecedingHorizon(expert, warm_start="shifted", max_iter=max_iter)
+    nearest = _NearestPlan(reference, expert.horizon) if reference is not None else None
+    controller = RecedingHorizon(expert, warm_start="shifted" if nearest is None else "policy",
+                                 proposer=nearest, max_iter=max_iter)
     envs = [make_env(env_id, env_kwargs) for _ in seeds]
     B = len(seeds)
     rows: dict[str, list[np.ndarray]] = {k: [] for k in (
         "observation", "desired_goal", "achieved_goal", "action", "next_observation",
-        "reward", "episode", "timestep", "terminal", "truncated", "converged")}
+        "reward", "episode", "timestep", "terminal", "truncated", "converged", "plan")}
     labels = 0
     try:
         obs = [env.reset(seed=int(s))[0] for env, s in zip(envs, seeds, strict=True)]
@@ -128,12 +146,15 @@ def collect_labels(
             # The first solve starts cold and needs many iterations (20-50 on the swing-up);
             # later ones start from the shifted plan and converge in a few.
             controller.max_iter = first_max_iter if t == 0 and first_max_iter else max_iter
+            if nearest is not None:
+                nearest.query(ob, goal)  # the plans the next solve starts from
             a_expert, sol = controller.act(states, goal)  # one batched solve: B labels
             policy_ob = np.stack([_split(o, observation_keys)[0] for o in obs])
             a_learner = np.asarray(act(policy_ob, goal))
             use_expert = rng.random(B) < beta
             executed = np.where(use_expert[:, None], a_expert, a_learner)
             converged = np.asarray(sol.converged, bool).reshape(B)
+            plans = sol.u.detach().cpu().numpy()
             for i in np.flatnonzero(active):
                 o, r, term, trunc, _ = envs[i].step(executed[i])
                 labels += 1
@@ -149,6 +170,7 @@ def collect_labels(
                 rows["terminal"].append(bool(term))
                 rows["truncated"].append(bool(trunc) and not term)
                 rows["converged"].append(converged[i])
+                rows["plan"].append(plans[i])
                 obs[i] = o
                 if term or trunc:
                     active[i] = False
@@ -180,6 +202,36 @@ def collect_labels(
     return data, counts
 
 
+class _NearestPlan:
+    """Warm starts from expert plans: :meth:`query` finds, for each visited ``(observation,
+    goal)``, the nearest reference row (coordinates scaled by the reference's std); calling
+    the object returns those rows' plans ``(B, T, m)`` (the ``RecedingHorizon`` proposer)."""
+
+    def __init__(self, reference: TrajectorySet, horizon: int) -> None:
+        from scipy.spatial import cKDTree
+
+        if reference.plan is None:
+            raise ValueError("reference must carry plan (N, T, m) arrays, got none")
+        if reference.plan.shape[1] != horizon:
+            raise ValueError(f"reference plans must have the expert's horizon {horizon}, got "
+                             f"{reference.plan.shape[1]}")
+        keys = self._keys(reference.observation, reference.desired_goal)
+        self.scale = keys.std(0) + 1e-6
+        self.tree = cKDTree(keys / self.scale)
+        self.plan = np.asarray(reference.plan, np.float64)
+        self.rows = np.zeros(0, np.int64)
+
+    @staticmethod
+    def _keys(observation: np.ndarray, goal: np.ndarray | None) -> np.ndarray:
+        return observation if goal is None else np.concatenate([observation, goal], 1)
+
+    def query(self, observation: np.ndarray, goal: np.ndarray | None) -> None:
+        self.rows = self.tree.query(self._keys(observation, goal) / self.scale)[1]
+
+    def __call__(self, states: torch.Tensor, goals: torch.Tensor) -> torch.Tensor:
+        return torch.as_tensor(self.plan[self.rows]).to(states)
+
+
 class DAgger(GoalConditionedBC):
     """DAgger over a TO expert: BC on initial data, then rounds of learner rollouts labelled
     by the expert, aggregated and retrained (see the module docstring).
@@ -201,6 +253,11 @@ class DAgger(GoalConditionedBC):
             the one evaluated beside the learner). Label with the settings that made the
             initial data (e.g. a looser ``tol`` that a control step's solve reaches), so that
             round labels and initial labels are the same kind of converged solution.
+        label_warm_start: what each label's solve starts from: ``"shifted"`` the expert's own
+            previous plan along the visited trajectory, ``"nearest"`` the plan of the nearest
+            expert row already labelled (initial data and earlier rounds; see
+            :func:`collect_labels`'s ``reference``): no expert information beyond the labels
+            counted.
         keep_unconverged: also aggregate labels whose solve stopped at the iteration cap
             (see :func:`collect_labels`); they count as labels either way.
         collect_seed: seed of round 1's first episode (later ones follow); must stay below
@@ -223,6 +280,7 @@ class DAgger(GoalConditionedBC):
         label_max_iter: int | None = None,
         label_first_max_iter: int | None = None,
         label_expert: dict[str, Any] | None = None,
+        label_warm_start: Literal["shifted", "nearest"] = "shifted",
         keep_unconverged: bool = False,
         collect_seed: int = 500_000,
         data_dir: str = "runs/dagger/data",
@@ -234,6 +292,9 @@ class DAgger(GoalConditionedBC):
                             ("batch_size", batch_size)):
             if value < (0 if name == "rounds" else 1):
                 raise ValueError(f"{name} must be >= {0 if name == 'rounds' else 1}, got {value}")
+        if label_warm_start not in ("shifted", "nearest"):
+            raise ValueError(f"label_warm_start must be 'shifted' or 'nearest', got "
+                             f"{label_warm_start!r}")
         if not 0.0 <= beta <= 1.0 or not 0.0 <= beta_decay <= 1.0:
             raise ValueError(f"beta and beta_decay must be in [0, 1], got {beta}, {beta_decay}")
         super().__init__(env_id, **kwargs)
@@ -289,6 +350,7 @@ class DAgger(GoalConditionedBC):
             self.policy.act, self._expert[0], hp.env_id, seeds, self.env_kwargs, beta=beta,
             max_steps=hp.label_max_steps, max_iter=hp.label_max_iter,
             first_max_iter=hp.label_first_max_iter, first_episode_id=first_id,
+            reference=self.aggregated() if hp.label_warm_start == "nearest" else None,
             rng=np.random.default_rng(hp.collect_seed + r),
             keep_unconverged=hp.keep_unconverged, observation_keys=self.observation_keys)
         self.policy.train()

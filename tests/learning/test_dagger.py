@@ -89,11 +89,27 @@ def test_dagger_labels_with_label_expert_not_the_evaluated_one(tmp_path, initial
     # label would be kept; the label expert (10 iterations) converges
     capped = {**EXPERT, "init_args": {"horizon": 5, "max_iter": 1}}
     model = make_dagger(initial, tmp_path / "labels", expert=capped, label_expert=EXPERT,
-                        rounds=1)
+                        rounds=1, label_warm_start="nearest")
     trainer(2, tmp_path).fit(model)
     counts = json.loads((tmp_path / "labels/round_1.json").read_text())
     assert counts["labels"] == EPISODES * STEPS and counts["kept"] > EPISODES * STEPS // 2
     assert model._expert[0].max_iter == 10
+
+
+def test_nearest_warm_start_reuses_the_plan_of_the_same_state(initial):
+    # relabelling the reference's own episodes: each state's nearest reference row is itself,
+    # so each solve starts from that state's converged plan and returns its action, at every
+    # step, even with one iteration per solve (which from the cold start converges nowhere)
+    ref = load_trajectories(initial)
+    capped = build_expert(SWINGUP, {**EXPERT, "init_args": {"horizon": 5, "max_iter": 1}})
+    data, counts = collect_labels(lambda o, g: np.zeros((len(o), 1)), capped, SWINGUP, [0, 1],
+                                  beta=1.0, max_steps=STEPS, reference=ref, progress=False)
+    assert counts["converged"] == counts["labels"] == len(ref)
+    np.testing.assert_allclose(data.action, ref.action, atol=1e-3)
+    assert data.plan.shape == (len(ref), 5, 1)
+    long = build_expert(SWINGUP, {**EXPERT, "init_args": {"horizon": 7, "max_iter": 1}})
+    with pytest.raises(ValueError, match="horizon"):
+        collect_labels(lambda o, g: np.zeros((len(o), 1)), long, SWINGUP, [0], reference=ref)
 
 
 def test_dagger_aggregates_rounds_and_counts_labels_exactly(tmp_path, initial):
