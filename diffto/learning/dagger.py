@@ -23,9 +23,11 @@ early learner (β = 0) that swings the pendulum the wrong way or not at all, the
 labels depend on its plan history where the swing can go either way, and few of its solves
 converge; on the pendulum swing-up such labels made the policy worse than BC on the same
 number of expert transitions. β = 1 in round 1, decaying (Ross et al.'s schedule), keeps the
-visited states near the expert's own, where the labels are consistent. ``label_expert`` lets
-the labeller carry the settings that made the initial data (a tolerance that a control step's
-solve reaches), distinct from the expert evaluated beside the learner.
+first round's states the expert's own, where every label converged; the later, partly
+learner-driven rounds still hurt there (lightning_configs/pendulum_dagger.yaml has the
+figures). ``label_expert`` lets the labeller carry the settings that made the initial data (a
+tolerance that a control step's solve reaches), distinct from the expert evaluated beside the
+learner.
 
 Label budget. Every solve is one label, converged or not; only converged solves enter the
 data (the dataset rule: expert data are converged solutions), the others are counted. The
