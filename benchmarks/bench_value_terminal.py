@@ -51,17 +51,6 @@ from diffto.tasks.registry import make_env, make_expert
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def observation_map(expert, env_id: str):
-    """Planning state ``(B, n)`` -> the env's observation ``(B, o)``, differentiable in torch:
-    the expert's ``observation_of``; for an expert without one, the pendulum's
-    ``[cos θ, sin θ, θ̇]`` or the identity (the Panda observes its planning state)."""
-    if hasattr(expert, "observation_of"):
-        return expert.observation_of
-    if "PendulumSwingUp" in env_id:
-        return lambda x: torch.stack([torch.cos(x[:, 0]), torch.sin(x[:, 0]), x[:, 1]], -1)
-    return None
-
-
 def run_episodes(expert, env_id: str, seeds: list[int], steps: int, horizon: int,
                  terminal_value, bar) -> dict:
     """Lockstep receding-horizon episodes; returns the controller's figures."""
@@ -127,7 +116,7 @@ def main(argv: list[str] | None = None) -> dict:
     T = expert.horizon
     T_short = max(1, round(T * args.fraction))
     seeds = [EVAL_SEED_BASE + j for j in range(args.episodes)]
-    obs_map = observation_map(expert, args.env_id)
+    obs_map = expert.observation_of  # planning state -> the env observation V was fit on
     runs: list[tuple[str, int, object]] = []
     if not args.skip_full:
         runs.append(("full", T, None))

@@ -60,17 +60,6 @@ from diffto.tasks.registry import make_env, make_expert
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def observation_map(expert, env_id: str):
-    """Planning state ``(B, n)`` -> the env's observation ``(B, o)``, differentiable in torch:
-    the expert's ``observation_of``; for an expert without one, the pendulum's
-    ``[cos θ, sin θ, θ̇]`` or the identity (the Panda observes its planning state)."""
-    if hasattr(expert, "observation_of"):
-        return expert.observation_of
-    if "PendulumSwingUp" in env_id:
-        return lambda x: torch.stack([torch.cos(x[:, 0]), torch.sin(x[:, 0]), x[:, 1]], -1)
-    return None
-
-
 def expert_states(expert, env_id: str, seeds: list[int], steps: int, every: int, bar) -> dict:
     """Lockstep receding-horizon episodes of the expert; returns, per sampled step, the states
     ``(E, n)``, goals ``(E, g)`` and previous plans ``(E, T, m)`` (``None`` at step 0)."""
@@ -180,7 +169,7 @@ def main(argv: list[str] | None = None) -> dict:
     policy = load_policy(args.policy)
     # The policy's observation from planned states: built by the proposer from the expert's
     # maps and the policy's observation_keys, unless the expert has none.
-    obs_map = None if hasattr(expert, "observation_of") else observation_map(expert, args.env_id)
+    obs_map = None  # PolicyWarmStart takes the expert's observation_of
     proposer = PolicyWarmStart(policy, expert, observation_of=obs_map)
     seeds = [EVAL_SEED_BASE + j for j in range(args.episodes)]
     started = time.perf_counter()
