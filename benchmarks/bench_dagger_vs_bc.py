@@ -190,9 +190,11 @@ def main() -> None:
                    help="MPC iterations per DAgger label (default: the expert's per-step cap)")
     p.add_argument("--label-first-max-iter", type=int, default=None,
                    help="iterations of each labelled episode's first, cold solve")
-    p.add_argument("--label-warm-start", choices=["shifted", "nearest"], default="shifted",
+    p.add_argument("--label-warm-start", choices=["shifted", "nearest", "policy"],
+                   default="shifted",
                    help="each label's solve starts from the expert's shifted plan along the "
-                        "visited trajectory, or from the plan of the nearest labelled row")
+                        "visited trajectory, from the plan of the nearest labelled row, or "
+                        "from the learner's rollout through the planning model")
     p.add_argument("--label-tol", type=float, default=None,
                    help="the labelling expert's tolerance (the TO dataset's, e.g. 1e-3; default: "
                         "the evaluated expert's own)")

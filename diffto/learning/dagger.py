@@ -64,6 +64,7 @@ from diffto.data.trajectories import (
 )
 from diffto.learning.gcbc import GoalConditionedBC, batch_loader, split_transitions
 from diffto.learning.goal_evaluation import _split, build_expert
+from diffto.learning.warm_start import PolicyWarmStart
 from diffto.tasks.registry import make_env
 
 __all__ = ["DAgger", "collect_labels"]
@@ -82,6 +83,7 @@ def collect_labels(
     first_max_iter: int | None = None,
     first_episode_id: int = 0,
     reference: TrajectorySet | None = None,
+    proposer=None,
     rng: np.random.Generator | None = None,
     keep_unconverged: bool = False,
     progress: bool = True,
@@ -106,6 +108,10 @@ def collect_labels(
             the reference's std, instead of the row's own previous plan shifted. The label
             then follows the expert's choice at a similar state (e.g. which way to swing)
             rather than the history of plans along the learner's trajectory.
+        proposer: ``(states (B, n), goals (B, g)) -> u_init (B, T, m)`` every solve starts
+            from instead (e.g. :class:`~diffto.learning.warm_start.PolicyWarmStart` of the
+            learner: the label refines the learner's own plan, so along a swing the learner
+            chose, the expert labels that swing rather than the opposite one).
         keep_unconverged: keep the labels of solves that stopped at the iteration cap
             before the tolerance (what the expert executes in closed loop all the same);
             by default only converged solves are expert data.
@@ -125,9 +131,12 @@ def collect_labels(
     if first_max_iter is not None and first_max_iter < 1:
         raise ValueError(f"first_max_iter must be >= 1 or None, got {first_max_iter}")
     rng = np.random.default_rng(0) if rng is None else rng
+    if reference is not None and proposer is not None:
+        raise ValueError("give reference or proposer, not both: each sets the warm start")
     nearest = _NearestPlan(reference, expert.horizon) if reference is not None else None
-    controller = RecedingHorizon(expert, warm_start="shifted" if nearest is None else "policy",
-                                 proposer=nearest, max_iter=max_iter)
+    proposer = nearest if nearest is not None else proposer
+    controller = RecedingHorizon(expert, warm_start="shifted" if proposer is None else "policy",
+                                 proposer=proposer, max_iter=max_iter)
     envs = [make_env(env_id, env_kwargs) for _ in seeds]
     B = len(seeds)
     rows: dict[str, list[np.ndarray]] = {k: [] for k in (
@@ -259,7 +268,9 @@ class DAgger(GoalConditionedBC):
             previous plan along the visited trajectory, ``"nearest"`` the plan of the nearest
             expert row already labelled (initial data and earlier rounds; see
             :func:`collect_labels`'s ``reference``): no expert information beyond the labels
-            counted.
+            counted; ``"policy"`` the current learner rolled out through the expert's planning
+            model (:class:`~diffto.learning.warm_start.PolicyWarmStart`), so each label refines
+            the learner's own plan.
         keep_unconverged: also aggregate labels whose solve stopped at the iteration cap
             (see :func:`collect_labels`); they count as labels either way.
         collect_seed: seed of round 1's first episode (later ones follow); must stay below
@@ -282,7 +293,7 @@ class DAgger(GoalConditionedBC):
         label_max_iter: int | None = None,
         label_first_max_iter: int | None = None,
         label_expert: dict[str, Any] | None = None,
-        label_warm_start: Literal["shifted", "nearest"] = "shifted",
+        label_warm_start: Literal["shifted", "nearest", "policy"] = "shifted",
         keep_unconverged: bool = False,
         collect_seed: int = 500_000,
         data_dir: str = "runs/dagger/data",
@@ -294,8 +305,8 @@ class DAgger(GoalConditionedBC):
                             ("batch_size", batch_size)):
             if value < (0 if name == "rounds" else 1):
                 raise ValueError(f"{name} must be >= {0 if name == 'rounds' else 1}, got {value}")
-        if label_warm_start not in ("shifted", "nearest"):
-            raise ValueError(f"label_warm_start must be 'shifted' or 'nearest', got "
+        if label_warm_start not in ("shifted", "nearest", "policy"):
+            raise ValueError(f"label_warm_start must be 'shifted', 'nearest' or 'policy', got "
                              f"{label_warm_start!r}")
         if not 0.0 <= beta <= 1.0 or not 0.0 <= beta_decay <= 1.0:
             raise ValueError(f"beta and beta_decay must be in [0, 1], got {beta}, {beta_decay}")
@@ -348,11 +359,14 @@ class DAgger(GoalConditionedBC):
                  for j in range(hp.episodes_per_round)]
         beta = hp.beta * hp.beta_decay ** (r - 1)
         self.policy.eval()
+        proposer = (PolicyWarmStart(self.policy, self._expert[0])
+                    if hp.label_warm_start == "policy" else None)
         data, counts = collect_labels(
             self.policy.act, self._expert[0], hp.env_id, seeds, self.env_kwargs, beta=beta,
             max_steps=hp.label_max_steps, max_iter=hp.label_max_iter,
             first_max_iter=hp.label_first_max_iter, first_episode_id=first_id,
             reference=self.aggregated() if hp.label_warm_start == "nearest" else None,
+            proposer=proposer,
             rng=np.random.default_rng(hp.collect_seed + r),
             keep_unconverged=hp.keep_unconverged, observation_keys=self.observation_keys)
         self.policy.train()

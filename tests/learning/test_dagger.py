@@ -112,6 +112,31 @@ def test_nearest_warm_start_reuses_the_plan_of_the_same_state(initial):
         collect_labels(lambda o, g: np.zeros((len(o), 1)), long, SWINGUP, [0], reference=ref)
 
 
+def test_policy_warm_start_labels_start_from_the_learners_rollout(tmp_path, initial, monkeypatch):
+    # every label's solve starts from the learner's rollout through the planning model
+    from diffto.learning import warm_start
+
+    calls = []
+    original = warm_start.PolicyWarmStart.forward
+
+    def spy(self, states, goals):
+        u = original(self, states, goals)
+        calls.append(u.shape)
+        return u
+
+    monkeypatch.setattr(warm_start.PolicyWarmStart, "forward", spy)
+    model = make_dagger(initial, tmp_path / "labels", label_warm_start="policy")
+    trainer(2, tmp_path).fit(model)  # round 0 (BC), then round 1 labelled
+    assert len(calls) == STEPS and all(c[0] == EPISODES for c in calls)
+    assert model.labels == 12 + EPISODES * STEPS
+    ref = load_trajectories(initial)
+    with pytest.raises(ValueError, match="reference or proposer"):
+        collect_labels(lambda o, g: np.zeros((len(o), 1)), build_expert(SWINGUP, EXPERT),
+                       SWINGUP, [0], reference=ref, proposer=lambda x, g: None)
+    with pytest.raises(ValueError, match="label_warm_start must be"):
+        make_dagger(initial, tmp_path / "x", label_warm_start="previous")
+
+
 def test_dagger_aggregates_rounds_and_counts_labels_exactly(tmp_path, initial):
     model = make_dagger(initial, tmp_path / "labels")
     trainer(3, tmp_path).fit(model)  # epoch 0: round 0 (BC); epochs 1, 2: rounds 1, 2
