@@ -44,43 +44,39 @@ from tqdm import tqdm
 
 from diffto.data.to_expert import stage_cost
 from diffto.data.trajectories import EVAL_SEED_BASE
+from diffto.learning.goal_evaluation import rollout_episodes
 from diffto.learning.value import CostToGoCritic, LearnedTerminalValue
 from diffto.tasks.mpc_expert import RecedingHorizon
-from diffto.tasks.registry import make_env, make_expert
+from diffto.tasks.registry import make_expert
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def run_episodes(expert, env_id: str, seeds: list[int], steps: int, horizon: int,
                  terminal_value, bar) -> dict:
-    """Lockstep receding-horizon episodes; returns the controller's figures."""
-    envs = [make_env(env_id) for _ in seeds]
-    obs = [env.reset(seed=s)[0] for env, s in zip(envs, seeds, strict=True)]
+    """Lockstep receding-horizon episodes (``rollout_episodes``); the controller's figures."""
     controller = RecedingHorizon(expert, warm_start="shifted", horizon=horizon,
                                  terminal_value=terminal_value)
-    cost = np.zeros(len(seeds))
+    cost = np.zeros(len(seeds))  # the expert's stage costs along the executed episode
     times, conv, its = [], [], []
-    info = [{} for _ in seeds]
-    for _ in range(steps):
+
+    def act(observation, goals, envs):
         states = np.stack([expert.state_of(env) for env in envs])
-        goals = np.stack([o["desired_goal"] for o in obs])
         t0 = time.perf_counter()
         actions, sol = controller.act(states, goals)
         times.append(time.perf_counter() - t0)
         conv.extend(sol.converged.tolist())
         its.extend(sol.iterations.tolist())
-        cost += stage_cost(expert, states, expert.to_control(actions), goals)
-        out = [env.step(a) for env, a in zip(envs, actions, strict=True)]
-        obs = [o[0] for o in out]
-        info = [o[4] for o in out]
+        cost[:] += stage_cost(expert, states, expert.to_control(actions), goals)
         bar.update(1)
-    for env in envs:
-        env.close()
-    success = [bool(i.get("is_success", False)) for i in info]
+        return actions
+
+    evaluation, _ = rollout_episodes(act, env_id, seeds, max_steps=steps)
+    success = [bool(s) for s in evaluation.success]
     return {
         "horizon": horizon,
         "success_rate": statistics.fmean(success),
-        "final_distance_mean": statistics.fmean(float(i.get("distance", np.nan)) for i in info),
+        "final_distance_mean": float(np.mean(evaluation.final_distance)),
         "closed_loop_cost_mean": float(cost.mean()),
         "closed_loop_cost_median": float(np.median(cost)),
         "time_per_control_step_s": statistics.fmean(times),

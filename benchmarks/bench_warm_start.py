@@ -53,34 +53,34 @@ from _results import machine_info, write_atomic
 from tqdm import tqdm
 
 from diffto.data.trajectories import EVAL_SEED_BASE
+from diffto.learning.goal_evaluation import rollout_episodes
 from diffto.learning.warm_start import PolicyWarmStart, load_policy
 from diffto.tasks.mpc_expert import RecedingHorizon
-from diffto.tasks.registry import make_env, make_expert
+from diffto.tasks.registry import make_expert
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def expert_states(expert, env_id: str, seeds: list[int], steps: int, every: int, bar) -> dict:
-    """Lockstep receding-horizon episodes of the expert; returns, per sampled step, the states
-    ``(E, n)``, goals ``(E, g)`` and previous plans ``(E, T, m)`` (``None`` at step 0)."""
-    envs = [make_env(env_id) for _ in seeds]
-    obs = [env.reset(seed=s)[0] for env, s in zip(envs, seeds, strict=True)]
+    """Lockstep receding-horizon episodes of the expert (``rollout_episodes``); returns, per
+    sampled step, the states ``(E, n)``, goals ``(E, g)`` and previous plans ``(E, T, m)``
+    (``None`` at step 0)."""
     controller = RecedingHorizon(expert, warm_start="shifted")
-    samples, previous, success = [], None, []
-    for t in range(steps):
+    samples: list[dict] = []
+    last = {"step": 0, "plan": None}  # the step about to be taken and the previous plans
+
+    def act(observation, goals, envs):
         states = np.stack([expert.state_of(env) for env in envs])
-        goals = np.stack([o["desired_goal"] for o in obs])
-        if t % every == 0:
-            samples.append({"step": t, "states": states, "goals": goals, "previous": previous})
+        if last["step"] % every == 0:
+            samples.append({"step": last["step"], "states": states, "goals": goals,
+                            "previous": last["plan"]})
         actions, sol = controller.act(states, goals)
-        previous = sol.u.detach().clone()
-        out = [env.step(a) for env, a in zip(envs, actions, strict=True)]
-        obs = [o[0] for o in out]
-        success = [bool(o[4].get("is_success", False)) for o in out]
+        last["step"], last["plan"] = last["step"] + 1, sol.u.detach().clone()
         bar.update(1)
-    for env in envs:
-        env.close()
-    return {"samples": samples, "expert_success": success}
+        return actions
+
+    evaluation, _ = rollout_episodes(act, env_id, seeds, max_steps=steps)
+    return {"samples": samples, "expert_success": [bool(x) for x in evaluation.success]}
 
 
 def solve_from(expert, states, goals, u_init, max_iter: int) -> dict:
@@ -118,26 +118,22 @@ def summarize(rows: list[dict], method: str) -> dict:
 
 def closed_loop(expert, env_id: str, seeds: list[int], steps: int, warm_start: str,
                 proposer, bar) -> dict:
-    envs = [make_env(env_id) for _ in seeds]
-    obs = [env.reset(seed=s)[0] for env, s in zip(envs, seeds, strict=True)]
     controller = RecedingHorizon(expert, warm_start=warm_start, proposer=proposer)
-    times, its, conv, success = [], [], [], []
-    for _ in range(steps):
+    times, its, conv = [], [], []
+
+    def act(observation, goals, envs):
         states = np.stack([expert.state_of(env) for env in envs])
-        goals = np.stack([o["desired_goal"] for o in obs])
         t0 = time.perf_counter()
         actions, sol = controller.act(states, goals)
         times.append(time.perf_counter() - t0)
         its.extend(sol.iterations.tolist())
         conv.extend(sol.converged.tolist())
-        out = [env.step(a) for env, a in zip(envs, actions, strict=True)]
-        obs = [o[0] for o in out]
-        success = [bool(o[4].get("is_success", False)) for o in out]
         bar.update(1)
-    for env in envs:
-        env.close()
+        return actions
+
+    evaluation, _ = rollout_episodes(act, env_id, seeds, max_steps=steps)
     return {
-        "success_rate": statistics.fmean(success),
+        "success_rate": float(np.mean(evaluation.success)),
         "iterations_per_step_mean": statistics.fmean(its),
         "converged_step_fraction": statistics.fmean(conv),
         "time_per_control_step_s": statistics.fmean(times),
