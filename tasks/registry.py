@@ -9,6 +9,7 @@ learners and their subprocess workers call::
     from diffto.tasks.registry import make_env
 
     env = make_env("diffto/PandaReach-v0", {"reward_type": "dense"})
+    env = make_env("diffto/Metaworld-v0", {"task": "push-v3"})  # any Metaworld v3 task
 
 The trajectory-optimization expert of an environment (an
 :class:`~diffto.tasks.mpc_expert.MPCExpert`) is in a second table, :data:`EXPERTS`;
@@ -42,6 +43,7 @@ __all__ = [
 
 ENVIRONMENTS: dict[str, str] = {
     "diffto/Go2Tracking-v0": "diffto.tasks.go2.env:Go2TrackingEnv",
+    "diffto/Metaworld-v0": "diffto.tasks.metaworld.goal_env:MetaworldGoalEnv",
     "diffto/PandaReach-v0": "diffto.tasks.panda.reach_env:PandaReachEnv",
     "diffto/PendulumSwingUp-v0": "diffto.tasks.classic.swingup_env:PendulumSwingUpEnv",
 }
