@@ -29,7 +29,17 @@ Heads
     alike whatever its units. ``"gaussian"``: the network outputs ``z`` and a log-std
     ``s (B, a)`` (clamped to ``[−5, 1]`` half-widths); the policy is ``N(squash(z), e^{2s})``
     in half-width units and the loss is its negative log-likelihood of the expert's action
-    (a multimodal or noisy expert no longer averages into one mean; the mean is what acts).
+    (a noisy expert no longer inflates the fit of the mean; the mean is what acts).
+    ``"mixture"``: ``K`` Gaussian components (``mixtures``) with logits ``π_k``, squashed means
+    ``μ_k`` and log-stds ``s_k``; the loss is the mixture's negative log-likelihood
+
+    .. math::
+
+        −\log \sum_k \operatorname{softmax}(π)_k \prod_j N(a^*_j; μ_{kj}, e^{2 s_{kj}})
+
+    (a logsumexp over components), so an expert that goes left or right from the same state
+    is fit by two components instead of averaged into the invalid middle. The mean of the
+    most probable component acts (deterministic, and never an average of two modes).
     Expert actions are clipped to the box first: the environment applies only that part.
 """
 
@@ -48,7 +58,7 @@ from diffto.policies import MLP
 
 __all__ = ["GoalPolicy", "Head", "Squash", "ACTIVATIONS"]
 
-Head = Literal["deterministic", "gaussian"]
+Head = Literal["deterministic", "gaussian", "mixture"]
 Squash = Literal["tanh", "clip"]
 ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "tanh": nn.Tanh, "elu": nn.ELU}
 _LOG_STD_MIN, _LOG_STD_MAX = -5.0, 1.0
@@ -63,7 +73,9 @@ class GoalPolicy(nn.Module):
         action_low, action_high: the action box ``(a,)`` (finite for ``squash="tanh"``).
         hidden: widths of the hidden layers.
         activation: ``"relu"``, ``"tanh"`` or ``"elu"``.
-        head: ``"deterministic"`` (MSE) or ``"gaussian"`` (NLL); see the module docstring.
+        head: ``"deterministic"`` (MSE), ``"gaussian"`` or ``"mixture"`` (NLL); see the module
+            docstring.
+        mixtures: components of the ``"mixture"`` head.
         squash: ``"tanh"`` or ``"clip"`` into the action box.
         relative_goal_at: index ``k`` of the achieved goal inside the observation; the input
             then includes ``goal − observation[k : k+g]`` (``None``: not).
@@ -83,12 +95,16 @@ class GoalPolicy(nn.Module):
         head: Head = "deterministic",
         squash: Squash = "tanh",
         relative_goal_at: int | None = None,
+        mixtures: int = 5,
     ) -> None:
         super().__init__()
         if obs_dim < 1 or goal_dim < 0:
             raise ValueError(f"obs_dim must be >= 1 and goal_dim >= 0, got {obs_dim}, {goal_dim}")
-        if head not in ("deterministic", "gaussian"):
-            raise ValueError(f"head must be 'deterministic' or 'gaussian', got {head!r}")
+        if head not in ("deterministic", "gaussian", "mixture"):
+            raise ValueError(f"head must be 'deterministic', 'gaussian' or 'mixture', got "
+                             f"{head!r}")
+        if isinstance(mixtures, bool) or not isinstance(mixtures, int) or mixtures < 1:
+            raise ValueError(f"mixtures must be an int >= 1, got {mixtures!r}")
         if squash not in ("tanh", "clip"):
             raise ValueError(f"squash must be 'tanh' or 'clip', got {squash!r}")
         if activation not in ACTIVATIONS:
@@ -120,7 +136,10 @@ class GoalPolicy(nn.Module):
         self.relative_goal_at = relative_goal_at
         self.relative_normalizer = (RunningNormalizer(goal_dim) if relative_goal_at is not None
                                     else None)
-        out = self.act_dim * (2 if head == "gaussian" else 1)
+        self.mixtures = mixtures if head == "mixture" else 1
+        # per component: mean and log-std per action dimension, plus one logit
+        out = {"deterministic": self.act_dim, "gaussian": 2 * self.act_dim,
+               "mixture": mixtures * (2 * self.act_dim + 1)}[head]
         n_in = obs_dim + goal_dim * (1 if relative_goal_at is None else 2)
         self.net = MLP(n_in, out, list(hidden), ACTIVATIONS[activation])
 
@@ -168,15 +187,29 @@ class GoalPolicy(nn.Module):
     def mean_and_log_std(self, observation: Tensor, goal: Tensor | None = None
                          ) -> tuple[Tensor, Tensor | None]:
         """Action mean ``(B, a)`` inside the box and, for the Gaussian head, the log-std
-        ``(B, a)`` in half-width units (``None`` for the deterministic head)."""
+        ``(B, a)`` in half-width units (``None`` for the deterministic head). For the mixture
+        head: the mean and log-std of the most probable component."""
         out = self.net(self.features(observation, goal))
         if self.head == "deterministic":
             return self._squash(out), None
+        if self.head == "mixture":
+            logits, mean, log_std = self._components(out)
+            pick = logits.argmax(-1)[:, None, None].expand(-1, 1, self.act_dim)
+            return mean.gather(1, pick)[:, 0], log_std.gather(1, pick)[:, 0]
         z, log_std = out.split(self.act_dim, -1)
         return self._squash(z), log_std.clamp(_LOG_STD_MIN, _LOG_STD_MAX)
 
+    def _components(self, out: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Mixture head output ``(B, K(2a+1))`` -> logits ``(B, K)``, squashed means ``(B, K,
+        a)`` and log-stds ``(B, K, a)`` in half-width units."""
+        K, a = self.mixtures, self.act_dim
+        logits, z, log_std = out.split([K, K * a, K * a], -1)
+        z, log_std = z.reshape(-1, K, a), log_std.reshape(-1, K, a)
+        return logits, self._squash(z), log_std.clamp(_LOG_STD_MIN, _LOG_STD_MAX)
+
     def forward(self, observation: Tensor, goal: Tensor | None = None) -> Tensor:
-        """The acting action ``(B, a)`` (the mean for the Gaussian head)."""
+        """The acting action ``(B, a)`` (the mean for the Gaussian head, the most probable
+        component's mean for the mixture)."""
         return self.mean_and_log_std(observation, goal)[0]
 
     @torch.no_grad()
@@ -193,11 +226,14 @@ class GoalPolicy(nn.Module):
     def loss(self, observation: Tensor, goal: Tensor | None, action: Tensor) -> dict[str, Tensor]:
         """Behaviour-cloning loss on expert ``action (B, a)``.
 
-        Returns ``loss_bc`` (what is optimized: MSE in half-widths, or the Gaussian NLL per
-        action dimension) and the diagnostic ``action_mse`` (MSE in the action's own units).
+        Returns ``loss_bc`` (what is optimized: MSE in half-widths, or the Gaussian / mixture
+        NLL per action dimension) and the diagnostic ``action_mse`` (MSE in the action's own
+        units, of the acting action).
         """
         target = torch.maximum(torch.minimum(action.to(self.action_low), self.action_high),
                                self.action_low)
+        if self.head == "mixture":
+            return self._mixture_loss(observation, goal, target)
         mean, log_std = self.mean_and_log_std(observation, goal)
         err = (mean - target) / self.action_scale  # (B, a) in half-widths
         if log_std is None:
@@ -209,6 +245,19 @@ class GoalPolicy(nn.Module):
             )
         return {"loss_bc": loss, "action_mse": ((mean - target) ** 2).mean().detach()}
 
+    def _mixture_loss(self, observation: Tensor, goal: Tensor | None, target: Tensor
+                      ) -> dict[str, Tensor]:
+        logits, mean, log_std = self._components(self.net(self.features(observation, goal)))
+        err = (mean - target[:, None]) / self.action_scale  # (B, K, a) in half-widths
+        # log N(err; 0, e^{2s}) summed over action dimensions: (B, K)
+        log_prob = -(0.5 * (err * torch.exp(-log_std)) ** 2 + log_std).sum(-1) - (
+            0.5 * self.act_dim * math.log(2 * math.pi))
+        nll = -torch.logsumexp(torch.log_softmax(logits, -1) + log_prob, -1)  # (B,)
+        pick = logits.argmax(-1)[:, None, None].expand(-1, 1, self.act_dim)
+        acting = mean.gather(1, pick)[:, 0]
+        return {"loss_bc": nll.mean() / self.act_dim,
+                "action_mse": ((acting - target) ** 2).mean().detach()}
+
     def extra_repr(self) -> str:
-        return (f"head={self.head!r}, squash={self.squash!r}, "
+        return (f"head={self.head!r}, mixtures={self.mixtures}, squash={self.squash!r}, "
                 f"relative_goal_at={self.relative_goal_at}")

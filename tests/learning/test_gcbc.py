@@ -69,7 +69,7 @@ def random_dataset(env_id: str, path: Path, episodes: int = 2, steps: int = 4) -
 def test_policy_respects_the_box_and_its_heads():
     low, high = np.array([-1.0, 0.0]), np.array([1.0, 4.0])
     obs, goal = torch.randn(64, 3) * 100, torch.randn(64, 1)
-    for head in ("deterministic", "gaussian"):
+    for head in ("deterministic", "gaussian", "mixture"):
         for squash in ("tanh", "clip"):
             pol = GoalPolicy(3, 1, low, high, hidden=(16,), head=head, squash=squash)
             pol.fit_normalization(obs, goal)
@@ -83,9 +83,31 @@ def test_policy_respects_the_box_and_its_heads():
     with pytest.raises(ValueError, match="finite action box"):
         GoalPolicy(3, 1, [-np.inf], [np.inf])
     with pytest.raises(ValueError, match="head"):
-        GoalPolicy(3, 1, [-1.0], [1.0], head="mixture")
+        GoalPolicy(3, 1, [-1.0], [1.0], head="categorical")
+    with pytest.raises(ValueError, match="mixtures"):
+        GoalPolicy(3, 1, [-1.0], [1.0], head="mixture", mixtures=0)
     with pytest.raises(ValueError, match="goal"):
         GoalPolicy(3, 1, [-1.0], [1.0])(obs, None)
+
+
+def test_mixture_head_keeps_the_modes_an_mse_fit_averages():
+    # The expert goes to +0.7 or -0.7 from the same observation: the MSE fit learns the
+    # invalid middle (0), the mixture head acts on one of the two modes.
+    torch.manual_seed(0)
+    obs = torch.randn(512, 2)
+    action = torch.where(torch.rand(512, 1) < 0.5, 0.7, -0.7)
+    fits = {}
+    for head in ("deterministic", "mixture"):
+        pol = GoalPolicy(2, 0, [-1.0], [1.0], hidden=(32,), head=head, mixtures=3)
+        pol.fit_normalization(obs)
+        opt = torch.optim.Adam(pol.parameters(), lr=1e-2)
+        for _ in range(300):
+            opt.zero_grad()
+            pol.loss(obs, None, action)["loss_bc"].backward()
+            opt.step()
+        fits[head] = pol(obs, None).detach()
+    assert fits["deterministic"].abs().mean() < 0.2
+    assert ((fits["mixture"].abs() - 0.7).abs() < 0.1).float().mean() > 0.95
 
 
 def test_normalization_travels_in_the_state_dict():
