@@ -15,7 +15,8 @@ Seeding (Metaworld ignores ``reset(seed=)``; this wrapper does not)
     every reset: ``reset(seed=s)`` re-seeds the Sawyer env's own generator (``env.seed(s)``,
     ``seeded_rand_vec = True``) and lets its ``reset`` draw the vector, so the variant is a
     deterministic function of ``s`` (same ``s``, same first observation) and the global
-    ``np.random`` state plays no part. ``reset(seed=None)`` continues the stream of the last
+    ``np.random`` state plays no part (hammer-v3's goal is fixed: its variants move the
+    hammer). ``reset(seed=None)`` continues the stream of the last
     seed (from OS entropy before any seed). Training data uses seeds ``0, 1, ...`` and
     evaluation ``1_000_000 + j`` (:data:`diffto.data.trajectories.EVAL_SEED_BASE`).
 
@@ -32,8 +33,10 @@ Goal-env API (gymnasium-robotics' conventions, duck-typed)
 
 Rendering
     ``render_mode="rgb_array"`` returns ``(height, width, 3)`` uint8 images from ``camera``
-    (default ``"corner2"``, which shows the table and the arm upright; Metaworld renders
-    through gymnasium's MuJoCo renderer, which already flips OpenGL's bottom-up rows). The GL
+    (default ``"corner2"``: the table and the arm seen from the front corner). Metaworld's
+    ``corner*`` cameras are defined upside down (their image-up axis points at the floor), so
+    their images are rotated by 180° to show the scene upright (gymnasium's MuJoCo renderer
+    has already put OpenGL's bottom-up rows in order; flipping rows only would mirror it). The GL
     back-end is chosen when ``mujoco`` is first imported (``MUJOCO_GL``; ``make_env`` picks
     OSMesa on a headless machine). With ``render_mode=None`` nothing touches GL.
 """
@@ -44,6 +47,7 @@ from collections.abc import Mapping
 from typing import Any, Literal
 
 import gymnasium as gym
+import mujoco
 import numpy as np
 from gymnasium import spaces
 
@@ -131,8 +135,15 @@ class MetaworldGoalEnv(gym.Env):
         sawyer = ALL_V3_ENVIRONMENTS[task](
             render_mode=render_mode, camera_name=camera, width=width, height=height
         )
-        if camera not in [sawyer.model.camera(i).name for i in range(sawyer.model.ncam)]:
-            raise ValueError(f"camera must name a camera of Metaworld's scene, got {camera!r}")
+        cameras = [sawyer.model.camera(i).name for i in range(sawyer.model.ncam)]
+        if camera not in cameras:
+            raise ValueError(f"camera must be one of Metaworld's cameras {cameras}, got {camera!r}")
+        # Metaworld's "corner" cameras are defined upside down: their image-up axis (second
+        # column of cam_xmat) points towards the floor. Rotating their images by 180° (both
+        # axes reversed; a row flip alone would mirror the scene) shows the scene upright.
+        mujoco.mj_forward(sawyer.model, sawyer.data)
+        up = sawyer.data.cam_xmat[cameras.index(camera)].reshape(3, 3)[:, 1]
+        self._rotate_image = bool(up[2] < 0.0)
         # What Benchmark.set_task does for MT tasks, without a pickled Task: goal observable
         # (drop the cached space computed with the goal hidden), task set, variants drawn
         # from the env's own seeded generator at every reset.
@@ -279,7 +290,10 @@ class MetaworldGoalEnv(gym.Env):
         """``(height, width, 3)`` uint8 image from ``camera`` (``render_mode="rgb_array"``)."""
         if self.render_mode is None:
             return None
-        return np.ascontiguousarray(self._sawyer.render(), dtype=np.uint8)
+        image = np.asarray(self._sawyer.render(), dtype=np.uint8)
+        if self._rotate_image:
+            image = image[::-1, ::-1]
+        return np.ascontiguousarray(image)
 
     def close(self) -> None:
         self._sawyer.close()
