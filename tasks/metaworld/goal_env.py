@@ -38,7 +38,9 @@ Rendering
     their images are rotated by 180° to show the scene upright (gymnasium's MuJoCo renderer
     has already put OpenGL's bottom-up rows in order; flipping rows only would mirror it). The GL
     back-end is chosen when ``mujoco`` is first imported (``MUJOCO_GL``; ``make_env`` picks
-    OSMesa on a headless machine). With ``render_mode=None`` nothing touches GL.
+    OSMesa on a headless machine). With ``render_mode=None`` nothing touches GL; where no
+    offscreen context can be made, ``render()`` raises
+    :class:`~diffto.tasks.rendering.RenderingUnavailableError`.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ import numpy as np
 from gymnasium import spaces
 
 from diffto.tasks.metaworld.success import evaluate_state, goal_success, is_goal_function
+from diffto.tasks.rendering import RenderingUnavailableError
 
 __all__ = ["MetaworldGoalEnv", "METAWORLD_TASKS", "MT10"]
 
@@ -287,10 +290,19 @@ class MetaworldGoalEnv(gym.Env):
 
     # ------------------------------------------------------------------ rendering
     def render(self) -> np.ndarray | None:
-        """``(height, width, 3)`` uint8 image from ``camera`` (``render_mode="rgb_array"``)."""
+        """``(height, width, 3)`` uint8 image from ``camera`` (``render_mode="rgb_array"``),
+        ``None`` without a render mode; :class:`RenderingUnavailableError` without GL."""
         if self.render_mode is None:
             return None
-        image = np.asarray(self._sawyer.render(), dtype=np.uint8)
+        try:
+            frame = self._sawyer.render()
+        except Exception as err:  # GL back-ends fail with assorted types (FatalError, ...)
+            raise RenderingUnavailableError(
+                f"MuJoCo could not render offscreen ({type(err).__name__}: {err}). On a "
+                f"headless machine set MUJOCO_GL=osmesa (or egl) before anything imports "
+                f"mujoco (diffto.tasks.registry.make_env does it for a fresh process)."
+            ) from err
+        image = np.asarray(frame, dtype=np.uint8)
         if self._rotate_image:
             image = image[::-1, ::-1]
         return np.ascontiguousarray(image)

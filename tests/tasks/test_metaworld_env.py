@@ -187,7 +187,7 @@ def test_render_shape_and_no_gl_without_render_mode():
     env.reset(seed=0)
     try:
         image = env.render()
-    except (RenderingUnavailableError, RuntimeError, ImportError) as err:  # no GL here
+    except RenderingUnavailableError as err:  # no offscreen GL on this machine
         pytest.skip(f"offscreen OpenGL is unavailable on this machine: {err}")
     assert image.shape == (84, 96, 3) and image.dtype == np.uint8 and image.std() > 0
     env.close()
