@@ -7,6 +7,8 @@
 - :mod:`diffto.data.to_dataset`, :mod:`diffto.data.shard_writer`, :mod:`diffto.data.to_expert`:
   TO datasets as ``lightning predict`` jobs (closed-loop MPC episodes, atomic shards, resume,
   ranks sharing the work).
+- :mod:`diffto.data.metaworld_demos`: Metaworld scripted-expert demonstrations of many tasks
+  as a ``lightning predict`` job on the same shards.
 
 The datamodules import Lightning, which the format does not need: they load on first access,
 so reading or merging datasets stays light.
@@ -32,6 +34,10 @@ _LAZY = {
     "TOProblems": "diffto.data.shard_writer",
     "TrajectoryShardWriter": "diffto.data.shard_writer",
     "run_expert_episodes": "diffto.data.to_expert",
+    "ShardChunk": "diffto.data.shard_writer",
+    "MetaworldDemoCollector": "diffto.data.metaworld_demos",
+    "MetaworldDemoProblems": "diffto.data.metaworld_demos",
+    "collect_demos": "diffto.data.metaworld_demos",
 }
 
 __all__ = [
@@ -50,7 +56,12 @@ __all__ = [
     "TODatasetGenerator",
     "TOProblems",
     "TrajectoryShardWriter",
+    "ShardChunk",
     "run_expert_episodes",
+    # Metaworld demonstrations (lightning predict)
+    "MetaworldDemoCollector",
+    "MetaworldDemoProblems",
+    "collect_demos",
 ]
 
 

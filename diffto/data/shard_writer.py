@@ -7,6 +7,11 @@
   ``episodes_<first>-<last>.npz`` (inclusive, 6 digits) in ``output_dir``
   (:func:`shard_filename`). Chunks whose shard already exists are left out: rerunning a
   killed job finishes it, and a run with more ``episodes`` (same chunking) extends a dataset.
+  A subclass plans other chunks by overriding :meth:`TOProblems.shards`: a
+  :class:`ShardChunk` may carry a task id (batches then hold ``"task": (E,)`` and the
+  per-task index ``"index": (E,)``), an episode-id offset and a file-name prefix
+  (``push-v3_episodes_000000-000015.npz``), so the shards of several tasks share one folder
+  (:class:`diffto.data.metaworld_demos.MetaworldDemoProblems`).
 * :class:`TrajectoryShardWriter` (a ``BasePredictionWriter``, ``write_interval="batch"``):
   after each batch, takes the module's shard and writes it with
   :func:`~diffto.data.trajectories.save_trajectories` (a hidden temporary file, then
@@ -27,6 +32,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import NamedTuple
 
 import lightning as L
 import numpy as np
@@ -38,29 +44,60 @@ from torch.utils.data import DataLoader, Dataset
 from diffto.data.to_expert import _int
 from diffto.data.trajectories import save_trajectories
 
-__all__ = ["TOProblems", "TrajectoryShardWriter", "shard_filename"]
+__all__ = ["ShardChunk", "TOProblems", "TrajectoryShardWriter", "shard_filename"]
 
-_SHARD = re.compile(r"^episodes_(\d{6,})-(\d{6,})\.npz$")
+_PREFIX = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.\-]*$")  # no "_": it ends the prefix
+_SHARD = re.compile(r"^(?:[A-Za-z0-9][A-Za-z0-9.\-]*_)?episodes_(\d{6,})-(\d{6,})\.npz$")
 
 
-def shard_filename(first: int, stop: int) -> str:
-    """File name of the shard of episodes ``first .. stop-1``: ``episodes_000000-000015.npz``."""
-    return f"episodes_{first:06d}-{stop - 1:06d}.npz"
+def shard_filename(first: int, stop: int, prefix: str = "") -> str:
+    """File name of the shard of episodes ``first .. stop-1``: ``episodes_000000-000015.npz``,
+    or ``<prefix>_episodes_000000-000015.npz`` (e.g. the task: ``push-v3_episodes_...``).
+
+    Names sort by prefix, then by first episode; ``prefix`` holds letters, digits, ``.`` and
+    ``-`` (no ``_``, which separates it)."""
+    if prefix and not _PREFIX.match(prefix):
+        raise ValueError(f"prefix must hold letters, digits, '.' and '-' only, got {prefix!r}")
+    return f"{prefix + '_' if prefix else ''}episodes_{first:06d}-{stop - 1:06d}.npz"
+
+
+class ShardChunk(NamedTuple):
+    """One predict batch and one shard: dataset episodes ``first .. stop-1`` (of one task).
+
+    Episode ``i`` of the chunk gets the id ``episode_offset + i`` and the reset seed
+    ``seed + i`` (``seed`` of the datamodule), so its data depend on ``(task, i)`` only.
+    """
+
+    first: int
+    stop: int
+    task: int | None = None  # carried in the batch as "task" (E,) when not None
+    prefix: str = ""  # file-name prefix of the shard (see shard_filename)
+    episode_offset: int = 0
+
+    @property
+    def filename(self) -> str:
+        return shard_filename(self.first, self.stop, self.prefix)
 
 
 class _Chunks(Dataset):
-    """Item ``k``: the batch of chunk ``k``, ``{"episode": (E,) int64, "seed": (E,) int64}``."""
+    """Item ``k``: the batch of chunk ``k``, ``{"episode": (E,) int64, "seed": (E,) int64}``
+    plus ``"task"`` and ``"index"`` (the dataset index ``i``), both ``(E,) int64``, for a
+    chunk of a task."""
 
-    def __init__(self, chunks: list[tuple[int, int]], seed: int) -> None:
+    def __init__(self, chunks: list[ShardChunk], seed: int) -> None:
         self.chunks, self.seed = chunks, seed
 
     def __len__(self) -> int:
         return len(self.chunks)
 
     def __getitem__(self, k: int) -> dict[str, torch.Tensor]:
-        first, stop = self.chunks[k]
-        episode = torch.arange(first, stop, dtype=torch.int64)
-        return {"episode": episode, "seed": episode + self.seed}
+        chunk = self.chunks[k]
+        index = torch.arange(chunk.first, chunk.stop, dtype=torch.int64)
+        batch = {"episode": index + chunk.episode_offset, "seed": index + self.seed}
+        if chunk.task is not None:
+            batch["task"] = torch.full_like(index, chunk.task)
+            batch["index"] = index
+        return batch
 
 
 def _one(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -97,12 +134,17 @@ class TOProblems(L.LightningDataModule):
         self.episodes = _int("episodes", episodes, 1)
         self.episodes_per_shard = _int("episodes_per_shard", episodes_per_shard, 1)
         self.seed = _int("seed", seed, 0)
-        self.pending: list[tuple[int, int]] | None = None
+        self.pending: list[ShardChunk] | None = None
 
     def chunks(self) -> list[tuple[int, int]]:
         """``(first, stop)`` of every shard, in order."""
         k = self.episodes_per_shard
         return [(a, min(a + k, self.episodes)) for a in range(0, self.episodes, k)]
+
+    def shards(self) -> list[ShardChunk]:
+        """Every planned shard, in order: one :class:`ShardChunk` per :meth:`chunks` entry
+        (a subclass plans chunks of several tasks here)."""
+        return [ShardChunk(a, b) for a, b in self.chunks()]
 
     def finished(self) -> list[str]:
         """Names of the shard files in ``output_dir`` (temporary files are not shards)."""
@@ -113,7 +155,7 @@ class TOProblems(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         """List the chunks whose shard is not in ``output_dir`` yet (every rank, before any
         writes: Lightning runs ``setup`` between barriers)."""
-        planned = {shard_filename(a, b): (a, b) for a, b in self.chunks()}
+        planned = {c.filename: c for c in self.shards()}
         done = self.finished()
         stray = [name for name in done if name not in planned]
         if stray:
@@ -125,8 +167,9 @@ class TOProblems(L.LightningDataModule):
             )
         self.pending = [c for name, c in planned.items() if name not in set(done)]
         rank_zero_info(
-            f"TO dataset {self.output_dir}: {len(done)} of {len(planned)} shards exist, "
-            f"{len(self.pending)} to generate ({sum(b - a for a, b in self.pending)} episodes)"
+            f"dataset {self.output_dir}: {len(done)} of {len(planned)} shards exist, "
+            f"{len(self.pending)} to generate ({sum(c.stop - c.first for c in self.pending)} "
+            "episodes)"
         )
 
     def predict_dataloader(self) -> DataLoader:
@@ -135,14 +178,16 @@ class TOProblems(L.LightningDataModule):
         chunks = list(self.pending)
         world = self.trainer.world_size if self.trainer is not None else 1
         # Lightning's unrepeated sampler needs a batch on every rank: pad with empty chunks.
-        chunks += [(0, 0)] * max(0, world - len(chunks))
+        chunks += [ShardChunk(0, 0)] * max(0, world - len(chunks))
         return DataLoader(_Chunks(chunks, self.seed), batch_size=1, shuffle=False,
                           collate_fn=_one)
 
 
 class TrajectoryShardWriter(BasePredictionWriter):
-    """Writes each batch's shard of a :class:`~diffto.data.to_dataset.TODatasetGenerator`
-    atomically (the module hands it over with ``take_shard() -> (file name, set) | None``).
+    """Writes each batch's shard of a generator module atomically
+    (:class:`~diffto.data.to_dataset.TODatasetGenerator`,
+    :class:`~diffto.data.metaworld_demos.MetaworldDemoCollector`: the module hands it over
+    with ``take_shard() -> (file name, set) | None``).
 
     Args:
         output_dir: folder of the shards; ``None``: the datamodule's ``output_dir``
@@ -177,7 +222,8 @@ class TrajectoryShardWriter(BasePredictionWriter):
                 f"settings() (TODatasetGenerator), got {type(pl_module).__name__}"
             )
         folder = self._folder(trainer)
-        existing = sorted(folder.glob("episodes_*.npz")) if folder.is_dir() else []
+        existing = (sorted(p for p in folder.iterdir() if _SHARD.match(p.name))
+                    if folder.is_dir() else [])
         if existing:
             with np.load(existing[0], allow_pickle=False) as npz:
                 meta = json.loads(str(npz["meta"]))

@@ -46,7 +46,9 @@ in training data). Other keys are allowed.
 or ``env_id``, ``dt``, ``dynamics``, ``cost_weights``, ``normalization``
 (``{array: {"mean": [...], "std": [...]}}``, :meth:`TrajectorySet.normalization_stats`),
 ``versions``, and the counts ``episodes_requested`` and ``episodes_failed`` (only converged
-solutions are expert data; failed episodes are left out and counted).
+solutions are expert data; failed episodes are left out and counted). A multi-task set
+records ``task_names`` (``{str(task id): name}`` of the tasks its ``task`` array holds)
+instead of one ``task``.
 
 **Row order.** Construction sorts rows by ``(episode, timestep)`` when they are not already
 in that order (writers produce sorted rows, so for them it is a check) and rejects duplicate
@@ -74,6 +76,9 @@ be consecutive (a subset of rows is still a valid set).
   ``0 .. E-1`` instead of requiring disjoint ids), and ``python -m diffto.data.merge OUT
   IN...`` for files and folders. Sets merge when their task / env id and ``dt`` agree (where
   both record them) and they hold the same arrays with the same trailing shapes and dtypes.
+  Multi-task sets (a ``task`` array and ``meta["task_names"]``, ``{task id: name}``) may
+  hold different tasks as long as no id has two names (nor a name two ids); the merged
+  ``task_names`` is the union.
 * A file that is not in this format raises ``ValueError`` naming the file and the array.
 
 **Legacy files** (the first format: ``states``, ``actions``, ``dt``, ``meta``, optional
@@ -114,6 +119,7 @@ __all__ = [
     "cost_to_go",
     "load_trajectories",
     "merge_trajectories",
+    "merged_task_names",
     "save_trajectories",
 ]
 
@@ -443,11 +449,43 @@ def _space(data: TrajectorySet) -> dict[str, tuple]:
     return space
 
 
+def _task_names(data: TrajectorySet, name: str) -> dict[str, str]:
+    """``meta["task_names"]`` (``{task id: task name}``, ids as strings) or ``{}``."""
+    value = data.meta.get("task_names") or {}
+    if not isinstance(value, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        raise ValueError(f"{name}: meta 'task_names' must map task ids (strings) to names, got "
+                         f"{value!r}")
+    return value
+
+
+def merged_task_names(sets: Sequence[TrajectorySet], names: Sequence[str]) -> dict[str, str]:
+    """The union of the sets' ``meta["task_names"]`` (``{id: name}`` of a multi-task set),
+    sorted by id; ``ValueError`` naming both sets where one id has two names or one name
+    two ids."""
+    union: dict[str, tuple[str, str]] = {}  # id -> (task name, set that named it)
+    ids: dict[str, tuple[str, str]] = {}  # task name -> (id, set that named it)
+    for data, name in zip(sets, names, strict=True):
+        for k, task in _task_names(data, name).items():
+            if k in union and union[k][0] != task:
+                raise ValueError(f"{name}: meta 'task_names' maps task id {k} to {task!r} but "
+                                 f"{union[k][1]}'s maps it to {union[k][0]!r}")
+            if task in ids and ids[task][0] != k:
+                raise ValueError(f"{name}: meta 'task_names' gives {task!r} the task id {k} but "
+                                 f"{ids[task][1]}'s gives it {ids[task][0]}")
+            union.setdefault(k, (task, name))
+            ids.setdefault(task, (k, name))
+    return {k: union[k][0] for k in sorted(union, key=lambda k: (len(k), k))}
+
+
 def check_compatible(sets: Sequence[TrajectorySet], names: Sequence[str]) -> None:
     """Raise ``ValueError`` naming the source if ``sets`` differ in ``meta`` task / env id or
     ``dt`` (where both sets record it), in the arrays they hold (per transition and per
-    episode) or in those arrays' trailing shapes and dtypes."""
+    episode) or in those arrays' trailing shapes and dtypes. Multi-task sets (a ``task``
+    array, ``meta["task_names"]``) may hold different tasks; they must not give one task id
+    two names (:func:`merged_task_names`)."""
     first, ref = sets[0], _space(sets[0])
+    merged_task_names(sets, names)
     for data, name in zip(sets[1:], names[1:], strict=True):
         for key in ("task", "env_id", "dt"):
             a, b = first.meta.get(key), data.meta.get(key)
@@ -476,7 +514,8 @@ def merge_trajectories(sets: Sequence[TrajectorySet], renumber: bool = False,
         names: names of the sets for error messages (default ``set 0``, ``set 1``, ...).
 
     Returns:
-        The merged set; ``meta`` is the first set's, with :data:`SUMMED_META_KEYS` summed and
+        The merged set; ``meta`` is the first set's, with :data:`SUMMED_META_KEYS` summed,
+        :data:`LISTED_META_KEYS` concatenated, ``task_names`` united (multi-task sets) and
         ``normalization`` recomputed for the same arrays.
     """
     sets = list(sets)
@@ -521,6 +560,8 @@ def merge_trajectories(sets: Sequence[TrajectorySet], renumber: bool = False,
     for key in LISTED_META_KEYS:
         if any(key in d.meta for d in sets):
             meta[key] = [x for d in sets for x in d.meta.get(key, [])]
+    if any("task_names" in d.meta for d in sets):
+        meta["task_names"] = merged_task_names(sets, names)
     merged = TrajectorySet(**kw, meta=meta)
     if isinstance(meta.get("normalization"), dict) and len(merged):
         merged.meta["normalization"] = merged.normalization_stats(list(meta["normalization"]))
