@@ -11,7 +11,9 @@ DENOISERS = ("mlp", "unet1d")
 SMALL = dict(hidden=64, depth=2, unet_channels=(16, 32))
 
 
-def _head(denoiser="mlp", cond_dim=3, action_dim=2, horizon=4, **kwargs):
+def _head(denoiser="mlp", cond_dim=3, action_dim=2, horizon=4, seed=0, **kwargs):
+    """A small head; the seed fixes its initial weights and the training draws that follow."""
+    torch.manual_seed(seed)
     return DiffusionActionHead(
         cond_dim=cond_dim,
         action_dim=action_dim,
@@ -21,9 +23,8 @@ def _head(denoiser="mlp", cond_dim=3, action_dim=2, horizon=4, **kwargs):
     )
 
 
-def _train(head, make_batch, steps, lr=2e-3, seed=0):
+def _train(head, make_batch, steps, lr=2e-3):
     """Adam on head.loss over fresh batches; returns the per-step losses."""
-    torch.manual_seed(seed)
     opt = torch.optim.Adam(head.denoiser.parameters(), lr=lr)
     losses = []
     for _ in range(steps):
