@@ -20,7 +20,7 @@ block is told, not only the input layer.
   of a chunk are smooth in time, which the convolutions exploit.
 
 Sizes with the head's defaults (``T = 16``, ``m = 4``, ``C = 42``): the MLP (``hidden = 256``,
-``depth = 3``) has about 0.33 M parameters, the U-Net (``channels = (64, 128)``) about 0.23 M.
+``depth = 3``) has about 0.34 M parameters, the U-Net (``channels = (64, 128)``) about 0.23 M.
 """
 
 from __future__ import annotations

@@ -16,9 +16,11 @@ gradually rather than mostly in the first steps) and ``ᾱ_k = ∏_{j≤k} (1 �
 loss: ``−ε_θ / \\sqrt{1 − ᾱ_k}`` estimates the score ``∇ log p_k(x_k | c)``, so the model
 learns the whole conditional distribution, with all its modes, rather than its mean.
 
-**Sampling** (DDIM, deterministic, ``η = 0``). Start from ``x_K ∼ N(0, I)`` and walk
-``inference_steps`` evenly spaced steps down to 0. At each step the network's output gives
-an estimate of the clean chunk, ``\\hat x_0 = (x_k − \\sqrt{1 − ᾱ_k}\\, ε_θ) / \\sqrt{ᾱ_k}``
+**Sampling** (DDIM, deterministic, ``η = 0``). With ``S = inference_steps`` and
+``Δ = K / S``, start from ``x ∼ N(0, I)`` at step ``K − Δ`` (``ᾱ`` there is already near 0
+with the cosine schedule) and walk the steps ``K − Δ, K − 2Δ, …, 0``. At each step the
+network's output gives an estimate of the clean chunk,
+``\\hat x_0 = (x_k − \\sqrt{1 − ᾱ_k}\\, ε_θ) / \\sqrt{ᾱ_k}``
 (clipped to ``[-1, 1]`` when ``clip_sample``), and the next iterate puts that estimate back
 at the lower noise level along the same noise direction:
 ``x_{k'} = \\sqrt{ᾱ_{k'}}\\, \\hat x_0 + \\sqrt{1 − ᾱ_{k'}}\\, ε_θ``. The last step returns
@@ -41,13 +43,17 @@ is a registered submodule: it is in ``state_dict`` (checkpoints) and moves with 
 parameters have ``requires_grad = False``, so an optimizer given ``head.parameters()`` leaves
 it alone (no gradient) — pass ``head.denoiser.parameters()`` to be explicit.
 
-**Sizes and cost** (defaults; ``T = 16``, ``m = 4``, ``C = 42``; one CPU thread of the
-2-core build machine; measured with ``python -m diffto.learning.diffusion``): the ``"mlp"``
-denoiser (``hidden = 256``, ``depth = 3``, 0.34 M parameters) takes about 12 ms per training
-step (forward, backward, Adam) at batch 256 and samples a chunk with 10 DDIM steps in about
-2 ms for B = 1 and 3 ms for B = 50; the ``"unet1d"`` denoiser (``channels = (64, 128)``,
-0.23 M parameters) takes about 95 ms per training step at batch 256, 6 ms for B = 1 and
-25 ms for B = 50.
+**Sizes and cost** (defaults; ``T = 16``, ``m = 4``, ``C = 42``; one torch thread on the
+2-core build machine while other jobs shared it, so upper figures; ``python -m
+diffto.learning.diffusion`` prints them): the ``"mlp"`` denoiser (``hidden = 256``,
+``depth = 3``, 0.34 M parameters) takes 25-34 ms per training step (loss, backward, Adam,
+EMA) at batch 256 and samples with 10 DDIM steps in 14 ms for B = 1 and 31-36 ms for B = 50
+(about 1 ms per step is the scheduler's and Python's overhead). The ``"unet1d"`` denoiser
+(``unet_channels = (64, 128)``, 0.23 M parameters) costs 230-280 ms per training step at
+batch 256, 49-51 ms for B = 1 and 250-260 ms for B = 50: the convolutions over a 16-step
+axis cost far more per parameter than the MLP's matrix products. On toy bimodal data the
+U-Net with ``"epsilon"`` needs about 1000 steps to separate the modes as sharply (95 % of
+samples within 0.15 of a mode) as the MLP does in 400 or the U-Net with ``"sample"`` in 300.
 """
 
 from __future__ import annotations
