@@ -350,7 +350,9 @@ class OfflinePolicy(L.LightningModule):
                     and cb.best_model_path and os.path.exists(cb.best_model_path)):
                 ckpt = torch.load(cb.best_model_path, map_location=self.device,
                                   weights_only=False)
-                best = type(self)(**self.hparams)
+                # the constructor's arguments (the CLI adds private keys such as _class_path)
+                best = type(self)(**{k: v for k, v in self.hparams.items()
+                                     if not k.startswith("_")})
                 best.load_state_dict(ckpt["state_dict"])
                 return best.to(self.device), cb.best_model_path
         return None, None

@@ -30,7 +30,15 @@ from typing import Any
 
 import numpy as np
 
-from diffto.learning.goal_evaluation import Controller, Evaluation, _write_json, rollout_episodes
+from diffto.learning.goal_evaluation import (
+    Controller,
+    Evaluation,
+    _write_json,
+    rollout_episodes,
+    split_observation,
+    time_policy,
+)
+from diffto.tasks.registry import make_env
 
 __all__ = [
     "evaluate_on_tasks",
@@ -128,10 +136,22 @@ def evaluate_task_experts(
         model = build_task_expert(expert, task)
         result, _ = rollout_episodes(lambda o, g, envs, m=model: m.act(o), env_id, seeds,
                                      key["env_kwargs"], max_steps, progress=progress)
+        result.timing["time_per_action_s"] = _time_act(model, env_id, key["env_kwargs"],
+                                                       int(seeds[0]))
         out[task] = result
         if path is not None:
             _write_json(path, {"key": key, "result": result.to_json()})
     return out
+
+
+def _time_act(model, env_id: str, env_kwargs: dict[str, Any], seed: int) -> float:
+    """The expert's time per action on a batch of one (its first observation)."""
+    env = make_env(env_id, env_kwargs)
+    try:
+        obs, _ = split_observation(env.reset(seed=seed)[0])
+    finally:
+        env.close()
+    return time_policy(lambda o, g: model.act(o), obs[None], None)
 
 
 def mean_summary(results: dict[str, Evaluation]) -> dict[str, float]:

@@ -1,0 +1,149 @@
+"""Offline policies on Metaworld demonstrations: BC and the diffusion policy in Lightning,
+their chunked acting, evaluation, report and checkpoints (diffto.learning.offline_policy)."""
+
+from __future__ import annotations
+
+import json
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+
+from diffto.data.metaworld_demos import collect_demos
+from diffto.data.trajectories import merge_trajectories, save_trajectories
+from diffto.learning.bc import BehaviorCloning
+from diffto.learning.demonstrations import DemonstrationsDataModule
+from diffto.learning.diffusion_policy import DiffusionPolicy
+from diffto.learning.offline_policy import ChunkController
+
+pytestmark = pytest.mark.filterwarnings("ignore:Constant\\(s\\) may be too high")
+
+ENV = "diffto/Metaworld-v0"
+EXPERT = {"class_path": "diffto.tasks.metaworld.expert.ScriptedExpert"}
+
+
+@pytest.fixture(scope="module")
+def demos(tmp_path_factory):
+    """8 drawer-close and 3 button-press-topdown demonstrations (seeds 0..), one file."""
+    sets = []
+    for task, n in (("drawer-close-v3", 8), ("button-press-topdown-v3", 3)):
+        data, counts = collect_demos(task, range(n), range(n))
+        assert counts["episodes_failed"] == 0
+        sets.append(data)
+    path = tmp_path_factory.mktemp("demos") / "demos.npz"
+    save_trajectories(path, merge_trajectories(sets))
+    return path
+
+
+def _trainer(tmp_path, **kw):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    best = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="best", monitor="val/success",
+                           mode="max")
+    # Lightning 2.6 refreshes a monitored callback's last.ckpt only when the monitor improves:
+    # the final weights come from a callback without a monitor (the latest, every epoch).
+    last = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="last",
+                           enable_version_counter=False)
+    defaults = dict(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                    enable_model_summary=False, num_sanity_val_steps=0, callbacks=[best, last],
+                    default_root_dir=tmp_path)
+    return L.Trainer(**{**defaults, **kw})
+
+
+def test_chunk_controller_replans_every_action_steps_and_keeps_a_history():
+    calls = []
+
+    def predict(history, task):
+        calls.append(history.clone())
+        B = history.shape[0]
+        return torch.arange(3, dtype=torch.float32)[None, :, None].expand(B, 3, 1) + len(calls)
+
+    ctrl = ChunkController(predict, obs_horizon=2, action_steps=2, task=1)
+    acts = [ctrl(np.full((2, 1), t, np.float32))[:, 0].tolist() for t in range(5)]
+    assert acts == [[1, 1], [2, 2], [2, 2], [3, 3], [3, 3]]  # chunk k+1 starts at k+1
+    assert len(calls) == 3
+    assert calls[0][0, :, 0].tolist() == [0, 0]  # the first observation repeated
+    assert calls[1][0, :, 0].tolist() == [1, 2]
+    ctrl.reset()
+    ctrl(np.full((2, 1), 9, np.float32))
+    assert calls[-1][0, :, 0].tolist() == [9, 9]
+
+
+def test_bc_learns_held_out_drawer_close_and_reports_next_to_the_expert(demos, tmp_path):
+    L.seed_everything(0)
+    model = BehaviorCloning(ENV, tasks=["drawer-close-v3"],
+                            env_kwargs={"terminate_on_success": True}, hidden=[128, 128],
+                            lr=3e-3, eval_episodes=2, report_episodes=6, expert=EXPERT,
+                            expert_cache_dir=str(tmp_path / "cache"))
+    dm = DemonstrationsDataModule(str(demos), batch_size=128)
+    trainer = _trainer(tmp_path, max_epochs=60, check_val_every_n_epoch=30)
+    trainer.fit(model, dm)
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["demonstrations"] == 8  # drawer-close only: the other task is left out
+    rows = report["results"]
+    assert set(rows) == {"expert", "best checkpoint", "last checkpoint"}
+    assert rows["expert"]["drawer-close-v3"]["success"] == 1.0
+    # held-out variants; a policy that ignores the observation or an untrained one gets 0
+    assert rows["last checkpoint"]["drawer-close-v3"]["success"] >= 0.8
+    assert (tmp_path / "report.md").read_text().count("|") > 10
+    # the checkpoint carries the normalization: a restored policy acts identically
+    restored = BehaviorCloning.load_from_checkpoint(tmp_path / "ckpt" / "last.ckpt")
+    hist, task = torch.randn(4, 1, 39), torch.zeros(4, dtype=torch.long)
+    torch.testing.assert_close(restored.predict_chunk(hist, task), model.predict_chunk(hist,
+                                                                                        task))
+
+
+def test_multi_task_inputs_carry_the_task_one_hot(demos, tmp_path):
+    model = BehaviorCloning(ENV, tasks=["button-press-topdown-v3", "drawer-close-v3"],
+                            head="mixture", mixtures=3, obs_horizon=2, action_horizon=4,
+                            action_steps=2, hidden=[32], report=False)
+    assert model.input_dim == 2 * 39 + 2
+    x = model.inputs(torch.zeros(3, 2, 39), torch.tensor([0, 1, 1]))
+    assert x[:, -2:].tolist() == [[1, 0], [0, 1], [0, 1]]
+    dm = DemonstrationsDataModule(str(demos), batch_size=64)
+    trainer = _trainer(tmp_path, max_steps=3, limit_val_batches=0, callbacks=[],
+                       enable_checkpointing=False)
+    trainer.fit(model, dm)
+    assert model.predict_chunk(torch.zeros(2, 2, 39), torch.tensor([0, 1])).shape == (2, 4, 4)
+    with pytest.raises(ValueError, match="action_steps"):
+        BehaviorCloning(ENV, tasks=["reach-v3"], action_horizon=2, action_steps=3)
+    with pytest.raises(ValueError, match="tasks"):
+        BehaviorCloning(ENV, tasks=["reach-v3", "reach-v3"])
+
+
+def test_dataset_of_another_environment_is_refused(demos, tmp_path):
+    model = BehaviorCloning("diffto/PendulumSwingUp-v0", hidden=[8], report=False)
+    with pytest.raises(ValueError, match="not in tasks|made on"):
+        _trainer(tmp_path, max_steps=1, limit_val_batches=0, callbacks=[],
+                 enable_checkpointing=False).fit(
+            model, DemonstrationsDataModule(str(demos)))
+
+
+@pytest.mark.filterwarnings("ignore:Checkpoint directory .* exists and is not empty")
+def test_diffusion_policy_trains_acts_in_its_box_and_resumes(demos, tmp_path):
+    L.seed_everything(0)
+    model = DiffusionPolicy(ENV, tasks=["drawer-close-v3"], hidden=64, depth=2,
+                            obs_horizon=2, action_horizon=4, action_steps=2, lr=1e-3,
+                            eval_episodes=1, report_episodes=1, expert=None, report=True)
+    dm = DemonstrationsDataModule(str(demos), batch_size=64)
+    trainer = _trainer(tmp_path, max_epochs=2, check_val_every_n_epoch=2)
+    trainer.fit(model, dm)
+    assert model.head.ema_updates.item() == trainer.global_step > 0
+    chunk = model.predict_chunk(torch.randn(5, 2, 39), torch.zeros(5, dtype=torch.long))
+    assert chunk.shape == (5, 4, 4) and chunk.abs().max() <= 1.0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert set(report["results"]) == {"best checkpoint", "last checkpoint"}
+    # resume: one more epoch from last.ckpt continues the EMA count and the step
+    model2 = DiffusionPolicy(ENV, tasks=["drawer-close-v3"], hidden=64, depth=2,
+                             obs_horizon=2, action_horizon=4, action_steps=2, report=False,
+                             eval_episodes=1)
+    steps = trainer.global_step
+    t2 = _trainer(tmp_path, max_epochs=3, check_val_every_n_epoch=3)
+    t2.fit(model2, DemonstrationsDataModule(str(demos), batch_size=64),
+           ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    assert t2.global_step > steps and model2.head.ema_updates.item() == t2.global_step
+    # the same noise at every evaluation: two evaluations of one policy agree
+    a = model2.evaluate(episodes=1)[0]["drawer-close-v3"]
+    b = model2.evaluate(episodes=1)[0]["drawer-close-v3"]
+    assert a.length.tolist() == b.length.tolist()
