@@ -41,10 +41,17 @@ Rendering
     OSMesa on a headless machine). With ``render_mode=None`` nothing touches GL; where no
     offscreen context can be made, ``render()`` raises
     :class:`~diffto.tasks.rendering.RenderingUnavailableError`.
+
+Construction cost
+    Metaworld compiles its scene from XML in every new environment (about 0.4 s here, longer
+    than an expert episode). Each task's scene is compiled once per process and every further
+    environment gets a copy of the compiled model (about 20 ms): evaluations that build tens of
+    environments per task stay cheap. The copy is deep, so environments never share state.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -57,6 +64,34 @@ from diffto.tasks.metaworld.success import evaluate_state, goal_success, is_goal
 from diffto.tasks.rendering import RenderingUnavailableError
 
 __all__ = ["MetaworldGoalEnv", "METAWORLD_TASKS", "MT10"]
+
+_COMPILED: dict[str, mujoco.MjModel] = {}
+"""Compiled scene per XML path: the master copy, never handed to an environment."""
+_SAWYER_CLASSES: dict[str, type] = {}
+
+
+def _initialize_simulation(self) -> tuple[mujoco.MjModel, mujoco.MjData]:
+    """gymnasium's ``MujocoEnv._initialize_simulation`` from a copy of the compiled scene."""
+    compiled = _COMPILED.get(self.fullpath)
+    if compiled is None:
+        compiled = _COMPILED[self.fullpath] = mujoco.MjModel.from_xml_path(self.fullpath)
+    model = copy.deepcopy(compiled)
+    # as gymnasium does: only grow the offscreen framebuffer to the requested image size
+    model.vis.global_.offwidth = max(model.vis.global_.offwidth, self.width)
+    model.vis.global_.offheight = max(model.vis.global_.offheight, self.height)
+    return model, mujoco.MjData(model)
+
+
+def _sawyer_class(task: str) -> type:
+    """Metaworld's class of ``task`` with the compiled-scene cache (same name, same code)."""
+    if task not in _SAWYER_CLASSES:
+        from metaworld.env_dict import ALL_V3_ENVIRONMENTS
+
+        base = ALL_V3_ENVIRONMENTS[task]
+        _SAWYER_CLASSES[task] = type(base.__name__, (base,),
+                                     {"_initialize_simulation": _initialize_simulation})
+    return _SAWYER_CLASSES[task]
+
 
 METAWORLD_TASKS: tuple[str, ...] = (
     "assembly-v3", "basketball-v3", "bin-picking-v3", "box-close-v3",
@@ -126,8 +161,6 @@ class MetaworldGoalEnv(gym.Env):
         for name, size in (("width", width), ("height", height)):
             if not isinstance(size, int) or size < _MIN_SIZE:
                 raise ValueError(f"{name} must be an int >= {_MIN_SIZE}, got {size!r}")
-        from metaworld.env_dict import ALL_V3_ENVIRONMENTS
-
         self.task_name = task
         self.task_id = METAWORLD_TASKS.index(task)
         self.reward_type = reward_type
@@ -135,7 +168,7 @@ class MetaworldGoalEnv(gym.Env):
         self.terminate_on_success = bool(terminate_on_success)
         self.render_mode = render_mode
         self.camera = camera
-        sawyer = ALL_V3_ENVIRONMENTS[task](
+        sawyer = _sawyer_class(task)(
             render_mode=render_mode, camera_name=camera, width=width, height=height
         )
         cameras = [sawyer.model.camera(i).name for i in range(sawyer.model.ncam)]

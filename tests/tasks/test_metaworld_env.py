@@ -83,6 +83,26 @@ def test_seeding_is_reproducible_and_ignores_global_state():
                                   first["observation"])
 
 
+def test_environments_of_one_task_share_no_state():
+    """Scenes are compiled once per task and copied: two environments stay independent."""
+    a = make_env("diffto/Metaworld-v0", {"task": "push-v3"})
+    b = make_env("diffto/Metaworld-v0", {"task": "push-v3"})
+    try:
+        assert a.unwrapped.sawyer.model is not b.unwrapped.sawyer.model
+        goal_a = a.reset(seed=1)[0]["desired_goal"].copy()
+        site_a = a.unwrapped.sawyer.model.site("goal").pos.copy()
+        goal_b = b.reset(seed=2)[0]["desired_goal"]
+        assert not np.allclose(goal_a, goal_b)
+        np.testing.assert_array_equal(a.unwrapped.sawyer.model.site("goal").pos, site_a)
+        for _ in range(3):
+            b.step(np.ones(4, np.float32))
+        np.testing.assert_array_equal(a.step(np.zeros(4, np.float32))[0]["desired_goal"],
+                                      goal_a)
+    finally:
+        a.close()
+        b.close()
+
+
 @pytest.mark.parametrize("task", MT10)
 def test_success_table_agrees_with_metaworld_along_expert_episodes(task):
     env = MetaworldGoalEnv(task, reward_type="sparse")
