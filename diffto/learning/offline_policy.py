@@ -286,18 +286,21 @@ class OfflinePolicy(L.LightningModule):
         return make
 
     def evaluate(self, policy: OfflinePolicy | None = None, episodes: int | None = None,
-                 video_episodes: int = 0, progress: bool = False
+                 video_episodes: int = 0, progress: bool = False,
+                 tasks: Sequence[str] | None = None
                  ) -> tuple[dict[str, Evaluation], dict[str, list[np.ndarray]]]:
         """``policy`` (default: this module) in closed loop on the held-out seeds of every
-        task; each Evaluation's ``timing["time_per_action_s"]`` is one policy call on a batch
-        of one divided by the actions it yields."""
+        task (or of ``tasks``, a subset of its tasks); each Evaluation's
+        ``timing["time_per_action_s"]`` is one policy call on a batch of one divided by the
+        actions it yields."""
         pol = self if policy is None else policy
         was_training = pol.training
         pol.eval()
         try:
             with torch.no_grad():
                 results, videos = evaluate_on_tasks(
-                    self.controller_factory(pol), self.hparams.env_id, self._task_list(),
+                    self.controller_factory(pol), self.hparams.env_id,
+                    self._task_list() if tasks is None else list(tasks),
                     eval_seeds(episodes or self.hparams.eval_episodes), self.env_kwargs,
                     self.hparams.task_kwarg, self.hparams.eval_max_steps, video_episodes,
                     progress, self.observation_keys)
@@ -342,6 +345,10 @@ class OfflinePolicy(L.LightningModule):
         self.log("val/steps_to_success", mean["steps_to_success"], batch_size=1)
         for task, r in results.items():
             self.log(f"val/success/{task}", r.summary()["success"], batch_size=1)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # which class to rebuild (diffto.learning.evaluate_offline reads it)
+        checkpoint["diffto_offline_policy"] = f"{type(self).__module__}.{type(self).__qualname__}"
 
     # ------------------------------------------------------------------ report
     def _best_policy(self) -> tuple[OfflinePolicy | None, str | None]:

@@ -92,6 +92,18 @@ def test_bc_learns_held_out_drawer_close_and_reports_next_to_the_expert(demos, t
     hist, task = torch.randn(4, 1, 39), torch.zeros(4, dtype=torch.long)
     torch.testing.assert_close(restored.predict_chunk(hist, task), model.predict_chunk(hist,
                                                                                         task))
+    # the evaluate entry point reads the checkpoint, prints the table, writes the figures
+    from diffto.learning.evaluate_offline import main
+
+    main([str(tmp_path / "ckpt" / "last.ckpt"), "--episodes", "2", "--json",
+          str(tmp_path / "eval.json"), "--expert-cache-dir", str(tmp_path / "cache")])
+    figures = json.loads((tmp_path / "eval.json").read_text())
+    assert set(figures["results"]) == {"expert", "policy (last.ckpt)"}
+    assert figures["results"]["policy (last.ckpt)"]["drawer-close-v3"]["episodes"] == 2
+    with pytest.raises(ValueError, match="not learned"):
+        from diffto.learning.evaluate_offline import evaluate_checkpoint
+
+        evaluate_checkpoint(tmp_path / "ckpt" / "last.ckpt", 1, tasks=["push-v3"])
 
 
 def test_multi_task_inputs_carry_the_task_one_hot(demos, tmp_path):
