@@ -1,4 +1,4 @@
-"""What every benchmark script shares: the machine it ran on and an atomic JSON writer.
+"""What benchmark scripts share: the machine, an atomic JSON writer, runs of ``lightning fit``.
 
 Scripts run as ``python benchmarks/<script>.py``, so this folder is on ``sys.path`` and they
 import it as ``from _results import machine_info, write_atomic``.
@@ -6,11 +6,17 @@ import it as ``from _results import machine_info, write_atomic``.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import platform
+import subprocess
+import sys
 import tempfile
+import time
 from pathlib import Path
+
+import yaml
 
 
 def machine_info(**versions: str) -> dict:
@@ -48,3 +54,40 @@ def write_atomic(path: str | os.PathLike, payload: dict) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def run_config(config: dict, root: Path, max_epochs: int, val_every: int, seed: int) -> dict:
+    """``config`` with ``seed``, ``max_epochs`` and validation every ``val_every`` epochs, its
+    trainer writing under ``root`` (CSV logs, checkpoints) without a progress bar."""
+    cfg = copy.deepcopy(config)
+    cfg["seed_everything"] = seed
+    tr = cfg["trainer"]
+    tr.update(max_epochs=max_epochs, check_val_every_n_epoch=val_every,
+              enable_progress_bar=False)
+    tr["logger"] = [{"class_path": "lightning.pytorch.loggers.CSVLogger",
+                     "init_args": {"save_dir": str(root), "name": "logs"}}]
+    for cb in tr.get("callbacks", []):
+        if cb["class_path"].endswith("ModelCheckpoint"):
+            cb["init_args"]["dirpath"] = str(root / "checkpoints")
+    return cfg
+
+
+def fit_once(cfg: dict, root: Path, log: Path) -> dict:
+    """``python -m diffto fit`` of ``cfg`` unless ``root`` already holds its end-of-fit
+    report (so a benchmark reruns after a kill without repeating finished runs); returns the
+    report with the run's ``wall_time_s``."""
+    reports = sorted(root.glob("logs/version_*/report.json"))
+    if reports:
+        return json.loads(reports[-1].read_text())
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    t0 = time.perf_counter()
+    with open(log, "w") as fh:
+        subprocess.run([sys.executable, "-m", "diffto", "fit", "--config",
+                        str(root / "config.yaml")], stdout=fh, stderr=subprocess.STDOUT,
+                       check=True, env={**os.environ, "DIFFTO_NUM_THREADS": "1"})
+    report = json.loads(sorted(root.glob("logs/version_*/report.json"))[-1].read_text())
+    report["wall_time_s"] = time.perf_counter() - t0
+    (sorted(root.glob("logs/version_*/report.json"))[-1]).write_text(json.dumps(report,
+                                                                                indent=1))
+    return report

@@ -26,41 +26,22 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import os
-import subprocess
-import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 import yaml
-from _results import machine_info, write_atomic
+from _results import fit_once, machine_info, run_config, write_atomic
 
 from diffto.cli import resolve_config
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def _trainer(config: dict, root: Path, max_epochs: int, val_every: int, seed: int) -> dict:
-    """``config`` with its trainer writing under ``root`` (CSV logs, checkpoints)."""
-    cfg = copy.deepcopy(config)
-    cfg["seed_everything"] = seed
-    tr = cfg["trainer"]
-    tr.update(max_epochs=max_epochs, check_val_every_n_epoch=val_every,
-              enable_progress_bar=False)
-    tr["logger"] = [{"class_path": "lightning.pytorch.loggers.CSVLogger",
-                     "init_args": {"save_dir": str(root), "name": "logs"}}]
-    for cb in tr.get("callbacks", []):
-        if cb["class_path"].endswith("ModelCheckpoint"):
-            cb["init_args"]["dirpath"] = str(root / "checkpoints")
-    return cfg
-
-
 def bc_config(base: dict, root: Path, seed: int, epochs: int, val_every: int,
               data: str | None, max_transitions: int | None) -> dict:
-    cfg = _trainer(base, root, epochs, val_every, seed)
+    cfg = run_config(base, root, epochs, val_every, seed)
     cfg["model"]["init_args"]["video_episodes"] = 0
     d = cfg["data"]["init_args"]
     if data is not None:
@@ -72,7 +53,7 @@ def bc_config(base: dict, root: Path, seed: int, epochs: int, val_every: int,
 
 def dagger_config(base: dict, root: Path, seed: int, args: argparse.Namespace) -> dict:
     epochs = (args.rounds + 1) * args.epochs_per_round
-    cfg = _trainer(base, root, epochs, args.epochs_per_round, seed)
+    cfg = run_config(base, root, epochs, args.epochs_per_round, seed)
     cfg["trainer"]["reload_dataloaders_every_n_epochs"] = 1
     model = copy.deepcopy(cfg["model"]["init_args"])
     model.update(
@@ -101,25 +82,6 @@ def _label_expert(expert: dict | None, tol: float | None) -> dict | None:
     spec = copy.deepcopy(expert)
     spec.setdefault("init_args", {})["tol"] = tol
     return spec
-
-
-def run(cfg: dict, root: Path, log: Path) -> dict:
-    """``python -m diffto fit`` of ``cfg`` unless ``root`` already holds its report."""
-    reports = sorted(root.glob("logs/version_*/report.json"))
-    if reports:
-        return json.loads(reports[-1].read_text())
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
-    t0 = time.perf_counter()
-    with open(log, "w") as fh:
-        subprocess.run([sys.executable, "-m", "diffto", "fit", "--config",
-                        str(root / "config.yaml")], stdout=fh, stderr=subprocess.STDOUT,
-                       check=True, env={**os.environ, "DIFFTO_NUM_THREADS": "1"})
-    report = json.loads(sorted(root.glob("logs/version_*/report.json"))[-1].read_text())
-    report["wall_time_s"] = time.perf_counter() - t0
-    (sorted(root.glob("logs/version_*/report.json"))[-1]).write_text(json.dumps(report,
-                                                                                indent=1))
-    return report
 
 
 def summarize(reports: list[dict]) -> dict:
@@ -225,17 +187,17 @@ def main() -> None:
     for seed in args.seeds:
         if not args.bc_only:
             d_root = root / f"dagger_seed{seed}"
-            rep = run(dagger_config(base, d_root, seed, args), d_root,
+            rep = fit_once(dagger_config(base, d_root, seed, args), d_root,
                       root / f"dagger_seed{seed}.log")
             runs["DAgger"].append(rep)
             labels = int(rep["labels"])
             b_root = root / f"bc{labels}_seed{seed}"
-            runs["BC, same labels"].append(run(
+            runs["BC, same labels"].append(fit_once(
                 bc_config(base, b_root, seed, epochs, args.epochs_per_round, args.data, labels),
                 b_root, root / f"bc{labels}_seed{seed}.log"))
         if args.full_bc or args.bc_only:
             f_root = root / f"bc_all_seed{seed}"
-            runs["BC, all data"].append(run(
+            runs["BC, all data"].append(fit_once(
                 bc_config(base, f_root, seed, args.full_bc_epochs, args.full_bc_epochs // 4,
                           args.data, None), f_root, root / f"bc_all_seed{seed}.log"))
         print(f"seed {seed} done ({time.perf_counter() - t0:.0f} s)", flush=True)

@@ -26,8 +26,8 @@ tasks, what checkpoints monitor), ``val/steps_to_success`` and ``val/success/<ta
 **Report** (end of fit): the expert, the best checkpoint (by ``val/success``) and the last
 weights on ``report_episodes`` held-out episodes per task, a per-task table in
 ``report.md`` / ``report.json`` in the run's log folder, the time per action of each, and a
-video of the last weights on the first task(s) (``video_episodes``; skipped with a warning
-where rendering is unavailable).
+video of the last weights (``video_episodes`` per task side by side, the tasks one after
+another; skipped with a warning where rendering is unavailable).
 """
 
 from __future__ import annotations
@@ -119,8 +119,8 @@ class OfflinePolicy(L.LightningModule):
         expert: the task expert ``{class_path, init_args}``, built with ``task=<name>``, whose
             ``act(observation (B, o))`` drives the baseline; ``None``: no expert row.
         expert_cache_dir: where the expert's evaluations are cached (``None``: no cache).
-        report: write the end-of-fit report; video_episodes: episodes of the first task
-            filmed for it (0: none).
+        report: write the end-of-fit report; video_episodes: episodes of each task filmed
+            for it, side by side, the tasks one after another (0: none).
     """
 
     def __init__(
@@ -379,10 +379,10 @@ class OfflinePolicy(L.LightningModule):
         rows["last checkpoint"], videos = self.evaluate(
             episodes=episodes, video_episodes=self.hparams.video_episodes)
         video = None
-        if videos:
-            task, frames = next(iter(videos.items()))
+        if videos:  # the tasks one after another
+            frames = [f for clip in videos.values() for f in clip]
             video = str(save_video(frames, out_dir / "last.mp4", fps=_fps(
-                self.hparams.env_id, self._env_kwargs(task))))
+                self.hparams.env_id, self._env_kwargs(next(iter(videos))))))
         name = type(self).__name__
         title = (f"{name} on {self.hparams.env_id}: success over {episodes} held-out episodes "
                  f"per task")

@@ -159,3 +159,25 @@ def test_diffusion_policy_trains_acts_in_its_box_and_resumes(demos, tmp_path):
     a = model2.evaluate(episodes=1)[0]["drawer-close-v3"]
     b = model2.evaluate(episodes=1)[0]["drawer-close-v3"]
     assert a.length.tolist() == b.length.tolist()
+
+
+@pytest.mark.parametrize("config", ["metaworld_bc.yaml", "metaworld_diffusion.yaml"])
+def test_metaworld_configs_fast_dev_run(config, demos, tmp_path, monkeypatch):
+    """The shipped configs on two tasks of the test demonstrations: train, evaluate next to
+    the expert, report and film (one episode per task, where rendering works)."""
+    from diffto import cli
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.argv", ["lightning"])
+    cli.main(["fit", "--config", config, "--trainer.fast_dev_run=true",
+              f"--data.init_args.path={demos}", "--data.init_args.demos_per_task=3",
+              "--data.init_args.batch_size=32",
+              "--model.init_args.tasks=[drawer-close-v3, button-press-topdown-v3]",
+              "--model.init_args.eval_episodes=1", "--model.init_args.report_episodes=1",
+              "--model.init_args.eval_max_steps=5"])
+    report = json.loads(next(tmp_path.glob("**/report.json")).read_text())
+    assert report["demonstrations"] == 6
+    assert {"expert", "last checkpoint"} <= set(report["results"])
+    assert set(report["results"]["expert"]) == {"drawer-close-v3", "button-press-topdown-v3"}
+    assert list(tmp_path.glob("runs/expert_cache/task_expert_*.json"))
+    assert list(tmp_path.glob("**/last.mp4"))

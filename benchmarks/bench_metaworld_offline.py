@@ -1,0 +1,134 @@
+"""Offline learners on Metaworld MT10 against the scripted expert, by number of demonstrations.
+
+For every learner (``bc``: ``metaworld_bc.yaml``, ``diffusion``: ``metaworld_diffusion.yaml``,
+or any config given as ``name=config.yaml``), every number of demonstrations per task
+(``--demos``) and every training seed, one ``lightning fit`` of the shipped config with
+``data.demos_per_task`` set; the number of gradient steps is kept equal across demonstration
+counts (the config's epochs at 50 demonstrations, scaled by 50 / demos), with five
+validations per run. Each run's end-of-fit report (the expert, the best and the last
+checkpoint on the same ``--episodes`` held-out variants per task, seeds ``EVAL_SEED_BASE +
+j``) is collected into one table per task: success and the number of tasks on which a learner
+reaches 0.9 of the expert's success. A run whose report exists is not run again (rerun the
+command after a kill). Results: ``benchmarks/results/<name>.{json,md}``.
+
+Usage::
+
+    python benchmarks/bench_metaworld_offline.py --learners bc diffusion --demos 10 50 100 \\
+        --seeds 1 --episodes 50
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import yaml
+from _results import fit_once, machine_info, run_config, write_atomic
+
+from diffto.cli import resolve_config
+
+RESULTS = Path(__file__).resolve().parent / "results"
+CONFIGS = {"bc": "metaworld_bc.yaml", "diffusion": "metaworld_diffusion.yaml"}
+
+
+def learner_config(base: dict, root: Path, demos: int, seed: int, episodes: int,
+                   data: str | None) -> dict:
+    """The shipped config for ``demos`` demonstrations per task, equal gradient steps."""
+    epochs = max(5, int(round(base["trainer"]["max_epochs"] * 50 / demos / 5)) * 5)
+    cfg = run_config(base, root, epochs, epochs // 5, seed)
+    model = cfg["model"]["init_args"]
+    model.update(report_episodes=episodes, video_episodes=0)
+    d = cfg["data"]["init_args"]
+    d["demos_per_task"] = demos
+    if data is not None:
+        d["path"] = data
+    return cfg
+
+
+def table(rows: dict[str, dict[str, float]], tasks: list[str]) -> str:
+    """Markdown: one row per controller, success per task, mean, tasks >= 0.9 x expert."""
+    short = [t.removesuffix("-v3") for t in tasks]
+    lines = ["| controller | " + " | ".join(short) + " | mean | tasks ≥ 0.9 × expert |",
+             "|---" * (len(tasks) + 3) + "|"]
+    expert = rows.get("scripted expert")
+    for name, res in rows.items():
+        cells = [f"{res[t]:.2f}" for t in tasks]
+        n = "—" if expert is None else str(sum(res[t] >= 0.9 * expert[t] - 1e-12
+                                               for t in tasks))
+        lines.append(f"| {name} | " + " | ".join(cells) +
+                     f" | {np.mean([res[t] for t in tasks]):.3f} | {n}/{len(tasks)} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--learners", nargs="+", default=["bc", "diffusion"],
+                   help="bc, diffusion, or name=config.yaml")
+    p.add_argument("--demos", type=int, nargs="+", default=[10, 50, 100])
+    p.add_argument("--seeds", type=int, nargs="+", default=[1])
+    p.add_argument("--episodes", type=int, default=50, help="held-out variants per task")
+    p.add_argument("--data", default=None, help="dataset (default: the configs')")
+    p.add_argument("--root", default="runs/bench/metaworld_offline")
+    p.add_argument("--name", default="metaworld_offline", help="results file name")
+    args = p.parse_args()
+    for n in args.demos:
+        if n < 1:
+            p.error(f"--demos must be >= 1, got {n}")
+    learners = {}
+    for item in args.learners:
+        name, _, config = item.partition("=")
+        if not config and name not in CONFIGS:
+            p.error(f"--learners: {item!r} is neither one of {sorted(CONFIGS)} nor name=config")
+        learners[name] = config or CONFIGS[name]
+    t0 = time.perf_counter()
+    runs: dict[str, dict] = {}
+    for name, config in learners.items():
+        base = yaml.safe_load(Path(resolve_config(config)).read_text())
+        for demos in args.demos:
+            for seed in args.seeds:
+                key = f"{name}_{demos}_s{seed}"
+                root = Path(args.root) / key
+                print(f"{key} ...", flush=True)
+                cfg = learner_config(base, root, demos, seed, args.episodes, args.data)
+                runs[key] = fit_once(cfg, root, root / "fit.log")
+                runs[key].update(learner=name, demos=demos, seed=seed,
+                                 epochs=cfg["trainer"]["max_epochs"])
+                print(f"{key} done ({time.perf_counter() - t0:.0f} s)", flush=True)
+    first = next(iter(runs.values()))
+    tasks = first["tasks"]
+    rows: dict[str, dict[str, float]] = {}
+    if "expert" in first["results"]:
+        rows["scripted expert"] = {t: first["results"]["expert"][t]["success"] for t in tasks}
+    for which in ("last checkpoint", "best checkpoint"):
+        for name in learners:
+            for demos in args.demos:
+                keys = [f"{name}_{demos}_s{s}" for s in args.seeds]
+                rows[f"{name}, {demos} demos, {which.split()[0]}"] = {
+                    t: float(np.mean([runs[k]["results"][which][t]["success"] for k in keys]))
+                    for t in tasks}
+    md = table(rows, tasks)
+    timing = {k: {"wall_time_s": r.get("wall_time_s"), "epochs": r["epochs"],
+                  "time_per_action_s": r.get("time_per_action_s")} for k, r in runs.items()}
+    payload = {"benchmark": "metaworld_offline",
+               "date": datetime.now(UTC).isoformat(timespec="seconds"),
+               "command": "python benchmarks/bench_metaworld_offline.py " + " ".join(
+                   f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
+                   for k, v in vars(args).items() if v is not None),
+               "episodes_per_task": args.episodes, "seeds": args.seeds, "tasks": tasks,
+               "success": rows, "runs": timing,
+               "per_run_success": {k: {w: {t: r["results"][w][t]["success"] for t in tasks}
+                                       for w in ("best checkpoint", "last checkpoint")}
+                                   for k, r in runs.items()},
+               "wall_time_s": time.perf_counter() - t0, "machine": machine_info()}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    write_atomic(RESULTS / f"{args.name}.json", payload)
+    (RESULTS / f"{args.name}.md").write_text(md + "\n")
+    print(md)
+    print(f"results: {RESULTS / args.name}.json")
+
+
+if __name__ == "__main__":
+    main()
