@@ -14,19 +14,32 @@ TO as a teacher (datasets from ``lightning predict``, :mod:`diffto.data`):
 - :class:`PolicyWarmStart`: a policy rolled out through the planning model as the MPC's
   warm start (:func:`rollout_policy`).
 
+Offline policies from demonstrations (e.g. Metaworld's scripted experts,
+``lightning predict --config metaworld_experts.yaml``), single- or multi-task:
+- :class:`BehaviorCloning` (MSE, Gaussian or Gaussian-mixture head, action chunks) and
+  :class:`DiffusionPolicy` (DDPM/DDIM over action chunks, :class:`DiffusionActionHead`), both
+  :class:`OfflinePolicy` modules fed by :class:`DemonstrationsDataModule` and evaluated on
+  held-out task variants next to the expert (:func:`evaluate_on_tasks`).
+
 RL:
 - :class:`PPO`: PPO over vectorized gymnasium environments; with ``go2_tracking.yaml`` it is
   OPT-Mimic residual tracking of TO references.
 """
 
+from diffto.learning.bc import BehaviorCloning
 from diffto.learning.dagger import DAgger, collect_labels
+from diffto.learning.demonstrations import DemonstrationsDataModule
+from diffto.learning.diffusion import DiffusionActionHead
+from diffto.learning.diffusion_policy import DiffusionPolicy
 from diffto.learning.gcbc import GoalConditionedBC, TransitionsDataModule
 from diffto.learning.goal_evaluation import evaluate_expert, evaluate_policy
 from diffto.learning.goal_policy import GoalPolicy
 from diffto.learning.imitation import MPCImitation, imitation_loss, weight_error
 from diffto.learning.normalizer import RunningNormalizer
+from diffto.learning.offline_policy import OfflinePolicy
 from diffto.learning.ppo import PPO
 from diffto.learning.ppo_losses import approx_kl, discounted_returns, pg_loss, v_loss
+from diffto.learning.task_evaluation import evaluate_on_tasks
 from diffto.learning.value import (
     CostToGoCritic,
     CostToGoDataModule,
@@ -54,6 +67,13 @@ __all__ = [
     "learned_terminal_value",
     "PolicyWarmStart",
     "rollout_policy",
+    # offline policies from demonstrations
+    "OfflinePolicy",
+    "BehaviorCloning",
+    "DiffusionPolicy",
+    "DiffusionActionHead",
+    "DemonstrationsDataModule",
+    "evaluate_on_tasks",
     # RL
     "PPO",
     "pg_loss",

@@ -35,7 +35,7 @@ Heads
 
     .. math::
 
-        −\log \sum_k \operatorname{softmax}(π)_k \prod_j N(a^*_j; μ_{kj}, e^{2 s_{kj}})
+        −\\log \\sum_k \\operatorname{softmax}(π)_k \\prod_j N(a^*_j; μ_{kj}, e^{2 s_{kj}})
 
     (a logsumexp over components), so an expert that goes left or right from the same state
     is fit by two components instead of averaged into the invalid middle. The mean of the
