@@ -8,9 +8,13 @@ network (:meth:`OfflinePolicy.build`), its loss on a minibatch of windows
 histories (:meth:`OfflinePolicy.predict_chunk`); this module does everything around them:
 
 **Inputs.** The policy reads the last ``obs_horizon`` observations (the entries
-``observation_keys`` of the environment's dict, concatenated) and, when it learns several
-tasks, the one-hot of its task in ``tasks`` (:meth:`OfflinePolicy.inputs`): one multi-task
-policy is a task-conditioned policy.
+``observation_keys`` of the environment's dict, concatenated), each with the differences
+``o[j : j+k] − o[i : i+k]`` named by ``input_differences`` (e.g. Metaworld's hand-to-object,
+object-to-goal and hand-to-goal vectors), and, when it learns several tasks, the one-hot of
+its task in ``tasks`` (:meth:`OfflinePolicy.inputs`): one multi-task policy is a
+task-conditioned policy. A manipulation action depends mostly on where the object and the
+goal lie *relative to the hand*; the network would otherwise form those vectors from
+separately normalized absolute positions, which takes many demonstrations.
 
 **Acting.** :class:`ChunkController` keeps, per environment, the observation history and
 the queue of planned actions: every ``action_steps`` steps it asks the policy for a chunk
@@ -106,6 +110,8 @@ class OfflinePolicy(L.LightningModule):
             ``{"terminate_on_success": true}`` so an episode ends at its first success).
         task_kwarg: the environment's keyword argument that selects the task.
         observation_keys: the dict entries the policy observes, concatenated.
+        input_differences: ``[i, j, k]`` triples: each observation gains ``o[j : j+k] −
+            o[i : i+k]`` (the vector from the slice at ``i`` to the slice at ``j``).
         obs_horizon: observations the policy reads (the current one and ``obs_horizon - 1``
             before it).
         action_horizon: actions the policy predicts per call; ``action_steps``: how many of
@@ -130,6 +136,7 @@ class OfflinePolicy(L.LightningModule):
         env_kwargs: dict[str, Any] | None = None,
         task_kwarg: str = "task",
         observation_keys: list[str] | None = None,
+        input_differences: list[list[int]] | None = None,
         obs_horizon: int = 1,
         action_horizon: int = 1,
         action_steps: int = 1,
@@ -169,8 +176,15 @@ class OfflinePolicy(L.LightningModule):
         self.action_steps = action_steps
         obs_dim, low, high = self._spaces()
         self.obs_dim, self.act_dim = obs_dim, len(low)
+        self.differences = [tuple(d) for d in (input_differences or [])]
+        for d in self.differences:
+            if (len(d) != 3 or any(isinstance(v, bool) or not isinstance(v, int) for v in d)
+                    or d[2] < 1 or min(d[0], d[1]) < 0 or max(d[0], d[1]) + d[2] > obs_dim):
+                raise ValueError(f"input_differences must be [i, j, k] triples of slices inside "
+                                 f"the {obs_dim}-dimensional observation, got {list(d)}")
+        self.frame_dim = obs_dim + sum(d[2] for d in self.differences)
         self.n_tasks = len(self.tasks) if self.tasks and len(self.tasks) > 1 else 0
-        self.input_dim = obs_horizon * obs_dim + self.n_tasks
+        self.input_dim = obs_horizon * self.frame_dim + self.n_tasks
         self.register_buffer("action_low", torch.as_tensor(low, dtype=torch.float32))
         self.register_buffer("action_high", torch.as_tensor(high, dtype=torch.float32))
         self._expert_eval: dict[str, Evaluation] | None = None
@@ -201,9 +215,14 @@ class OfflinePolicy(L.LightningModule):
             env.close()
 
     def inputs(self, history: Tensor, task: Tensor) -> Tensor:
-        """The network input ``(B, T_o·o + K)``: the raw observation history ``(B, T_o, o)``
-        flattened, then the one-hot of ``task (B,)`` over the ``K`` tasks (none for one)."""
-        x = history.reshape(history.shape[0], -1).to(self.action_low)
+        """The network input ``(B, T_o·(o + D) + K)``: the raw observation history ``(B, T_o,
+        o)`` with each frame's ``D`` differences, flattened, then the one-hot of ``task (B,)``
+        over the ``K`` tasks (none for one)."""
+        history = history.to(self.action_low)
+        if self.differences:
+            history = torch.cat([history] + [history[..., j:j + k] - history[..., i:i + k]
+                                             for i, j, k in self.differences], -1)
+        x = history.reshape(history.shape[0], -1)
         if self.n_tasks:
             x = torch.cat([x, nn.functional.one_hot(task.long(), self.n_tasks).to(x)], -1)
         return x

@@ -113,6 +113,14 @@ def test_multi_task_inputs_carry_the_task_one_hot(demos, tmp_path):
     assert model.input_dim == 2 * 39 + 2
     x = model.inputs(torch.zeros(3, 2, 39), torch.tensor([0, 1, 1]))
     assert x[:, -2:].tolist() == [[1, 0], [0, 1], [0, 1]]
+    rel = BehaviorCloning(ENV, tasks=["reach-v3"], obs_horizon=2, hidden=[8], report=False,
+                          input_differences=[[0, 36, 3]])
+    assert rel.input_dim == 2 * 42
+    obs = torch.randn(3, 2, 39)
+    x = rel.inputs(obs, torch.zeros(3, dtype=torch.long)).reshape(3, 2, 42)
+    torch.testing.assert_close(x[..., 39:], obs[..., 36:39] - obs[..., 0:3])
+    with pytest.raises(ValueError, match="input_differences"):
+        BehaviorCloning(ENV, tasks=["reach-v3"], input_differences=[[0, 38, 3]])
     dm = DemonstrationsDataModule(str(demos), batch_size=64)
     trainer = _trainer(tmp_path, max_steps=3, limit_val_batches=0, callbacks=[],
                        enable_checkpointing=False)
