@@ -6,7 +6,7 @@ per task, stateless) run episodes of the goal environment ``diffto/Metaworld-v0`
 (:class:`~diffto.tasks.metaworld.MetaworldGoalEnv`) and the successful ones become
 :class:`~diffto.data.trajectories.TrajectorySet` shards, one folder for every task::
 
-    lightning predict --config metaworld_experts.yaml             # MT10, 100 slots per task
+    lightning predict --config metaworld_experts.yaml             # MT10, 120 slots per task
     lightning predict --config metaworld_experts.yaml --data.tasks='[push-v3]' \\
         --data.output_dir=runs/datasets/metaworld_push
     python -c "from diffto.data.trajectories import load_trajectories as load; \\
