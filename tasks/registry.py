@@ -38,6 +38,7 @@ __all__ = [
     "make_env",
     "make_expert",
     "build_expert",
+    "import_class",
     "use_osmesa_if_headless",
 ]
 
@@ -123,11 +124,22 @@ def make_expert(env_id: str, **overrides: Any):
     return getattr(importlib.import_module(module), name)(**overrides)
 
 
+def import_class(class_path: str, what: str = "class_path") -> type:
+    """The class a dotted ``class_path`` names (``"package.module.Class"``); ``ValueError``
+    saying which argument (``what``) names nothing importable."""
+    import importlib
+
+    module, _, name = class_path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise ValueError(f"{what} class_path {class_path!r} does not name an importable class "
+                         f"({err})") from err
+
+
 def build_expert(env_id: str, expert: dict[str, Any] | None = None):
     """The expert a config names, ``{"class_path": ..., "init_args": {...}}``, or ``None`` for
     the default expert of ``env_id`` (:func:`make_expert`); it must be an ``MPCExpert``."""
-    import importlib
-
     from diffto.tasks.mpc_expert import MPCExpert
 
     if expert is None:
@@ -136,13 +148,8 @@ def build_expert(env_id: str, expert: dict[str, Any] | None = None):
         extra = set(expert) - {"class_path", "init_args"}
         if extra:
             raise ValueError(f"expert takes the keys class_path and init_args, got {sorted(extra)}")
-        module, _, name = expert["class_path"].rpartition(".")
-        try:
-            cls = getattr(importlib.import_module(module), name)
-        except (ImportError, AttributeError, ValueError) as err:
-            raise ValueError(f"expert class_path {expert['class_path']!r} does not name an "
-                             f"importable class ({err})") from err
-        built = cls(**dict(expert.get("init_args") or {}))
+        built = import_class(expert["class_path"], "expert")(
+            **dict(expert.get("init_args") or {}))
     else:
         raise ValueError(
             f"expert must be None or a dict {{class_path, init_args}}, got {expert!r}"

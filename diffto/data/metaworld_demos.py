@@ -62,7 +62,6 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import time
-import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -70,7 +69,11 @@ import lightning as L
 import numpy as np
 import torch
 
-from diffto.data.shard_writer import ShardChunk, TOProblems, TrajectoryShardWriter
+from diffto.data.shard_writer import (
+    ShardChunk,
+    ShardProducer,
+    TOProblems,
+)
 from diffto.data.to_expert import _int
 from diffto.data.trajectories import TrajectorySet
 from diffto.tasks.metaworld import METAWORLD_TASKS, MT10
@@ -295,7 +298,7 @@ class MetaworldDemoProblems(TOProblems):
                 for name in self.tasks for a, b in self.chunks()]
 
 
-class MetaworldDemoCollector(L.LightningModule):
+class MetaworldDemoCollector(ShardProducer, L.LightningModule):
     """Metaworld's scripted experts as a ``LightningModule``: ``predict_step`` collects one
     shard of demonstrations (see the module docstring).
 
@@ -395,19 +398,6 @@ class MetaworldDemoCollector(L.LightningModule):
         data.meta = meta
         self._shard = (ShardChunk(index[0], index[-1] + 1, prefix=name).filename, data)
         return None
-
-    def take_shard(self) -> tuple[str, TrajectorySet] | None:
-        """The last batch's ``(file name, shard)``, handed over once (``None`` if none)."""
-        shard, self._shard = self._shard, None
-        return shard
-
-    def on_predict_start(self) -> None:
-        # Lightning warns at every step whose predict_step returns None, "if it was on purpose,
-        # ignore this warning": it is on purpose here (the writer holds the data).
-        warnings.filterwarnings("ignore", message="predict returned None if it was on purpose")
-        if not any(isinstance(cb, TrajectoryShardWriter) for cb in self.trainer.callbacks):
-            raise ValueError("MetaworldDemoCollector writes nothing itself: add a "
-                             "TrajectoryShardWriter to trainer.callbacks")
 
     def on_predict_end(self) -> None:
         self._close()

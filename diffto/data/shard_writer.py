@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from pathlib import Path
 from typing import NamedTuple
 
@@ -42,9 +43,10 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
 from diffto.data.to_expert import _int
-from diffto.data.trajectories import save_trajectories
+from diffto.data.trajectories import TrajectorySet, save_trajectories
 
-__all__ = ["ShardChunk", "TOProblems", "TrajectoryShardWriter", "shard_filename"]
+__all__ = ["ShardChunk", "ShardProducer", "TOProblems", "TrajectoryShardWriter",
+           "shard_filename"]
 
 _PREFIX = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.\-]*$")  # no "_": it ends the prefix
 _SHARD = re.compile(r"^(?:[A-Za-z0-9][A-Za-z0-9.\-]*_)?episodes_(\d{6,})-(\d{6,})\.npz$")
@@ -246,3 +248,25 @@ class TrajectoryShardWriter(BasePredictionWriter):
         path = save_trajectories(self._folder(trainer) / name, data,
                                  compressed=data.images is not None)
         self.written.append(path)
+
+
+class ShardProducer:
+    """What a ``LightningModule`` whose ``predict_step`` makes one shard per batch shares:
+    the shard waits in ``self._shard`` until :class:`TrajectoryShardWriter` takes it
+    (:meth:`take_shard`), and prediction refuses to start without that writer (the data would
+    be made and dropped). Mix in before ``LightningModule``."""
+
+    _shard: tuple[str, TrajectorySet] | None = None
+
+    def take_shard(self) -> tuple[str, TrajectorySet] | None:
+        """The last batch's ``(file name, shard)``, handed over once (``None`` if none)."""
+        shard, self._shard = self._shard, None
+        return shard
+
+    def on_predict_start(self) -> None:
+        # Lightning warns at every step whose predict_step returns None, "if it was on purpose,
+        # ignore this warning": it is on purpose here (the writer holds the data).
+        warnings.filterwarnings("ignore", message="predict returned None if it was on purpose")
+        if not any(isinstance(cb, TrajectoryShardWriter) for cb in self.trainer.callbacks):
+            raise ValueError(f"{type(self).__name__} writes nothing itself: add a "
+                             f"TrajectoryShardWriter to trainer.callbacks")

@@ -44,14 +44,13 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import time
-import warnings
 from collections.abc import Sequence
 from typing import Any, Literal
 
 import lightning as L
 import torch
 
-from diffto.data.shard_writer import TrajectoryShardWriter, shard_filename
+from diffto.data.shard_writer import ShardProducer, shard_filename
 from diffto.data.to_expert import _int, run_expert_episodes
 from diffto.data.trajectories import TrajectorySet
 from diffto.tasks.registry import build_expert
@@ -73,7 +72,7 @@ def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=lambda v: repr(v)))
 
 
-class TODatasetGenerator(L.LightningModule):
+class TODatasetGenerator(ShardProducer, L.LightningModule):
     """A TO expert as a ``LightningModule``: ``predict_step`` generates one shard.
 
     Args:
@@ -208,17 +207,3 @@ class TODatasetGenerator(L.LightningModule):
         self._shard = (shard_filename(episodes[0], episodes[-1] + 1), data)
         return None
 
-    def take_shard(self) -> tuple[str, TrajectorySet] | None:
-        """The last batch's ``(file name, shard)``, handed over once (``None`` if none)."""
-        shard, self._shard = self._shard, None
-        return shard
-
-    def on_predict_start(self) -> None:
-        # Lightning warns at every step whose predict_step returns None, "if it was on purpose,
-        # ignore this warning": it is on purpose here (the writer holds the data).
-        warnings.filterwarnings("ignore", message="predict returned None if it was on purpose")
-        if not any(isinstance(cb, TrajectoryShardWriter) for cb in self.trainer.callbacks):
-            raise ValueError(
-                "TODatasetGenerator writes nothing itself: add a TrajectoryShardWriter to "
-                "trainer.callbacks"
-            )

@@ -16,7 +16,6 @@ the tasks one after another (skipped with a warning where rendering is unavailab
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from diffto.learning.task_evaluation import (
     format_task_table,
     mean_summary,
 )
+from diffto.tasks.registry import import_class
 
 __all__ = ["load_offline_policy", "evaluate_checkpoint", "main"]
 
@@ -41,9 +41,8 @@ def load_offline_policy(path: str | Path) -> OfflinePolicy:
     if not isinstance(kind, str):
         raise ValueError(f"checkpoint {path} was not written by an offline policy of "
                          f"diffto.learning (no diffto_offline_policy entry)")
-    module, _, name = kind.rpartition(".")
-    cls = getattr(importlib.import_module(module), name)
-    model = cls.load_from_checkpoint(path, map_location="cpu")
+    model = import_class(kind, "checkpoint's policy").load_from_checkpoint(path,
+                                                                         map_location="cpu")
     model.eval()
     return model
 

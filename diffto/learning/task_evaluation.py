@@ -21,7 +21,6 @@ mean and, where an expert row exists, the fraction of the expert's success.
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import os
 from collections.abc import Callable, Sequence
@@ -38,7 +37,7 @@ from diffto.learning.goal_evaluation import (
     split_observation,
     time_policy,
 )
-from diffto.tasks.registry import make_env
+from diffto.tasks.registry import import_class, make_env
 
 __all__ = [
     "evaluate_on_tasks",
@@ -94,13 +93,8 @@ def build_task_expert(expert: dict[str, Any], task: str):
     """The expert ``{class_path, init_args}`` of one task: built with ``task=task``."""
     if not isinstance(expert, dict) or not isinstance(expert.get("class_path"), str):
         raise ValueError(f"expert must be a dict {{class_path, init_args}}, got {expert!r}")
-    module, _, name = expert["class_path"].rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError, ValueError) as err:
-        raise ValueError(f"expert class_path {expert['class_path']!r} does not name an "
-                         f"importable class ({err})") from err
-    built = cls(task=task, **dict(expert.get("init_args") or {}))
+    built = import_class(expert["class_path"], "expert")(
+        task=task, **dict(expert.get("init_args") or {}))
     if not callable(getattr(built, "act", None)):
         raise ValueError(f"expert {expert['class_path']} has no act(observation) method")
     return built
