@@ -21,12 +21,13 @@ from typing import Any
 
 import torch
 
-from diffto.learning.gcbc import GoalConditionedBC, format_report, make_env_fps
+from diffto.learning.gcbc import GoalConditionedBC, format_report
 from diffto.learning.goal_evaluation import (
     _write_json,
     eval_seeds,
     evaluate_expert,
     evaluate_policy,
+    make_env_fps,
     save_video,
 )
 

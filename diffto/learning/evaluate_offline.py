@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from diffto.learning.goal_evaluation import _write_json, eval_seeds, save_video
+from diffto.learning.goal_evaluation import _write_json, eval_seeds, make_env_fps, save_video
 from diffto.learning.offline_policy import OfflinePolicy
 from diffto.learning.task_evaluation import (
     evaluate_task_experts,
@@ -62,7 +62,7 @@ def evaluate_checkpoint(
     "video": path or None, ...}``."""
     model = load_offline_policy(path)
     hp = model.hparams
-    learned = model._task_list()
+    learned = model.task_list()
     if tasks is not None:
         unknown = [t for t in tasks if t not in learned]
         if unknown:
@@ -80,7 +80,8 @@ def evaluate_checkpoint(
     saved = None
     if video and videos:
         frames = [f for clip in videos.values() for f in clip]
-        saved = str(save_video(frames, video, fps=_fps(model)))
+        fps = make_env_fps(hp.env_id, model.task_env_kwargs(model.task_list()[0]))
+        saved = str(save_video(frames, video, fps=int(fps)))
     title = (f"{type(model).__name__} on {hp.env_id}: success over {episodes} held-out episodes "
              f"per task")
     table = format_task_table({k: {str(t): e for t, e in v.items()} for k, v in rows.items()},
@@ -94,16 +95,6 @@ def evaluate_checkpoint(
             "results": {k: {str(t): e.summary() for t, e in v.items()} for k, v in rows.items()},
             "mean": {k: mean_summary(v) for k, v in rows.items()}, "table": table,
             "video": saved}
-
-
-def _fps(model: OfflinePolicy) -> int:
-    from diffto.tasks.registry import make_env
-
-    env = make_env(model.hparams.env_id, model._env_kwargs(model._task_list()[0]))
-    try:
-        return int(env.unwrapped.metadata.get("render_fps", 20))
-    finally:
-        env.close()
 
 
 def main(argv: list[str] | None = None) -> None:

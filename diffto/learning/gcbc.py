@@ -50,6 +50,7 @@ from diffto.learning.goal_evaluation import (
     evaluate_expert,
     evaluate_policy,
     expert_spec,
+    make_env_fps,
     save_video,
 )
 from diffto.learning.goal_policy import GoalPolicy, Head, Squash
@@ -486,15 +487,6 @@ def _env_spaces(env_id: str, env_kwargs: dict[str, Any],
         if not isinstance(act, gym.spaces.Box) or len(act.shape) != 1:
             raise ValueError(f"{env_id}: actions must be a flat Box, got {act}")
         return obs_dim, goal_dim, np.asarray(act.low), np.asarray(act.high)
-    finally:
-        env.close()
-
-
-def make_env_fps(env_id: str, env_kwargs: dict[str, Any]) -> float:
-    """The environment's ``metadata["render_fps"]`` (20 where it does not say)."""
-    env = make_env(env_id, env_kwargs)
-    try:
-        return float(env.unwrapped.metadata.get("render_fps", 20))
     finally:
         env.close()
 

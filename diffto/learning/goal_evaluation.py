@@ -55,6 +55,7 @@ __all__ = [
     "expert_spec",
     "time_policy",
     "save_video",
+    "make_env_fps",
 ]
 
 Controller = Callable[[np.ndarray, "np.ndarray | None", list], np.ndarray]
@@ -445,3 +446,12 @@ def save_video(frames: list[np.ndarray], path: str | os.PathLike, fps: int = 20)
     finally:
         Path(tmp).unlink(missing_ok=True)
     return path
+
+
+def make_env_fps(env_id: str, env_kwargs: dict[str, Any]) -> float:
+    """The environment's ``metadata["render_fps"]`` (20 where it does not say)."""
+    env = make_env(env_id, env_kwargs)
+    try:
+        return float(env.unwrapped.metadata.get("render_fps", 20))
+    finally:
+        env.close()

@@ -49,7 +49,13 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
-from diffto.learning.goal_evaluation import Evaluation, _write_json, eval_seeds, save_video
+from diffto.learning.goal_evaluation import (
+    Evaluation,
+    _write_json,
+    eval_seeds,
+    make_env_fps,
+    save_video,
+)
 from diffto.learning.task_evaluation import (
     evaluate_on_tasks,
     evaluate_task_experts,
@@ -190,16 +196,18 @@ class OfflinePolicy(L.LightningModule):
         self._expert_eval: dict[str, Evaluation] | None = None
 
     # ------------------------------------------------------------------ spaces and inputs
-    def _task_list(self) -> list[str | None]:
+    def task_list(self) -> list[str | None]:
+        """The tasks in one-hot order (``[None]`` for an environment without tasks)."""
         return list(self.tasks) if self.tasks else [None]
 
-    def _env_kwargs(self, task: str | None) -> dict[str, Any]:
+    def task_env_kwargs(self, task: str | None) -> dict[str, Any]:
+        """The evaluation environment's keyword arguments for ``task``."""
         return self.env_kwargs if task is None else {**self.env_kwargs,
                                                      self.hparams.task_kwarg: task}
 
     def _spaces(self) -> tuple[int, np.ndarray, np.ndarray]:
         """``(obs_dim, action_low, action_high)`` from the first task's environment."""
-        env = make_env(self.hparams.env_id, self._env_kwargs(self._task_list()[0]))
+        env = make_env(self.hparams.env_id, self.task_env_kwargs(self.task_list()[0]))
         try:
             space, act = env.observation_space, env.action_space
             if hasattr(space, "spaces"):
@@ -295,7 +303,7 @@ class OfflinePolicy(L.LightningModule):
     def controller_factory(self, policy: OfflinePolicy | None = None):
         """``task -> (ChunkController, its reset)`` for ``policy`` (default: this module)."""
         pol = self if policy is None else policy
-        index = {t: k for k, t in enumerate(self._task_list())}
+        index = {t: k for k, t in enumerate(self.task_list())}
 
         def make(task: str | None):
             ctrl = ChunkController(pol.predict_chunk, self.obs_horizon, self.action_steps,
@@ -319,7 +327,7 @@ class OfflinePolicy(L.LightningModule):
             with torch.no_grad():
                 results, videos = evaluate_on_tasks(
                     self.controller_factory(pol), self.hparams.env_id,
-                    self._task_list() if tasks is None else list(tasks),
+                    self.task_list() if tasks is None else list(tasks),
                     eval_seeds(episodes or self.hparams.eval_episodes), self.env_kwargs,
                     self.hparams.task_kwarg, self.hparams.eval_max_steps, video_episodes,
                     progress, self.observation_keys)
@@ -348,7 +356,7 @@ class OfflinePolicy(L.LightningModule):
         hp = self.hparams
         if hp.expert is None:
             return None
-        return evaluate_task_experts(hp.env_id, self._task_list(), eval_seeds(episodes),
+        return evaluate_task_experts(hp.env_id, self.task_list(), eval_seeds(episodes),
                                      hp.expert, self.env_kwargs, hp.task_kwarg,
                                      hp.eval_max_steps, hp.expert_cache_dir)
 
@@ -400,8 +408,8 @@ class OfflinePolicy(L.LightningModule):
         video = None
         if videos:  # the tasks one after another
             frames = [f for clip in videos.values() for f in clip]
-            video = str(save_video(frames, out_dir / "last.mp4", fps=_fps(
-                self.hparams.env_id, self._env_kwargs(next(iter(videos))))))
+            fps = make_env_fps(self.hparams.env_id, self.task_env_kwargs(next(iter(videos))))
+            video = str(save_video(frames, out_dir / "last.mp4", fps=int(fps)))
         name = type(self).__name__
         title = (f"{name} on {self.hparams.env_id}: success over {episodes} held-out episodes "
                  f"per task")
@@ -412,7 +420,7 @@ class OfflinePolicy(L.LightningModule):
         table += "\ntime per action: " + ", ".join(
             f"{k} {v * 1e3:.3g} ms" for k, v in timing.items() if v is not None) + "\n"
         payload = {"env_id": self.hparams.env_id, "env_kwargs": self.env_kwargs,
-                   "tasks": self._task_list(), "episodes": episodes,
+                   "tasks": self.task_list(), "episodes": episodes,
                    "best_checkpoint": best_path, "epochs": self.current_epoch, "video": video,
                    "demonstrations": _demo_count(self), "time_per_action_s": timing,
                    "results": {k: {str(t): e.summary() for t, e in v.items()}
@@ -421,14 +429,6 @@ class OfflinePolicy(L.LightningModule):
         _write_json(out_dir / "report.json", payload)
         (out_dir / "report.md").write_text(table)
         rank_zero_info(table + f"(report: {out_dir / 'report.json'})")
-
-
-def _fps(env_id: str, env_kwargs: dict[str, Any]) -> int:
-    env = make_env(env_id, env_kwargs)
-    try:
-        return int(env.unwrapped.metadata.get("render_fps", 20))
-    finally:
-        env.close()
 
 
 def _demo_count(module: OfflinePolicy) -> int | None:
