@@ -23,11 +23,11 @@ import torch
 
 from diffto.learning.gcbc import GoalConditionedBC, format_report
 from diffto.learning.goal_evaluation import (
-    _write_json,
     eval_seeds,
     evaluate_expert,
     evaluate_policy,
     make_env_fps,
+    print_evaluation,
     save_video,
 )
 
@@ -106,12 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     out = evaluate_checkpoint(args.checkpoint, args.episodes, args.video, args.video_episodes,
                               expert=not args.no_expert, expert_cache_dir=args.expert_cache_dir)
-    print(out["table"])
-    if out["video"]:
-        print(f"video: {out['video']}")
-    if args.json:
-        _write_json(Path(args.json), {k: v for k, v in out.items() if k != "table"})
-        print(f"figures: {args.json}")
+    print_evaluation(out, args.json)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,12 @@ from typing import Any
 
 import torch
 
-from diffto.learning.goal_evaluation import _write_json, eval_seeds, make_env_fps, save_video
+from diffto.learning.goal_evaluation import (
+    eval_seeds,
+    make_env_fps,
+    print_evaluation,
+    save_video,
+)
 from diffto.learning.offline_policy import OfflinePolicy
 from diffto.learning.task_evaluation import (
     evaluate_task_experts,
@@ -123,12 +128,7 @@ def main(argv: list[str] | None = None) -> None:
     out = evaluate_checkpoint(args.checkpoint, args.episodes, args.tasks, args.video,
                               args.video_episodes, expert=not args.no_expert,
                               expert_cache_dir=args.expert_cache_dir)
-    print(out["table"])
-    if out["video"]:
-        print(f"video: {out['video']}")
-    if args.json:
-        _write_json(Path(args.json), {k: v for k, v in out.items() if k != "table"})
-        print(f"figures: {args.json}")
+    print_evaluation(out, args.json)
 
 
 if __name__ == "__main__":

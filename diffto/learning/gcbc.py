@@ -348,12 +348,8 @@ class GoalConditionedBC(L.LightningModule):
 
     def configure_optimizers(self) -> Any:
         hp = self.hparams
-        opt = torch.optim.AdamW(self.policy.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
-        if hp.lr_schedule == "constant":
-            return opt
-        total = max(int(self.trainer.estimated_stepping_batches), 1)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return adamw_with_schedule(self.policy.parameters(), hp.lr, hp.weight_decay,
+                                   hp.lr_schedule, self.trainer)
 
     # ------------------------------------------------------------------ evaluation
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
@@ -461,6 +457,19 @@ class GoalConditionedBC(L.LightningModule):
 
 
 # ----------------------------------------------------------------------------- helpers
+def adamw_with_schedule(params, lr: float, weight_decay: float,
+                        lr_schedule: Literal["cosine", "constant"], trainer) -> Any:
+    """AdamW and, for ``"cosine"``, a cosine decay of the learning rate to zero over the run's
+    optimizer steps (``trainer.estimated_stepping_batches``), stepped every batch: what
+    ``configure_optimizers`` of the behaviour-cloning modules returns."""
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if lr_schedule == "constant":
+        return opt
+    total = max(int(trainer.estimated_stepping_batches), 1)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
+    return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
 def _env_spaces(env_id: str, env_kwargs: dict[str, Any],
                 observation_keys: tuple[str, ...] = ("observation",)
                 ) -> tuple[int, int, np.ndarray, np.ndarray]:

@@ -56,6 +56,7 @@ __all__ = [
     "time_policy",
     "save_video",
     "make_env_fps",
+    "print_evaluation",
 ]
 
 Controller = Callable[[np.ndarray, "np.ndarray | None", list], np.ndarray]
@@ -455,3 +456,14 @@ def make_env_fps(env_id: str, env_kwargs: dict[str, Any]) -> float:
         return float(env.unwrapped.metadata.get("render_fps", 20))
     finally:
         env.close()
+
+
+def print_evaluation(out: dict[str, Any], json_path: str | None = None) -> None:
+    """What the evaluation commands print: ``out["table"]``, the video's path and, with
+    ``json_path``, the figures written there (every entry of ``out`` but the table)."""
+    print(out["table"])
+    if out.get("video"):
+        print(f"video: {out['video']}")
+    if json_path:
+        _write_json(Path(json_path), {k: v for k, v in out.items() if k != "table"})
+        print(f"figures: {json_path}")

@@ -49,6 +49,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
+from diffto.learning.gcbc import adamw_with_schedule
 from diffto.learning.goal_evaluation import (
     Evaluation,
     _write_json,
@@ -292,12 +293,8 @@ class OfflinePolicy(L.LightningModule):
 
     def configure_optimizers(self) -> Any:
         hp = self.hparams
-        opt = torch.optim.AdamW(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
-        if hp.lr_schedule == "constant":
-            return opt
-        total = max(int(self.trainer.estimated_stepping_batches), 1)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return adamw_with_schedule(self.parameters(), hp.lr, hp.weight_decay, hp.lr_schedule,
+                                   self.trainer)
 
     # ------------------------------------------------------------------ evaluation
     def controller_factory(self, policy: OfflinePolicy | None = None):
