@@ -8,7 +8,10 @@ episode (seeds ``seed + i`` from 0) is among them. Per episode:
 - ``success``: the environment's own ``info["is_success"]`` at the episode's last step (the
   goal is to be reached *and held*, as in gymnasium-robotics' reach tasks);
 - ``final_distance``: ``info["distance"]`` at the last step (else ``‖achieved − desired‖``);
-- ``steps_to_success``: the first step at which ``is_success`` held (NaN if never);
+- ``steps_to_success``: the first step at which ``is_success`` held (NaN if never), so the
+  summary's ``success_any`` is the share of episodes that succeeded at some step (Metaworld's
+  convention);
+- ``time_at_goal``: the fraction of the episode's steps at which ``is_success`` held;
 - ``return``: the sum of rewards; ``cost``: the sum of ``info["cost"]`` where the
   environment reports a stage cost (closed-loop cost), else absent.
 
@@ -86,21 +89,26 @@ class Evaluation:
     cost: np.ndarray | None = None
     timing: dict[str, float] = field(default_factory=dict)
     extras: dict[str, float] = field(default_factory=dict)
+    time_at_goal: np.ndarray | None = None
 
     def summary(self) -> dict[str, float]:
-        """Means over episodes: ``success`` (rate), ``final_distance``, ``steps_to_success``
-        (over the episodes that succeeded at some step; NaN if none), ``return``, ``cost``
-        (where reported), plus the timings and extras."""
+        """Means over episodes: ``success`` (rate, at the last step), ``success_any`` (rate,
+        at any step), ``final_distance``, ``steps_to_success`` (over the episodes that
+        succeeded at some step; NaN if none), ``return``, ``cost`` and ``time_at_goal`` (where
+        recorded), plus the timings and extras."""
         reached = self.steps_to_success[np.isfinite(self.steps_to_success)]
         out = {
             "episodes": float(len(self.seeds)),
             "success": float(np.mean(self.success)),
+            "success_any": float(np.mean(np.isfinite(self.steps_to_success))),
             "final_distance": float(np.mean(self.final_distance)),
             "steps_to_success": float(np.mean(reached)) if reached.size else float("nan"),
             "return": float(np.mean(self.ep_return)),
         }
         if self.cost is not None:
             out["cost"] = float(np.mean(self.cost))
+        if self.time_at_goal is not None:
+            out["time_at_goal"] = float(np.mean(self.time_at_goal))
         out.update(self.timing)
         out.update(self.extras)
         return out
@@ -117,6 +125,7 @@ class Evaluation:
             "cost": None if self.cost is None else self.cost.tolist(),
             "timing": self.timing,
             "extras": self.extras,
+            "time_at_goal": None if self.time_at_goal is None else self.time_at_goal.tolist(),
         }
         return d
 
@@ -133,6 +142,8 @@ class Evaluation:
             cost=None if d.get("cost") is None else np.asarray(d["cost"], float),
             timing=dict(d.get("timing", {})),
             extras=dict(d.get("extras", {})),
+            time_at_goal=(None if d.get("time_at_goal") is None
+                          else np.asarray(d["time_at_goal"], float)),
         )
 
 
@@ -229,6 +240,7 @@ def rollout_episodes(
         ret, cost = np.zeros(B), np.zeros(B)
         has_cost = False
         length = np.zeros(B, int)
+        at_goal = np.zeros(B, int)
         unwrapped = [env.unwrapped for env in envs]
         if on_reset is not None:
             on_reset()
@@ -259,6 +271,7 @@ def rollout_episodes(
                 length[i] += 1
                 success[i] = bool(info.get("is_success", False))
                 distance[i] = _distance(o, info)
+                at_goal[i] += success[i]
                 if success[i] and np.isnan(steps_to[i]):
                     steps_to[i] = length[i]
                 if term or trunc:
@@ -276,7 +289,8 @@ def rollout_episodes(
         for env in envs:
             env.close()
     result = Evaluation(seeds, success, distance, steps_to, ret, length,
-                        cost if has_cost else None)
+                        cost if has_cost else None,
+                        time_at_goal=at_goal / np.maximum(length, 1))
     return result, frames
 
 

@@ -31,23 +31,21 @@ environments restart from fresh episodes.
 from __future__ import annotations
 
 import math
-import multiprocessing
 import time
 from collections.abc import Iterator
-from functools import partial
 from typing import Any, Literal
 
 import gymnasium as gym
 import lightning as L
 import numpy as np
 import torch
-from gymnasium.vector import AsyncVectorEnv, AutoresetMode, SyncVectorEnv
 from torch import Tensor, nn
 from torch.distributions import Normal
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader
 
 from diffto.learning.normalizer import RunningNormalizer
 from diffto.learning.ppo_losses import approx_kl, discounted_returns, pg_loss, v_loss
+from diffto.learning.vector_envs import IterationStream, info_values, make_vector_env
 from diffto.policies import MLP
 from diffto.tasks.registry import make_env
 
@@ -62,28 +60,6 @@ def _box_dim(space: gym.Space, name: str) -> int:
     if not isinstance(space, gym.spaces.Box) or len(space.shape) != 1:
         raise ValueError(f"PPO needs a flat Box {name} space, got {space}")
     return int(space.shape[0])
-
-
-def _info_values(info: dict[str, Any], key: str, done: np.ndarray) -> np.ndarray:
-    """Per-env values ``(E,)`` of ``info[key]`` (NaN where absent). With same-step autoreset
-    a finished env's step info sits in ``info["final_info"]`` and replaces the reset info."""
-    out = np.full(done.shape, np.nan)
-    if key in info:
-        mask = info.get("_" + key, np.ones(done.shape, bool))
-        out[mask] = np.asarray(info[key], dtype=np.float64)[mask]
-    final = info.get("final_info")
-    if isinstance(final, dict) and key in final:
-        mask = final.get("_" + key, np.ones(done.shape, bool)) & done
-        out[mask] = np.asarray(final[key], dtype=np.float64)[mask]
-    return out
-
-
-class _Forever(IterableDataset):
-    """Training 'data': one dummy item per PPO iteration, forever (the envs are the data)."""
-
-    def __iter__(self) -> Iterator[Tensor]:
-        while True:
-            yield torch.zeros(())
 
 
 # ----------------------------------------------------------------------------- the module
@@ -246,15 +222,9 @@ class PPO(L.LightningModule):
         if self.eval_env is None:
             self.eval_env = make_env(self.hparams.env_id, self.eval_env_kwargs)
         if stage == "fit" and self.envs is None:
-            fns = [partial(make_env, self.hparams.env_id, self.env_kwargs)] * self.hparams.num_envs
-            kwargs = {"autoreset_mode": AutoresetMode.SAME_STEP}
-            if self.hparams.vector_mode == "async":
-                # fork: workers inherit any cache warmed in this process (spawn where fork
-                # does not exist; make_env registers the ids and picks the GL back-end there)
-                fork = "fork" in multiprocessing.get_all_start_methods()
-                self.envs = AsyncVectorEnv(fns, context="fork" if fork else None, **kwargs)
-            else:
-                self.envs = SyncVectorEnv(fns, **kwargs)
+            # async workers are forked: they inherit the caches warmed in this process
+            self.envs = make_vector_env(self.hparams.env_id, self.env_kwargs,
+                                        self.hparams.num_envs, self.hparams.vector_mode)
 
     def teardown(self, stage: str) -> None:
         if self.envs is not None:
@@ -265,7 +235,7 @@ class PPO(L.LightningModule):
             self.eval_env = None
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(_Forever(), batch_size=None, num_workers=0)
+        return DataLoader(IterationStream(), batch_size=None, num_workers=0)
 
     def val_dataloader(self) -> DataLoader:
         episodes = list(range(self.hparams.eval_episodes))  # one item per eval episode (its seed)
@@ -376,7 +346,7 @@ class PPO(L.LightningModule):
         self._ep_return += reward
         self._ep_length += 1
         for k in self.info_keys:
-            v = _info_values(info, k, done)
+            v = info_values(info, k, done)
             ok = ~np.isnan(v)
             self._ep_info[k][ok] += v[ok]
             self._ep_info_n[k][ok] += 1

@@ -1,0 +1,710 @@
+"""Goal-conditioned off-policy RL over vectorized environments, as a LightningModule.
+
+The shared machinery of :class:`~diffto.learning.crl.ContrastiveRL` and
+:class:`~diffto.learning.goal_sac.GoalSAC` (SAC with HER): a module that owns its
+environments (any goal env with dict observations ``observation``, ``desired_goal``,
+``achieved_goal``, e.g. ``diffto/Metaworld-v0`` or ``diffto/PandaReach-v0``), an
+:class:`~diffto.learning.episode_buffer.EpisodeReplayBuffer` and a
+:class:`~diffto.learning.tanh_gaussian_actor.TanhGaussianActor` with a learned entropy
+temperature; subclasses supply the critic (:meth:`critic_loss`, :meth:`actor_value`).
+
+One training step is one *iteration*: collect ``env_steps_per_iteration`` environment steps
+with the current policy (uniform random actions during the first ``warmup_steps``), then make
+``env_steps_per_iteration / env_steps_per_update`` gradient updates, so the update-to-data
+ratio is ``1 / env_steps_per_update`` (about 9 ms per update here: the learner, not the
+environments, bounds the speed of training, and this ratio is the knob). ``global_step``
+counts iterations (only the iteration's last update goes through Lightning's optimizer
+wrapper), so ``trainer.max_steps × env_steps_per_iteration`` is the budget in environment
+steps. Throughput is logged as ``time/collect_steps_per_s`` (environment stepping and policy
+inference, updates excluded) and ``time/env_steps_per_s`` (everything).
+
+Goals
+    The critic's goals live in a goal space built from the env's dict
+    (``goal_features``): ``"achieved_goal"`` (the env's achieved goal; the rollout goal is the
+    desired goal) or ``"achieved_goal_and_hand"`` (``[achieved, hand − achieved]`` with the
+    hand at ``observation[hand_slice]``; the rollout goal is ``[desired, 0]``: the object at
+    the target and the hand at the object). The second gives a goal that changes whenever the
+    hand moves, so hindsight goals differ even while an object stays put. The state the
+    networks see is ``observation[observation_slice]`` (for Metaworld ``[0, 36]``: without
+    the goal that the observation's last entries repeat, so relabelled goals are the only
+    goals the networks see).
+
+Evaluation
+    Every validation runs ``eval_episodes`` deterministic episodes (``tanh(μ)``) on the held-out
+    seeds ``EVAL_SEED_BASE + j`` and logs ``val/success`` (at any step, Metaworld's
+    convention), ``val/success_final`` (at the last step), ``val/time_at_goal`` (fraction of
+    steps at the goal), ``val/final_distance``, with ``val/env_steps`` and ``val/wall_time_s``.
+    At the end of fit the module writes ``curves.png`` (success over environment steps and
+    over wall time) and ``report.json`` / ``report.md`` (final and best checkpoints, and the
+    task's scripted expert where ``expert`` is given, on the same episodes) and a video of the
+    final policy into the run's log folder.
+
+Continual learning (``task_sequence``)
+    A list of env-kwargs overrides (e.g. ``[{task: reach-v3}, {task: push-v3}, ...]``); task
+    ``k`` runs for ``iterations_per_task`` iterations. At each switch the environments are
+    rebuilt, the buffer is emptied and the random warm-up repeats; ``continual_reset`` says
+    which networks start afresh (``"none"``: keep everything; ``"critic"``; ``"all"``: a
+    from-scratch learner per task, the reference of forward transfer). At the end of every task
+    the policy is evaluated on *all* tasks (``continual.json``: the matrix of success after
+    task ``k`` on task ``j``, and :func:`~diffto.learning.continual_metrics.continual_metrics`).
+
+Pre-training on a dataset (``pretrain_dataset``, ``pretrain_updates``)
+    A trajectory set in diffto's format (e.g. TO expert episodes from ``lightning predict``:
+    ``observation``, ``action``, ``next_observation``, ``achieved_goal`` (at ``t + 1``),
+    ``desired_goal``, ``episode``) is written into the buffer as whole episodes before the
+    first environment step, and ``pretrain_updates`` critic updates are made on it (future
+    goals from the dataset's own trajectories); the actor and temperature train only online.
+    An episode starts at its second state, the first whose achieved goal the format records.
+    The dataset episodes stay in the buffer until newer episodes take their slots.
+
+Resuming (``--ckpt_path last``)
+    Networks, optimizer, temperature, environment-step counter, wall time and learning curve
+    are restored. With ``checkpoint_buffer=True`` the buffer's finished episodes travel in the
+    checkpoint (about 184 MB per million Metaworld transitions) and training continues with
+    them; otherwise the buffer restarts empty, the random warm-up repeats, and a warning says
+    so.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from diffto.learning.episode_buffer import EpisodeReplayBuffer
+from diffto.learning.goal_evaluation import (
+    Evaluation,
+    _write_json,
+    eval_seeds,
+    evaluate_policy,
+    make_env_fps,
+    save_video,
+)
+from diffto.learning.tanh_gaussian_actor import TanhGaussianActor
+from diffto.learning.vector_envs import IterationStream, info_values, make_vector_env
+from diffto.tasks.registry import make_env
+
+__all__ = ["GoalOffPolicy"]
+
+GoalFeatures = Literal["achieved_goal", "achieved_goal_and_hand"]
+ContinualReset = Literal["none", "critic", "all"]
+
+
+class GoalOffPolicy(L.LightningModule):
+    """Base of the goal-conditioned off-policy learners (see the module docstring).
+
+    Args:
+        env_id, env_kwargs: the training environments (``eval_env_kwargs`` overrides for the
+            evaluation episodes, e.g. a longer ``max_episode_steps``).
+        num_envs: environments stepped in lockstep. vector_mode: ``"sync"`` (in process;
+            faster here when the learner shares the cores) or ``"async"``.
+        env_steps_per_iteration: environment steps per training step (a multiple of
+            ``num_envs``).
+        env_steps_per_update: environment steps per gradient update (1 / update-to-data ratio).
+        batch_size: transitions per update. buffer_capacity: transitions kept.
+        warmup_steps: environment steps with uniform random actions before the policy acts
+            (and before the first update).
+        gamma: discount (the future-goal distribution's, and the TD target's).
+        observation_slice: ``[start, stop]`` of ``observation`` the networks see (``None``:
+            all of it).
+        goal_features, hand_slice: the goal space (see the module docstring).
+        width, depth, residual: the networks' :class:`ResidualMLP` shape.
+        actor_lr, critic_lr, alpha_lr: Adam learning rates.
+        init_alpha: initial entropy temperature. target_entropy: ``None`` = −action dim.
+        eval_episodes, eval_env_kwargs: validation episodes and their env overrides.
+        report_episodes, video_episodes: the end-of-fit report (``0`` episodes: no report).
+        expert: ``{class_path, init_args}`` of a per-task scripted controller (built with
+            ``task=``) evaluated beside the learner in the report.
+        checkpoint_buffer: store the buffer's episodes in checkpoints.
+        pretrain_dataset, pretrain_updates: critic pre-training (see the module docstring).
+        task_sequence, iterations_per_task, continual_reset: continual learning.
+    """
+
+    def __init__(
+        self,
+        env_id: str = "diffto/Metaworld-v0",
+        env_kwargs: dict[str, Any] | None = None,
+        num_envs: int = 8,
+        vector_mode: Literal["sync", "async"] = "sync",
+        env_steps_per_iteration: int = 1000,
+        env_steps_per_update: int = 8,
+        batch_size: int = 256,
+        buffer_capacity: int = 1_000_000,
+        warmup_steps: int = 10_000,
+        gamma: float = 0.99,
+        observation_slice: tuple[int, int] | None = None,
+        goal_features: GoalFeatures = "achieved_goal",
+        hand_slice: tuple[int, int] = (0, 3),
+        width: int = 256,
+        depth: int = 2,
+        residual: bool = False,
+        actor_lr: float = 3e-4,
+        critic_lr: float = 3e-4,
+        alpha_lr: float = 3e-4,
+        init_alpha: float = 0.1,
+        target_entropy: float | None = None,
+        eval_episodes: int = 10,
+        eval_env_kwargs: dict[str, Any] | None = None,
+        report_episodes: int = 50,
+        video_episodes: int = 2,
+        expert: dict[str, Any] | None = None,
+        checkpoint_buffer: bool = False,
+        pretrain_dataset: str | None = None,
+        pretrain_updates: int = 0,
+        task_sequence: list[dict[str, Any]] | None = None,
+        iterations_per_task: int = 100,
+        continual_reset: ContinualReset = "none",
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.automatic_optimization = False
+        for name, value in (("num_envs", num_envs), ("batch_size", batch_size),
+                            ("env_steps_per_update", env_steps_per_update),
+                            ("eval_episodes", eval_episodes),
+                            ("iterations_per_task", iterations_per_task)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if env_steps_per_iteration < num_envs or env_steps_per_iteration % num_envs:
+            raise ValueError(f"env_steps_per_iteration must be a positive multiple of num_envs "
+                             f"= {num_envs}, got {env_steps_per_iteration}")
+        if env_steps_per_iteration % env_steps_per_update:
+            raise ValueError(f"env_steps_per_iteration ({env_steps_per_iteration}) must be a "
+                             f"multiple of env_steps_per_update ({env_steps_per_update})")
+        if warmup_steps < 0 or report_episodes < 0 or video_episodes < 0 or pretrain_updates < 0:
+            raise ValueError(f"warmup_steps, report_episodes, video_episodes and "
+                             f"pretrain_updates must be >= 0, got {warmup_steps}, "
+                             f"{report_episodes}, {video_episodes}, {pretrain_updates}")
+        if pretrain_updates > 0 and pretrain_dataset is None:
+            raise ValueError("pretrain_updates > 0 needs pretrain_dataset (a trajectory file "
+                             "or folder)")
+        if not 0.0 < gamma < 1.0:
+            raise ValueError(f"gamma must be in (0, 1), got {gamma}")
+        if goal_features not in ("achieved_goal", "achieved_goal_and_hand"):
+            raise ValueError(f"goal_features must be 'achieved_goal' or "
+                             f"'achieved_goal_and_hand', got {goal_features!r}")
+        if continual_reset not in ("none", "critic", "all"):
+            raise ValueError(f"continual_reset must be 'none', 'critic' or 'all', "
+                             f"got {continual_reset!r}")
+        if init_alpha <= 0:
+            raise ValueError(f"init_alpha must be > 0, got {init_alpha}")
+        if task_sequence is not None and (not isinstance(task_sequence, list) or not all(
+                isinstance(t, dict) for t in task_sequence) or not task_sequence):
+            raise ValueError(f"task_sequence must be a non-empty list of env_kwargs overrides "
+                             f"(dicts), got {task_sequence!r}")
+        self.env_kwargs = dict(env_kwargs or {})
+        self.eval_overrides = dict(eval_env_kwargs or {})
+
+        probe = make_env(env_id, self.task_env_kwargs(0))
+        try:
+            space = probe.observation_space
+            keys = ("observation", "desired_goal", "achieved_goal")
+            if not hasattr(space, "spaces") or any(k not in space.spaces for k in keys):
+                raise ValueError(f"env_id {env_id!r} must have dict observations with entries "
+                                 f"{list(keys)}, got {space}")
+            obs_dim = int(space["observation"].shape[0])
+            goal_dim = int(space["achieved_goal"].shape[0])
+            act_space = probe.action_space
+            self.max_episode_steps = int(probe.spec.max_episode_steps
+                                         if probe.spec and probe.spec.max_episode_steps
+                                         else probe.unwrapped.max_episode_steps)
+        finally:
+            probe.close()
+        lo, hi = observation_slice if observation_slice is not None else (0, obs_dim)
+        if not 0 <= lo < hi <= obs_dim:
+            raise ValueError(f"observation_slice must be [start, stop] within the observation's "
+                             f"{obs_dim} entries, got {observation_slice}")
+        h0, h1 = hand_slice
+        if goal_features == "achieved_goal_and_hand" and (h1 - h0 != goal_dim or h0 < 0
+                                                           or h1 > obs_dim):
+            raise ValueError(f"hand_slice must select {goal_dim} observation entries (the "
+                             f"achieved goal's size), got {hand_slice}")
+        self.obs_slice = slice(lo, hi)
+        self.state_dim = hi - lo
+        self.env_goal_dim = goal_dim
+        self.goal_dim = goal_dim * (2 if goal_features == "achieved_goal_and_hand" else 1)
+        self.action_dim = int(act_space.shape[0])
+        self.actor = self._make_actor(act_space)
+        self.log_alpha = nn.Parameter(torch.tensor(math.log(init_alpha)))
+        self.target_entropy = (-float(self.action_dim) if target_entropy is None
+                               else float(target_entropy))
+
+        self.envs = None
+        self.buffer: EpisodeReplayBuffer | None = None
+        self.env_steps = 0  # environment steps collected over all resumes
+        self.wall_time = 0.0  # training seconds over all resumes
+        self.history: list[dict[str, float]] = []  # the learning curve (validations)
+        self.continual: dict[str, Any] = {"after_task": []}
+        self._restored_buffer: dict[str, Any] | None = None
+        self._task_index = -1
+
+    def _make_actor(self, act_space) -> TanhGaussianActor:
+        hp = self.hparams
+        return TanhGaussianActor(self.state_dim, self.goal_dim, self.action_dim,
+                                 torch.as_tensor(act_space.low), torch.as_tensor(act_space.high),
+                                 hp.width, hp.depth, hp.residual)
+
+    # ------------------------------------------------------------------ subclass interface
+    def critic_parameters(self) -> list[nn.Parameter]:
+        raise NotImplementedError
+
+    def reset_critic(self) -> None:
+        """Re-initialize the critic (continual learning with ``continual_reset``)."""
+        raise NotImplementedError
+
+    def critic_loss(self, batch: dict[str, Tensor], with_metrics: bool = False
+                    ) -> tuple[Tensor, dict[str, float]]:
+        """The critic's loss and (with ``with_metrics``: at an iteration's last update, where
+        they are logged) its health metrics."""
+        raise NotImplementedError
+
+    def actor_value(self, obs: Tensor, action: Tensor, goal: Tensor) -> Tensor:
+        """What the actor maximizes, ``(B,)`` (the critic's parameters are frozen here)."""
+        raise NotImplementedError
+
+    def actor_goals(self, batch: dict[str, Tensor]) -> Tensor:
+        """The goals of the actor's update (relabelled)."""
+        raise NotImplementedError
+
+    def after_update(self) -> None:
+        """Called after each gradient update (e.g. target networks)."""
+
+    # ------------------------------------------------------------------ goals
+    def goal_of_states(self, observation: np.ndarray, achieved: np.ndarray) -> np.ndarray:
+        """Goal-space features of states ``(n, goal_dim)``."""
+        if self.hparams.goal_features == "achieved_goal":
+            return achieved
+        hand = observation[:, slice(*self.hparams.hand_slice)]
+        return np.concatenate([achieved, hand - achieved], -1)
+
+    def goal_of_targets(self, desired: np.ndarray) -> np.ndarray:
+        """Goal-space features of the env's desired goals ``(n, goal_dim)``."""
+        if self.hparams.goal_features == "achieved_goal":
+            return desired
+        return np.concatenate([desired, np.zeros_like(desired)], -1)
+
+    def _states(self, obs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        o = np.asarray(obs["observation"])
+        return {"observation": o[:, self.obs_slice],
+                "goal": self.goal_of_states(o, np.asarray(obs["achieved_goal"]))}
+
+    # ------------------------------------------------------------------ acting
+    def _tensor(self, x: np.ndarray) -> Tensor:
+        return torch.as_tensor(np.asarray(x), dtype=torch.float32, device=self.device)
+
+    @torch.no_grad()
+    def act(self, observation: np.ndarray, desired_goal: np.ndarray,
+            deterministic: bool = True) -> np.ndarray:
+        """Actions ``(B, a)`` for env observations ``(B, o)`` and desired goals ``(B, g)``."""
+        obs = self._tensor(np.atleast_2d(observation)[:, self.obs_slice])
+        goal = self._tensor(self.goal_of_targets(np.atleast_2d(desired_goal)))
+        if deterministic:
+            return self.actor.mode(obs, goal).cpu().numpy()
+        return self.actor(obs, goal)[0].cpu().numpy()
+
+    # ------------------------------------------------------------------ tasks
+    @property
+    def num_tasks(self) -> int:
+        seq = self.hparams.task_sequence
+        return 1 if seq is None else len(seq)
+
+    def task_env_kwargs(self, k: int, evaluation: bool = False) -> dict[str, Any]:
+        seq = self.hparams.task_sequence
+        kwargs = {**self.env_kwargs, **(seq[k] if seq else {})}
+        return {**kwargs, **self.eval_overrides} if evaluation else kwargs
+
+    def task_of_iteration(self, iteration: int) -> int:
+        return min(iteration // self.hparams.iterations_per_task, self.num_tasks - 1)
+
+    # ------------------------------------------------------------------ Lightning plumbing
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(IterationStream(), batch_size=None, num_workers=0)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader([0], batch_size=None, num_workers=0)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        hp = self.hparams
+        # foreach: one kernel per step for all tensors (about 20% of an update here)
+        return torch.optim.Adam([
+            {"params": list(self.actor.parameters()), "lr": hp.actor_lr, "name": "actor"},
+            {"params": self.critic_parameters(), "lr": hp.critic_lr, "name": "critic"},
+            {"params": [self.log_alpha], "lr": hp.alpha_lr, "name": "alpha"},
+        ], foreach=True)
+
+    def teardown(self, stage: str) -> None:
+        if self.envs is not None:
+            self.envs.close()
+            self.envs = None
+
+    def on_train_start(self) -> None:
+        self._start_task(self.task_of_iteration(self.global_step), resumed=True)
+        if self.hparams.pretrain_updates > 0 and self.env_steps == 0:
+            self.pretrain()
+
+    # ------------------------------------------------------------------ pre-training
+    def load_dataset_episodes(self, path: str) -> int:
+        """Write the episodes of a trajectory set into the buffer; returns transitions."""
+        from diffto.data.trajectories import load_trajectories
+
+        data = load_trajectories(path)
+        arrays = data.arrays()
+        for key in ("observation", "action", "next_observation", "achieved_goal",
+                    "desired_goal"):
+            if key not in arrays:
+                raise ValueError(f"pretrain_dataset {path}: the set has no {key!r} array "
+                                 f"(it has {sorted(arrays)})")
+        if arrays["observation"].shape[1] < self.obs_slice.stop:
+            raise ValueError(f"pretrain_dataset {path}: observations have "
+                             f"{arrays['observation'].shape[1]} entries, fewer than "
+                             f"observation_slice needs")
+        before = len(self.buffer)
+        for sl in data.episode_slices():
+            if sl.stop - sl.start < 2:
+                continue
+            # the episode starts at its second state, the first with a recorded achieved goal
+            obs = arrays["next_observation"][sl]
+            states = {"observation": obs[:, self.obs_slice],
+                      "goal": self.goal_of_states(obs, arrays["achieved_goal"][sl])}
+            desired = self.goal_of_targets(arrays["desired_goal"][sl][:1])[0]
+            self.buffer.add_episode(states, arrays["action"][sl][1:], {"desired_goal": desired},
+                                    bool(arrays["terminal"][sl][-1]) if "terminal" in arrays
+                                    else False)
+        return len(self.buffer) - before
+
+    def pretrain(self) -> None:
+        """Load ``pretrain_dataset`` into the buffer and make ``pretrain_updates`` critic
+        updates on it."""
+        hp = self.hparams
+        n = len(self.buffer)
+        opt = self.optimizers().optimizer
+        metrics: dict[str, float] = {}
+        for i in range(hp.pretrain_updates):
+            opt.zero_grad()
+            loss, metrics = self.critic_loss(self._batch(),
+                                             with_metrics=i == hp.pretrain_updates - 1)
+            loss.backward()
+            opt.step()  # only the critic has gradients
+            self.after_update()
+        rank_zero_info(f"pre-trained the critic on {n} dataset transitions with "
+                       f"{hp.pretrain_updates} updates: {metrics}")
+
+    def _start_task(self, k: int, resumed: bool = False) -> None:
+        """Build task ``k``'s environments and buffer (and reset networks on a switch)."""
+        hp = self.hparams
+        if self.envs is not None:
+            self.envs.close()
+        self.envs = make_vector_env(hp.env_id, self.task_env_kwargs(k), hp.num_envs,
+                                    hp.vector_mode)
+        self.buffer = EpisodeReplayBuffer(
+            hp.buffer_capacity, self.max_episode_steps, hp.num_envs,
+            {"observation": self.state_dim, "goal": self.goal_dim}, self.action_dim,
+            {"desired_goal": self.goal_dim},
+            seed=int(torch.initial_seed() + 104_729 * self.global_step) % 2**32)
+        if self._restored_buffer is not None:
+            self.buffer.load_state_dict(self._restored_buffer)
+            self._restored_buffer = None
+            rank_zero_info(f"replay buffer restored: {len(self.buffer)} transitions")
+        elif resumed and self.env_steps > 0:
+            warnings.warn(
+                f"resuming at {self.env_steps} environment steps with an empty replay buffer "
+                f"(checkpoint_buffer is off): the random warm-up of {hp.warmup_steps} steps "
+                f"repeats and learning continues from fresh data", RuntimeWarning, stacklevel=2)
+        if not resumed and k > 0 and hp.continual_reset != "none":
+            self.reset_critic()
+            if hp.continual_reset == "all":
+                self.actor = self._make_actor(self.envs.single_action_space).to(self.device)
+                with torch.no_grad():
+                    self.log_alpha.fill_(math.log(hp.init_alpha))
+                self.trainer.strategy.setup_optimizers(self.trainer)  # fresh Adam state
+        if hp.pretrain_dataset is not None and self.env_steps == 0 and k == 0 \
+                and not len(self.buffer):
+            n = self.load_dataset_episodes(hp.pretrain_dataset)
+            rank_zero_info(f"{n} transitions of {hp.pretrain_dataset} in the replay buffer")
+        self._task_index = k
+        self._task_start_steps = self.env_steps
+        seed = int(torch.initial_seed() + 7919 * self.global_step) % 2**31
+        obs, _ = self.envs.reset(seed=seed)
+        self._obs = obs
+        self.buffer.begin(self._states(obs), self._episode(obs))
+        E = hp.num_envs
+        self._ep_success = np.zeros(E, bool)
+        self._ep_at_goal = np.zeros(E)
+        self._ep_len = np.zeros(E)
+
+    def _episode(self, obs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {"desired_goal": self.goal_of_targets(np.asarray(obs["desired_goal"]))}
+
+    # ------------------------------------------------------------------ collection
+    @torch.no_grad()
+    def collect(self, env_steps: int) -> dict[str, float]:
+        """Step the environments ``env_steps`` times in total; returns the finished
+        episodes' mean ``success`` (any step) and ``time_at_goal`` (NaN if none ended)."""
+        assert self.envs is not None and self.buffer is not None
+        E, warm = self.hparams.num_envs, self.hparams.warmup_steps - self._warmup_done()
+        successes, at_goal = [], []
+        for _ in range(env_steps // E):
+            if warm > 0:
+                action = self.envs.action_space.sample()
+                warm -= E
+            else:
+                obs_t = self._tensor(np.asarray(self._obs["observation"])[:, self.obs_slice])
+                goal_t = self._tensor(self.buffer_goal())
+                action = self.actor(obs_t, goal_t)[0].cpu().numpy()
+            obs, _, terminated, truncated, info = self.envs.step(action)
+            done = terminated | truncated
+            final = obs
+            if done.any():
+                final = {k: np.array(v, copy=True) for k, v in obs.items()}
+                for i in np.flatnonzero(done):
+                    for k in final:
+                        final[k][i] = info["final_obs"][i][k]
+            self.buffer.step(action, self._states(final), terminated, truncated)
+            success = info_values(info, "is_success", done) > 0
+            self._ep_success |= success
+            self._ep_at_goal += success
+            self._ep_len += 1
+            if done.any():
+                idx = np.flatnonzero(done)
+                successes += self._ep_success[idx].tolist()
+                at_goal += (self._ep_at_goal[idx] / self._ep_len[idx]).tolist()
+                self._ep_success[idx], self._ep_at_goal[idx], self._ep_len[idx] = False, 0, 0
+                self.buffer.begin({k: v[idx] for k, v in self._states(obs).items()},
+                                  {k: v[idx] for k, v in self._episode(obs).items()}, idx)
+            self._obs = obs
+            self.env_steps += E
+        return {"success": float(np.mean(successes)) if successes else float("nan"),
+                "time_at_goal": float(np.mean(at_goal)) if at_goal else float("nan")}
+
+    def buffer_goal(self) -> np.ndarray:
+        """The rollout goals of the open episodes (the env's desired goal)."""
+        return self.goal_of_targets(np.asarray(self._obs["desired_goal"]))
+
+    def _warmup_done(self) -> int:
+        """Environment steps of the current task collected so far."""
+        return self.env_steps - self._task_start_steps
+
+    # ------------------------------------------------------------------ updates
+    def _batch(self) -> dict[str, Tensor]:
+        hp = self.hparams
+        raw = self.buffer.sample(hp.batch_size, hp.gamma, self.future_offset)
+        return {k: torch.as_tensor(v, device=self.device) for k, v in raw.items()}
+
+    future_offset: Literal["geometric", "uniform"] = "geometric"
+
+    def update(self, last: bool) -> dict[str, float]:
+        """One gradient update of critic, actor and temperature from one batch."""
+        opt = self.optimizers()
+        batch = self._batch()
+        opt.zero_grad()
+        critic_loss, metrics = self.critic_loss(batch, with_metrics=last)
+        critic_loss.backward()
+        critic_params = self.critic_parameters()
+        for p in critic_params:
+            p.requires_grad_(False)
+        try:
+            goal = self.actor_goals(batch)
+            action, log_prob = self.actor(batch["observation"], goal)
+            alpha = self.log_alpha.exp()
+            actor_loss = (alpha.detach() * log_prob
+                          - self.actor_value(batch["observation"], action, goal)).mean()
+            alpha_loss = -(self.log_alpha * (log_prob.detach() + self.target_entropy)).mean()
+            (actor_loss + alpha_loss).backward()
+        finally:
+            for p in critic_params:
+                p.requires_grad_(True)
+        if last:
+            opt.step()  # through Lightning: global_step advances once per iteration
+        else:
+            opt.optimizer.step()
+        self.after_update()
+        if last:
+            metrics.update({"loss/critic": float(critic_loss.detach()),
+                            "loss/actor": float(actor_loss.detach()),
+                            "actor/alpha": float(alpha.detach()),
+                            "actor/entropy": float(-log_prob.detach().mean())})
+        return metrics
+
+    def training_step(self, batch: Tensor, batch_idx: int) -> None:
+        hp = self.hparams
+        k = self.task_of_iteration(self.global_step)
+        if k != self._task_index:
+            self._task_end(self._task_index)
+            self._start_task(k)
+        t0 = time.perf_counter()
+        episodes = self.collect(hp.env_steps_per_iteration)
+        t_collect = time.perf_counter() - t0
+        n_updates = 0
+        metrics: dict[str, float] = {}  # of the iteration's last update
+        if self._warmup_done() >= hp.warmup_steps and len(self.buffer) >= hp.batch_size:
+            n_updates = hp.env_steps_per_iteration // hp.env_steps_per_update
+            for i in range(n_updates):
+                metrics = self.update(last=i == n_updates - 1)
+        else:  # keep Lightning's step counter in the iteration budget
+            self.optimizers().zero_grad()
+            self.optimizers().step()
+        elapsed = time.perf_counter() - t0
+        self.wall_time += elapsed
+        logs = dict(metrics)
+        logs.update({"env_steps": float(self.env_steps), "time/wall_s": self.wall_time,
+                     "time/collect_steps_per_s": hp.env_steps_per_iteration / t_collect,
+                     "time/env_steps_per_s": hp.env_steps_per_iteration / elapsed,
+                     "time/update_ms": 1e3 * (elapsed - t_collect) / max(n_updates, 1),
+                     "task": float(k)})
+        if np.isfinite(episodes["time_at_goal"]):
+            logs["train/time_at_goal"] = episodes["time_at_goal"]
+        self.log_dict(logs, on_step=True, batch_size=1)
+        if np.isfinite(episodes["success"]):  # episodes ended in this iteration
+            self.log("train/success", episodes["success"], prog_bar=True, batch_size=1)
+        self.log("env_steps_k", self.env_steps / 1e3, prog_bar=True, batch_size=1)
+        self.watch_critic(metrics.get("critic/accuracy", float("nan")))
+
+    def watch_critic(self, accuracy: float) -> None:
+        """Hook for critic health checks (one value per iteration)."""
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self, k: int | None = None, episodes: int | None = None,
+                 video_episodes: int = 0) -> tuple[Evaluation, list[np.ndarray]]:
+        """Deterministic episodes on the held-out seeds of task ``k`` (default: current)."""
+        k = max(self._task_index, 0) if k is None else k
+        n = self.hparams.eval_episodes if episodes is None else episodes
+        was_training = self.training
+        self.eval()
+        try:
+            return evaluate_policy(
+                self.act, self.hparams.env_id, eval_seeds(n), self.task_env_kwargs(k, True),
+                video_episodes=video_episodes, observation_keys=("observation",))
+        finally:
+            self.train(was_training)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        result, _ = self.evaluate()
+        s = result.summary()
+        point = {"env_steps": float(self.env_steps), "wall_time_s": self.wall_time,
+                 "task": float(max(self._task_index, 0)), "success": s["success_any"],
+                 "success_final": s["success"], "time_at_goal": s["time_at_goal"],
+                 "final_distance": s["final_distance"]}
+        if not self.trainer.sanity_checking:
+            self.history.append(point)
+        self.log("val/success", point["success"], prog_bar=True, batch_size=1)
+        self.log_dict({f"val/{k}": v for k, v in point.items() if k != "success"},
+                      batch_size=1)
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["goal_off_policy"] = {
+            "env_steps": self.env_steps, "wall_time": self.wall_time,
+            "history": self.history, "continual": self.continual,
+            "buffer": (self.buffer.state_dict() if self.hparams.checkpoint_buffer
+                       and self.buffer is not None else None),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("goal_off_policy", {})
+        self.env_steps = int(state.get("env_steps", 0))
+        self.wall_time = float(state.get("wall_time", 0.0))
+        self.history = list(state.get("history", []))
+        self.continual = dict(state.get("continual", {"after_task": []}))
+        self._restored_buffer = state.get("buffer")
+
+    # ------------------------------------------------------------------ the report
+    def _out_dir(self) -> Path:
+        return Path(self.trainer.log_dir or self.trainer.default_root_dir)
+
+    def _task_end(self, k: int) -> None:
+        """At the end of task ``k`` of a sequence: evaluate on every task."""
+        if self.hparams.task_sequence is None or k < 0:
+            return
+        from diffto.learning.continual_metrics import continual_metrics, task_auc
+
+        if any(r["task"] == k for r in self.continual["after_task"]):
+            return  # already evaluated (a resumed run)
+        row = [self.evaluate(j)[0].summary()["success_any"] for j in range(self.num_tasks)]
+        self.continual["after_task"].append(
+            {"task": k, "env_steps": self.env_steps, "success": row,
+             "auc": task_auc(self.history, k)})
+        self.continual["metrics"] = continual_metrics(
+            [r["success"] for r in self.continual["after_task"]])
+        if self.trainer.is_global_zero:
+            _write_json(self._out_dir() / "continual.json",
+                        {"task_sequence": self.hparams.task_sequence,
+                         "continual_reset": self.hparams.continual_reset, **self.continual})
+
+    def on_fit_end(self) -> None:
+        self._task_end(self._task_index)  # the last task of a sequence (or where fit stopped)
+        if not self.trainer.is_global_zero:
+            return
+        out = self._out_dir()
+        out.mkdir(parents=True, exist_ok=True)
+        if self.history:
+            from diffto.learning.learning_curves import plot_learning_curves
+
+            plot_learning_curves(self.history, out / "curves.png",
+                                 title=f"{type(self).__name__} on {self._task_title()}")
+            _write_json(out / "curves.json", {"history": self.history})
+        if self.hparams.report_episodes > 0:
+            self.write_report(out)
+
+    def _task_title(self, k: int | None = None) -> str:
+        kwargs = self.task_env_kwargs(max(self._task_index, 0) if k is None else k)
+        return f"{self.hparams.env_id} {kwargs.get('task', '')}".strip()
+
+    def write_report(self, out: Path) -> dict[str, Any]:
+        """Final and best checkpoints (and the expert) on ``report_episodes`` held-out
+        episodes of the current task; ``report.json``, ``report.md`` and ``final.mp4``."""
+        hp = self.hparams
+        n = hp.report_episodes
+        rows: dict[str, dict[str, float]] = {}
+        if hp.expert is not None:
+            from diffto.learning.task_evaluation import evaluate_task_experts
+
+            task = self.task_env_kwargs(max(self._task_index, 0)).get("task")
+            res = evaluate_task_experts(hp.env_id, [task], eval_seeds(n), hp.expert,
+                                        {k: v for k, v in self.task_env_kwargs(
+                                            max(self._task_index, 0), True).items()
+                                         if k != "task"},
+                                        cache_dir=Path("runs") / "expert_cache")
+            rows["scripted expert"] = res[task].summary()
+        best_path = None
+        for cb in self.trainer.checkpoint_callbacks:
+            path = getattr(cb, "best_model_path", "")
+            if getattr(cb, "monitor", None) == "val/success" and path and Path(path).exists():
+                best_path = path
+        if best_path is not None:
+            state = {k: v.clone() for k, v in self.state_dict().items()}
+            ckpt = torch.load(best_path, map_location=self.device, weights_only=False)
+            self.load_state_dict(ckpt["state_dict"])
+            rows["best checkpoint"] = self.evaluate(episodes=n)[0].summary()
+            self.load_state_dict(state)
+        final, frames = self.evaluate(episodes=n, video_episodes=hp.video_episodes)
+        rows["final policy"] = final.summary()
+        video = None
+        if frames:
+            fps = make_env_fps(hp.env_id, self.task_env_kwargs(max(self._task_index, 0), True))
+            video = str(save_video(frames, out / "final.mp4", fps=int(fps)))
+        lines = [f"### {type(self).__name__} on {self._task_title()}: {n} held-out episodes, "
+                 f"{self.env_steps} environment steps, {self.wall_time / 60:.1f} min", "",
+                 "| controller | success (any step) | success (last step) | time at goal | "
+                 "final distance |", "|---|---|---|---|---|"]
+        for name, s in rows.items():
+            lines.append(f"| {name} | {s['success_any']:.2f} | {s['success']:.2f} | "
+                         f"{s.get('time_at_goal', float('nan')):.2f} | "
+                         f"{s['final_distance']:.3f} |")
+        table = "\n".join(lines) + "\n"
+        payload = {"env_id": hp.env_id, "env_kwargs": self.task_env_kwargs(
+            max(self._task_index, 0)), "episodes": n, "env_steps": self.env_steps,
+            "wall_time_s": self.wall_time, "best_checkpoint": best_path, "video": video,
+            "results": rows}
+        _write_json(out / "report.json", payload)
+        (out / "report.md").write_text(table)
+        rank_zero_info(table + f"(report: {out / 'report.json'})")
+        return payload
+

@@ -1,0 +1,293 @@
+"""Contrastive RL: the critic and its InfoNCE losses, the tanh-Gaussian actor, the LightningModule
+(collection, updates, health metrics, checkpoints, continual learning) and its configs."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from diffto.learning.continual_metrics import continual_metrics, forward_transfer, task_auc
+from diffto.learning.contrastive_critic import ContrastiveCritic, critic_metrics, infonce_loss
+from diffto.learning.crl import ContrastiveRL
+from diffto.learning.residual_mlp import ResidualMLP
+from diffto.learning.tanh_gaussian_actor import TanhGaussianActor
+
+pytestmark = pytest.mark.filterwarnings("ignore:Constant\\(s\\) may be too high")
+
+TINY = dict(env_id="diffto/Metaworld-v0",
+            env_kwargs={"task": "reach-v3", "max_episode_steps": 10},
+            eval_env_kwargs={"max_episode_steps": 10}, num_envs=2, env_steps_per_iteration=20,
+            env_steps_per_update=10, batch_size=16, buffer_capacity=1000, warmup_steps=20,
+            observation_slice=(0, 36), width=32, repr_dim=8, eval_episodes=1,
+            report_episodes=0, video_episodes=0)
+
+
+# ----------------------------------------------------------------------------- networks
+def test_residual_mlp_shapes_and_skips():
+    x = torch.randn(5, 7)
+    plain = ResidualMLP(7, 3, width=16, depth=4)
+    res = ResidualMLP(7, 3, width=16, depth=4, residual=True, block_layers=2)
+    assert plain(x).shape == res(x).shape == (5, 3)
+    assert len(res.blocks) == 2 and len(plain.blocks) == 1  # 3 layers after the stem: 2 + 1
+    assert sum(isinstance(m, torch.nn.LayerNorm) for m in res.modules()) == 4
+    with torch.no_grad():  # a residual block whose layers output zero is the identity
+        for block in res.blocks:
+            block[-1][0].weight.zero_()
+            block[-1][0].bias.zero_()
+            block[-1][1].weight.zero_()
+            block[-1][1].bias.zero_()
+        h = res.stem(x)
+        np.testing.assert_allclose(res(x).numpy(), res.head(h).numpy(), atol=1e-6)
+    with pytest.raises(ValueError, match="depth"):
+        ResidualMLP(7, 3, depth=0)
+
+
+@pytest.mark.parametrize("energy", ["l2", "dot"])
+def test_critic_logits_match_the_energy_and_the_diagonal(energy):
+    torch.manual_seed(0)
+    critic = ContrastiveCritic(5, 2, 3, repr_dim=4, width=16, energy=energy)
+    s, a, g = torch.randn(6, 5), torch.randn(6, 2), torch.randn(6, 3)
+    logits = critic.logits(s, a, g)
+    phi, psi = critic.representations(s, a, g)
+    want = -torch.cdist(phi, psi) if energy == "l2" else phi @ psi.T
+    torch.testing.assert_close(logits, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(critic(s, a, g), torch.diagonal(logits), atol=1e-5, rtol=1e-5)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 8), st.floats(0.0, 1.0), st.integers(0, 1000))
+def test_infonce_losses_are_the_cross_entropies(B, penalty, seed):
+    logits = torch.randn(B, B, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    labels = torch.arange(B)
+    lse2 = torch.logsumexp(logits, 1).pow(2).mean()
+    fwd, bwd = F.cross_entropy(logits, labels), F.cross_entropy(logits.T, labels)
+    torch.testing.assert_close(infonce_loss(logits, "forward", penalty), fwd + penalty * lse2)
+    torch.testing.assert_close(infonce_loss(logits, "backward", penalty), bwd + penalty * lse2)
+    torch.testing.assert_close(infonce_loss(logits, "symmetric", 0.0), (fwd + bwd) / 2)
+
+
+def test_infonce_gradient_matches_finite_differences():
+    logits = torch.randn(4, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: infonce_loss(x, "symmetric", 0.1), (logits,))
+    with pytest.raises(ValueError, match="square"):
+        infonce_loss(torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="direction"):
+        infonce_loss(torch.zeros(2, 2), "sideways")
+
+
+def test_critic_metrics():
+    logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 3.0], [0.0, 0.0, 1.0]])
+    m = critic_metrics(logits)
+    assert m["accuracy"] == pytest.approx(2 / 3)
+    assert m["logits_pos"] == pytest.approx(4 / 3)
+    assert m["logits_neg"] == pytest.approx(3 / 6)
+
+
+def test_critic_learns_to_recognize_futures():
+    """Goals are a noisy function of (s, a): after 150 steps the critic picks the right goal
+    out of 64 far above chance (1/64); an untrained or broken critic stays near chance."""
+    torch.manual_seed(0)
+    critic = ContrastiveCritic(4, 2, 2, repr_dim=16, width=64)
+    opt = torch.optim.Adam(critic.parameters(), lr=3e-3)
+    W = torch.randn(6, 2)
+
+    def batch(n=64):
+        s, a = torch.randn(n, 4), torch.randn(n, 2)
+        return s, a, torch.cat([s, a], 1) @ W + 0.05 * torch.randn(n, 2)
+
+    before = critic_metrics(critic.logits(*batch()))["accuracy"]
+    for _ in range(150):
+        loss = infonce_loss(critic.logits(*batch()))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = critic_metrics(critic.logits(*batch()))["accuracy"]
+    assert before < 0.15 and after > 0.5
+
+
+# ----------------------------------------------------------------------------- actor
+def test_actor_log_prob_is_the_change_of_variables():
+    torch.manual_seed(0)
+    actor = TanhGaussianActor(3, 2, 2, low=torch.tensor([-1.0, 0.0]),
+                              high=torch.tensor([1.0, 4.0]), width=16).double()
+    obs, goal = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
+    torch.manual_seed(1)
+    action, log_prob = actor(obs, goal)
+    torch.manual_seed(1)
+    mean, log_std = actor._mean_log_std(obs, goal)
+    u = mean + log_std.exp() * torch.randn_like(mean)
+    base = torch.distributions.Normal(mean, log_std.exp()).log_prob(u)
+    want = (base - torch.log(1 - torch.tanh(u) ** 2) - torch.log(actor.half_range)).sum(-1)
+    torch.testing.assert_close(log_prob, want)
+    assert ((action >= actor.center - actor.half_range)
+            & (action <= actor.center + actor.half_range)).all()
+    # no overflow where the literal formula gives -inf
+    u = torch.tensor([30.0], dtype=torch.float64)
+    stable = 2.0 * (math.log(2.0) - u - F.softplus(-2.0 * u))
+    assert torch.isfinite(stable).all() and not torch.isfinite(torch.log(1 - torch.tanh(u) ** 2))
+    torch.testing.assert_close(actor.mode(obs, goal),
+                               actor.center + actor.half_range * torch.tanh(mean))
+
+
+# ----------------------------------------------------------------------------- the module
+def test_module_collects_updates_and_logs_critic_health():
+    torch.manual_seed(0)
+    model = ContrastiveRL(**TINY)
+    model.trainer = None
+    opt = model.configure_optimizers()
+    model.optimizers = lambda: type("O", (), {"zero_grad": opt.zero_grad, "step": opt.step,
+                                              "optimizer": opt})()
+    model._start_task(0)
+    out = model.collect(40)
+    assert model.env_steps == 40 and len(model.buffer) == 40  # 4 finished episodes of 10
+    assert 0.0 <= out["success"] <= 1.0
+    before = [p.detach().clone() for p in model.critic.parameters()]
+    metrics = model.update(last=True)
+    assert {"critic/accuracy", "critic/logits_pos", "critic/logits_neg", "critic/logsumexp",
+            "loss/critic", "loss/actor", "actor/alpha"} <= set(metrics)
+    assert any(not torch.equal(p, q) for p, q in zip(before, model.critic.parameters()))
+    assert all(p.requires_grad for p in model.critic.parameters())
+    a = model.act(np.zeros((3, 39)), np.zeros((3, 3)))
+    assert a.shape == (3, 4) and np.all(np.abs(a) <= 1)
+    model.teardown("fit")
+
+
+def test_collapse_warning_after_patience():
+    model = ContrastiveRL(**{**TINY, "collapse_patience": 3})
+    model.log = lambda *a, **k: None
+    for _ in range(2):
+        model.watch_critic(1 / 16)
+    model.watch_critic(0.5)  # a healthy iteration restarts the count
+    for _ in range(2):
+        model.watch_critic(0.0)
+    with pytest.warns(RuntimeWarning, match="collapsed"):
+        model.watch_critic(0.0)
+
+
+def test_goal_features_with_the_hand():
+    model = ContrastiveRL(**{**TINY, "goal_features": "achieved_goal_and_hand",
+                             "env_kwargs": {"task": "push-v3", "max_episode_steps": 10}})
+    assert model.goal_dim == 6
+    obs = np.zeros((1, 39))
+    obs[0, :3] = [1.0, 2.0, 3.0]
+    g = model.goal_of_states(obs, np.array([[0.5, 0.5, 0.5]]))
+    np.testing.assert_allclose(g, [[0.5, 0.5, 0.5, 0.5, 1.5, 2.5]])
+    np.testing.assert_allclose(model.goal_of_targets(np.ones((1, 3))), [[1, 1, 1, 0, 0, 0]])
+
+
+def test_bad_arguments_name_themselves():
+    for bad, match in ((dict(direction="up"), "direction"), (dict(energy="cos"), "energy"),
+                       (dict(env_steps_per_iteration=15), "env_steps_per_iteration"),
+                       (dict(goal_features="hand"), "goal_features"),
+                       (dict(observation_slice=(0, 99)), "observation_slice"),
+                       (dict(task_sequence=[]), "task_sequence"),
+                       (dict(env_id="Pendulum-v1", env_kwargs={}), "dict observations")):
+        with pytest.raises(ValueError, match=match):
+            ContrastiveRL(**{**TINY, **bad})
+
+
+# ----------------------------------------------------------------------------- continual
+def test_continual_metrics_follow_the_definitions():
+    R = [[0.9, 0.1, 0.0], [0.5, 0.8, 0.2], [0.4, 0.6, 1.0]]
+    m = continual_metrics(R)
+    assert m["average_performance"] == pytest.approx(2.0 / 3)
+    assert m["forgetting_per_task"] == pytest.approx([0.5, 0.2, 0.0])
+    assert forward_transfer([0.5, 1.0], [0.0, 0.5]) == pytest.approx([0.5, 1.0])
+    assert math.isnan(forward_transfer([0.5], [1.0])[0])
+    hist = [{"env_steps": 0, "success": 0.0, "task": 1}, {"env_steps": 10, "success": 1.0,
+                                                          "task": 1}]
+    assert task_auc(hist, 1) == pytest.approx(0.5) and math.isnan(task_auc(hist, 0))
+    with pytest.raises(ValueError, match="after_task"):
+        continual_metrics([[0.1], [0.2]])
+
+
+def test_continual_run_resets_the_critic_and_evaluates_every_task(tmp_path, monkeypatch):
+    import lightning as L
+
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    model = ContrastiveRL(**{**TINY, "task_sequence": [{"task": "reach-v3"},
+                                                       {"task": "button-press-topdown-v3"}],
+                             "iterations_per_task": 2, "continual_reset": "critic"})
+    seen = {}
+    reset = model.reset_critic
+
+    def spy():
+        seen["critic"] = [p.detach().clone() for p in model.critic.parameters()]
+        reset()
+
+    model.reset_critic = spy
+    trainer = L.Trainer(max_steps=4, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=0, default_root_dir=tmp_path)
+    trainer.fit(model)
+    assert trainer.global_step == 4 and model.env_steps == 80
+    assert "critic" in seen  # reset once, at the switch to task 1
+    report = json.loads((tmp_path / "continual.json").read_text())
+    assert [r["task"] for r in report["after_task"]] == [0, 1]
+    assert all(len(r["success"]) == 2 for r in report["after_task"])
+    assert set(report["metrics"]) >= {"average_performance", "forgetting"}
+
+
+# ----------------------------------------------------------------------------- configs
+@pytest.mark.parametrize("config", ["metaworld_crl.yaml", "metaworld_crl_continual.yaml",
+                                    "panda_crl.yaml"])
+def test_crl_configs_fast_dev_run(config, tmp_path, monkeypatch):
+    from diffto import cli
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.argv", ["lightning"])
+    cli.main(["fit", "--config", config, "--trainer.fast_dev_run=true",
+              "--model.init_args.num_envs=2", "--model.init_args.env_steps_per_iteration=40",
+              "--model.init_args.env_steps_per_update=20", "--model.init_args.warmup_steps=0",
+              "--model.init_args.batch_size=16", "--model.init_args.width=32",
+              "--model.init_args.env_kwargs.max_episode_steps=10",
+              "--model.init_args.eval_env_kwargs.max_episode_steps=10",
+              "--model.init_args.eval_episodes=1", "--model.init_args.report_episodes=1",
+              "--model.init_args.video_episodes=1"])
+    if config == "metaworld_crl_continual.yaml":  # every task evaluated after the first
+        report = json.loads(next(tmp_path.glob("**/continual.json")).read_text())
+        assert len(report["after_task"][0]["success"]) == 10
+        return
+    report = json.loads(next(tmp_path.glob("**/report.json")).read_text())
+    assert "final policy" in report["results"] and report["env_steps"] == 40
+    if config.startswith("metaworld"):
+        assert "scripted expert" in report["results"]
+
+
+# ----------------------------------------------------------------------------- pre-training
+def test_pretraining_on_a_dataset_fills_the_buffer_and_trains_only_the_critic(tmp_path):
+    from diffto.data.metaworld_demos import collect_demos
+    from diffto.data.trajectories import save_trajectories
+
+    data, _ = collect_demos("reach-v3", range(2), range(2))
+    path = tmp_path / "demos.npz"
+    save_trajectories(path, data)
+    model = ContrastiveRL(**{**TINY, "env_kwargs": {"task": "reach-v3", "max_episode_steps": 200},
+                             "pretrain_dataset": str(path), "pretrain_updates": 5})
+    opt = model.configure_optimizers()
+    model.optimizers = lambda: type("O", (), {"zero_grad": opt.zero_grad, "step": opt.step,
+                                              "optimizer": opt})()
+    model.trainer = None
+    model._start_task(0)
+    lengths = data.episode_lengths()
+    assert len(model.buffer) == int((lengths - 1).sum())  # each starts at its second state
+    first = data.episode_slices()[0]
+    np.testing.assert_allclose(model.buffer.states["goal"][0, :3],
+                               data.arrays()["achieved_goal"][first][:3], rtol=1e-6)
+    actor = [p.detach().clone() for p in model.actor.parameters()]
+    critic = [p.detach().clone() for p in model.critic.parameters()]
+    model.pretrain()
+    assert all(torch.equal(p, q) for p, q in zip(actor, model.actor.parameters()))
+    assert any(not torch.equal(p, q) for p, q in zip(critic, model.critic.parameters()))
+    model.collect(20)  # the environments' episodes go on beside the dataset's
+    model.teardown("fit")
+    with pytest.raises(ValueError, match="pretrain_dataset"):
+        ContrastiveRL(**{**TINY, "pretrain_updates": 3})
