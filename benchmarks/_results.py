@@ -72,11 +72,12 @@ def run_config(config: dict, root: Path, max_epochs: int, val_every: int, seed: 
     return cfg
 
 
-def fit_once(cfg: dict, root: Path, log: Path) -> dict:
+def fit_once(cfg: dict, root: Path, log: Path, report: str = "report.json") -> dict:
     """``python -m diffto fit`` of ``cfg`` unless ``root`` already holds its end-of-fit
-    report (so a benchmark reruns after a kill without repeating finished runs); returns the
-    report with the run's ``wall_time_s``."""
-    reports = sorted(root.glob("logs/version_*/report.json"))
+    report (the JSON file named ``report`` in the run's log folder; so a benchmark reruns
+    after a kill without repeating finished runs); returns the report with the run's
+    ``wall_time_s``."""
+    reports = sorted(root.glob(f"logs/version_*/{report}"))
     if reports:
         return json.loads(reports[-1].read_text())
     root.mkdir(parents=True, exist_ok=True)
@@ -86,8 +87,8 @@ def fit_once(cfg: dict, root: Path, log: Path) -> dict:
         subprocess.run([sys.executable, "-m", "diffto", "fit", "--config",
                         str(root / "config.yaml")], stdout=fh, stderr=subprocess.STDOUT,
                        check=True, env={**os.environ, "DIFFTO_NUM_THREADS": "1"})
-    report = json.loads(sorted(root.glob("logs/version_*/report.json"))[-1].read_text())
-    report["wall_time_s"] = time.perf_counter() - t0
-    (sorted(root.glob("logs/version_*/report.json"))[-1]).write_text(json.dumps(report,
-                                                                                indent=1))
-    return report
+    path = sorted(root.glob(f"logs/version_*/{report}"))[-1]
+    payload = json.loads(path.read_text())
+    payload["wall_time_s"] = time.perf_counter() - t0
+    path.write_text(json.dumps(payload, indent=1))
+    return payload

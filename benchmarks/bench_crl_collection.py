@@ -51,6 +51,8 @@ def measure(task: str, steps: int, rounds: int) -> dict[str, float]:
         for a in actions:
             envs.step(a)
         raw.append(steps / (time.perf_counter() - t0))
+        model._start_task(0)  # the buffer's episodes restart with fresh ones (not timed)
+        envs = model.envs
         t0 = time.perf_counter()
         model.collect(steps)
         collect.append(steps / (time.perf_counter() - t0))

@@ -1,8 +1,11 @@
 """Goal-conditioned RL on Metaworld MT1 tasks: contrastive RL, its remedies and SAC + HER.
 
 Every variant (``--variants``, from :data:`VARIANTS`: a shipped config plus overrides) is run
-with ``lightning fit`` on ``--task`` for ``--iterations`` iterations of 1,000 environment
-steps and every ``--seeds``, validation every ``--val-every`` iterations. Each run's
+with ``lightning fit`` on ``--task`` (the Panda variants: ``panda_crl.yaml`` from scratch or
+with the critic pre-trained on ``runs/datasets/panda_reach``, the TO dataset of
+``panda_to_dataset.yaml``; ``--task`` then only labels the results) for ``--iterations``
+iterations of 1,000 environment steps and every ``--seeds``, validation every ``--val-every``
+iterations. Each run's
 end-of-fit report (final and best checkpoints and the scripted expert, on the same held-out
 episodes) and learning curve are collected into ``benchmarks/results/<name>.{json,md}``
 with ``<name>.png`` (success over environment steps and wall time, every run). A run whose
@@ -38,6 +41,10 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "sac_her": ("metaworld_sac_her.yaml", {}),
     "sac_her_hand_goal": ("metaworld_sac_her.yaml",
                           {"goal_features": "achieved_goal_and_hand"}),
+    # the Panda reach task (--task is then only the results' label)
+    "panda_crl": ("panda_crl.yaml", {}),
+    "panda_crl_pretrained": ("panda_crl.yaml", {"pretrain_dataset": "runs/datasets/panda_reach",
+                                                "pretrain_updates": 2000}),
 }
 """name -> (config, model overrides)."""
 
@@ -56,7 +63,8 @@ def variant_config(variant: str, task: str, iterations: int, val_every: int, see
         if cb["class_path"].endswith("ModelCheckpoint"):
             cb["init_args"]["dirpath"] = str(root / "checkpoints")
     args = cfg["model"]["init_args"]
-    args["env_kwargs"]["task"] = task
+    if args["env_id"] == "diffto/Metaworld-v0":
+        args["env_kwargs"]["task"] = task
     args["report_episodes"] = episodes
     args.update(overrides)
     return cfg

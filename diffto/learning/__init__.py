@@ -24,16 +24,27 @@ Offline policies from demonstrations (e.g. Metaworld's scripted experts,
 RL:
 - :class:`PPO`: PPO over vectorized gymnasium environments; with ``go2_tracking.yaml`` it is
   OPT-Mimic residual tracking of TO references.
+- :class:`ContrastiveRL`: goal-conditioned RL with an InfoNCE critic
+  (:class:`ContrastiveCritic`) and no reward, and :class:`GoalSAC` (SAC with HER), both
+  :class:`GoalOffPolicy` modules that own their environments and an
+  :class:`EpisodeReplayBuffer`; continual learning over a task sequence
+  (:func:`continual_metrics`) and critic pre-training on TO datasets.
 """
 
 from diffto.learning.bc import BehaviorCloning
+from diffto.learning.continual_metrics import continual_metrics, forward_transfer
+from diffto.learning.contrastive_critic import ContrastiveCritic, infonce_loss
+from diffto.learning.crl import ContrastiveRL
 from diffto.learning.dagger import DAgger, collect_labels
 from diffto.learning.demonstrations import DemonstrationsDataModule
 from diffto.learning.diffusion import DiffusionActionHead
 from diffto.learning.diffusion_policy import DiffusionPolicy
+from diffto.learning.episode_buffer import EpisodeReplayBuffer
 from diffto.learning.gcbc import GoalConditionedBC, TransitionsDataModule
 from diffto.learning.goal_evaluation import evaluate_expert, evaluate_policy
+from diffto.learning.goal_off_policy import GoalOffPolicy
 from diffto.learning.goal_policy import GoalPolicy
+from diffto.learning.goal_sac import GoalSAC
 from diffto.learning.imitation import MPCImitation, imitation_loss, weight_error
 from diffto.learning.normalizer import RunningNormalizer
 from diffto.learning.offline_policy import OfflinePolicy
@@ -81,4 +92,12 @@ __all__ = [
     "approx_kl",
     "discounted_returns",
     "RunningNormalizer",
+    "GoalOffPolicy",
+    "ContrastiveRL",
+    "ContrastiveCritic",
+    "infonce_loss",
+    "GoalSAC",
+    "EpisodeReplayBuffer",
+    "continual_metrics",
+    "forward_transfer",
 ]

@@ -81,13 +81,7 @@ class ContrastiveRL(GoalOffPolicy):
         return list(self.critic.parameters())
 
     def reset_critic(self) -> None:
-        fresh = self._make_critic().to(self.device)
-        with torch.no_grad():  # in place: the optimizer keeps its parameter references
-            for p, q in zip(self.critic.parameters(), fresh.parameters(), strict=True):
-                p.copy_(q)
-        opt = self.optimizers().optimizer
-        for p in self.critic.parameters():
-            opt.state.pop(p, None)
+        self.reset_in_place(self.critic, self._make_critic())
 
     def critic_loss(self, batch: dict[str, Tensor], with_metrics: bool = False
                     ) -> tuple[Tensor, dict[str, float]]:
@@ -106,7 +100,8 @@ class ContrastiveRL(GoalOffPolicy):
     def actor_value(self, obs: Tensor, action: Tensor, goal: Tensor) -> Tensor:
         return self.critic(obs, action, goal)
 
-    def watch_critic(self, accuracy: float) -> None:
+    def watch_critic(self, metrics: dict[str, float]) -> None:
+        accuracy = metrics.get("critic/accuracy", math.nan)
         if math.isnan(accuracy):
             return
         at_chance = accuracy <= 2.0 / self.hparams.batch_size

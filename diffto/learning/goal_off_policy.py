@@ -252,6 +252,21 @@ class GoalOffPolicy(L.LightningModule):
                                  torch.as_tensor(act_space.low), torch.as_tensor(act_space.high),
                                  hp.width, hp.depth, hp.residual)
 
+    def _optimizer(self) -> torch.optim.Optimizer:
+        return self.optimizers().optimizer
+
+    def reset_in_place(self, module: nn.Module, fresh: nn.Module) -> None:
+        """Give ``module`` the parameters of the newly initialized ``fresh`` (same layout) and
+        drop their optimizer state: in place, so the optimizer keeps its references (a new
+        optimizer in the middle of a training step would escape Lightning's step count)."""
+        with torch.no_grad():
+            for p, q in zip(module.parameters(), fresh.parameters(), strict=True):
+                p.copy_(q)
+        if self._trainer is not None:
+            state = self._optimizer().state
+            for p in module.parameters():
+                state.pop(p, None)
+
     # ------------------------------------------------------------------ subclass interface
     def critic_parameters(self) -> list[nn.Parameter]:
         raise NotImplementedError
@@ -409,9 +424,11 @@ class GoalOffPolicy(L.LightningModule):
             {"observation": self.state_dim, "goal": self.goal_dim}, self.action_dim,
             {"desired_goal": self.goal_dim},
             seed=int(torch.initial_seed() + 104_729 * self.global_step) % 2**32)
+        warm_up = True
         if self._restored_buffer is not None:
             self.buffer.load_state_dict(self._restored_buffer)
             self._restored_buffer = None
+            warm_up = False  # the policy acts from the restored data on
             rank_zero_info(f"replay buffer restored: {len(self.buffer)} transitions")
         elif resumed and self.env_steps > 0:
             warnings.warn(
@@ -421,16 +438,16 @@ class GoalOffPolicy(L.LightningModule):
         if not resumed and k > 0 and hp.continual_reset != "none":
             self.reset_critic()
             if hp.continual_reset == "all":
-                self.actor = self._make_actor(self.envs.single_action_space).to(self.device)
+                self.reset_in_place(self.actor, self._make_actor(self.envs.single_action_space))
                 with torch.no_grad():
                     self.log_alpha.fill_(math.log(hp.init_alpha))
-                self.trainer.strategy.setup_optimizers(self.trainer)  # fresh Adam state
+                self._optimizer().state.pop(self.log_alpha, None)
         if hp.pretrain_dataset is not None and self.env_steps == 0 and k == 0 \
                 and not len(self.buffer):
             n = self.load_dataset_episodes(hp.pretrain_dataset)
             rank_zero_info(f"{n} transitions of {hp.pretrain_dataset} in the replay buffer")
         self._task_index = k
-        self._task_start_steps = self.env_steps
+        self._task_start_steps = self.env_steps - (0 if warm_up else hp.warmup_steps)
         seed = int(torch.initial_seed() + 7919 * self.global_step) % 2**31
         obs, _ = self.envs.reset(seed=seed)
         self._obs = obs
@@ -565,10 +582,11 @@ class GoalOffPolicy(L.LightningModule):
         if np.isfinite(episodes["success"]):  # episodes ended in this iteration
             self.log("train/success", episodes["success"], prog_bar=True, batch_size=1)
         self.log("env_steps_k", self.env_steps / 1e3, prog_bar=True, batch_size=1)
-        self.watch_critic(metrics.get("critic/accuracy", float("nan")))
+        if n_updates:
+            self.watch_critic(metrics)
 
-    def watch_critic(self, accuracy: float) -> None:
-        """Hook for critic health checks (one value per iteration)."""
+    def watch_critic(self, metrics: dict[str, float]) -> None:
+        """Hook for critic health checks, with the metrics of each iteration's last update."""
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, k: int | None = None, episodes: int | None = None,

@@ -95,15 +95,8 @@ class GoalSAC(GoalOffPolicy):
         return list(self.q.parameters())
 
     def reset_critic(self) -> None:
-        fresh = nn.ModuleList(self._make_q() for _ in range(2)).to(self.device)
-        with torch.no_grad():  # in place: the optimizer keeps its parameter references
-            for p, q in zip(self.q.parameters(), fresh.parameters(), strict=True):
-                p.copy_(q)
+        self.reset_in_place(self.q, nn.ModuleList(self._make_q() for _ in range(2)))
         self.reset_targets()
-        if self._trainer is not None:
-            opt = self.optimizers().optimizer
-            for p in self.q.parameters():
-                opt.state.pop(p, None)
 
     @torch.no_grad()
     def reset_targets(self) -> None:

@@ -163,12 +163,12 @@ def test_collapse_warning_after_patience():
     model = ContrastiveRL(**{**TINY, "collapse_patience": 3})
     model.log = lambda *a, **k: None
     for _ in range(2):
-        model.watch_critic(1 / 16)
-    model.watch_critic(0.5)  # a healthy iteration restarts the count
+        model.watch_critic({"critic/accuracy": 1 / 16})
+    model.watch_critic({"critic/accuracy": 0.5})  # a healthy iteration restarts the count
     for _ in range(2):
-        model.watch_critic(0.0)
+        model.watch_critic({"critic/accuracy": 0.0})
     with pytest.warns(RuntimeWarning, match="collapsed"):
-        model.watch_critic(0.0)
+        model.watch_critic({"critic/accuracy": 0.0})
 
 
 def test_goal_features_with_the_hand():
@@ -208,20 +208,29 @@ def test_continual_metrics_follow_the_definitions():
         continual_metrics([[0.1], [0.2]])
 
 
-def test_continual_run_resets_the_critic_and_evaluates_every_task(tmp_path, monkeypatch):
+@pytest.mark.parametrize("reset", ["critic", "all"])
+def test_continual_run_resets_the_critic_and_evaluates_every_task(reset, tmp_path, monkeypatch):
     import lightning as L
 
     monkeypatch.chdir(tmp_path)
     torch.manual_seed(0)
     model = ContrastiveRL(**{**TINY, "task_sequence": [{"task": "reach-v3"},
                                                        {"task": "button-press-topdown-v3"}],
-                             "iterations_per_task": 2, "continual_reset": "critic"})
+                             "iterations_per_task": 2, "continual_reset": reset})
+    reset_modules = []
+    reset_in_place = model.reset_in_place
+
+    def spy_in_place(module, fresh):
+        reset_modules.append(module)
+        reset_in_place(module, fresh)
+
+    model.reset_in_place = spy_in_place
     seen = {}
-    reset = model.reset_critic
+    reset_critic = model.reset_critic
 
     def spy():
         seen["critic"] = [p.detach().clone() for p in model.critic.parameters()]
-        reset()
+        reset_critic()
 
     model.reset_critic = spy
     trainer = L.Trainer(max_steps=4, logger=False, enable_checkpointing=False,
@@ -230,6 +239,8 @@ def test_continual_run_resets_the_critic_and_evaluates_every_task(tmp_path, monk
     trainer.fit(model)
     assert trainer.global_step == 4 and model.env_steps == 80
     assert "critic" in seen  # reset once, at the switch to task 1
+    # the critic (and with "all" the actor) re-initialized in place, once
+    assert reset_modules == ([model.critic] if reset == "critic" else [model.critic, model.actor])
     report = json.loads((tmp_path / "continual.json").read_text())
     assert [r["task"] for r in report["after_task"]] == [0, 1]
     assert all(len(r["success"]) == 2 for r in report["after_task"])
