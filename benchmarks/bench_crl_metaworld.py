@@ -139,7 +139,7 @@ def table(payload: dict) -> str:
     lines = [f"### {payload['task']}: {payload['iterations']} k environment steps per run, "
              f"{payload['episodes']} held-out episodes", "",
              "| run | final: success any / last step | time at goal | best ckpt success | "
-             "first val ≥ 0.9 (k steps, min) | train min | collect / overall steps/s | "
+             "first val ≥ 0.9 (k steps, training min) | training min | collect / overall steps/s | "
              "ms per update |", "|---|---|---|---|---|---|---|---|"]
     expert = None
     for key, r in payload["runs"].items():
@@ -154,7 +154,7 @@ def table(payload: dict) -> str:
             f"| {key} | {f['success_any']:.2f} / {f['success']:.2f} | "
             f"{f.get('time_at_goal', float('nan')):.2f} | "
             f"{b['success_any'] if b else float('nan'):.2f} | {reach} | "
-            f"{r['report']['wall_time_s'] / 60:.1f} | "
+            f"{r['history'][-1]['wall_time_s'] / 60 if r['history'] else float('nan'):.1f} | "
             f"{th.get('collect_steps_per_s', float('nan')):.0f} / "
             f"{th.get('env_steps_per_s', float('nan')):.0f} | "
             f"{th.get('update_ms', float('nan')):.1f} |")

@@ -719,7 +719,7 @@ class GoalOffPolicy(L.LightningModule):
         table = "\n".join(lines) + "\n"
         payload = {"env_id": hp.env_id, "env_kwargs": self.task_env_kwargs(
             max(self._task_index, 0)), "episodes": n, "env_steps": self.env_steps,
-            "wall_time_s": self.wall_time, "best_checkpoint": best_path, "video": video,
+            "training_time_s": self.wall_time, "best_checkpoint": best_path, "video": video,
             "results": rows}
         _write_json(out / "report.json", payload)
         (out / "report.md").write_text(table)
