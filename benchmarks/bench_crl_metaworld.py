@@ -45,6 +45,9 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "panda_crl": ("panda_crl.yaml", {}),
     "panda_crl_pretrained": ("panda_crl.yaml", {"pretrain_dataset": "runs/datasets/panda_reach",
                                                 "pretrain_updates": 2000}),
+    "panda_crl_pretrained_actor": ("panda_crl.yaml", {
+        "pretrain_dataset": "runs/datasets/panda_reach", "pretrain_updates": 2000,
+        "pretrain_actor": True, "warmup_steps": 0}),
 }
 """name -> (config, model overrides)."""
 

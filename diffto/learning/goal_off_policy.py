@@ -53,7 +53,8 @@ Pre-training on a dataset (``pretrain_dataset``, ``pretrain_updates``)
     ``observation``, ``action``, ``next_observation``, ``achieved_goal`` (at ``t + 1``),
     ``desired_goal``, ``episode``) is written into the buffer as whole episodes before the
     first environment step, and ``pretrain_updates`` critic updates are made on it (future
-    goals from the dataset's own trajectories); the actor and temperature train only online.
+    goals from the dataset's own trajectories); with ``pretrain_actor`` the actor and the
+    temperature are updated as well (offline contrastive RL), else they train only online.
     An episode starts at its second state, the first whose achieved goal the format records.
     The dataset episodes stay in the buffer until newer episodes take their slots.
 
@@ -125,7 +126,8 @@ class GoalOffPolicy(L.LightningModule):
         expert: ``{class_path, init_args}`` of a per-task scripted controller (built with
             ``task=``) evaluated beside the learner in the report.
         checkpoint_buffer: store the buffer's episodes in checkpoints.
-        pretrain_dataset, pretrain_updates: critic pre-training (see the module docstring).
+        pretrain_dataset, pretrain_updates, pretrain_actor: pre-training on a dataset (see
+            the module docstring).
         task_sequence, iterations_per_task, continual_reset: continual learning.
     """
 
@@ -160,6 +162,7 @@ class GoalOffPolicy(L.LightningModule):
         checkpoint_buffer: bool = False,
         pretrain_dataset: str | None = None,
         pretrain_updates: int = 0,
+        pretrain_actor: bool = False,
         task_sequence: list[dict[str, Any]] | None = None,
         iterations_per_task: int = 100,
         continual_reset: ContinualReset = "none",
@@ -396,21 +399,17 @@ class GoalOffPolicy(L.LightningModule):
         return len(self.buffer) - before
 
     def pretrain(self) -> None:
-        """Load ``pretrain_dataset`` into the buffer and make ``pretrain_updates`` critic
-        updates on it."""
+        """``pretrain_updates`` updates on the buffer's dataset episodes: the critic's, and with
+        ``pretrain_actor`` the actor's and the temperature's too (offline, before the first
+        environment step)."""
         hp = self.hparams
-        n = len(self.buffer)
-        opt = self.optimizers().optimizer
         metrics: dict[str, float] = {}
         for i in range(hp.pretrain_updates):
-            opt.zero_grad()
-            loss, metrics = self.critic_loss(self._batch(),
-                                             with_metrics=i == hp.pretrain_updates - 1)
-            loss.backward()
-            opt.step()  # only the critic has gradients
-            self.after_update()
-        rank_zero_info(f"pre-trained the critic on {n} dataset transitions with "
-                       f"{hp.pretrain_updates} updates: {metrics}")
+            metrics = self.update(last=i == hp.pretrain_updates - 1, actor=hp.pretrain_actor,
+                                  lightning_step=False)
+        rank_zero_info(f"pre-trained the {'actor and ' if hp.pretrain_actor else ''}critic on "
+                       f"{len(self.buffer)} dataset transitions with {hp.pretrain_updates} "
+                       f"updates: {metrics}")
 
     def _start_task(self, k: int, resumed: bool = False) -> None:
         """Build task ``k``'s environments and buffer (and reset networks on a switch)."""
@@ -517,37 +516,42 @@ class GoalOffPolicy(L.LightningModule):
 
     future_offset: Literal["geometric", "uniform"] = "geometric"
 
-    def update(self, last: bool) -> dict[str, float]:
-        """One gradient update of critic, actor and temperature from one batch."""
+    def update(self, last: bool, actor: bool = True, lightning_step: bool | None = None
+               ) -> dict[str, float]:
+        """One gradient update of the critic and (with ``actor``) of actor and temperature
+        from one batch. ``last``: the iteration's last update (metrics are computed; by default
+        it steps through Lightning, so ``global_step`` advances once per iteration)."""
         opt = self.optimizers()
         batch = self._batch()
         opt.zero_grad()
         critic_loss, metrics = self.critic_loss(batch, with_metrics=last)
         critic_loss.backward()
-        critic_params = self.critic_parameters()
-        for p in critic_params:
-            p.requires_grad_(False)
-        try:
-            goal = self.actor_goals(batch)
-            action, log_prob = self.actor(batch["observation"], goal)
-            alpha = self.log_alpha.exp()
-            actor_loss = (alpha.detach() * log_prob
-                          - self.actor_value(batch["observation"], action, goal)).mean()
-            alpha_loss = -(self.log_alpha * (log_prob.detach() + self.target_entropy)).mean()
-            (actor_loss + alpha_loss).backward()
-        finally:
+        if actor:
+            critic_params = self.critic_parameters()
             for p in critic_params:
-                p.requires_grad_(True)
-        if last:
-            opt.step()  # through Lightning: global_step advances once per iteration
+                p.requires_grad_(False)
+            try:
+                goal = self.actor_goals(batch)
+                action, log_prob = self.actor(batch["observation"], goal)
+                alpha = self.log_alpha.exp()
+                actor_loss = (alpha.detach() * log_prob
+                              - self.actor_value(batch["observation"], action, goal)).mean()
+                alpha_loss = -(self.log_alpha * (log_prob.detach() + self.target_entropy)).mean()
+                (actor_loss + alpha_loss).backward()
+            finally:
+                for p in critic_params:
+                    p.requires_grad_(True)
+        if last if lightning_step is None else lightning_step:
+            opt.step()  # through Lightning: global_step advances
         else:
             opt.optimizer.step()
         self.after_update()
         if last:
-            metrics.update({"loss/critic": float(critic_loss.detach()),
-                            "loss/actor": float(actor_loss.detach()),
-                            "actor/alpha": float(alpha.detach()),
-                            "actor/entropy": float(-log_prob.detach().mean())})
+            metrics["loss/critic"] = float(critic_loss.detach())
+            if actor:
+                metrics.update({"loss/actor": float(actor_loss.detach()),
+                                "actor/alpha": float(alpha.detach()),
+                                "actor/entropy": float(-log_prob.detach().mean())})
         return metrics
 
     def training_step(self, batch: Tensor, batch_idx: int) -> None:

@@ -298,6 +298,9 @@ def test_pretraining_on_a_dataset_fills_the_buffer_and_trains_only_the_critic(tm
     model.pretrain()
     assert all(torch.equal(p, q) for p, q in zip(actor, model.actor.parameters()))
     assert any(not torch.equal(p, q) for p, q in zip(critic, model.critic.parameters()))
+    model.hparams.pretrain_actor = True  # offline contrastive RL: the actor learns too
+    model.pretrain()
+    assert any(not torch.equal(p, q) for p, q in zip(actor, model.actor.parameters()))
     model.collect(20)  # the environments' episodes go on beside the dataset's
     model.teardown("fit")
     with pytest.raises(ValueError, match="pretrain_dataset"):
