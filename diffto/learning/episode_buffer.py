@@ -23,9 +23,12 @@ Sampling (:meth:`EpisodeReplayBuffer.sample`)
     future goal's episode can be checked.
 
 Memory
-    ``4 · (Σ state dims + action dim + Σ episode dims) · capacity`` bytes in float32 (plus one
-    spare row per slot): the Metaworld setting (a 36-d state, 3-d achieved goal, 4-d action,
-    3-d desired goal) takes 4 · 46 B = 184 MB per million transitions.
+    ``4 · (Σ state dims + action dim) · (max_episode_steps + 1) · slots`` bytes in float32
+    plus ``4 · Σ episode dims · slots``, with ``slots = capacity // max_episode_steps``: about
+    ``4 · (Σ state dims + action dim)`` bytes per transition of capacity. The Metaworld setting
+    (a 36-d state, a 3-d goal, a 4-d action; 200-step episodes) takes 4 · 43 B · 201/200 ≈
+    174 MB per million transitions. Slots are sized for full-length episodes: shorter ones
+    leave their remaining rows unused.
 """
 
 from __future__ import annotations
@@ -64,8 +67,8 @@ class EpisodeReplayBuffer:
         slots = capacity // max_episode_steps
         if slots < num_envs + 1:
             raise ValueError(
-                f"capacity must hold at least num_envs + 1 = {num_envs + 1} episodes of "
-                f"max_episode_steps = {max_episode_steps} steps, got capacity = {capacity}"
+                f"capacity (buffer_capacity) must hold at least num_envs + 1 = {num_envs + 1} "
+                f"episodes of max_episode_steps = {max_episode_steps} steps, got {capacity}"
             )
         episode_dims = dict(episode_dims or {})
         for name, dim in {**state_dims, **episode_dims}.items():
@@ -107,6 +110,8 @@ class EpisodeReplayBuffer:
         self._check(episode or {}, self.episode, len(envs), "episode")
         for i, env in enumerate(envs):
             slot = self._next_slot
+            while slot in self._open:  # another env is still writing there: skip it
+                slot = (slot + 1) % self.num_slots
             self._next_slot = (slot + 1) % self.num_slots
             self.length[slot] = 0  # the oldest episode gives its slot up
             self.terminated[slot] = False
@@ -219,20 +224,25 @@ class EpisodeReplayBuffer:
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
-        """The committed episodes (open ones are dropped: their envs restart anyway)."""
+        """The committed episodes (open ones are dropped: their envs restart anyway), as
+        tensors, so that checkpoints load with ``torch.load(weights_only=True)``."""
+        import torch
+
         keep = np.flatnonzero(self.length)
+        t = torch.from_numpy
         return {
-            "states": {k: v[keep] for k, v in self.states.items()},
-            "actions": self.actions[keep],
-            "episode": {k: v[keep] for k, v in self.episode.items()},
-            "length": self.length[keep], "terminated": self.terminated[keep],
-            "episode_id": self.episode_id[keep], "next_id": self._next_id,
+            "states": {k: t(v[keep]) for k, v in self.states.items()},
+            "actions": t(self.actions[keep]),
+            "episode": {k: t(v[keep]) for k, v in self.episode.items()},
+            "length": t(self.length[keep]), "terminated": t(self.terminated[keep]),
+            "episode_id": t(self.episode_id[keep]), "next_id": self._next_id,
             "rng": self.rng.bit_generator.state,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` (into a buffer of at least as many slots); every env
         must then :meth:`begin` a new episode."""
+        state = _as_numpy(state)
         n = len(state["length"])
         if n > self.num_slots:
             raise ValueError(f"the saved buffer holds {n} episodes, more than this buffer's "
@@ -252,3 +262,11 @@ class EpisodeReplayBuffer:
         self._next_id = int(state["next_id"])
         self._open[:] = -1
         self.rng.bit_generator.state = state["rng"]
+
+
+def _as_numpy(state: Any) -> Any:
+    """Tensors (and nested dicts of them) back to numpy arrays."""
+    if isinstance(state, dict):
+        return {k: _as_numpy(v) for k, v in state.items()}
+    return state.numpy() if hasattr(state, "numpy") and not isinstance(state, np.ndarray) \
+        else state

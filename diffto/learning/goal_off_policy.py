@@ -36,8 +36,9 @@ Evaluation
     steps at the goal), ``val/final_distance``, with ``val/env_steps`` and ``val/wall_time_s``.
     At the end of fit the module writes ``curves.png`` (success over environment steps and
     over wall time) and ``report.json`` / ``report.md`` (final and best checkpoints, and the
-    task's scripted expert where ``expert`` is given, on the same episodes) and a video of the
-    final policy into the run's log folder.
+    task's scripted expert where ``expert`` is given, on the same ``report_episodes`` episodes,
+    seeded after the validation ones so that the best checkpoint is not scored on the episodes
+    that chose it) and a video of the final policy into the run's log folder.
 
 Continual learning (``task_sequence``)
     A list of env-kwargs overrides (e.g. ``[{task: reach-v3}, {task: push-v3}, ...]``); task
@@ -60,10 +61,12 @@ Pre-training on a dataset (``pretrain_dataset``, ``pretrain_updates``)
 
 Resuming (``--ckpt_path last``)
     Networks, optimizer, temperature, environment-step counter, wall time and learning curve
-    are restored. With ``checkpoint_buffer=True`` the buffer's finished episodes travel in the
-    checkpoint (about 184 MB per million Metaworld transitions) and training continues with
-    them; otherwise the buffer restarts empty, the random warm-up repeats, and a warning says
-    so.
+    are restored, and the run goes on in the task it was in (a checkpoint saved at a task's
+    end makes the switch, with its evaluation and resets, on resuming). With
+    ``checkpoint_buffer=True`` the buffer's finished episodes travel in the checkpoint (about
+    174 MB per million Metaworld transitions) and training continues with them where the
+    warm-up stood; otherwise the buffer restarts empty, the random warm-up repeats, and a
+    warning says so.
 """
 
 from __future__ import annotations
@@ -247,6 +250,8 @@ class GoalOffPolicy(L.LightningModule):
         self.history: list[dict[str, float]] = []  # the learning curve (validations)
         self.continual: dict[str, Any] = {"after_task": []}
         self._restored_buffer: dict[str, Any] | None = None
+        self._saved_task: int | None = None  # task and its steps when a checkpoint was saved
+        self._saved_task_steps = 0
         self._task_index = -1
 
     def _make_actor(self, act_space) -> TanhGaussianActor:
@@ -364,7 +369,11 @@ class GoalOffPolicy(L.LightningModule):
             self.envs = None
 
     def on_train_start(self) -> None:
-        self._start_task(self.task_of_iteration(self.global_step), resumed=True)
+        # a checkpoint saved at a task boundary belongs to the task that just ended: resume
+        # there, and the first training step makes the switch (its evaluation and resets)
+        saved = self._saved_task
+        k = self.task_of_iteration(self.global_step) if saved is None else saved
+        self._start_task(k, resumed=True)
         if self.hparams.pretrain_updates > 0 and self.env_steps == 0:
             self.pretrain()
 
@@ -423,13 +432,14 @@ class GoalOffPolicy(L.LightningModule):
             {"observation": self.state_dim, "goal": self.goal_dim}, self.action_dim,
             {"desired_goal": self.goal_dim},
             seed=int(torch.initial_seed() + 104_729 * self.global_step) % 2**32)
-        warm_up = True
+        task_steps = 0  # environment steps of this task already collected
         if self._restored_buffer is not None:
             self.buffer.load_state_dict(self._restored_buffer)
             self._restored_buffer = None
-            warm_up = False  # the policy acts from the restored data on
+            task_steps = self._saved_task_steps  # the warm-up goes on where it stopped
             rank_zero_info(f"replay buffer restored: {len(self.buffer)} transitions")
-        elif resumed and self.env_steps > 0:
+        elif resumed and self.env_steps > 0 and k == self.task_of_iteration(self.global_step):
+            # (resumed at a task's end, the next task starts with an empty buffer anyway)
             warnings.warn(
                 f"resuming at {self.env_steps} environment steps with an empty replay buffer "
                 f"(checkpoint_buffer is off): the random warm-up of {hp.warmup_steps} steps "
@@ -446,7 +456,7 @@ class GoalOffPolicy(L.LightningModule):
             n = self.load_dataset_episodes(hp.pretrain_dataset)
             rank_zero_info(f"{n} transitions of {hp.pretrain_dataset} in the replay buffer")
         self._task_index = k
-        self._task_start_steps = self.env_steps - (0 if warm_up else hp.warmup_steps)
+        self._task_start_steps = self.env_steps - task_steps
         seed = int(torch.initial_seed() + 7919 * self.global_step) % 2**31
         obs, _ = self.envs.reset(seed=seed)
         self._obs = obs
@@ -594,15 +604,16 @@ class GoalOffPolicy(L.LightningModule):
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, k: int | None = None, episodes: int | None = None,
-                 video_episodes: int = 0) -> tuple[Evaluation, list[np.ndarray]]:
-        """Deterministic episodes on the held-out seeds of task ``k`` (default: current)."""
+                 video_episodes: int = 0, offset: int = 0) -> tuple[Evaluation, list[np.ndarray]]:
+        """Deterministic episodes on the held-out seeds ``EVAL_SEED_BASE + offset + j`` of task
+        ``k`` (default: the current one)."""
         k = max(self._task_index, 0) if k is None else k
         n = self.hparams.eval_episodes if episodes is None else episodes
         was_training = self.training
         self.eval()
         try:
             return evaluate_policy(
-                self.act, self.hparams.env_id, eval_seeds(n), self.task_env_kwargs(k, True),
+                self.act, self.hparams.env_id, eval_seeds(n, offset), self.task_env_kwargs(k, True),
                 video_episodes=video_episodes, observation_keys=("observation",))
         finally:
             self.train(was_training)
@@ -625,6 +636,7 @@ class GoalOffPolicy(L.LightningModule):
         checkpoint["goal_off_policy"] = {
             "env_steps": self.env_steps, "wall_time": self.wall_time,
             "history": self.history, "continual": self.continual,
+            "task": self._task_index, "task_steps": self._warmup_done(),
             "buffer": (self.buffer.state_dict() if self.hparams.checkpoint_buffer
                        and self.buffer is not None else None),
         }
@@ -636,6 +648,9 @@ class GoalOffPolicy(L.LightningModule):
         self.history = list(state.get("history", []))
         self.continual = dict(state.get("continual", {"after_task": []}))
         self._restored_buffer = state.get("buffer")
+        task = state.get("task")
+        self._saved_task = None if task is None or task < 0 else int(task)
+        self._saved_task_steps = int(state.get("task_steps", 0))
 
     # ------------------------------------------------------------------ the report
     def _out_dir(self) -> Path:
@@ -681,15 +696,17 @@ class GoalOffPolicy(L.LightningModule):
 
     def write_report(self, out: Path) -> dict[str, Any]:
         """Final and best checkpoints (and the expert) on ``report_episodes`` held-out
-        episodes of the current task; ``report.json``, ``report.md`` and ``final.mp4``."""
+        episodes of the current task, after the validation episodes (seeds ``EVAL_SEED_BASE +
+        eval_episodes + j``: the best checkpoint was not chosen on them); ``report.json``,
+        ``report.md`` and ``final.mp4``."""
         hp = self.hparams
-        n = hp.report_episodes
+        n, offset = hp.report_episodes, hp.eval_episodes
         rows: dict[str, dict[str, float]] = {}
         if hp.expert is not None:
             from diffto.learning.task_evaluation import evaluate_task_experts
 
             task = self.task_env_kwargs(max(self._task_index, 0)).get("task")
-            res = evaluate_task_experts(hp.env_id, [task], eval_seeds(n), hp.expert,
+            res = evaluate_task_experts(hp.env_id, [task], eval_seeds(n, offset), hp.expert,
                                         {k: v for k, v in self.task_env_kwargs(
                                             max(self._task_index, 0), True).items()
                                          if k != "task"},
@@ -704,9 +721,10 @@ class GoalOffPolicy(L.LightningModule):
             state = {k: v.clone() for k, v in self.state_dict().items()}
             ckpt = torch.load(best_path, map_location=self.device, weights_only=False)
             self.load_state_dict(ckpt["state_dict"])
-            rows["best checkpoint"] = self.evaluate(episodes=n)[0].summary()
+            rows["best checkpoint"] = self.evaluate(episodes=n, offset=offset)[0].summary()
             self.load_state_dict(state)
-        final, frames = self.evaluate(episodes=n, video_episodes=hp.video_episodes)
+        final, frames = self.evaluate(episodes=n, video_episodes=hp.video_episodes,
+                                      offset=offset)
         rows["final policy"] = final.summary()
         video = None
         if frames:
@@ -723,7 +741,8 @@ class GoalOffPolicy(L.LightningModule):
         table = "\n".join(lines) + "\n"
         payload = {"env_id": hp.env_id, "env_kwargs": self.task_env_kwargs(
             max(self._task_index, 0)), "episodes": n, "env_steps": self.env_steps,
-            "training_time_s": self.wall_time, "best_checkpoint": best_path, "video": video,
+            "seeds": eval_seeds(n, offset), "training_time_s": self.wall_time,
+            "best_checkpoint": best_path, "video": video,
             "results": rows}
         _write_json(out / "report.json", payload)
         (out / "report.md").write_text(table)

@@ -152,7 +152,8 @@ def test_module_collects_updates_and_logs_critic_health():
     metrics = model.update(last=True)
     assert {"critic/accuracy", "critic/logits_pos", "critic/logits_neg", "critic/logsumexp",
             "loss/critic", "loss/actor", "actor/alpha"} <= set(metrics)
-    assert any(not torch.equal(p, q) for p, q in zip(before, model.critic.parameters()))
+    after = list(model.critic.parameters())
+    assert any(not torch.equal(p, q) for p, q in zip(before, after, strict=True))
     assert all(p.requires_grad for p in model.critic.parameters())
     a = model.act(np.zeros((3, 39)), np.zeros((3, 3)))
     assert a.shape == (3, 4) and np.all(np.abs(a) <= 1)
@@ -296,12 +297,74 @@ def test_pretraining_on_a_dataset_fills_the_buffer_and_trains_only_the_critic(tm
     actor = [p.detach().clone() for p in model.actor.parameters()]
     critic = [p.detach().clone() for p in model.critic.parameters()]
     model.pretrain()
-    assert all(torch.equal(p, q) for p, q in zip(actor, model.actor.parameters()))
-    assert any(not torch.equal(p, q) for p, q in zip(critic, model.critic.parameters()))
+    assert all(torch.equal(p, q) for p, q in zip(actor, model.actor.parameters(), strict=True))
+    after = list(model.critic.parameters())
+    assert any(not torch.equal(p, q) for p, q in zip(critic, after, strict=True))
     model.hparams.pretrain_actor = True  # offline contrastive RL: the actor learns too
     model.pretrain()
-    assert any(not torch.equal(p, q) for p, q in zip(actor, model.actor.parameters()))
+    assert any(not torch.equal(p, q) for p, q in zip(actor, model.actor.parameters(), strict=True))
     model.collect(20)  # the environments' episodes go on beside the dataset's
     model.teardown("fit")
     with pytest.raises(ValueError, match="pretrain_dataset"):
         ContrastiveRL(**{**TINY, "pretrain_updates": 3})
+
+
+# ----------------------------------------------------------------------------- resuming
+def _fit(model, tmp_path, max_steps, ckpt_path=None):
+    import lightning as L
+
+    trainer = L.Trainer(max_steps=max_steps, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=0, default_root_dir=tmp_path)
+    trainer.fit(model, ckpt_path=ckpt_path)
+    return trainer
+
+
+def test_resume_restores_the_buffer_and_the_counters(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    kwargs = {**TINY, "checkpoint_buffer": True, "warmup_steps": 60}
+    model = ContrastiveRL(**kwargs)
+    trainer = _fit(model, tmp_path, 2)
+    stored = len(model.buffer)
+    trainer.save_checkpoint(tmp_path / "last.ckpt")
+    resumed = ContrastiveRL(**kwargs)
+    seen = {}
+    start = resumed._start_task
+
+    def spy(k, resumed_flag=False, **kw):
+        start(k, resumed_flag, **kw)
+        seen["buffer"], seen["warmup_done"] = len(resumed.buffer), resumed._warmup_done()
+
+    resumed._start_task = lambda k, resumed=False: spy(k, resumed)
+    trainer = _fit(resumed, tmp_path, 4, ckpt_path=tmp_path / "last.ckpt")
+    assert seen["buffer"] == stored > 0  # the checkpoint carried the finished episodes
+    assert seen["warmup_done"] == 40  # the warm-up goes on where it stopped (40 of 60)
+    assert trainer.global_step == 4 and resumed.env_steps == 80
+
+
+def test_resume_at_a_task_boundary_makes_the_switch(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    kwargs = {**TINY, "task_sequence": [{"task": "reach-v3"},
+                                        {"task": "button-press-topdown-v3"}],
+              "iterations_per_task": 2, "continual_reset": "critic"}
+    model = ContrastiveRL(**kwargs)
+    trainer = _fit(model, tmp_path, 2)  # ends with task 0 (and evaluates it)
+    trainer.save_checkpoint(tmp_path / "last.ckpt")
+    resumed = ContrastiveRL(**kwargs)
+    resets = []
+    resumed.reset_critic = lambda: resets.append(resumed._task_index)
+    _fit(resumed, tmp_path, 4, ckpt_path=tmp_path / "last.ckpt")
+    assert resets == [0]  # reset once, when switching away from task 0 after resuming
+    report = json.loads((tmp_path / "continual.json").read_text())
+    assert [r["task"] for r in report["after_task"]] == [0, 1]
+
+
+def test_resume_without_the_buffer_says_so(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    model = ContrastiveRL(**TINY)
+    trainer = _fit(model, tmp_path, 2)
+    trainer.save_checkpoint(tmp_path / "last.ckpt")
+    with pytest.warns(RuntimeWarning, match="empty replay buffer"):
+        _fit(ContrastiveRL(**TINY), tmp_path, 3, ckpt_path=tmp_path / "last.ckpt")

@@ -66,7 +66,8 @@ def test_future_goals_come_from_the_same_episode(lengths, gamma, offset, seed):
     ep, t = s["observation"][:, 0], s["observation"][:, 1]
     assert (t == s["timestep"]).all()
     # next and future states belong to the same episode, strictly later, within its length
-    assert (s["next_observation"][:, 0] == ep).all() and (s["next_observation"][:, 1] == t + 1).all()
+    assert (s["next_observation"][:, 0] == ep).all()
+    assert (s["next_observation"][:, 1] == t + 1).all()
     assert (s["future_observation"][:, 0] == ep).all()
     assert (s["future_goal"][:, 0] == ep * 1000 + t + s["offset"]).all()
     assert (s["offset"] >= 1).all()
@@ -105,10 +106,13 @@ def test_terminal_flag_only_on_the_last_transition_of_terminated_episodes():
     assert (s["terminal"] == (s["timestep"] + 1 == L)).all()
 
 
-def test_state_dict_round_trip_keeps_sampling_and_ids():
+def test_state_dict_round_trip_keeps_sampling_and_ids(tmp_path):
+    import torch
+
     buf = _buffer(seed=3)
     _fill(buf, [[4, 6], [5, 5]])
-    state = buf.state_dict()
+    torch.save(buf.state_dict(), tmp_path / "buffer.pt")  # as a checkpoint stores it
+    state = torch.load(tmp_path / "buffer.pt", weights_only=True)
     other = _buffer(seed=99)
     other.load_state_dict(state)
     assert len(other) == len(buf) and other.episodes_stored == buf.episodes_stored
@@ -122,7 +126,7 @@ def test_state_dict_round_trip_keeps_sampling_and_ids():
 
 
 def test_bad_arguments_and_misuse_give_clear_errors():
-    with pytest.raises(ValueError, match="capacity must hold at least"):
+    with pytest.raises(ValueError, match=r"capacity \(buffer_capacity\) must hold at least"):
         _buffer(capacity=20, T=10, E=2)
     with pytest.raises(ValueError, match="num_envs"):
         EpisodeReplayBuffer(100, 10, 0, {"observation": 2}, 2)
@@ -139,3 +143,16 @@ def test_bad_arguments_and_misuse_give_clear_errors():
     with pytest.raises(ValueError, match="offset must be"):
         buf.sample(4, offset="final")
     assert buf.nbytes == 4 * (3 + 2) * 11 * buf.num_slots + 4 * 1 * buf.num_slots
+
+
+def test_new_episodes_skip_slots_other_envs_still_write():
+    """Env 1's episodes end every step while env 0's stays open: the ring must not hand env
+    0's slot to env 1."""
+    buf = EpisodeReplayBuffer(30, 10, 2, {"observation": 2, "goal": 1}, 2, seed=0)  # 3 slots
+    zeros = {"observation": np.zeros((2, 2)), "goal": np.zeros((2, 1))}
+    buf.begin(zeros)
+    for _ in range(6):
+        buf.step(np.zeros((2, 2)), zeros, np.array([False, True]), np.zeros(2, bool))
+        buf.begin({k: v[1:] for k, v in zeros.items()}, envs=np.array([1]))
+        assert buf._open[0] != buf._open[1]
+    assert buf._open[0] == 0 and buf._t[0] == 6
