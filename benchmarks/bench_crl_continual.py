@@ -95,7 +95,7 @@ def table(payload: dict) -> str:
     tasks = [t.removesuffix("-v3") for t in payload["tasks"]]
     lines = [f"### MT10 in sequence, {payload['iterations_per_task']} k environment steps per "
              f"task, seed {payload['seed']}", "",
-             "| variant | average performance | forgetting | forward transfer | train min |",
+             "| variant | average performance | forgetting | forward transfer | run min |",
              "|---|---|---|---|---|"]
     for v, r in payload["runs"].items():
         m = r["metrics"]

@@ -39,6 +39,7 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "crl_hand_goal_deep": ("metaworld_crl.yaml", {"goal_features": "achieved_goal_and_hand",
                                                   "depth": 4, "residual": True}),
     "sac_her": ("metaworld_sac_her.yaml", {}),
+    "sac_her_utd_1_2": ("metaworld_sac_her.yaml", {"env_steps_per_update": 2}),
     "sac_her_hand_goal": ("metaworld_sac_her.yaml",
                           {"goal_features": "achieved_goal_and_hand"}),
     # the Panda reach task (--task is then only the results' label)
