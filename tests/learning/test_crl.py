@@ -368,3 +368,29 @@ def test_resume_without_the_buffer_says_so(tmp_path, monkeypatch):
     trainer.save_checkpoint(tmp_path / "last.ckpt")
     with pytest.warns(RuntimeWarning, match="empty replay buffer"):
         _fit(ContrastiveRL(**TINY), tmp_path, 3, ckpt_path=tmp_path / "last.ckpt")
+
+
+# ----------------------------------------------------------------------------- learning
+def test_crl_learns_reach_from_8k_steps(tmp_path, monkeypatch):
+    """8,000 environment steps (2,000 of them random) and 1,500 updates of small networks
+    (about 30 s): held-out goals are reached at least 7 times in 10. Random actions (the
+    policy before learning) reach none of them; a critic or actor that learns nothing stays
+    there."""
+    import lightning as L
+
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    model = ContrastiveRL(env_id="diffto/Metaworld-v0",
+                          env_kwargs={"task": "reach-v3", "max_episode_steps": 100},
+                          num_envs=4, env_steps_per_iteration=400, env_steps_per_update=4,
+                          batch_size=128, buffer_capacity=50_000, warmup_steps=2000,
+                          observation_slice=(0, 36), width=128, repr_dim=32, eval_episodes=10,
+                          report_episodes=0, video_episodes=0)
+    before = model.evaluate(episodes=10)[0].summary()["success_any"]
+    trainer = L.Trainer(max_steps=20, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=0, default_root_dir=tmp_path)
+    trainer.fit(model)
+    after = model.evaluate(episodes=10)[0].summary()["success_any"]
+    assert model.env_steps == 8000
+    assert before <= 0.2 and after >= 0.7
