@@ -46,6 +46,7 @@ ENVIRONMENTS: dict[str, str] = {
     "diffto/Go2Tracking-v0": "diffto.tasks.go2.env:Go2TrackingEnv",
     "diffto/Metaworld-v0": "diffto.tasks.metaworld.goal_env:MetaworldGoalEnv",
     "diffto/PandaReach-v0": "diffto.tasks.panda.reach_env:PandaReachEnv",
+    "diffto/PandaResidualReach-v0": "diffto.tasks.panda.residual_env:PandaResidualReachEnv",
     "diffto/PendulumSwingUp-v0": "diffto.tasks.classic.swingup_env:PendulumSwingUpEnv",
 }
 """gymnasium id -> entry point ``"module:Class"`` of every environment diffto ships."""

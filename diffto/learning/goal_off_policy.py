@@ -36,9 +36,11 @@ Evaluation
     steps at the goal), ``val/final_distance``, with ``val/env_steps`` and ``val/wall_time_s``.
     At the end of fit the module writes ``curves.png`` (success over environment steps and
     over wall time) and ``report.json`` / ``report.md`` (final and best checkpoints, and the
-    task's scripted expert where ``expert`` is given, on the same ``report_episodes`` episodes,
-    seeded after the validation ones so that the best checkpoint is not scored on the episodes
-    that chose it) and a video of the final policy into the run's log folder.
+    task's scripted expert where ``expert`` is given, the TO expert with ``to_expert_baseline``,
+    and the actor as pre-training left it where ``pretrain_actor`` is on, on the same
+    ``report_episodes`` episodes, seeded after the validation ones so that the best checkpoint
+    is not scored on the episodes that chose it) and a video of the final policy into the
+    run's log folder.
 
 Continual learning (``task_sequence``)
     A list of env-kwargs overrides (e.g. ``[{task: reach-v3}, {task: push-v3}, ...]``); task
@@ -93,6 +95,7 @@ from diffto.learning.goal_evaluation import (
     make_env_fps,
     save_video,
 )
+from diffto.learning.goal_inputs import GoalInputs
 from diffto.learning.tanh_gaussian_actor import TanhGaussianActor
 from diffto.learning.vector_envs import IterationStream, info_values, make_vector_env
 from diffto.tasks.registry import make_env
@@ -121,6 +124,15 @@ class GoalOffPolicy(L.LightningModule):
         observation_slice: ``[start, stop]`` of ``observation`` the networks see (``None``:
             all of it).
         goal_features, hand_slice: the goal space (see the module docstring).
+        achieved_in_state: the networks' state is ``observation[observation_slice]`` followed
+            by the env's achieved goal (e.g. the Panda's flange position, which its joint-space
+            observation does not hold: a goal-reaching policy then sees where it stands in the
+            goal's own coordinates).
+        relative_goal: the actor (and the Q-learners' critics) also see the goal relative to
+            the achieved goal, ``g − achieved(s)`` (needs ``achieved_in_state`` and
+            ``goal_features="achieved_goal"``; :class:`~diffto.learning.goal_inputs.GoalInputs`).
+        normalize_inputs: standardize the networks' input features with statistics fitted once
+            on the first data (the pre-training dataset, else the buffer at the first update).
         width, depth, residual: the networks' :class:`ResidualMLP` shape.
         actor_lr, critic_lr, alpha_lr: Adam learning rates.
         init_alpha: initial entropy temperature. target_entropy: ``None`` = −action dim.
@@ -128,6 +140,14 @@ class GoalOffPolicy(L.LightningModule):
         report_episodes, video_episodes: the end-of-fit report (``0`` episodes: no report).
         expert: ``{class_path, init_args}`` of a per-task scripted controller (built with
             ``task=``) evaluated beside the learner in the report.
+        to_expert_baseline: evaluate the environment's TO expert (``make_expert(env_id)``, in
+            receding horizon; cached in ``runs/expert_cache``) beside the learner in the report.
+        zero_action_baseline: evaluate the zero action beside the learner in the report (for a
+            residual over a base controller: the base controller alone).
+        report_conditions: named env-kwargs overrides (e.g. ``{nominal: {payload_mass: 0}}``)
+            under which the report evaluates the final policy (and the zero action) as well.
+        zero_init_actor: start the actor's mean at zero (a residual policy that begins as
+            the base controller: deterministic actions are exactly 0 before training).
         checkpoint_buffer: store the buffer's episodes in checkpoints.
         pretrain_dataset, pretrain_updates, pretrain_actor: pre-training on a dataset (see
             the module docstring).
@@ -149,6 +169,9 @@ class GoalOffPolicy(L.LightningModule):
         observation_slice: tuple[int, int] | None = None,
         goal_features: GoalFeatures = "achieved_goal",
         hand_slice: tuple[int, int] = (0, 3),
+        achieved_in_state: bool = False,
+        relative_goal: bool = False,
+        normalize_inputs: bool = False,
         width: int = 256,
         depth: int = 2,
         residual: bool = False,
@@ -162,6 +185,10 @@ class GoalOffPolicy(L.LightningModule):
         report_episodes: int = 50,
         video_episodes: int = 2,
         expert: dict[str, Any] | None = None,
+        to_expert_baseline: bool = False,
+        zero_action_baseline: bool = False,
+        report_conditions: dict[str, dict[str, Any]] | None = None,
+        zero_init_actor: bool = False,
         checkpoint_buffer: bool = False,
         pretrain_dataset: str | None = None,
         pretrain_updates: int = 0,
@@ -233,8 +260,15 @@ class GoalOffPolicy(L.LightningModule):
                                                            or h1 > obs_dim):
             raise ValueError(f"hand_slice must select {goal_dim} observation entries (the "
                              f"achieved goal's size), got {hand_slice}")
+        if relative_goal and (not achieved_in_state or goal_features != "achieved_goal"):
+            raise ValueError(f"relative_goal needs achieved_in_state=True and goal_features="
+                             f"'achieved_goal', got {achieved_in_state} and {goal_features!r}")
+        self.relative_goal_dims = goal_dim if relative_goal else 0
         self.obs_slice = slice(lo, hi)
-        self.state_dim = hi - lo
+        self.obs_dim = obs_dim
+        self.state_dim = hi - lo + (goal_dim if achieved_in_state else 0)
+        self.observation_keys = (("observation", "achieved_goal") if achieved_in_state
+                                 else ("observation",))
         self.env_goal_dim = goal_dim
         self.goal_dim = goal_dim * (2 if goal_features == "achieved_goal_and_hand" else 1)
         self.action_dim = int(act_space.shape[0])
@@ -246,6 +280,8 @@ class GoalOffPolicy(L.LightningModule):
         self.envs = None
         self.buffer: EpisodeReplayBuffer | None = None
         self.env_steps = 0  # environment steps collected over all resumes
+        self.updates = 0  # gradient updates (pre-training included) over all resumes
+        self.offline_actor: dict[str, Tensor] | None = None  # the actor after pre-training
         self.wall_time = 0.0  # training seconds over all resumes
         self.history: list[dict[str, float]] = []  # the learning curve (validations)
         self.continual: dict[str, Any] = {"after_task": []}
@@ -256,9 +292,18 @@ class GoalOffPolicy(L.LightningModule):
 
     def _make_actor(self, act_space) -> TanhGaussianActor:
         hp = self.hparams
-        return TanhGaussianActor(self.state_dim, self.goal_dim, self.action_dim,
-                                 torch.as_tensor(act_space.low), torch.as_tensor(act_space.high),
-                                 hp.width, hp.depth, hp.residual)
+        inputs = GoalInputs(self.state_dim, self.goal_dim, self.relative_goal_dims,
+                            hp.normalize_inputs)
+        if getattr(self, "actor", None) is not None:  # a reset keeps the fitted statistics
+            inputs.load_state_dict(self.actor.inputs.state_dict())
+        actor = TanhGaussianActor(self.state_dim, self.goal_dim, self.action_dim,
+                                  torch.as_tensor(act_space.low), torch.as_tensor(act_space.high),
+                                  hp.width, hp.depth, hp.residual, inputs=inputs)
+        if hp.zero_init_actor:  # the mean's output layer at zero: tanh(μ) = 0 everywhere
+            with torch.no_grad():
+                actor.net.head.weight[: self.action_dim].zero_()
+                actor.net.head.bias[: self.action_dim].zero_()
+        return actor
 
     def _optimizer(self) -> torch.optim.Optimizer:
         return self.optimizers().optimizer
@@ -314,10 +359,18 @@ class GoalOffPolicy(L.LightningModule):
             return desired
         return np.concatenate([desired, np.zeros_like(desired)], -1)
 
+    def network_state(self, observation: np.ndarray, achieved: np.ndarray) -> np.ndarray:
+        """The state the networks see ``(n, state_dim)``: ``observation[observation_slice]``,
+        followed by the achieved goal with ``achieved_in_state``."""
+        o = np.atleast_2d(observation)[:, self.obs_slice]
+        if self.hparams.achieved_in_state:
+            return np.concatenate([o, np.atleast_2d(achieved)], -1)
+        return o
+
     def _states(self, obs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        o = np.asarray(obs["observation"])
-        return {"observation": o[:, self.obs_slice],
-                "goal": self.goal_of_states(o, np.asarray(obs["achieved_goal"]))}
+        o, achieved = np.asarray(obs["observation"]), np.asarray(obs["achieved_goal"])
+        return {"observation": self.network_state(o, achieved),
+                "goal": self.goal_of_states(o, achieved)}
 
     # ------------------------------------------------------------------ acting
     def _tensor(self, x: np.ndarray) -> Tensor:
@@ -326,8 +379,11 @@ class GoalOffPolicy(L.LightningModule):
     @torch.no_grad()
     def act(self, observation: np.ndarray, desired_goal: np.ndarray,
             deterministic: bool = True) -> np.ndarray:
-        """Actions ``(B, a)`` for env observations ``(B, o)`` and desired goals ``(B, g)``."""
-        obs = self._tensor(np.atleast_2d(observation)[:, self.obs_slice])
+        """Actions ``(B, a)`` for env observations ``(B, o)`` and desired goals ``(B, g)``
+        (with ``achieved_in_state`` the observation is followed by the achieved goal: the
+        entries :attr:`observation_keys` name)."""
+        o = np.atleast_2d(observation)
+        obs = self._tensor(self.network_state(o[:, :self.obs_dim], o[:, self.obs_dim:]))
         goal = self._tensor(self.goal_of_targets(np.atleast_2d(desired_goal)))
         if deterministic:
             return self.actor.mode(obs, goal).cpu().numpy()
@@ -399,7 +455,7 @@ class GoalOffPolicy(L.LightningModule):
                 continue
             # the episode starts at its second state, the first with a recorded achieved goal
             obs = arrays["next_observation"][sl]
-            states = {"observation": obs[:, self.obs_slice],
+            states = {"observation": self.network_state(obs, arrays["achieved_goal"][sl]),
                       "goal": self.goal_of_states(obs, arrays["achieved_goal"][sl])}
             desired = self.goal_of_targets(arrays["desired_goal"][sl][:1])[0]
             self.buffer.add_episode(states, arrays["action"][sl][1:], {"desired_goal": desired},
@@ -411,11 +467,24 @@ class GoalOffPolicy(L.LightningModule):
         """``pretrain_updates`` updates on the buffer's dataset episodes: the critic's, and with
         ``pretrain_actor`` the actor's and the temperature's too (offline, before the first
         environment step)."""
+        from tqdm.auto import tqdm
+
         hp = self.hparams
         metrics: dict[str, float] = {}
-        for i in range(hp.pretrain_updates):
+        t0 = time.perf_counter()
+        show = self._trainer is None or self.trainer.is_global_zero
+        for i in tqdm(range(hp.pretrain_updates), desc="offline pre-training", unit="update",
+                      disable=not show, leave=False):
             metrics = self.update(last=i == hp.pretrain_updates - 1, actor=hp.pretrain_actor,
                                   lightning_step=False)
+        self.wall_time += time.perf_counter() - t0
+        if hp.pretrain_actor:
+            self.offline_actor = {k: v.detach().clone() for k, v in self.actor.state_dict().items()}
+            s = self.evaluate()[0].summary()  # the learning curve starts at the offline policy
+            self.history.append({"env_steps": 0.0, "wall_time_s": self.wall_time, "task": 0.0,
+                                 "success": s["success_any"], "success_final": s["success"],
+                                 "time_at_goal": s["time_at_goal"],
+                                 "final_distance": s["final_distance"]})
         rank_zero_info(f"pre-trained the {'actor and ' if hp.pretrain_actor else ''}critic on "
                        f"{len(self.buffer)} dataset transitions with {hp.pretrain_updates} "
                        f"updates: {metrics}")
@@ -482,9 +551,9 @@ class GoalOffPolicy(L.LightningModule):
                 action = self.envs.action_space.sample()
                 warm -= E
             else:
-                obs_t = self._tensor(np.asarray(self._obs["observation"])[:, self.obs_slice])
+                obs_t = self._tensor(self._states(self._obs)["observation"])
                 goal_t = self._tensor(self.buffer_goal())
-                action = self.actor(obs_t, goal_t)[0].cpu().numpy()
+                action = self.explore(obs_t, goal_t).cpu().numpy()
             obs, _, terminated, truncated, info = self.envs.step(action)
             done = terminated | truncated
             final = obs
@@ -510,6 +579,10 @@ class GoalOffPolicy(L.LightningModule):
         return {"success": float(np.mean(successes)) if successes else float("nan"),
                 "time_at_goal": float(np.mean(at_goal)) if at_goal else float("nan")}
 
+    def explore(self, obs: Tensor, goal: Tensor) -> Tensor:
+        """The behaviour policy's actions while collecting (a sample of the actor)."""
+        return self.actor(obs, goal)[0]
+
     def buffer_goal(self) -> np.ndarray:
         """The rollout goals of the open episodes (the env's desired goal)."""
         return self.goal_of_targets(np.asarray(self._obs["desired_goal"]))
@@ -526,12 +599,25 @@ class GoalOffPolicy(L.LightningModule):
 
     future_offset: Literal["geometric", "uniform"] = "geometric"
 
+    def fit_inputs(self, rows: int = 100_000) -> None:
+        """Fit the input statistics (``normalize_inputs``) on up to ``rows`` buffer samples: their
+        states with the goals the networks will read (desired and future goals)."""
+        raw = self.buffer.sample(min(rows, max(len(self.buffer), 2)), self.hparams.gamma,
+                                 self.future_offset)
+        obs = torch.as_tensor(raw["observation"], device=self.device)
+        goal = torch.as_tensor(np.concatenate([raw["desired_goal"], raw["future_goal"]]),
+                               device=self.device)
+        self.actor.inputs.fit(torch.cat([obs, obs]), goal)
+        rank_zero_info(f"input statistics fitted on {len(obs)} buffer samples")
+
     def update(self, last: bool, actor: bool = True, lightning_step: bool | None = None
                ) -> dict[str, float]:
         """One gradient update of the critic and (with ``actor``) of actor and temperature
         from one batch. ``last``: the iteration's last update (metrics are computed; by default
         it steps through Lightning, so ``global_step`` advances once per iteration)."""
         opt = self.optimizers()
+        if self.actor.inputs.needs_fit:
+            self.fit_inputs()
         batch = self._batch()
         opt.zero_grad()
         critic_loss, metrics = self.critic_loss(batch, with_metrics=last)
@@ -541,13 +627,9 @@ class GoalOffPolicy(L.LightningModule):
             for p in critic_params:
                 p.requires_grad_(False)
             try:
-                goal = self.actor_goals(batch)
-                action, log_prob = self.actor(batch["observation"], goal)
-                alpha = self.log_alpha.exp()
-                actor_loss = (alpha.detach() * log_prob
-                              - self.actor_value(batch["observation"], action, goal)).mean()
-                alpha_loss = -(self.log_alpha * (log_prob.detach() + self.target_entropy)).mean()
-                (actor_loss + alpha_loss).backward()
+                actor_loss, actor_metrics = self.actor_loss(batch, with_metrics=last)
+                if actor_loss is not None:
+                    actor_loss.backward()
             finally:
                 for p in critic_params:
                     p.requires_grad_(True)
@@ -555,14 +637,31 @@ class GoalOffPolicy(L.LightningModule):
             opt.step()  # through Lightning: global_step advances
         else:
             opt.optimizer.step()
+        self.updates += 1
         self.after_update()
         if last:
             metrics["loss/critic"] = float(critic_loss.detach())
             if actor:
-                metrics.update({"loss/actor": float(actor_loss.detach()),
-                                "actor/alpha": float(alpha.detach()),
-                                "actor/entropy": float(-log_prob.detach().mean())})
+                metrics.update(actor_metrics)
         return metrics
+
+    def actor_loss(self, batch: dict[str, Tensor], with_metrics: bool = False
+                   ) -> tuple[Tensor | None, dict[str, float]]:
+        """The actor's (and temperature's) loss on a batch, the critic frozen; ``None``: no
+        actor update at this step. SAC's by default: ``E[α log π(a|s, g) − value(s, a, g)]``
+        with ``a ~ π`` reparameterized, plus the temperature loss
+        ``−log α (log π + target_entropy)``."""
+        goal = self.actor_goals(batch)
+        action, log_prob = self.actor(batch["observation"], goal)
+        alpha = self.log_alpha.exp()
+        loss = (alpha.detach() * log_prob
+                - self.actor_value(batch["observation"], action, goal)).mean()
+        alpha_loss = -(self.log_alpha * (log_prob.detach() + self.target_entropy)).mean()
+        metrics = {}
+        if with_metrics:
+            metrics = {"loss/actor": float(loss.detach()), "actor/alpha": float(alpha.detach()),
+                       "actor/entropy": float(-log_prob.detach().mean())}
+        return loss + alpha_loss, metrics
 
     def training_step(self, batch: Tensor, batch_idx: int) -> None:
         hp = self.hparams
@@ -604,17 +703,21 @@ class GoalOffPolicy(L.LightningModule):
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, k: int | None = None, episodes: int | None = None,
-                 video_episodes: int = 0, offset: int = 0) -> tuple[Evaluation, list[np.ndarray]]:
+                 video_episodes: int = 0, offset: int = 0,
+                 env_overrides: dict[str, Any] | None = None, act=None
+                 ) -> tuple[Evaluation, list[np.ndarray]]:
         """Deterministic episodes on the held-out seeds ``EVAL_SEED_BASE + offset + j`` of task
-        ``k`` (default: the current one)."""
+        ``k`` (default: the current one), with ``env_overrides`` on its env kwargs, of the
+        policy (or of ``act(observation, goal)``)."""
         k = max(self._task_index, 0) if k is None else k
         n = self.hparams.eval_episodes if episodes is None else episodes
         was_training = self.training
         self.eval()
         try:
             return evaluate_policy(
-                self.act, self.hparams.env_id, eval_seeds(n, offset), self.task_env_kwargs(k, True),
-                video_episodes=video_episodes, observation_keys=("observation",))
+                self.act if act is None else act, self.hparams.env_id, eval_seeds(n, offset),
+                {**self.task_env_kwargs(k, True), **(env_overrides or {})},
+                video_episodes=video_episodes, observation_keys=self.observation_keys)
         finally:
             self.train(was_training)
 
@@ -634,7 +737,8 @@ class GoalOffPolicy(L.LightningModule):
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["goal_off_policy"] = {
-            "env_steps": self.env_steps, "wall_time": self.wall_time,
+            "env_steps": self.env_steps, "wall_time": self.wall_time, "updates": self.updates,
+            "offline_actor": self.offline_actor,
             "history": self.history, "continual": self.continual,
             "task": self._task_index, "task_steps": self._warmup_done(),
             "buffer": (self.buffer.state_dict() if self.hparams.checkpoint_buffer
@@ -644,6 +748,8 @@ class GoalOffPolicy(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("goal_off_policy", {})
         self.env_steps = int(state.get("env_steps", 0))
+        self.updates = int(state.get("updates", 0))
+        self.offline_actor = state.get("offline_actor")
         self.wall_time = float(state.get("wall_time", 0.0))
         self.history = list(state.get("history", []))
         self.continual = dict(state.get("continual", {"after_task": []}))
@@ -717,6 +823,19 @@ class GoalOffPolicy(L.LightningModule):
             path = getattr(cb, "best_model_path", "")
             if getattr(cb, "monitor", None) == "val/success" and path and Path(path).exists():
                 best_path = path
+        if hp.to_expert_baseline:
+            from diffto.learning.goal_evaluation import evaluate_expert
+
+            rows["TO expert"] = evaluate_expert(
+                hp.env_id, eval_seeds(n, offset), self.task_env_kwargs(max(self._task_index, 0),
+                                                                        True),
+                cache_dir=Path("runs") / "expert_cache").summary()
+        if self.offline_actor is not None:
+            online = {k: v.clone() for k, v in self.actor.state_dict().items()}
+            self.actor.load_state_dict(self.offline_actor)
+            rows["offline policy (pre-trained)"] = self.evaluate(episodes=n,
+                                                                 offset=offset)[0].summary()
+            self.actor.load_state_dict(online)
         if best_path is not None:
             state = {k: v.clone() for k, v in self.state_dict().items()}
             ckpt = torch.load(best_path, map_location=self.device, weights_only=False)
@@ -726,6 +845,17 @@ class GoalOffPolicy(L.LightningModule):
         final, frames = self.evaluate(episodes=n, video_episodes=hp.video_episodes,
                                       offset=offset)
         rows["final policy"] = final.summary()
+        zero_action = lambda o, g: np.zeros((len(o), self.action_dim))  # noqa: E731
+        if hp.zero_action_baseline:
+            rows["zero action"] = self.evaluate(episodes=n, offset=offset,
+                                                act=zero_action)[0].summary()
+        for name, overrides in (hp.report_conditions or {}).items():
+            rows[f"final policy, {name}"] = self.evaluate(
+                episodes=n, offset=offset, env_overrides=overrides)[0].summary()
+            if hp.zero_action_baseline:
+                rows[f"zero action, {name}"] = self.evaluate(
+                    episodes=n, offset=offset, env_overrides=overrides,
+                    act=zero_action)[0].summary()
         video = None
         if frames:
             fps = make_env_fps(hp.env_id, self.task_env_kwargs(max(self._task_index, 0), True))

@@ -10,6 +10,7 @@
 - :class:`PandaReachExpert`: its MPC expert (box-DDP over ``MujocoDynamics``, flange cost).
 """
 
+from diffto.tasks.panda.base_controller import PandaBaseController
 from diffto.tasks.panda.expert import PandaReachExpert
 from diffto.tasks.panda.kinematics import flange_position, panda_chain
 from diffto.tasks.panda.model import (
@@ -29,6 +30,7 @@ from diffto.tasks.panda.model import (
     set_payload,
 )
 from diffto.tasks.panda.reach_env import PandaReachEnv, RenderingUnavailableError, goal_distance
+from diffto.tasks.panda.residual_env import PandaResidualReachEnv
 
 __all__ = [
     # model
@@ -53,6 +55,8 @@ __all__ = [
     "PandaReachEnv",
     "RenderingUnavailableError",
     "goal_distance",
+    "PandaResidualReachEnv",
+    "PandaBaseController",
     # expert
     "PandaReachExpert",
 ]

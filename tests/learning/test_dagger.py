@@ -186,15 +186,7 @@ def test_dagger_needs_the_dataloader_rebuilt_every_epoch(tmp_path, initial):
         t.fit(model)
 
 
-def test_panda_dagger_config_fast_dev_run(tmp_path, monkeypatch):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("_gcbc_tests", Path(__file__).with_name(
-        "test_gcbc.py"))
-    helpers = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(helpers)  # its random_dataset: random-action Panda transitions
-    random_dataset = helpers.random_dataset
-
+def test_panda_dagger_config_fast_dev_run(tmp_path, monkeypatch, random_dataset):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr("sys.argv", ["lightning"])
     data = random_dataset("diffto/PandaReach-v0", tmp_path / "panda.npz")

@@ -11,12 +11,11 @@ import pytest
 import torch
 
 from diffto import cli
-from diffto.data.trajectories import TrajectorySet, load_trajectories, save_trajectories
+from diffto.data.trajectories import load_trajectories, save_trajectories
 from diffto.learning.dagger import collect_labels
 from diffto.learning.gcbc import GoalConditionedBC, TransitionsDataModule, split_transitions
 from diffto.learning.goal_evaluation import build_expert
 from diffto.learning.goal_policy import GoalPolicy
-from diffto.tasks.registry import make_env
 
 SWINGUP = "diffto/PendulumSwingUp-v0"
 PANDA = "diffto/PandaReach-v0"
@@ -37,32 +36,6 @@ def swingup_data(tmp_path_factory) -> Path:
                                   keep_unconverged=True, progress=False)
     assert counts["labels"] == len(data) == 160
     return save_trajectories(tmp_path_factory.mktemp("data") / "swingup.npz", data)
-
-
-def random_dataset(env_id: str, path: Path, episodes: int = 2, steps: int = 4) -> Path:
-    """Random-action transitions of a goal env in the dataset format (for plumbing tests)."""
-    rows: dict[str, list] = {k: [] for k in ("observation", "desired_goal", "achieved_goal",
-                                             "action", "next_observation", "episode",
-                                             "timestep", "terminal", "truncated")}
-    for e in range(episodes):
-        env = make_env(env_id)
-        obs, _ = env.reset(seed=e)
-        env.action_space.seed(e)
-        for t in range(steps):
-            a = env.action_space.sample().astype(np.float64)
-            nxt, _, term, trunc, _ = env.step(a)
-            for k, v in (("observation", obs["observation"]), ("desired_goal",
-                         obs["desired_goal"]), ("achieved_goal", obs["achieved_goal"]),
-                         ("action", a), ("next_observation", nxt["observation"]),
-                         ("episode", e), ("timestep", t), ("terminal", term),
-                         ("truncated", trunc or t == steps - 1)):
-                rows[k].append(v)
-            obs = nxt
-        env.close()
-    arrays = {k: np.asarray(v) for k, v in rows.items()}
-    arrays["episode"] = arrays["episode"].astype(np.int64)
-    arrays["timestep"] = arrays["timestep"].astype(np.int64)
-    return save_trajectories(path, TrajectorySet(**arrays, meta={"env_id": env_id}))
 
 
 # ------------------------------------------------------------------------------ the network
@@ -212,7 +185,7 @@ def test_pendulum_bc_config_fast_dev_run(tmp_path, monkeypatch, swingup_data):
     assert list(tmp_path.glob("**/last.mp4"))
 
 
-def test_panda_gcbc_config_fast_dev_run(tmp_path, monkeypatch):
+def test_panda_gcbc_config_fast_dev_run(tmp_path, monkeypatch, random_dataset):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr("sys.argv", ["lightning"])
     data = random_dataset(PANDA, tmp_path / "panda.npz")

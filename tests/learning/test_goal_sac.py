@@ -20,18 +20,6 @@ def model() -> GoalSAC:
     return GoalSAC(**TINY)
 
 
-def _batch(model: GoalSAC, n: int = 64) -> dict[str, torch.Tensor]:
-    g = model.goal_dim
-    next_goal = torch.rand(n, g)
-    return {"observation": torch.randn(n, model.state_dim),
-            "next_observation": torch.randn(n, model.state_dim),
-            "action": torch.rand(n, model.action_dim) * 2 - 1,
-            "goal": torch.rand(n, g), "next_goal": next_goal,
-            "future_goal": next_goal.clone(),  # the goal reached at the next state
-            "desired_goal": next_goal + 10.0,  # far away: never reached
-            "terminal": torch.zeros(n, dtype=torch.bool)}
-
-
 def test_targets_start_equal_and_follow_by_polyak(model):
     keys = model.state_dict().keys()
     assert any(k.startswith("q_target.") for k in keys)  # checkpoints carry them
@@ -52,13 +40,13 @@ def test_targets_start_equal_and_follow_by_polyak(model):
     model.reset_critic()
 
 
-def test_relabelled_rows_reach_their_goal(model):
-    batch = _batch(model)
+def test_relabelled_rows_reach_their_goal(model, goal_batch):
+    batch = goal_batch(model)
     goal = model.relabel(batch)
     assert model.actor_goals(batch) is goal  # the critic's goals, for the actor too
     relabelled = (goal == batch["future_goal"]).all(-1)
     assert relabelled.any() and (~relabelled).any()  # her_ratio = 0.8 of 64 rows
-    reward = model.reward(batch["next_goal"], goal)
+    reward = model.reward(batch, goal)
     assert (reward[relabelled] == 0).all() and (reward[~relabelled] == -1).all()
     _, metrics = model.critic_loss(batch, with_metrics=True)
     assert metrics["critic/reached"] == pytest.approx(relabelled.float().mean().item())
@@ -72,12 +60,13 @@ def test_reward_radius_and_hand_part(model):
     achieved[0, 0] = 0.04  # inside the 0.05 radius
     achieved[1, 0] = 0.06  # outside
     achieved[2, d:] = 5.0  # the hand part is ignored
-    assert model.reward(achieved, goal).tolist() == [0.0, -1.0, 0.0]
+    batch = {"next_goal": achieved, "action": torch.zeros(3, model.action_dim)}
+    assert model.reward(batch, goal).tolist() == [0.0, -1.0, 0.0]
 
 
 @pytest.mark.parametrize(("log_alpha", "bias"), [(10.0, 0.0), (-10.0, -1e4), (-10.0, 1e4)])
-def test_td_target_is_clipped_to_the_return_range(model, log_alpha, bias):
-    batch = _batch(model)
+def test_td_target_is_clipped_to_the_return_range(model, log_alpha, bias, goal_batch):
+    batch = goal_batch(model)
     gamma = model.hparams.gamma
     saved = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.no_grad():
@@ -85,7 +74,8 @@ def test_td_target_is_clipped_to_the_return_range(model, log_alpha, bias):
         for net in model.q_target:
             net.head.bias.fill_(bias)
     try:
-        target, _ = model.td_target(batch, model.relabel(batch))
+        goal = model.relabel(batch)
+        target = model.clip_target(model.td_target(batch, goal, model.reward(batch, goal)))
         assert target.shape == (64,)
         assert (target >= -1 / (1 - gamma)).all() and (target <= 0).all()
         if bias < 0:

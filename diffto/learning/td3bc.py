@@ -1,0 +1,138 @@
+"""TD3+BC, goal-conditioned, from offline TO data to online fine-tuning, as a LightningModule.
+
+Offline-to-online RL seeded with a TO dataset: the replay buffer starts with the dataset's
+episodes (``pretrain_dataset``, the documented trajectory format, e.g. the Panda TO expert's
+``lightning predict`` output), ``pretrain_updates`` updates of critic and actor are made on it
+before the first environment step (``pretrain_actor=True``: offline TD3+BC), then the policy
+collects in vectorized environments and keeps training on the data it gathers beside the
+dataset's. Rewards, relabelling (HER by episode id), the twin critics and their targets are
+:class:`~diffto.learning.goal_q_learning.GoalQLearning`'s; ``reward_type="stage_cost"`` is minus
+the TO expert's stage cost, ``"sparse"`` the task's success.
+
+The deterministic policy is ``π(s, g) = tanh(μ(s, g))`` of the
+:class:`~diffto.learning.tanh_gaussian_actor.TanhGaussianActor` (its ``mode``), rescaled to
+the action box; its spread head is unused.
+
+Critic (TD3)
+    Target policy smoothing: ``a' = clip(π̄(s', g) + clip(ε, −c, c), low, high)`` with
+    ``ε ~ N(0, σ_target²)`` (in units of the half action range, as ``c``) and the target actor
+    ``π̄`` Polyak-averaged at the critics' rate; ``y = r + γ (1 − terminal) min_i Q̄_i(s', a',
+    g)``, clipped as the reward allows.
+
+Actor (TD3+BC), every ``policy_delay``-th update
+    ``L(π) = −λ mean Q_1(s, π(s, g), g) + w · mean ‖(π(s, g) − a) / half_range‖²₂ / dim``,
+    ``λ = α / mean |Q_1(s, π(s, g), g)|`` (held constant in the gradient), where ``(s, a)`` are
+    the batch's transitions (dataset or online) and ``g`` their relabelled goals. Normalizing by
+    the mean ``|Q|`` makes ``α`` (2.5 in the TD3+BC paper) independent of the reward's scale.
+
+The pull towards the data
+    The behaviour-cloning weight ``w`` is ``bc_weight`` during pre-training and anneals linearly
+    to ``bc_weight_final`` over the first ``bc_anneal_steps`` online environment steps, so
+    online fine-tuning can leave the data's actions where the critic finds better ones.
+
+Exploration: ``π(s, g) + N(0, exploration_noise²)`` (half-range units), clipped to the box.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from diffto.learning.goal_q_learning import GoalQLearning
+
+__all__ = ["GoalTD3BC"]
+
+
+class GoalTD3BC(GoalQLearning):
+    """Goal-conditioned TD3+BC (see the module docstring).
+
+    Args:
+        alpha: ``α`` of the Q term's normalization (TD3+BC's 2.5).
+        bc_weight, bc_weight_final, bc_anneal_steps: the behaviour-cloning weight, its value
+            after annealing and the online environment steps over which it anneals.
+        policy_delay: critic updates per actor update (TD3's 2).
+        target_noise, target_noise_clip: ``σ_target`` and ``c`` of target policy smoothing.
+        exploration_noise: standard deviation of the exploration noise.
+        **kwargs: :class:`GoalQLearning` and :class:`GoalOffPolicy` arguments.
+    """
+
+    def __init__(self, alpha: float = 2.5, bc_weight: float = 1.0, bc_weight_final: float = 0.1,
+                 bc_anneal_steps: int = 50_000, policy_delay: int = 2,
+                 target_noise: float = 0.2, target_noise_clip: float = 0.5,
+                 exploration_noise: float = 0.1, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.save_hyperparameters()
+        for name, value in (("alpha", alpha), ("bc_weight", bc_weight),
+                            ("bc_weight_final", bc_weight_final), ("target_noise", target_noise),
+                            ("target_noise_clip", target_noise_clip),
+                            ("exploration_noise", exploration_noise)):
+            if not value >= 0.0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
+        for name, value in (("bc_anneal_steps", bc_anneal_steps), ("policy_delay", policy_delay)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        self.actor_target = copy.deepcopy(self.actor)
+        self.actor_target.inputs = self.actor.inputs  # one set of input statistics
+        self.actor_target.requires_grad_(False)
+
+    def bc_weight(self) -> float:
+        """The behaviour-cloning weight at the current online environment step."""
+        hp = self.hparams
+        progress = min(1.0, self.env_steps / hp.bc_anneal_steps)
+        return hp.bc_weight + (hp.bc_weight_final - hp.bc_weight) * progress
+
+    def _noisy(self, action: Tensor, std: float, clip: float | None = None) -> Tensor:
+        """``action + ε`` with ``ε ~ N(0, std²)`` in half-range units (clipped to ``±clip``),
+        clipped to the action box."""
+        half, center = self.actor.half_range, self.actor.center
+        noise = torch.randn_like(action) * std
+        if clip is not None:
+            noise = noise.clamp(-clip, clip)
+        return torch.maximum(torch.minimum(action + half * noise, center + half), center - half)
+
+    def td_target(self, batch: dict[str, Tensor], goal: Tensor, reward: Tensor) -> Tensor:
+        hp = self.hparams
+        obs = batch["next_observation"]
+        next_action = self._noisy(self.actor_target.mode(obs, goal), hp.target_noise,
+                                  hp.target_noise_clip)
+        next_q = self.q_values(self.q_target, obs, next_action, goal).min(0).values
+        return reward + hp.gamma * (1.0 - batch["terminal"].float()) * next_q
+
+    def actor_loss(self, batch: dict[str, Tensor], with_metrics: bool = False
+                   ) -> tuple[Tensor | None, dict[str, float]]:
+        if self.updates % self.hparams.policy_delay:
+            return None, {}
+        goal = self.actor_goals(batch)
+        obs = batch["observation"]
+        action = self.actor.mode(obs, goal)
+        q = self.q_values(self.q[:1], obs, action, goal)[0]
+        lam = self.hparams.alpha / q.abs().mean().detach().clamp_min(1e-6)
+        bc = (((action - batch["action"]) / self.actor.half_range) ** 2).mean()
+        w = self.bc_weight()
+        loss = -lam * q.mean() + w * bc
+        metrics = {}
+        if with_metrics:
+            metrics = {"loss/actor": float(loss.detach()), "actor/bc_mse": float(bc.detach()),
+                       "actor/bc_weight": w, "actor/lambda": float(lam)}
+        return loss, metrics
+
+    @torch.no_grad()
+    def after_update(self) -> None:
+        super().after_update()
+        tau = self.hparams.tau
+        for t, p in zip(self.actor_target.parameters(), self.actor.parameters(), strict=True):
+            t.lerp_(p, tau)
+
+    @torch.no_grad()
+    def reset_targets(self) -> None:
+        super().reset_targets()
+        if hasattr(self, "actor_target"):
+            for t, p in zip(self.actor_target.parameters(), self.actor.parameters(),
+                            strict=True):
+                t.copy_(p)
+
+    def explore(self, obs: Tensor, goal: Tensor) -> Tensor:
+        return self._noisy(self.actor.mode(obs, goal), self.hparams.exploration_noise)

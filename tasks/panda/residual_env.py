@@ -1,0 +1,189 @@
+"""Residual reaching with the Panda: the action corrects a model-based base controller.
+
+``diffto/PandaResidualReach-v0`` is ``diffto/PandaReach-v0`` (:class:`PandaReachEnv`, same
+episodes for the same seed, same dict observations, rewards and goal-env API) whose action is a
+residual ``r ∈ [−1, 1]⁷`` on top of :class:`PandaBaseController`, an operational-space
+controller on the nominal model. At every step, from the current state ``s = [q; q̇]`` and goal
+``g`` ::
+
+    a_base = π_base(s, g) ∈ [−1, 1]⁷
+    a      = clip(a_base + ρ · clip(r, −1, 1), −1, 1)     (ρ = residual_scale)
+
+and ``a`` is applied to the wrapped reach env (torque ``a ⊙ τ_max``). A zero residual is the
+base controller exactly, so a residual policy that starts at zero starts at the base's
+success, and ``ρ`` bounds how far it may move the command: ``ρ τ_max`` per joint (17 Nm on
+joints 1–4 and 2.4 Nm on joints 5–7 at ρ = 0.2). The base does not see the env's model
+mismatch (``payload_mass``, ``frictionloss``, ``actuator_gain``), which is what the residual
+is for.
+
+How large ``ρ`` must be (``benchmarks/bench_panda_base.py``, 50 held-out goals, 50-step
+episodes, ``payload_mass=(1, 3)``, ``frictionloss=(0.5, 2)``, ``actuator_gain=(0.7, 1)``, where
+the base alone holds 0.24 of the goals at the last step): a residual that knows each episode's
+payload and gains, cancels them and is clipped to ``[−1, 1]`` holds 0.90 of the goals at
+``ρ = 0.1`` (a third of its entries clipped), 1.00 at ``ρ = 0.2`` (the default; 5 mm final
+distance, the friction's share) and 1.00 at ``ρ = 0.3``. The payload's gravity alone needs up
+to a quarter of a joint's torque range at the goals.
+
+``step``'s ``info`` adds ``base_action (7,)``, ``residual_action (7,)`` (the residual after
+clipping to ``[−1, 1]``) and ``action (7,)`` (what the reach env received, before its safety
+filter where one is on) to the reach env's own (``is_success``, ``distance``, ...).
+``compute_reward``, ``compute_terminated``, ``compute_truncated``, ``render``,
+``max_episode_steps``, ``state``, ``nominal_model`` and the episode's ``goal`` are the reach
+env's.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from typing import Any
+
+import gymnasium as gym
+import mujoco
+import numpy as np
+from gymnasium import spaces
+
+from diffto.tasks.panda.base_controller import PandaBaseController
+from diffto.tasks.panda.reach_env import PandaReachEnv
+
+__all__ = ["PandaResidualReachEnv"]
+
+_BASE_ARGS = tuple(inspect.signature(PandaBaseController).parameters)
+
+
+class PandaResidualReachEnv(gym.Env):
+    """:class:`PandaReachEnv` with residual actions on :class:`PandaBaseController`.
+
+    Args:
+        reward_type, render_mode: as :class:`PandaReachEnv`.
+        residual_scale: ``ρ > 0``, the weight of the residual in the action (module docstring).
+        base: keyword arguments of :class:`PandaBaseController` (gains, posture, ...); its
+            ``gravity_compensation`` is the env's and may not be given otherwise.
+        **kwargs: every other argument of :class:`PandaReachEnv` (``max_episode_steps``,
+            ``payload_mass``, ``frictionloss``, ``actuator_gain``, ...).
+
+    The wrapped reach env is :attr:`reach`; the base controller :attr:`base_controller`.
+    """
+
+    metadata = dict(PandaReachEnv.metadata)
+
+    def __init__(
+        self,
+        reward_type: str = "sparse",
+        render_mode: str | None = None,
+        *,
+        residual_scale: float = 0.2,
+        base: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        ok = isinstance(residual_scale, int | float) and not isinstance(residual_scale, bool)
+        if not ok or not math.isfinite(residual_scale) or residual_scale <= 0:
+            raise ValueError(f"residual_scale must be a finite float > 0, got {residual_scale!r}")
+        if base is not None and not isinstance(base, dict):
+            raise ValueError(f"base must be a dict of PandaBaseController arguments or None, got "
+                             f"{type(base).__name__}")
+        base = dict(base or {})
+        unknown = sorted(set(base) - set(_BASE_ARGS))
+        if unknown:
+            raise ValueError(f"base has unknown keys {unknown}: PandaBaseController takes "
+                             f"{list(_BASE_ARGS)}")
+        self.reach = PandaReachEnv(reward_type, render_mode, **kwargs)
+        gravity = self.reach.gravity_compensation
+        if base.get("gravity_compensation", gravity) != gravity:
+            raise ValueError(f"base['gravity_compensation'] must match the env's "
+                             f"gravity_compensation={gravity}, got "
+                             f"{base['gravity_compensation']!r}")
+        base["gravity_compensation"] = gravity
+        self.base_controller = PandaBaseController(**base)
+        self.residual_scale = float(residual_scale)
+        self.render_mode = self.reach.render_mode
+        self.metadata = dict(self.reach.metadata)
+        self.observation_space = self.reach.observation_space
+        self.action_space = spaces.Box(-1.0, 1.0, (7,), np.float32)
+
+    # ------------------------------------------------------------------ the reach env's
+    @property
+    def max_episode_steps(self) -> int:
+        return self.reach.max_episode_steps
+
+    @property
+    def distance_threshold(self) -> float:
+        return self.reach.distance_threshold
+
+    @property
+    def reward_type(self) -> str:
+        return self.reach.reward_type
+
+    @property
+    def gravity_compensation(self) -> bool:
+        return self.reach.gravity_compensation
+
+    @property
+    def control_dt(self) -> float:
+        return self.reach.control_dt
+
+    @property
+    def goal(self) -> np.ndarray:
+        """The episode's goal (3,) (m)."""
+        return self.reach.goal
+
+    @property
+    def state(self) -> np.ndarray:
+        """Physics state ``[qpos; qvel] (14,)`` (a copy)."""
+        return self.reach.state
+
+    @property
+    def model(self) -> mujoco.MjModel:
+        """The reach env's model, with the current episode's mismatch."""
+        return self.reach.model
+
+    @property
+    def data(self) -> mujoco.MjData:
+        return self.reach.data
+
+    def nominal_model(self) -> mujoco.MjModel:
+        return self.reach.nominal_model()
+
+    def compute_reward(self, achieved_goal, desired_goal, info=None) -> np.ndarray:
+        return self.reach.compute_reward(achieved_goal, desired_goal, info)
+
+    def compute_terminated(self, achieved_goal, desired_goal, info=None) -> np.ndarray:
+        return self.reach.compute_terminated(achieved_goal, desired_goal, info)
+
+    def compute_truncated(self, achieved_goal, desired_goal, info=None) -> np.ndarray:
+        return self.reach.compute_truncated(achieved_goal, desired_goal, info)
+
+    # ------------------------------------------------------------------ gymnasium API
+    def reset(
+        self, *, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """The reach env's reset: the same mismatch, initial state and goal for a seed."""
+        super().reset(seed=seed)
+        return self.reach.reset(seed=seed, options=options)
+
+    def base_action(self) -> np.ndarray:
+        """The base controller's action ``(7,)`` at the current state and goal."""
+        return self.base_controller(self.reach.state, self.reach.goal)
+
+    def step(
+        self, action: np.ndarray
+    ) -> tuple[dict[str, np.ndarray], float, bool, bool, dict[str, Any]]:
+        r = np.asarray(action, dtype=np.float64)
+        if r.shape != (7,):
+            raise ValueError(f"action (the residual) must have shape (7,), got {r.shape}")
+        if not np.isfinite(r).all():
+            raise ValueError(f"action (the residual) must be finite, got {r}")
+        r = np.clip(r, -1.0, 1.0)
+        base = self.base_action()
+        applied = np.clip(base + self.residual_scale * r, -1.0, 1.0)
+        obs, reward, terminated, truncated, info = self.reach.step(applied)
+        info.update(base_action=base, residual_action=r, action=applied)
+        return obs, reward, terminated, truncated, info
+
+    def render(self) -> np.ndarray | None:
+        """The reach env's frame (see :meth:`PandaReachEnv.render`)."""
+        return self.reach.render()
+
+    def close(self) -> None:
+        self.reach.close()
+        super().close()

@@ -1,0 +1,297 @@
+"""Offline-to-online RL from TO data: TD3+BC and IQL (losses, schedules, rewards, the
+pre-training, resuming, the configs)."""
+
+from __future__ import annotations
+
+import json
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+
+from diffto import cli
+from diffto.learning.iql import GoalIQL
+from diffto.learning.tanh_gaussian_actor import TanhGaussianActor
+from diffto.learning.td3bc import GoalTD3BC
+
+PANDA = "diffto/PandaReach-v0"
+TINY = dict(env_id=PANDA, env_kwargs={"max_episode_steps": 10},
+            num_envs=2, env_steps_per_iteration=20, env_steps_per_update=10, batch_size=16,
+            buffer_capacity=1000, warmup_steps=0, width=32, eval_episodes=1,
+            report_episodes=0, video_episodes=0, success_radius=0.02)
+STAGE_COST = dict(reward_type="stage_cost", goal_weight=10.0, velocity_weight=0.3,
+                  velocity_slice=(7, 14), action_weight=0.05)
+
+
+def _attach_optimizer(model):
+    """Give a module outside a Trainer the optimizer access its updates use."""
+    opt = model.configure_optimizers()
+    model.optimizers = lambda: type("O", (), {"zero_grad": opt.zero_grad, "step": opt.step,
+                                              "optimizer": opt})()
+    model.trainer = None
+    return opt
+
+
+# ----------------------------------------------------------------------------- rewards
+def test_stage_cost_reward_is_the_experts_running_cost(goal_batch):
+    torch.manual_seed(0)
+    model = GoalTD3BC(**TINY, **STAGE_COST)
+    batch = goal_batch(model, 4)
+    goal = torch.rand(4, 3)
+    reward = model.reward(batch, goal)
+    dist2 = ((batch["next_goal"] - goal) ** 2).sum(-1)
+    v2 = (batch["next_observation"][:, 7:14] ** 2).sum(-1)
+    a2 = (batch["action"] ** 2).sum(-1)
+    torch.testing.assert_close(reward, -(0.5 * 100 * dist2 + 0.5 * 0.09 * v2 + 0.5 * 0.0025 * a2))
+    # clipped at 0 from above only: the stage cost's return has no floor
+    assert model.clip_target(torch.tensor([5.0, -1e6])).tolist() == [0.0, -1e6]
+    with pytest.raises(ValueError, match="velocity_slice"):
+        GoalTD3BC(**TINY, **{**STAGE_COST, "velocity_slice": (7, 15)})
+    with pytest.raises(ValueError, match="reward_type"):
+        GoalTD3BC(**TINY, reward_type="dense")
+
+
+def test_sparse_reward_with_an_action_penalty():
+    model = GoalIQL(**TINY, action_weight=1.0)
+    batch = {"next_goal": torch.zeros(2, 3), "action": torch.zeros(2, 7)}
+    batch["action"][1, 0] = 0.5
+    goal = torch.tensor([[0.01, 0.0, 0.0], [0.05, 0.0, 0.0]])
+    torch.testing.assert_close(model.reward(batch, goal), torch.tensor([0.0, -1.0 - 0.125]))
+
+
+# ----------------------------------------------------------------------------- TD3+BC
+def test_td3bc_anneals_the_pull_to_the_data_and_delays_the_actor(goal_batch):
+    model = GoalTD3BC(**TINY, bc_weight=1.0, bc_weight_final=0.2, bc_anneal_steps=1000)
+    for steps, want in ((0, 1.0), (500, 0.6), (1000, 0.2), (5000, 0.2)):
+        model.env_steps = steps
+        assert model.bc_weight() == pytest.approx(want)
+    batch = goal_batch(model)
+    model.updates = 1
+    assert model.actor_loss(batch) == (None, {})  # policy_delay = 2
+    model.updates = 2
+    loss, metrics = model.actor_loss(batch, with_metrics=True)
+    assert loss is not None and metrics["actor/bc_weight"] == pytest.approx(0.2)
+
+
+def test_td3bc_actor_loss_is_q_normalized_plus_behaviour_cloning(goal_batch):
+    torch.manual_seed(0)
+    model = GoalTD3BC(**TINY, alpha=2.5, bc_weight=3.0, bc_anneal_steps=10)
+    batch = goal_batch(model)
+    goal = model.relabel(batch)
+    loss, _ = model.actor_loss(batch)
+    pi = model.actor.mode(batch["observation"], goal)
+    q = model.q[0](torch.cat([pi, batch["observation"], goal], -1)).squeeze(-1)  # Q_1
+    want = -2.5 / q.abs().mean() * q.mean() + 3.0 * ((pi - batch["action"]) ** 2).mean()
+    torch.testing.assert_close(loss, want)
+
+
+def test_td3bc_smoothed_target_actions_stay_in_the_box():
+    torch.manual_seed(0)
+    model = GoalTD3BC(**TINY, target_noise=5.0, target_noise_clip=5.0)
+    a = model._noisy(torch.full((100, 7), 0.9), 5.0, 5.0)
+    assert (a.abs() <= 1.0).all() and (a == 1.0).any()
+    a = model._noisy(torch.zeros(1000, 7), 1.0, 0.5)
+    assert a.abs().max() <= 0.5 + 1e-6  # the noise clip, in half-range units
+
+
+# ----------------------------------------------------------------------------- IQL
+def test_actor_log_prob_of_given_actions_matches_the_samples():
+    torch.manual_seed(0)
+    actor = TanhGaussianActor(3, 2, 2, low=torch.tensor([-1.0, 0.0]),
+                              high=torch.tensor([1.0, 4.0]), width=16).double()
+    obs, goal = torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 2, dtype=torch.float64)
+    action, log_prob = actor(obs, goal)
+    torch.testing.assert_close(actor.log_prob(obs, goal, action), log_prob)
+    edge = actor.center + actor.half_range  # on the box's face: finite
+    assert torch.isfinite(actor.log_prob(obs, goal, edge.expand(6, 2))).all()
+
+
+def test_iql_value_is_an_expectile_and_the_critics_bootstrap_on_it(goal_batch):
+    torch.manual_seed(0)
+    model = GoalIQL(**TINY, expectile=0.9)
+    batch = goal_batch(model)
+    goal = model.relabel(batch)
+    with torch.no_grad():
+        q = model.q_values(model.q_target, batch["observation"], batch["action"], goal).min(0)[0]
+        v = model.state_value(batch["observation"], goal)
+        u = q - v
+        want = (torch.where(u < 0, 0.1, 0.9) * u ** 2).mean()
+        torch.testing.assert_close(model.extra_critic_loss(batch, goal), want)
+        reward = model.reward(batch, goal)
+        torch.testing.assert_close(
+            model.td_target(batch, goal, reward),
+            reward + model.hparams.gamma * model.state_value(batch["next_observation"], goal))
+    # the expectile regression alone: V of a fixed Q distribution goes to its 0.9-expectile
+    values = torch.tensor([0.0, 1.0, 2.0, 10.0])
+    v = torch.zeros((), requires_grad=True)
+    opt = torch.optim.SGD([v], lr=0.05)
+    for _ in range(2000):
+        u = values - v
+        loss = (torch.where(u < 0, 0.1, 0.9) * u ** 2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    # the 0.9-expectile e solves 0.9 Σ_{x > e} (x − e) = 0.1 Σ_{x < e} (e − x)
+    e = float(v.detach())
+    above, below = values[values > e], values[values < e]
+    assert 0.9 * float((above - e).sum()) == pytest.approx(0.1 * float((e - below).sum()),
+                                                           rel=1e-3)
+    assert e > 2.0
+
+
+def test_iql_actor_weights_are_capped_advantages(goal_batch):
+    torch.manual_seed(0)
+    model = GoalIQL(**TINY, temperature=1000.0, max_weight=7.0)
+    batch = goal_batch(model)
+    loss, metrics = model.actor_loss(batch, with_metrics=True)
+    assert loss.requires_grad and metrics["actor/weight_mean"] <= 7.0
+    model2 = GoalIQL(**TINY, temperature=2.0, temperature_final=6.0,
+                     temperature_anneal_steps=100)
+    model2.env_steps = 50
+    assert model2.temperature() == pytest.approx(4.0)
+
+
+@pytest.mark.parametrize(("cls", "name", "value"), [
+    (GoalIQL, "expectile", 1.0), (GoalIQL, "temperature", 0.0), (GoalIQL, "max_weight", -1.0),
+    (GoalIQL, "temperature_anneal_steps", 0), (GoalTD3BC, "alpha", -1.0),
+    (GoalTD3BC, "policy_delay", 0), (GoalTD3BC, "bc_anneal_steps", 1.5),
+    (GoalTD3BC, "exploration_noise", -0.1)])
+def test_bad_arguments_name_themselves(cls, name, value):
+    with pytest.raises(ValueError, match=name):
+        cls(**{**TINY, name: value})
+
+
+# ----------------------------------------------------------------------------- pre-training
+@pytest.mark.parametrize("cls", [GoalTD3BC, GoalIQL])
+def test_offline_pretraining_learns_the_data_and_resumes_without_repeating(cls, tmp_path,
+                                                                           monkeypatch,
+                                                                           random_dataset):
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    data = random_dataset(PANDA, tmp_path / "panda.npz", episodes=3, steps=10)
+    model = cls(**TINY, **STAGE_COST, pretrain_dataset=str(data), pretrain_updates=40,
+                pretrain_actor=True, checkpoint_buffer=True)
+    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=0, default_root_dir=tmp_path)
+    trainer.fit(model)
+    assert model.offline_actor is not None and model.history[0]["env_steps"] == 0.0
+    assert model.updates == 40 + 2 and model.env_steps == 20
+    assert any(not torch.equal(model.offline_actor[k], v)  # the online updates moved it on
+               for k, v in model.actor.state_dict().items())
+    trainer.save_checkpoint(tmp_path / "last.ckpt")
+    resumed = cls(**TINY, **STAGE_COST, pretrain_dataset=str(data), pretrain_updates=40,
+                  pretrain_actor=True, checkpoint_buffer=True)
+    trainer = L.Trainer(max_steps=2, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=0, default_root_dir=tmp_path)
+    trainer.fit(resumed, ckpt_path=tmp_path / "last.ckpt")
+    assert resumed.updates == 42 + 2  # no second pre-training
+    assert len(resumed.history) == 1 and resumed.env_steps == 40
+    for k, v in model.offline_actor.items():
+        torch.testing.assert_close(resumed.offline_actor[k], v)
+
+
+def test_td3bc_without_its_q_term_clones_the_data():
+    """With ``alpha = 0`` the actor's loss is behaviour cloning alone: 600 updates recover an
+    expert's actions on held-out states (a broken actor update cannot)."""
+    torch.manual_seed(0)
+    model = GoalTD3BC(**{**TINY, "batch_size": 64, "actor_lr": 3e-3}, alpha=0.0, bc_weight=1.0)
+    _attach_optimizer(model)
+    W = torch.randn(7, model.state_dim + model.goal_dim) * 0.3
+
+    def expert(obs, goal):
+        return torch.tanh(torch.cat([obs, goal], -1) @ W.T)
+
+    obs, goal = torch.randn(512, model.state_dim), torch.rand(512, 3)
+    model._batch = lambda: {"observation": obs[idx], "next_observation": obs[idx],
+                            "action": expert(obs[idx], goal[idx]), "goal": goal[idx],
+                            "next_goal": goal[idx], "future_goal": goal[idx],
+                            "desired_goal": goal[idx],
+                            "terminal": torch.zeros(64, dtype=torch.bool)}
+    for _ in range(600):
+        idx = torch.randint(0, 512, (64,))  # the batch's rows
+        model.update(last=False, lightning_step=False)
+    test_obs, test_goal = torch.randn(256, model.state_dim), torch.rand(256, 3)
+    with torch.no_grad():
+        want = expert(test_obs, test_goal)
+        err = (model.actor.mode(test_obs, test_goal) - want).abs().mean()
+    assert err < 0.15 < 0.5 < want.abs().mean()  # far from what the zero action scores
+
+
+# ----------------------------------------------------------------------------- configs
+@pytest.mark.parametrize("config", ["panda_td3bc.yaml", "panda_iql.yaml"])
+def test_offline_to_online_configs_fast_dev_run(config, tmp_path, monkeypatch, random_dataset):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.argv", ["lightning"])
+    data = random_dataset(PANDA, tmp_path / "panda.npz", episodes=2, steps=6)
+    cli.main(["fit", "--config", config, "--trainer.fast_dev_run=true",
+              f"--model.init_args.pretrain_dataset={data}",
+              "--model.init_args.pretrain_updates=3", "--model.init_args.num_envs=2",
+              "--model.init_args.env_steps_per_iteration=20",
+              "--model.init_args.env_steps_per_update=10",
+              "--model.init_args.batch_size=8", "--model.init_args.width=32",
+              "--model.init_args.env_kwargs.max_episode_steps=10",
+              "--model.init_args.to_expert_baseline=false",
+              "--model.init_args.eval_episodes=1", "--model.init_args.report_episodes=1",
+              "--model.init_args.video_episodes=0"])
+    report = json.loads(next(tmp_path.glob("**/report.json")).read_text())
+    assert {"final policy", "offline policy (pre-trained)"} <= set(report["results"])
+    assert report["env_steps"] == 20
+    assert np.isfinite(report["results"]["final policy"]["final_distance"])
+
+
+# ----------------------------------------------------------------------------- network inputs
+def test_goal_inputs_relative_goal_and_frozen_statistics():
+    from diffto.learning.goal_inputs import GoalInputs
+
+    torch.manual_seed(0)
+    inputs = GoalInputs(5, 3, relative_goal_dims=3, normalize=True)
+    obs, goal = torch.randn(400, 5) * 3 + 1, torch.rand(400, 3)
+    obs[:, 0] = 2.0  # a constant feature keeps sigma = 1
+    x = inputs.features(obs, goal)
+    torch.testing.assert_close(x[:, 8:], goal - obs[:, 2:])
+    torch.testing.assert_close(inputs(obs, goal), x)  # not fitted yet: raw features
+    assert inputs.needs_fit
+    inputs.fit(obs, goal)
+    y = inputs(obs, goal)
+    torch.testing.assert_close(y[:, 1:].mean(0), torch.zeros(10), atol=1e-5, rtol=0)
+    torch.testing.assert_close(y[:, 1:].std(0), torch.ones(10), atol=1e-5, rtol=0)
+    assert float(inputs.std[0]) == 1.0 and not inputs.needs_fit
+    restored = GoalInputs(5, 3, relative_goal_dims=3, normalize=True)
+    restored.load_state_dict(inputs.state_dict())  # checkpoints carry the statistics
+    torch.testing.assert_close(restored(obs, goal), y)
+    with pytest.raises(ValueError, match="relative_goal_dims"):
+        GoalInputs(2, 3, relative_goal_dims=3)
+
+
+def test_one_set_of_inputs_for_actor_critics_and_target_actor(random_dataset, tmp_path,
+                                                              goal_batch):
+    torch.manual_seed(0)
+    data = random_dataset(PANDA, tmp_path / "panda.npz", episodes=2, steps=6)
+    model = GoalTD3BC(**TINY, achieved_in_state=True, relative_goal=True, normalize_inputs=True,
+                      pretrain_dataset=str(data), pretrain_updates=2, pretrain_actor=True)
+    assert model.state_dim == 14 + 3 and model.actor.inputs.out_dim == 17 + 3 + 3
+    assert model.actor_target.inputs is model.actor.inputs
+    _attach_optimizer(model)
+    model._start_task(0)
+    model.pretrain()  # the first update fits the statistics on the dataset's episodes
+    assert bool(model.actor.inputs.fitted)
+    batch = goal_batch(model, 8)
+    batch["observation"][:, -3:] = batch["desired_goal"]  # at the goal: relative goal 0
+    x = model.actor.inputs.features(batch["observation"], batch["desired_goal"])
+    assert torch.all(x[:, -3:] == 0)
+    obs = {"observation": np.zeros((1, 14)), "achieved_goal": np.ones((1, 3))}
+    np.testing.assert_array_equal(model._states(obs)["observation"][0, 14:], np.ones(3))
+    model.teardown("fit")
+    with pytest.raises(ValueError, match="relative_goal"):
+        GoalTD3BC(**TINY, relative_goal=True)
+
+
+def test_zero_initialized_actor_acts_with_zeros():
+    torch.manual_seed(0)
+    model = GoalIQL(**TINY, zero_init_actor=True)
+    action = model.act(np.random.default_rng(0).normal(size=(4, 14)), np.ones((4, 3)))
+    assert action.shape == (4, 7) and np.all(action == 0.0)
+    assert not np.all(GoalIQL(**TINY).act(np.ones((2, 14)), np.ones((2, 3))) == 0.0)
