@@ -90,12 +90,15 @@ class Evaluation:
     timing: dict[str, float] = field(default_factory=dict)
     extras: dict[str, float] = field(default_factory=dict)
     time_at_goal: np.ndarray | None = None
+    violations: np.ndarray | None = None  # constraint violations per episode (env's count)
 
     def summary(self) -> dict[str, float]:
         """Means over episodes: ``success`` (rate, at the last step), ``success_any`` (rate,
         at any step), ``final_distance``, ``steps_to_success`` (over the episodes that
         succeeded at some step; NaN if none), ``return``, ``cost`` and ``time_at_goal`` (where
-        recorded), plus the timings and extras."""
+        recorded), ``violations`` (constraint violations per episode, summed over steps from
+        the env's ``info["violations"]``, where it reports them), plus the timings and
+        extras."""
         reached = self.steps_to_success[np.isfinite(self.steps_to_success)]
         out = {
             "episodes": float(len(self.seeds)),
@@ -109,6 +112,8 @@ class Evaluation:
             out["cost"] = float(np.mean(self.cost))
         if self.time_at_goal is not None:
             out["time_at_goal"] = float(np.mean(self.time_at_goal))
+        if self.violations is not None:
+            out["violations"] = float(np.mean(self.violations))
         out.update(self.timing)
         out.update(self.extras)
         return out
@@ -126,6 +131,7 @@ class Evaluation:
             "timing": self.timing,
             "extras": self.extras,
             "time_at_goal": None if self.time_at_goal is None else self.time_at_goal.tolist(),
+            "violations": None if self.violations is None else self.violations.tolist(),
         }
         return d
 
@@ -144,6 +150,8 @@ class Evaluation:
             extras=dict(d.get("extras", {})),
             time_at_goal=(None if d.get("time_at_goal") is None
                           else np.asarray(d["time_at_goal"], float)),
+            violations=(None if d.get("violations") is None
+                        else np.asarray(d["violations"], float)),
         )
 
 
@@ -237,8 +245,8 @@ def rollout_episodes(
         success = np.array([bool(info.get("is_success", False)) for _, info in first])
         distance = np.array([_distance(o, info) for o, info in first])
         steps_to = np.full(B, np.nan)
-        ret, cost = np.zeros(B), np.zeros(B)
-        has_cost = False
+        ret, cost, violations = np.zeros(B), np.zeros(B), np.zeros(B)
+        has_cost = has_violations = False
         length = np.zeros(B, int)
         at_goal = np.zeros(B, int)
         unwrapped = [env.unwrapped for env in envs]
@@ -268,6 +276,9 @@ def rollout_episodes(
                 if "cost" in info:
                     cost[i] += float(info["cost"])
                     has_cost = True
+                if "violations" in info:
+                    violations[i] += float(info["violations"])
+                    has_violations = True
                 length[i] += 1
                 success[i] = bool(info.get("is_success", False))
                 distance[i] = _distance(o, info)
@@ -290,7 +301,8 @@ def rollout_episodes(
             env.close()
     result = Evaluation(seeds, success, distance, steps_to, ret, length,
                         cost if has_cost else None,
-                        time_at_goal=at_goal / np.maximum(length, 1))
+                        time_at_goal=at_goal / np.maximum(length, 1),
+                        violations=violations if has_violations else None)
     return result, frames
 
 

@@ -868,6 +868,11 @@ class GoalOffPolicy(L.LightningModule):
             lines.append(f"| {name} | {s['success_any']:.2f} | {s['success']:.2f} | "
                          f"{s.get('time_at_goal', float('nan')):.2f} | "
                          f"{s['final_distance']:.3f} |")
+        if any("violations" in s for s in rows.values()):  # the env counts constraint violations
+            lines[2] = lines[2] + " constraint violations per episode |"
+            lines[3] = lines[3] + "---|"
+            for i, s in enumerate(rows.values()):
+                lines[4 + i] += f" {s.get('violations', float('nan')):.1f} |"
         table = "\n".join(lines) + "\n"
         payload = {"env_id": hp.env_id, "env_kwargs": self.task_env_kwargs(
             max(self._task_index, 0)), "episodes": n, "env_steps": self.env_steps,

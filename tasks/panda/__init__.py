@@ -8,6 +8,11 @@
 - :class:`PandaReachEnv` (gymnasium id ``diffto/PandaReach-v0``): goal-conditioned torque-level
   reaching at 50 Hz with optional model mismatch.
 - :class:`PandaReachExpert`: its MPC expert (box-DDP over ``MujocoDynamics``, flange cost).
+- :class:`PandaBaseController`: operational-space control on the nominal model (0.1 ms), and
+  :class:`PandaResidualReachEnv` (``diffto/PandaResidualReach-v0``): the reach task whose
+  action is a residual on top of it.
+- :class:`PandaSafetyFilter`, :class:`PandaConstraintSet`: the safety filter behind the reach
+  env's ``safety_filter`` option (joint position and velocity limits, a flange workspace box).
 """
 
 from diffto.tasks.panda.base_controller import PandaBaseController
@@ -29,8 +34,10 @@ from diffto.tasks.panda.model import (
     model_xml,
     set_payload,
 )
+from diffto.tasks.panda.obstacle_env import PandaObstacleReachEnv, keep_out_penetration
 from diffto.tasks.panda.reach_env import PandaReachEnv, RenderingUnavailableError, goal_distance
 from diffto.tasks.panda.residual_env import PandaResidualReachEnv
+from diffto.tasks.panda.safety_filter import FilterResult, PandaConstraintSet, PandaSafetyFilter
 
 __all__ = [
     # model
@@ -56,7 +63,12 @@ __all__ = [
     "RenderingUnavailableError",
     "goal_distance",
     "PandaResidualReachEnv",
+    "PandaObstacleReachEnv",
+    "keep_out_penetration",
     "PandaBaseController",
+    "PandaConstraintSet",
+    "PandaSafetyFilter",
+    "FilterResult",
     # expert
     "PandaReachExpert",
 ]

@@ -38,6 +38,24 @@ range drawn uniformly at every reset from the seeded ``np_random``)
     it (same gravity compensation and timestep), e.g. for ``MujocoDynamics`` in an MPC;
     ``env.unwrapped.model`` is the env's own copy with the mismatch of the current episode.
 
+Safety (constraint violations and an optional safety filter)
+    Every step counts which constraint classes the new state violates, against a
+    :class:`~diffto.tasks.panda.safety_filter.PandaConstraintSet` (``safety_constraints``, a
+    dict of its options; by default joint positions 0.05 rad inside the joint ranges, Franka's
+    published joint velocity limits, and a flange workspace box around the goal region):
+    ``info["violations"]`` is an int from 0 to 3 (joint position, joint velocity, workspace),
+    checked at the control steps. ``safety_filter=True`` (or a dict of
+    :class:`~diffto.tasks.panda.safety_filter.PandaSafetyFilter` options) passes every action
+    through a safety filter first: the closest action keeping discrete-time CBF conditions of
+    that set over the next step, predicted with the nominal model (it does not know the
+    episode's mismatch). ``info["filtered"]`` says whether it changed the (clipped) action,
+    ``info["action_correction"]`` by how much (Euclidean norm, action units),
+    ``info["filter_infeasible"]`` whether it found no action keeping every condition and used
+    the one with the smallest shortfall. The filter costs about 1 ms per step where it changes
+    the action and one nominal MuJoCo step where it does not. With the filter off (default)
+    the dynamics are unchanged, ``filtered`` is ``False`` and ``action_correction`` 0; the
+    constraint set is the same either way, so violations compare.
+
 Rendering
     ``render_mode="rgb_array"`` renders the fixed camera ``"overview"`` with the goal as a red
     sphere. MuJoCo picks its GL back-end when first imported (``MUJOCO_GL``; ``osmesa`` or
@@ -68,6 +86,7 @@ from diffto.tasks.panda.model import (
     load_model,
     set_payload,
 )
+from diffto.tasks.panda.safety_filter import PandaConstraintSet, PandaSafetyFilter
 from diffto.tasks.rendering import RenderingUnavailableError, make_renderer
 
 __all__ = ["PandaReachEnv", "RenderingUnavailableError", "goal_distance"]
@@ -144,11 +163,18 @@ class PandaReachEnv(gym.Env):
         payload_mass: kg, value or ``(low, high)``; see the module docstring.
         frictionloss: Nm, value or ``(low, high)``, per joint.
         actuator_gain: torque multiplier, value or ``(low, high)``, per joint.
+        safety_filter: ``None`` or ``False`` (off), ``True`` (on, default options) or a dict of
+            :class:`~diffto.tasks.panda.safety_filter.PandaSafetyFilter` options (on).
+        safety_constraints: ``None`` (defaults) or a dict of
+            :class:`~diffto.tasks.panda.safety_filter.PandaConstraintSet` options: the set whose
+            violations are counted and which the filter enforces.
         width, height: rendered frame size in pixels.
 
     ``info`` from ``reset`` and ``step``: ``is_success`` (bool), ``distance`` (m),
-    ``elapsed_steps``, and from ``reset`` also ``goal_qpos (7,)`` (a configuration whose flange
-    is at the goal), ``payload_mass``, ``frictionloss (7,)``, ``actuator_gain (7,)``.
+    ``elapsed_steps``, ``violations`` (int), ``filtered`` (bool), ``action_correction``
+    (float), ``filter_infeasible`` (bool) (see the module docstring), and from ``reset`` also
+    ``goal_qpos (7,)`` (a configuration whose flange is at the goal), ``payload_mass``,
+    ``frictionloss (7,)``, ``actuator_gain (7,)``.
     """
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 50}
@@ -170,6 +196,8 @@ class PandaReachEnv(gym.Env):
         payload_mass: float | tuple[float, float] = 0.0,
         frictionloss: float | tuple[float, float] = 0.0,
         actuator_gain: float | tuple[float, float] = 1.0,
+        safety_filter: bool | Mapping[str, Any] | None = None,
+        safety_constraints: Mapping[str, Any] | None = None,
         width: int = 480,
         height: int = 480,
     ) -> None:
@@ -199,6 +227,12 @@ class PandaReachEnv(gym.Env):
         self.payload_mass_range = _range("payload_mass", payload_mass)
         self.frictionloss_range = _range("frictionloss", frictionloss)
         self.actuator_gain_range = _range("actuator_gain", actuator_gain, positive=True)
+        self.safety_constraints = PandaConstraintSet.from_options(safety_constraints)
+        if safety_filter is not None and not isinstance(safety_filter, bool | Mapping):
+            raise ValueError(
+                f"safety_filter must be None, a bool or a dict of filter options, got "
+                f"{safety_filter!r}"
+            )
         self.width = _positive("width", width, integer=True)
         self.height = _positive("height", height, integer=True)
         if self.width > _MAX_WIDTH or self.height > _MAX_HEIGHT:
@@ -215,6 +249,12 @@ class PandaReachEnv(gym.Env):
         self._payload = self.model.body(PAYLOAD_BODY).id
         self._nominal_gain = self.model.actuator_gainprm[:, 0].copy()
         self.control_dt = self.substeps * float(self.model.opt.timestep)
+        self.safety_filter: PandaSafetyFilter | None = None
+        if safety_filter is not None and safety_filter is not False:
+            options = {} if safety_filter is True else safety_filter
+            self.safety_filter = PandaSafetyFilter.from_options(
+                self.nominal_model(), self.substeps, self.safety_constraints, options
+            )
         self.metadata = {**self.metadata, "render_fps": round(1.0 / self.control_dt)}
         # Sampling boxes around home, inside the joint limits with a margin.
         self._q_lo = JOINT_LOWER + _JOINT_MARGIN
@@ -321,13 +361,20 @@ class PandaReachEnv(gym.Env):
             raise ValueError(f"action must have shape (7,), got {a.shape}")
         if not np.isfinite(a).all():
             raise ValueError(f"action must be finite, got {a}")
-        self.data.ctrl[:] = np.clip(a, -1.0, 1.0) * TORQUE_LIMITS
+        a = np.clip(a, -1.0, 1.0)
+        filtered, correction, infeasible = False, 0.0, False
+        if self.safety_filter is not None:
+            result = self.safety_filter(self.state, a)
+            a, filtered, correction = result.action, result.filtered, result.correction
+            infeasible = not result.feasible
+        self.data.ctrl[:] = a * TORQUE_LIMITS
         mujoco.mj_step(self.model, self.data, nstep=self.substeps)
         # mj_step leaves positions-derived quantities at the start of its last substep.
         mujoco.mj_kinematics(self.model, self.data)
         self._elapsed += 1
         obs = self._observation()
         info = self._info(obs)
+        info.update(filtered=filtered, action_correction=correction, filter_infeasible=infeasible)
         achieved, desired = obs["achieved_goal"], obs["desired_goal"]
         reward = float(self.compute_reward(achieved, desired, info))
         terminated = bool(self.compute_terminated(achieved, desired, info))
@@ -393,10 +440,17 @@ class PandaReachEnv(gym.Env):
 
     def _info(self, obs: dict[str, np.ndarray]) -> dict[str, Any]:
         distance = float(goal_distance(obs["achieved_goal"], obs["desired_goal"]))
+        violations = self.safety_constraints.violations(
+            self.data.qpos, self.data.qvel, obs["achieved_goal"]
+        )
         return {
             "is_success": distance <= self.distance_threshold,
             "distance": distance,
             "elapsed_steps": self._elapsed,
+            "violations": violations,
+            "filtered": False,
+            "action_correction": 0.0,
+            "filter_infeasible": False,
         }
 
 
