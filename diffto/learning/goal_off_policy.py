@@ -233,6 +233,10 @@ class GoalOffPolicy(L.LightningModule):
                 isinstance(t, dict) for t in task_sequence) or not task_sequence):
             raise ValueError(f"task_sequence must be a non-empty list of env_kwargs overrides "
                              f"(dicts), got {task_sequence!r}")
+        if report_conditions is not None and not (isinstance(report_conditions, dict) and all(
+                isinstance(k, str) and isinstance(v, dict) for k, v in report_conditions.items())):
+            raise ValueError(f"report_conditions must map names to env-kwargs overrides (dicts), "
+                             f"got {report_conditions!r}")
         self.env_kwargs = dict(env_kwargs or {})
         self.eval_overrides = dict(eval_env_kwargs or {})
 

@@ -156,7 +156,7 @@ def test_iql_actor_weights_are_capped_advantages(goal_batch):
     (GoalIQL, "expectile", 1.0), (GoalIQL, "temperature", 0.0), (GoalIQL, "max_weight", -1.0),
     (GoalIQL, "temperature_anneal_steps", 0), (GoalTD3BC, "alpha", -1.0),
     (GoalTD3BC, "policy_delay", 0), (GoalTD3BC, "bc_anneal_steps", 1.5),
-    (GoalTD3BC, "exploration_noise", -0.1)])
+    (GoalTD3BC, "exploration_noise", -0.1), (GoalIQL, "report_conditions", {"a": 1})])
 def test_bad_arguments_name_themselves(cls, name, value):
     with pytest.raises(ValueError, match=name):
         cls(**{**TINY, name: value})
@@ -295,3 +295,21 @@ def test_zero_initialized_actor_acts_with_zeros():
     action = model.act(np.random.default_rng(0).normal(size=(4, 14)), np.ones((4, 3)))
     assert action.shape == (4, 7) and np.all(action == 0.0)
     assert not np.all(GoalIQL(**TINY).act(np.ones((2, 14)), np.ones((2, 3))) == 0.0)
+
+
+def test_residual_config_reports_the_base_alone_and_the_conditions(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.argv", ["lightning"])
+    cli.main(["fit", "--config", "panda_residual_mpc.yaml", "--trainer.fast_dev_run=true",
+              "--model.init_args.num_envs=2", "--model.init_args.env_steps_per_iteration=20",
+              "--model.init_args.env_steps_per_update=10", "--model.init_args.batch_size=8",
+              "--model.init_args.width=32", "--model.init_args.env_kwargs.max_episode_steps=5",
+              "--model.init_args.eval_env_kwargs.max_episode_steps=5",
+              "--model.init_args.eval_episodes=1", "--model.init_args.report_episodes=2",
+              "--model.init_args.video_episodes=0"])
+    report = json.loads(next(tmp_path.glob("**/report.json")).read_text())
+    rows = report["results"]
+    assert {"final policy", "zero action", "final policy, nominal", "zero action, nominal",
+            "final policy, safety filter", "zero action, safety filter"} <= set(rows)
+    assert rows["final policy, safety filter"]["violations"] >= 0.0
+    assert report["env_kwargs"]["payload_mass"] == [0.0, 3.0]  # trained from no mismatch up

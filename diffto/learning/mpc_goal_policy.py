@@ -1,0 +1,414 @@
+"""A policy that steers a differentiable MPC: it picks the MPC's target, the MPC the torques.
+
+The policy ``π_θ(s, g)`` maps the observation (joint state, obstacle) and the task goal ``g``
+to the flange target ``r`` of a differentiable MPC (:class:`~diffto.tasks.panda.target_mpc.
+PandaTargetMPC`: joint torques of the Panda, model linearized about each call's state). The
+MPC's cost knows only ``r``; what it does not know (the keep-out sphere of
+``diffto/PandaObstacleReach-v0``) the policy must handle by moving ``r`` away from ``g``: a
+learned via-point. The network outputs a bounded offset, ``r = g + δ_max tanh(net(·))``, with
+the last layer initialized to zero, so training starts from the MPC aimed straight at the
+goal (the baseline every report compares with).
+
+Training: a differentiable closed-loop model rollout, no environment steps
+    From a batch of episode starts ``(x₀, g, o, ρ)`` (drawn by resetting the environment on the
+    training seeds ``0 … train_configurations − 1``; a reset is not a step), the rollout repeats
+    ``rollout_steps / target_every`` times: ``r_j = π_θ(x, g, o, ρ)``, one MPC solve from ``x``,
+    and the first ``target_every`` planned states become the rollout; the planned state after
+    them starts the next segment (the model is relinearized there). The flange path
+    ``p_k = FK(q_k)`` (exact forward kinematics, ``k = 1 … K``) is scored by
+    :func:`obstacle_reach_loss` and ``∂loss/∂θ`` flows through every MPC solve (implicit
+    backward of :class:`diffto.layers.MPC`) into ``r_j`` and the segment start states.
+
+Closed loop in MuJoCo (validation, report)
+    The same controller in receding horizon on the full simulation: the policy chooses ``r``
+    every ``target_every`` control steps, the MPC replans from the measured state at every
+    control step. ``val/success`` is the env's ``is_success`` at the episode's last step (the
+    goal reached and held, no collision: a collision ends the episode), ``val/collision`` the
+    share of episodes that hit the obstacle.
+
+Timing
+    ``time/mpc_share`` is the share of a training step spent in the MPC layer: its forward
+    solves (timed around the calls) and its backward passes (from the moment the gradient of a
+    plan is complete to the moment the gradient of its target is, read by tensor hooks).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from diffto.learning.goal_evaluation import (
+    _write_json,
+    eval_seeds,
+    make_env_fps,
+    rollout_episodes,
+    save_video,
+)
+from diffto.tasks.panda.model import HOME
+from diffto.tasks.panda.target_mpc import PandaTargetMPC
+from diffto.tasks.registry import make_env
+
+__all__ = ["MPCGoalPolicy", "TargetPolicy", "obstacle_reach_loss"]
+
+OBS_DIM = 18  # [qpos (7); qvel (7); obstacle centre (3); obstacle radius (1)]
+
+
+def obstacle_reach_loss(
+    path: Tensor, goal: Tensor, center: Tensor, radius: Tensor, clearance: float,
+    obstacle_weight: float = 100.0, goal_weight: float = 1.0,
+) -> dict[str, Tensor]:
+    """Loss of flange paths that must reach a goal without entering a sphere.
+
+    ``loss_obstacle = w_o · mean_b Σ_k max(0, ρ_b + clearance − ‖p_bk − o_b‖)²`` (squared
+    penetration of the sphere grown by ``clearance``, summed over the path) and
+    ``loss_goal = w_g · mean_b mean_k (k / k̄) ‖p_bk − g_b‖`` (distance averaged over the path
+    with weights rising linearly in time, ``k̄`` the mean of ``k = 1 … K``: reach soon, and
+    above all be there at the end). Returns those two, their sum ``loss``, and diagnostics ``collision`` (share of
+    rows whose path enters the sphere grown by ``clearance``) and ``final_distance`` (m, mean).
+
+    Args:
+        path: ``(B, K, 3)`` flange positions. goal, center: ``(B, 3)``. radius: ``(B,)``.
+        clearance: metres added to ``radius`` (the flange's own radius plus a margin).
+    """
+    if path.dim() != 3 or path.shape[-1] != 3:
+        raise ValueError(f"path must have shape (B, K, 3), got {tuple(path.shape)}")
+    B = path.shape[0]
+    for name, t, shape in (("goal", goal, (B, 3)), ("center", center, (B, 3)),
+                           ("radius", radius, (B,))):
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+    depth = torch.relu(radius[:, None] + clearance -
+                       torch.linalg.vector_norm(path - center[:, None], dim=-1))  # (B, K)
+    distance = torch.linalg.vector_norm(path - goal[:, None], dim=-1)  # (B, K)
+    loss_obstacle = obstacle_weight * (depth ** 2).sum(1).mean()
+    ramp = torch.arange(1, path.shape[1] + 1, dtype=path.dtype, device=path.device)
+    loss_goal = goal_weight * (distance * (ramp / ramp.mean())).mean()
+    return {"loss": loss_obstacle + loss_goal, "loss_obstacle": loss_obstacle,
+            "loss_goal": loss_goal, "collision": (depth > 0).any(1).float().mean().detach(),
+            "final_distance": distance[:, -1].mean().detach()}
+
+
+class TargetPolicy(nn.Module):
+    """``r = g + δ_max tanh(net([q − q_home; v; p; g − p; o − p; ρ]))``: the MPC's flange
+    target from the observation ``(B, 18)``, the goal ``(B, 3)`` and the flange position
+    ``p (B, 3)``; the last layer starts at zero (``r = g``)."""
+
+    def __init__(self, hidden: tuple[int, ...] = (128, 128), max_offset: float = 0.3) -> None:
+        super().__init__()
+        if not max_offset > 0:
+            raise ValueError(f"max_offset must be > 0 (m), got {max_offset!r}")
+        if not hidden or any(int(h) < 1 for h in hidden):
+            raise ValueError(f"hidden must be a non-empty list of positive widths, got {hidden}")
+        layers: list[nn.Module] = []
+        width = 24
+        for h in hidden:
+            layers += [nn.Linear(width, int(h)), nn.Tanh()]
+            width = int(h)
+        last = nn.Linear(width, 3)
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
+        self.net = nn.Sequential(*layers, last)
+        self.max_offset = float(max_offset)
+        self.register_buffer("home", torch.tensor(np.array(HOME), dtype=torch.float32))
+
+    def forward(self, observation: Tensor, goal: Tensor, flange: Tensor) -> Tensor:
+        if observation.dim() != 2 or observation.shape[-1] != OBS_DIM:
+            raise ValueError(f"observation must have shape (B, {OBS_DIM}) = [qpos; qvel; "
+                             f"obstacle centre; obstacle radius], got {tuple(observation.shape)}")
+        B = observation.shape[0]
+        if goal.shape != (B, 3) or flange.shape != (B, 3):
+            raise ValueError(f"goal and flange must have shape (B, 3) = ({B}, 3), got "
+                             f"{tuple(goal.shape)} and {tuple(flange.shape)}")
+        q, v = observation[:, :7], observation[:, 7:14]
+        center, radius = observation[:, 14:17], observation[:, 17:]
+        features = torch.cat([q - self.home.to(q), v, flange, goal - flange, center - flange,
+                              radius], -1)
+        return goal + self.max_offset * torch.tanh(self.net(features))
+
+
+class MPCGoalPolicy(L.LightningModule):
+    """Train a :class:`TargetPolicy` through a :class:`PandaTargetMPC` (see the module
+    docstring).
+
+    Args:
+        env_id, env_kwargs: the environment (dict observations whose ``observation`` is
+            ``[qpos; qvel; obstacle centre; obstacle radius]``, e.g.
+            ``diffto/PandaObstacleReach-v0``); its episodes give the training starts and the
+            validation episodes.
+        horizon, position_weight, velocity_weight, control_weight, posture_weight,
+            terminal_weight: the MPC's (:class:`PandaTargetMPC`).
+        target_every: control steps a target is held (and, in training, planned open loop
+            before the model is relinearized); at most ``horizon``.
+        rollout_steps: control steps of the training rollout (a multiple of ``target_every``).
+        hidden, max_offset: the policy network's widths and its largest offset (m) per axis.
+        batch_size: episode starts per training step.
+        train_configurations: episode starts drawn once from seeds ``0 …`` (an epoch).
+        lr: Adam's learning rate.
+        margin: metres beyond the keep-out sphere (radius + the env's ``flange_radius``) the
+            training loss keeps the path.
+        obstacle_weight, goal_weight: see :func:`obstacle_reach_loss`.
+        eval_episodes: held-out episodes per validation (seeds ``EVAL_SEED_BASE + j``).
+        report_episodes: episodes of the end-of-fit report, seeded after the validation ones
+            (``0``: no report).
+        video_episodes: episodes of the learned policy rendered into ``final.mp4``.
+        dtype: of the MPC solves and the policy in training.
+    """
+
+    def __init__(
+        self,
+        env_id: str = "diffto/PandaObstacleReach-v0",
+        env_kwargs: dict[str, Any] | None = None,
+        horizon: int = 20,
+        position_weight: float = 100.0,
+        velocity_weight: float = 1.0,
+        control_weight: float = 0.1,
+        posture_weight: float = 0.1,
+        terminal_weight: float = 5.0,
+        target_every: int = 10,
+        rollout_steps: int = 100,
+        hidden: list[int] | None = None,
+        max_offset: float = 0.3,
+        batch_size: int = 32,
+        train_configurations: int = 2048,
+        lr: float = 1e-3,
+        margin: float = 0.02,
+        obstacle_weight: float = 100.0,
+        goal_weight: float = 1.0,
+        eval_episodes: int = 16,
+        report_episodes: int = 50,
+        video_episodes: int = 2,
+        dtype: Literal["float32", "float64"] = "float32",
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        for name, value in (("target_every", target_every), ("rollout_steps", rollout_steps),
+                            ("batch_size", batch_size),
+                            ("train_configurations", train_configurations),
+                            ("eval_episodes", eval_episodes)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        for name, value in (("report_episodes", report_episodes),
+                            ("video_episodes", video_episodes)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+        if target_every > horizon:
+            raise ValueError(f"target_every must be <= horizon ({horizon}): a target is held "
+                             f"along one plan, got {target_every}")
+        if rollout_steps % target_every:
+            raise ValueError(f"rollout_steps must be a multiple of target_every "
+                             f"({target_every}), got {rollout_steps}")
+        if dtype not in ("float32", "float64"):
+            raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
+        for name, value in (("lr", lr), ("obstacle_weight", obstacle_weight),
+                            ("goal_weight", goal_weight)):
+            if not value > 0:
+                raise ValueError(f"{name} must be > 0, got {value!r}")
+        if not margin >= 0:
+            raise ValueError(f"margin must be >= 0 (m), got {margin!r}")
+        self.mpc = PandaTargetMPC(horizon, position_weight=position_weight,
+                                  velocity_weight=velocity_weight, control_weight=control_weight,
+                                  posture_weight=posture_weight, terminal_weight=terminal_weight)
+        self.policy = TargetPolicy(tuple(hidden or (128, 128)), max_offset)
+        self._dtype = getattr(torch, dtype)
+        self.policy.to(self._dtype)
+        env = make_env(env_id, env_kwargs)
+        try:
+            obs_space = env.observation_space["observation"]
+            self.flange_radius = float(getattr(env.unwrapped, "flange_radius", 0.0))
+            self.control_dt = float(getattr(env.unwrapped, "control_dt", 0.02))
+        finally:
+            env.close()
+        if obs_space.shape != (OBS_DIM,):
+            raise ValueError(f"env_id {env_id!r} must observe [qpos; qvel; obstacle centre; "
+                             f"obstacle radius] ({OBS_DIM},), got {obs_space.shape}")
+        if abs(self.control_dt - self.mpc.control_dt) > 1e-12:
+            raise ValueError(f"the env's control step {self.control_dt} s must be the MPC's "
+                             f"{self.mpc.control_dt} s (env_kwargs substeps)")
+        self._starts: TensorDataset | None = None
+        self._timer: dict[str, float] = {}
+        self.wall_time = 0.0
+
+    # ------------------------------------------------------------------ data
+    def episode_starts(self, seeds: range | list[int]) -> TensorDataset:
+        """``(observation (N, 18), goal (N, 3))`` of the env's episodes reset on ``seeds``."""
+        env = make_env(self.hparams.env_id, self.hparams.env_kwargs)
+        try:
+            obs = [env.reset(seed=int(s))[0] for s in seeds]
+        finally:
+            env.close()
+        return TensorDataset(torch.as_tensor(np.stack([o["observation"] for o in obs])),
+                             torch.as_tensor(np.stack([o["desired_goal"] for o in obs])))
+
+    def train_dataloader(self) -> DataLoader:
+        if self._starts is None:
+            self._starts = self.episode_starts(range(self.hparams.train_configurations))
+        return DataLoader(self._starts, batch_size=self.hparams.batch_size, shuffle=True,
+                          drop_last=len(self._starts) >= self.hparams.batch_size)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader([0], batch_size=1)  # one validation step runs every episode
+
+    # ------------------------------------------------------------------ the rollout
+    def target(self, observation: Tensor, goal: Tensor) -> Tensor:
+        """The policy's flange target ``(B, 3)`` for ``observation (B, 18)``, ``goal (B, 3)``."""
+        flange = self.mpc.flange(observation[:, :7].to(torch.float64)).to(observation.dtype)
+        return self.policy(observation, goal, flange)
+
+    def rollout(self, observation: Tensor, goal: Tensor) -> Tensor:
+        """Differentiable closed-loop model rollout from episode starts; flange path
+        ``(B, rollout_steps, 3)`` (see the module docstring)."""
+        hp = self.hparams
+        obs = observation.to(self._dtype)
+        goal = goal.to(self._dtype)
+        x, obstacle = obs[:, :14], obs[:, 14:]
+        path = []
+        for _ in range(hp.rollout_steps // hp.target_every):
+            r = self.target(torch.cat([x, obstacle], -1), goal)
+            t0 = time.perf_counter()
+            sol = self.mpc(x, r)
+            self._timer["mpc_forward"] += time.perf_counter() - t0
+            if r.requires_grad:
+                self._time_backward(sol.x, r)
+            states = sol.x[:, 1:hp.target_every + 1]  # (B, R, 14)
+            path.append(self.mpc.flange(states.to(torch.float64)).to(self._dtype))
+            x = sol.x[:, hp.target_every]
+        return torch.cat(path, 1)
+
+    def _time_backward(self, plan: Tensor, target: Tensor) -> None:
+        marks: dict[str, float] = {}
+
+        def plan_ready(grad: Tensor) -> None:
+            marks["start"] = time.perf_counter()
+
+        def target_ready(grad: Tensor) -> None:
+            if "start" in marks:
+                self._timer["mpc_backward"] += time.perf_counter() - marks.pop("start")
+
+        plan.register_hook(plan_ready)
+        target.register_hook(target_ready)
+
+    def losses(self, batch: tuple[Tensor, Tensor]) -> dict[str, Tensor]:
+        """:func:`obstacle_reach_loss` of the rollout from a batch of episode starts."""
+        observation, goal = batch
+        path = self.rollout(observation, goal)
+        obs = observation.to(path.dtype)
+        return obstacle_reach_loss(path, goal.to(path.dtype), obs[:, 14:17], obs[:, 17],
+                                   self.flange_radius + self.hparams.margin,
+                                   self.hparams.obstacle_weight, self.hparams.goal_weight)
+
+    # ------------------------------------------------------------------ training
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._timer = {"start": time.perf_counter(), "mpc_forward": 0.0, "mpc_backward": 0.0}
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        out = self.losses(batch)
+        B = batch[0].shape[0]
+        self.log_dict({f"train/{k}": v.detach() for k, v in out.items()}, batch_size=B,
+                      prog_bar=False, on_step=True, on_epoch=False)
+        self.log("train/plan_collision", out["collision"], prog_bar=True, batch_size=B)
+        return out["loss"]
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        step = time.perf_counter() - self._timer["start"]
+        self.wall_time += step
+        mpc = self._timer["mpc_forward"] + self._timer["mpc_backward"]
+        self.log_dict({"time/step_s": step, "time/mpc_forward_s": self._timer["mpc_forward"],
+                       "time/mpc_backward_s": self._timer["mpc_backward"],
+                       "time/mpc_share": mpc / step, "time/train_s": self.wall_time},
+                      on_step=True, on_epoch=False, batch_size=1)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.policy.parameters(), lr=self.hparams.lr)
+
+    # ------------------------------------------------------------------ closed loop
+    def evaluate(self, episodes: int, offset: int = 0, video_episodes: int = 0,
+                 direct: bool = False) -> tuple[dict[str, float], list[np.ndarray]]:
+        """Closed-loop episodes in the environment (seeds ``EVAL_SEED_BASE + offset + j``);
+        ``direct``: the MPC aimed at the goal (no policy). Returns the summary (with
+        ``collision``, the share of episodes that hit the obstacle) and video frames."""
+        hp = self.hparams
+        state: dict[str, Any] = {"k": 0, "target": None, "envs": []}
+
+        @torch.no_grad()
+        def controller(observation: np.ndarray, goal: np.ndarray, envs: list) -> np.ndarray:
+            state["envs"] = envs
+            if state["k"] % hp.target_every == 0:
+                obs = torch.as_tensor(observation, dtype=self._dtype)
+                g = torch.as_tensor(goal, dtype=self._dtype)
+                state["target"] = goal if direct else self.target(obs, g).double().numpy()
+            state["k"] += 1
+            return self.mpc.act(observation[:, :14], state["target"])
+
+        was_training = self.training
+        self.eval()
+        try:
+            result, frames = rollout_episodes(controller, hp.env_id, eval_seeds(episodes, offset),
+                                              hp.env_kwargs, video_episodes=video_episodes)
+        finally:
+            self.train(was_training)
+        summary = result.summary()
+        summary["collision"] = float(np.mean([bool(getattr(e, "collided", False))
+                                              for e in state["envs"]]))
+        return summary, frames
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        s, _ = self.evaluate(self.hparams.eval_episodes)
+        self.log_dict({"val/success": s["success"], "val/success_any": s["success_any"],
+                       "val/collision": s["collision"], "val/final_distance": s["final_distance"],
+                       "val/train_s": self.wall_time}, prog_bar=True, batch_size=1)
+
+    # ------------------------------------------------------------------ the report
+    def on_fit_end(self) -> None:
+        if self.trainer.is_global_zero and self.hparams.report_episodes > 0:
+            self.write_report(Path(self.trainer.log_dir or self.trainer.default_root_dir))
+
+    def write_report(self, out: Path) -> dict[str, Any]:
+        """The learned policy (final and best checkpoints) next to the MPC aimed straight at
+        the goal, on ``report_episodes`` held-out episodes seeded after the validation ones;
+        ``report.json``, ``report.md`` and ``final.mp4``."""
+        hp = self.hparams
+        n, offset = hp.report_episodes, hp.eval_episodes
+        rows: dict[str, dict[str, float]] = {"direct MPC (target = goal)": self.evaluate(
+            n, offset, direct=True)[0]}
+        best_path = None
+        for cb in self.trainer.checkpoint_callbacks:
+            path = getattr(cb, "best_model_path", "")
+            if getattr(cb, "monitor", None) == "val/success" and path and Path(path).exists():
+                best_path = path
+        if best_path is not None:
+            saved = {k: v.clone() for k, v in self.policy.state_dict().items()}
+            ckpt = torch.load(best_path, map_location="cpu", weights_only=False)
+            self.load_state_dict(ckpt["state_dict"])
+            rows["learned target, best checkpoint"] = self.evaluate(n, offset)[0]
+            self.policy.load_state_dict(saved)
+        rows["learned target, final"], frames = self.evaluate(n, offset, hp.video_episodes)
+        video = None
+        if frames:
+            fps = make_env_fps(hp.env_id, dict(hp.env_kwargs or {}))
+            video = str(save_video(frames, out / "final.mp4", fps=int(fps)))
+        lines = [f"### MPCGoalPolicy on {hp.env_id}: {n} held-out episodes, "
+                 f"{self.global_step} training steps ({self.wall_time / 60:.1f} min, no "
+                 f"environment steps)", "",
+                 "| controller | success (last step) | success (any step) | collision | "
+                 "final distance (m) | steps to success |", "|---|---|---|---|---|---|"]
+        for name, s in rows.items():
+            lines.append(f"| {name} | {s['success']:.2f} | {s['success_any']:.2f} | "
+                         f"{s['collision']:.2f} | {s['final_distance']:.3f} | "
+                         f"{s['steps_to_success']:.1f} |")
+        payload = {"env_id": hp.env_id, "env_kwargs": hp.env_kwargs, "episodes": n,
+                   "seeds": eval_seeds(n, offset), "env_steps": 0,
+                   "training_steps": int(self.global_step), "training_time_s": self.wall_time,
+                   "best_checkpoint": best_path, "video": video, "results": rows}
+        out.mkdir(parents=True, exist_ok=True)
+        _write_json(out / "report.json", payload)
+        (out / "report.md").write_text("\n".join(lines) + "\n")
+        rank_zero_info("\n".join(lines))
+        return payload
