@@ -45,6 +45,7 @@ __all__ = [
 ENVIRONMENTS: dict[str, str] = {
     "diffto/Go2Tracking-v0": "diffto.tasks.go2.env:Go2TrackingEnv",
     "diffto/Metaworld-v0": "diffto.tasks.metaworld.goal_env:MetaworldGoalEnv",
+    "diffto/PandaObstacleReach-v0": "diffto.tasks.panda.obstacle_env:PandaObstacleReachEnv",
     "diffto/PandaReach-v0": "diffto.tasks.panda.reach_env:PandaReachEnv",
     "diffto/PandaResidualReach-v0": "diffto.tasks.panda.residual_env:PandaResidualReachEnv",
     "diffto/PendulumSwingUp-v0": "diffto.tasks.classic.swingup_env:PendulumSwingUpEnv",

@@ -1,35 +1,39 @@
 """A policy that steers a differentiable MPC: it picks the MPC's target, the MPC the torques.
 
-The policy ``π_θ(s, g)`` maps the observation (joint state, obstacle) and the task goal ``g``
-to the flange target ``r`` of a differentiable MPC (:class:`~diffto.tasks.panda.target_mpc.
-PandaTargetMPC`: joint torques of the Panda, model linearized about each call's state). The
-MPC's cost knows only ``r``; what it does not know (the keep-out sphere of
-``diffto/PandaObstacleReach-v0``) the policy must handle by moving ``r`` away from ``g``: a
-learned via-point. The network outputs a bounded offset, ``r = g + δ_max tanh(net(·))``, with
-the last layer initialized to zero, so training starts from the MPC aimed straight at the
-goal (the baseline every report compares with).
+The policy ``π_θ(s₀, g)`` maps the first observation of an episode (joint state, obstacle)
+and the task goal ``g`` to a via-point ``w``, the flange target of a differentiable MPC
+(:class:`~diffto.tasks.panda.target_mpc.PandaTargetMPC`: joint torques of the Panda, model
+linearized about each call's state). The MPC's target is ``w`` for the first ``via_steps``
+control steps and the goal after them. The MPC's cost knows only its target; what it does
+not know (the keep-out sphere of ``diffto/PandaObstacleReach-v0``) the policy must handle by
+placing ``w`` away from the path to ``g``. The network outputs a bounded offset,
+``w = g + δ_max tanh(net(·))``, with the last layer initialized to zero, so training starts
+from the MPC aimed straight at the goal (the baseline every report compares with).
 
 Training: a differentiable closed-loop model rollout, no environment steps
     From a batch of episode starts ``(x₀, g, o, ρ)`` (drawn by resetting the environment on the
     training seeds ``0 … train_configurations − 1``; a reset is not a step), the rollout repeats
-    ``rollout_steps / target_every`` times: ``r_j = π_θ(x, g, o, ρ)``, one MPC solve from ``x``,
-    and the first ``target_every`` planned states become the rollout; the planned state after
-    them starts the next segment (the model is relinearized there). The flange path
-    ``p_k = FK(q_k)`` (exact forward kinematics, ``k = 1 … K``) is scored by
+    ``rollout_steps / target_every`` times: the target ``r_j`` of the schedule
+    (``w = π_θ(x₀, g, o, ρ)`` while ``j · target_every < via_steps``, else ``g``), one MPC
+    solve from ``x``, and the first ``target_every`` planned states become the rollout; the
+    planned state after them starts the next segment (the model is relinearized there). The
+    flange path ``p_k = FK(q_k)`` (exact forward kinematics, ``k = 1 … K``) is scored by
     :func:`obstacle_reach_loss` and ``∂loss/∂θ`` flows through every MPC solve (implicit
-    backward of :class:`diffto.layers.MPC`) into ``r_j`` and the segment start states.
+    backward of :class:`diffto.layers.MPC`) into ``w`` and the segment start states.
 
 Closed loop in MuJoCo (validation, report)
-    The same controller in receding horizon on the full simulation: the policy chooses ``r``
-    every ``target_every`` control steps, the MPC replans from the measured state at every
-    control step. ``val/success`` is the env's ``is_success`` at the episode's last step (the
-    goal reached and held, no collision: a collision ends the episode), ``val/collision`` the
-    share of episodes that hit the obstacle.
+    The same controller in receding horizon on the full simulation: the policy chooses ``w``
+    from the episode's first observation, the MPC replans from the measured state at every
+    control step towards ``w`` (steps ``k < via_steps``) or ``g``. ``val/success`` is the
+    env's ``is_success`` at the episode's last step (the goal reached and held, no collision:
+    a collision ends the episode), ``val/collision`` the share of episodes that hit the
+    obstacle.
 
 Timing
     ``time/mpc_share`` is the share of a training step spent in the MPC layer: its forward
     solves (timed around the calls) and its backward passes (from the moment the gradient of a
-    plan is complete to the moment the gradient of its target is, read by tensor hooks).
+    plan is complete to the moment the gradient of its target (or, where the target is the
+    goal, of its initial state) is, read by tensor hooks).
 """
 
 from __future__ import annotations
@@ -71,8 +75,9 @@ def obstacle_reach_loss(
     penetration of the sphere grown by ``clearance``, summed over the path) and
     ``loss_goal = w_g · mean_b mean_k (k / k̄) ‖p_bk − g_b‖`` (distance averaged over the path
     with weights rising linearly in time, ``k̄`` the mean of ``k = 1 … K``: reach soon, and
-    above all be there at the end). Returns those two, their sum ``loss``, and diagnostics ``collision`` (share of
-    rows whose path enters the sphere grown by ``clearance``) and ``final_distance`` (m, mean).
+    above all be there at the end). Returns those two, their sum ``loss``, and diagnostics
+    ``collision`` (share of rows whose path enters the sphere grown by ``clearance``) and
+    ``final_distance`` (m, mean).
 
     Args:
         path: ``(B, K, 3)`` flange positions. goal, center: ``(B, 3)``. radius: ``(B,)``.
@@ -145,7 +150,9 @@ class MPCGoalPolicy(L.LightningModule):
             validation episodes.
         horizon, position_weight, velocity_weight, control_weight, posture_weight,
             terminal_weight: the MPC's (:class:`PandaTargetMPC`).
-        target_every: control steps a target is held (and, in training, planned open loop
+        via_steps: control steps the MPC aims at the via-point before it aims at the goal
+            (a multiple of ``target_every``).
+        target_every: control steps of one plan in the training rollout (planned open loop
             before the model is relinearized); at most ``horizon``.
         rollout_steps: control steps of the training rollout (a multiple of ``target_every``).
         hidden, max_offset: the policy network's widths and its largest offset (m) per axis.
@@ -172,6 +179,7 @@ class MPCGoalPolicy(L.LightningModule):
         control_weight: float = 0.1,
         posture_weight: float = 0.1,
         terminal_weight: float = 5.0,
+        via_steps: int = 40,
         target_every: int = 10,
         rollout_steps: int = 100,
         hidden: list[int] | None = None,
@@ -202,6 +210,9 @@ class MPCGoalPolicy(L.LightningModule):
         if target_every > horizon:
             raise ValueError(f"target_every must be <= horizon ({horizon}): a target is held "
                              f"along one plan, got {target_every}")
+        if not isinstance(via_steps, int) or via_steps < 0 or via_steps % target_every:
+            raise ValueError(f"via_steps must be an int >= 0 and a multiple of target_every "
+                             f"({target_every}), got {via_steps!r}")
         if rollout_steps % target_every:
             raise ValueError(f"rollout_steps must be a multiple of target_every "
                              f"({target_every}), got {rollout_steps}")
@@ -257,8 +268,8 @@ class MPCGoalPolicy(L.LightningModule):
         return DataLoader([0], batch_size=1)  # one validation step runs every episode
 
     # ------------------------------------------------------------------ the rollout
-    def target(self, observation: Tensor, goal: Tensor) -> Tensor:
-        """The policy's flange target ``(B, 3)`` for ``observation (B, 18)``, ``goal (B, 3)``."""
+    def via_point(self, observation: Tensor, goal: Tensor) -> Tensor:
+        """The policy's via-point ``(B, 3)`` for ``observation (B, 18)``, ``goal (B, 3)``."""
         flange = self.mpc.flange(observation[:, :7].to(torch.float64)).to(observation.dtype)
         return self.policy(observation, goal, flange)
 
@@ -268,15 +279,18 @@ class MPCGoalPolicy(L.LightningModule):
         hp = self.hparams
         obs = observation.to(self._dtype)
         goal = goal.to(self._dtype)
-        x, obstacle = obs[:, :14], obs[:, 14:]
+        x = obs[:, :14]
+        w = self.via_point(obs, goal)
         path = []
-        for _ in range(hp.rollout_steps // hp.target_every):
-            r = self.target(torch.cat([x, obstacle], -1), goal)
+        for j in range(hp.rollout_steps // hp.target_every):
+            # A fresh node per segment, so that its gradient is complete right after this
+            # solve's backward (the timing hooks read that moment).
+            r = (w if j * hp.target_every < hp.via_steps else goal).clone()
             t0 = time.perf_counter()
             sol = self.mpc(x, r)
             self._timer["mpc_forward"] += time.perf_counter() - t0
-            if r.requires_grad:
-                self._time_backward(sol.x, r)
+            if r.requires_grad or x.requires_grad:
+                self._time_backward(sol.x, r if r.requires_grad else x)
             states = sol.x[:, 1:hp.target_every + 1]  # (B, R, 14)
             path.append(self.mpc.flange(states.to(torch.float64)).to(self._dtype))
             x = sol.x[:, hp.target_every]
@@ -335,17 +349,18 @@ class MPCGoalPolicy(L.LightningModule):
         ``direct``: the MPC aimed at the goal (no policy). Returns the summary (with
         ``collision``, the share of episodes that hit the obstacle) and video frames."""
         hp = self.hparams
-        state: dict[str, Any] = {"k": 0, "target": None, "envs": []}
+        state: dict[str, Any] = {"k": 0, "via": None, "envs": []}
 
         @torch.no_grad()
         def controller(observation: np.ndarray, goal: np.ndarray, envs: list) -> np.ndarray:
             state["envs"] = envs
-            if state["k"] % hp.target_every == 0:
+            if state["k"] == 0:
                 obs = torch.as_tensor(observation, dtype=self._dtype)
                 g = torch.as_tensor(goal, dtype=self._dtype)
-                state["target"] = goal if direct else self.target(obs, g).double().numpy()
+                state["via"] = goal if direct else self.via_point(obs, g).double().numpy()
+            target = state["via"] if state["k"] < hp.via_steps else goal
             state["k"] += 1
-            return self.mpc.act(observation[:, :14], state["target"])
+            return self.mpc.act(observation[:, :14], target)
 
         was_training = self.training
         self.eval()
