@@ -59,7 +59,11 @@ Pre-training on a dataset (``pretrain_dataset``, ``pretrain_updates``)
     goals from the dataset's own trajectories); with ``pretrain_actor`` the actor and the
     temperature are updated as well (offline contrastive RL), else they train only online.
     An episode starts at its second state, the first whose achieved goal the format records.
-    The dataset episodes stay in the buffer until newer episodes take their slots.
+    The dataset episodes stay in the buffer until newer episodes take their slots. With
+    ``pretrain_actor`` the pre-trained policy is validated before the first environment step
+    (the learning curve's point at 0 steps), kept (in checkpoints too) and scored in the
+    report as ``offline policy (pre-trained)``: the online phase's gain is read against it.
+    Pre-training shows a progress bar and counts in ``time/wall_s``.
 
 Resuming (``--ckpt_path last``)
     Networks, optimizer, temperature, environment-step counter, wall time and learning curve

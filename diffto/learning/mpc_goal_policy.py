@@ -10,6 +10,19 @@ placing ``w`` away from the path to ``g``. The network outputs a bounded offset,
 ``w = g + δ_max tanh(net(·))``, with the last layer initialized to zero, so training starts
 from the MPC aimed straight at the goal (the baseline every report compares with).
 
+The schedule: a short detour, then the goal
+    The MPC aimed at a point 0.3 m away settles within the 2 cm success radius in about 50
+    control steps (``position_weight`` 100, closed loop in MuJoCo), and success is judged at
+    the episode's last step (100). Every control step spent aiming at the via-point is one
+    not spent converging on the goal: with ``via_steps`` 30, 20 and 10 (``margin`` 2 cm, 100
+    training steps, seed 0, 32 held-out episodes) the closed-loop success was 0.53, 0.81 and
+    0.94 (collisions 0, 0 and 6 %), against 0.16 for 40 after 200 steps. The default aims at
+    the via-point for the first 10 control steps only: the policy places it (up to
+    ``max_offset`` per axis from the goal) so that this short pull sets the flange moving
+    off the straight line, and the motion towards the goal that follows passes beside the
+    sphere. In training the path keeps ``margin`` 3 cm beyond the keep-out sphere, room for
+    the difference between the model rollout and MuJoCo.
+
 Training: a differentiable closed-loop model rollout, no environment steps
     From a batch of episode starts ``(x₀, g, o, ρ)`` (drawn by resetting the environment on the
     training seeds ``0 … train_configurations − 1``; a reset is not a step), the rollout repeats
@@ -179,7 +192,7 @@ class MPCGoalPolicy(L.LightningModule):
         control_weight: float = 0.1,
         posture_weight: float = 0.1,
         terminal_weight: float = 5.0,
-        via_steps: int = 40,
+        via_steps: int = 10,
         target_every: int = 10,
         rollout_steps: int = 100,
         hidden: list[int] | None = None,
@@ -187,7 +200,7 @@ class MPCGoalPolicy(L.LightningModule):
         batch_size: int = 32,
         train_configurations: int = 2048,
         lr: float = 1e-3,
-        margin: float = 0.02,
+        margin: float = 0.03,
         obstacle_weight: float = 100.0,
         goal_weight: float = 1.0,
         eval_episodes: int = 16,
@@ -244,7 +257,7 @@ class MPCGoalPolicy(L.LightningModule):
             raise ValueError(f"the env's control step {self.control_dt} s must be the MPC's "
                              f"{self.mpc.control_dt} s (env_kwargs substeps)")
         self._starts: TensorDataset | None = None
-        self._timer: dict[str, float] = {}
+        self._timer = {"start": time.perf_counter(), "mpc_forward": 0.0, "mpc_backward": 0.0}
         self.wall_time = 0.0
 
     # ------------------------------------------------------------------ data
