@@ -14,7 +14,11 @@ not know; a collision ends the episode as a failure), on the same held-out episo
   learned via-point MPC's success).
 
 One seed (the budget of this machine); ``OMP_NUM_THREADS=1 python
-benchmarks/bench_panda_goal_policy.py`` writes ``benchmarks/results/panda_goal_policy.{json,md}``.
+benchmarks/bench_panda_goal_policy.py`` (defaults: 200 via-point steps, SAC for 30 000
+environment steps, 32 episodes; 6 min here) writes
+``benchmarks/results/panda_goal_policy.{json,md}``. Last run: the learned via-point MPC 1.00
+success and no collision after 3.6 min of training, the direct MPC 0.06 (94 % collisions),
+SAC + HER 0.00 at 10 000, 20 000 and 30 000 environment steps.
 """
 
 from __future__ import annotations
@@ -87,10 +91,10 @@ def train_sac(env_steps: int, eval_every: int, seed: int, episodes: int) -> dict
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=300, help="via-point training steps")
-    parser.add_argument("--sac-env-steps", type=int, default=50_000)
+    parser.add_argument("--steps", type=int, default=200, help="via-point training steps")
+    parser.add_argument("--sac-env-steps", type=int, default=30_000)
     parser.add_argument("--sac-eval-every", type=int, default=10_000)
-    parser.add_argument("--episodes", type=int, default=50, help="held-out episodes")
+    parser.add_argument("--episodes", type=int, default=32, help="held-out episodes")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.set_num_threads(1)

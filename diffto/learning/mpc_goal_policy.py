@@ -42,6 +42,15 @@ Closed loop in MuJoCo (validation, report)
     a collision ends the episode), ``val/collision`` the share of episodes that hit the
     obstacle.
 
+Measured (seed 0, float32, one torch thread on 2 shared cores; ``position_weight`` 100)
+    ``OMP_NUM_THREADS=1 python benchmarks/bench_panda_goal_policy.py`` (200 training steps,
+    3.6 min; 32 held-out episodes): success 1.00, no collision, final distance 0.4 cm, against
+    0.06 and 94 % collisions for the MPC aimed at the goal; SAC + HER on torques: 0.00 after
+    30 000 environment steps; the MPC layer took 82 % of the training time.
+    ``lightning fit --config lightning_configs/panda_goal_policy.yaml`` (the same defaults,
+    5.2 min in all; its report's 50 held-out episodes): success 0.90, 10 % collisions, against
+    0.02 and 98 %.
+
 Timing
     ``time/mpc_share`` is the share of a training step spent in the MPC layer: its forward
     solves (timed around the calls) and its backward passes (from the moment the gradient of a
