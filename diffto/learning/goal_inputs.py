@@ -11,7 +11,7 @@ features an actor or critic network reads:
 * with ``normalize`` each feature standardized, ``(x − μ) / σ`` clipped to ``±clip``, with
   ``μ, σ`` fitted once on the first data (:meth:`fit`: a dataset before pre-training, or the
   first replay buffer contents) and then frozen. Statistics are buffers, so checkpoints carry
-  them; a feature that does not vary keeps ``σ = 1``.
+  them (only with ``normalize``); a feature that does not vary keeps ``σ = 1``.
 
 One instance is shared by a learner's actor and critics (and a TD3 target actor), so every
 network reads the same features.
@@ -49,9 +49,11 @@ class GoalInputs(nn.Module):
         self.relative_goal_dims = relative_goal_dims
         self.normalize, self.clip = normalize, clip
         self.out_dim = state_dim + goal_dim + relative_goal_dims
-        self.register_buffer("mean", torch.zeros(self.out_dim))
-        self.register_buffer("std", torch.ones(self.out_dim))
-        self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
+        # in checkpoints only where they are used (networks without normalization keep the
+        # state_dict layout they had before)
+        self.register_buffer("mean", torch.zeros(self.out_dim), persistent=normalize)
+        self.register_buffer("std", torch.ones(self.out_dim), persistent=normalize)
+        self.register_buffer("fitted", torch.zeros((), dtype=torch.bool), persistent=normalize)
 
     def features(self, obs: Tensor, goal: Tensor) -> Tensor:
         """The raw features ``[s; g; (g_{:d} − s_{−d:})]``."""

@@ -262,6 +262,7 @@ def test_goal_inputs_relative_goal_and_frozen_statistics():
     restored = GoalInputs(5, 3, relative_goal_dims=3, normalize=True)
     restored.load_state_dict(inputs.state_dict())  # checkpoints carry the statistics
     torch.testing.assert_close(restored(obs, goal), y)
+    assert "mean" not in GoalInputs(5, 3).state_dict()  # unnormalized: no statistics stored
     with pytest.raises(ValueError, match="relative_goal_dims"):
         GoalInputs(2, 3, relative_goal_dims=3)
 
