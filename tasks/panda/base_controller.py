@@ -92,6 +92,7 @@ from typing import Any
 import mujoco
 import numpy as np
 
+from diffto.tasks.panda._checks import nonneg, positive
 from diffto.tasks.panda.model import (
     FLANGE_SITE,
     HOME,
@@ -103,14 +104,6 @@ from diffto.tasks.panda.model import (
 )
 
 __all__ = ["PandaBaseController"]
-
-
-def _number(name: str, value: Any, *, positive: bool) -> float:
-    ok = isinstance(value, int | float | np.integer | np.floating) and not isinstance(value, bool)
-    if not ok or not math.isfinite(value) or value < 0 or (positive and value == 0):
-        raise ValueError(f"{name} must be a finite float {'> 0' if positive else '>= 0'}, "
-                         f"got {value!r}")
-    return float(value)
 
 
 class PandaBaseController:
@@ -143,10 +136,10 @@ class PandaBaseController:
         regularization: float = 1e-4,
         gravity_compensation: bool = True,
     ) -> None:
-        self.position_gain = _number("position_gain", position_gain, positive=True)
-        self.damping_ratio = _number("damping_ratio", damping_ratio, positive=True)
-        self.posture_gain = _number("posture_gain", posture_gain, positive=False)
-        self.regularization = _number("regularization", regularization, positive=False)
+        self.position_gain = positive("position_gain", position_gain)
+        self.damping_ratio = positive("damping_ratio", damping_ratio)
+        self.posture_gain = nonneg("posture_gain", posture_gain)
+        self.regularization = nonneg("regularization", regularization)
         if not isinstance(gravity_compensation, bool):
             raise ValueError(f"gravity_compensation must be a bool, got {gravity_compensation!r}")
         self.gravity_compensation = gravity_compensation

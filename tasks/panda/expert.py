@@ -36,8 +36,6 @@ remains per row is mostly ``mjd_transitionFD``. So 200 episodes of 50 steps take
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 from torch import Tensor
@@ -47,18 +45,11 @@ from diffto.layers.mujoco_dynamics import MujocoDynamics
 from diffto.layers.robot_costs import ee_pose_cost
 from diffto.problem import QuadraticCost
 from diffto.tasks.mpc_expert import MPCExpert, TerminalValue, terminal_value_cost
+from diffto.tasks.panda._checks import nonneg, positive
 from diffto.tasks.panda.kinematics import flange_position, panda_chain
 from diffto.tasks.panda.model import TIMESTEP, TORQUE_LIMITS, load_model
 
 __all__ = ["PandaReachExpert"]
-
-
-def _positive(name: str, value, *, zero_ok: bool = False) -> float:
-    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or value < 0 or (value == 0 and not zero_ok):
-        raise ValueError(f"{name} must be a finite float {'>=' if zero_ok else '>'} 0, got "
-                         f"{value!r}")
-    return float(value)
 
 
 class PandaReachExpert(MPCExpert):
@@ -108,7 +99,7 @@ class PandaReachExpert(MPCExpert):
             raise ValueError(f"plan_substeps must be an int >= 1, got {plan_substeps!r}")
         if not isinstance(gravity_compensation, bool):
             raise ValueError(f"gravity_compensation must be a bool, got {gravity_compensation!r}")
-        control_dt = _positive("control_dt", control_dt)
+        control_dt = positive("control_dt", control_dt)
         model = load_model(TIMESTEP, gravity_compensation=gravity_compensation)
         model.opt.timestep = control_dt / plan_substeps
         dynamics = MujocoDynamics(model, substeps=plan_substeps, nthread=nthread)
@@ -118,10 +109,10 @@ class PandaReachExpert(MPCExpert):
         self.plan_substeps = plan_substeps
         self.gravity_compensation = gravity_compensation
         self.weights = {
-            "position_weight": _positive("position_weight", position_weight),
-            "final_weight": _positive("final_weight", final_weight, zero_ok=True),
-            "velocity_weight": _positive("velocity_weight", velocity_weight, zero_ok=True),
-            "control_weight": _positive("control_weight", control_weight, zero_ok=True),
+            "position_weight": positive("position_weight", position_weight),
+            "final_weight": nonneg("final_weight", final_weight),
+            "velocity_weight": nonneg("velocity_weight", velocity_weight),
+            "control_weight": nonneg("control_weight", control_weight),
         }
         self.chain = panda_chain(model)
         self.register_buffer("torque_limits", limits.clone())

@@ -46,6 +46,7 @@ from typing import Any
 import mujoco
 import numpy as np
 
+from diffto.tasks.panda._checks import nonneg
 from diffto.tasks.rendering import SCENE_ASSETS
 
 __all__ = [
@@ -131,14 +132,6 @@ def _camera_xyaxes() -> str:
     x = np.cross([0.0, 0.0, 1.0], z)
     x /= np.linalg.norm(x)
     return _fmt(np.concatenate([x, np.cross(z, x)]))
-
-
-def _check_nonneg(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not np.isfinite(value):
-        raise ValueError(f"{name} must be a finite float, got {value!r}")
-    if value < 0:
-        raise ValueError(f"{name} must be >= 0, got {value!r}")
-    return float(value)
 
 
 def _child_offsets() -> dict[str, list[float]]:
@@ -251,7 +244,7 @@ def model_xml(
         raise ValueError(f"timestep must be a positive float (seconds), got {timestep!r}")
     if not isinstance(gravity_compensation, bool):
         raise ValueError(f"gravity_compensation must be a bool, got {gravity_compensation!r}")
-    payload_mass = _check_nonneg("payload_mass", payload_mass)
+    payload_mass = nonneg("payload_mass", payload_mass)
     defaults = params()["joint_defaults"]
     parts = [
         '<mujoco model="panda">',
@@ -327,7 +320,7 @@ def set_payload(model: mujoco.MjModel, mass: float) -> None:
     overwrites the state of the data it is given). The forward dynamics read ``body_mass`` and
     ``body_inertia`` directly.
     """
-    mass = _check_nonneg("mass", mass)
+    mass = nonneg("mass", mass)
     bid = mujoco.mj_name2id(model, mujoco.mjtObj.mjOBJ_BODY, PAYLOAD_BODY)
     if bid < 0:
         raise ValueError(f"model has no body {PAYLOAD_BODY!r}: is it a model from load_model?")

@@ -75,6 +75,7 @@ import mujoco
 import numpy as np
 from gymnasium import spaces
 
+from diffto.tasks.panda._checks import is_number, nonneg, positive
 from diffto.tasks.panda.model import (
     FLANGE_SITE,
     HOME,
@@ -106,17 +107,13 @@ def goal_distance(achieved_goal: np.ndarray, desired_goal: np.ndarray) -> np.nda
     return np.linalg.norm(a - d, axis=-1)
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float | np.floating | np.integer) and not isinstance(value, bool)
-
-
 def _range(name: str, value: Any, *, positive: bool = False) -> tuple[float, float]:
     """A fixed value or a ``(low, high)`` range as ``(low, high)``, validated."""
-    lo_hi = (value, value) if _is_number(value) else value
+    lo_hi = (value, value) if is_number(value) else value
     if not (
         isinstance(lo_hi, Sequence)
         and len(lo_hi) == 2
-        and all(_is_number(v) and math.isfinite(v) for v in lo_hi)
+        and all(is_number(v) and math.isfinite(v) for v in lo_hi)
     ):
         raise ValueError(f"{name} must be a finite float or a (low, high) pair, got {value!r}")
     lo, hi = float(lo_hi[0]), float(lo_hi[1])
@@ -125,20 +122,6 @@ def _range(name: str, value: Any, *, positive: bool = False) -> tuple[float, flo
     if (positive and lo <= 0) or lo < 0:
         raise ValueError(f"{name} must be {'> 0' if positive else '>= 0'}, got {value!r}")
     return lo, hi
-
-
-def _nonneg(name: str, value: Any) -> float:
-    if not _is_number(value) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be a finite float >= 0, got {value!r}")
-    return float(value)
-
-
-def _positive(name: str, value: Any, *, integer: bool = False) -> Any:
-    ok = isinstance(value, int) if integer else _is_number(value) and math.isfinite(value)
-    if isinstance(value, bool) or not ok or value <= 0:
-        kind = "int" if integer else "finite float"
-        raise ValueError(f"{name} must be a positive {kind}, got {value!r}")
-    return int(value) if integer else float(value)
 
 
 class PandaReachEnv(gym.Env):
@@ -215,13 +198,13 @@ class PandaReachEnv(gym.Env):
         self.render_mode = render_mode
         self.gravity_compensation = gravity_compensation
         self.terminate_on_success = terminate_on_success
-        self.distance_threshold = _positive("distance_threshold", distance_threshold)
-        self.max_episode_steps = _positive("max_episode_steps", max_episode_steps, integer=True)
-        self.substeps = _positive("substeps", substeps, integer=True)
-        self.goal_joint_range = _positive("goal_joint_range", goal_joint_range)
-        self.init_joint_range = _nonneg("init_joint_range", init_joint_range)
-        self.min_goal_distance = _nonneg("min_goal_distance", min_goal_distance)
-        if not _is_number(min_goal_height) or not math.isfinite(min_goal_height):
+        self.distance_threshold = positive("distance_threshold", distance_threshold)
+        self.max_episode_steps = positive("max_episode_steps", max_episode_steps, integer=True)
+        self.substeps = positive("substeps", substeps, integer=True)
+        self.goal_joint_range = positive("goal_joint_range", goal_joint_range)
+        self.init_joint_range = nonneg("init_joint_range", init_joint_range)
+        self.min_goal_distance = nonneg("min_goal_distance", min_goal_distance)
+        if not is_number(min_goal_height) or not math.isfinite(min_goal_height):
             raise ValueError(f"min_goal_height must be a finite float, got {min_goal_height!r}")
         self.min_goal_height = float(min_goal_height)
         self.payload_mass_range = _range("payload_mass", payload_mass)
@@ -233,8 +216,8 @@ class PandaReachEnv(gym.Env):
                 f"safety_filter must be None, a bool or a dict of filter options, got "
                 f"{safety_filter!r}"
             )
-        self.width = _positive("width", width, integer=True)
-        self.height = _positive("height", height, integer=True)
+        self.width = positive("width", width, integer=True)
+        self.height = positive("height", height, integer=True)
         if self.width > _MAX_WIDTH or self.height > _MAX_HEIGHT:
             raise ValueError(
                 f"width and height must be at most {_MAX_WIDTH} x {_MAX_HEIGHT} (the model's "

@@ -35,7 +35,6 @@ env's.
 from __future__ import annotations
 
 import inspect
-import math
 from typing import Any
 
 import gymnasium as gym
@@ -43,6 +42,7 @@ import mujoco
 import numpy as np
 from gymnasium import spaces
 
+from diffto.tasks.panda._checks import positive
 from diffto.tasks.panda.base_controller import PandaBaseController
 from diffto.tasks.panda.reach_env import PandaReachEnv
 
@@ -76,9 +76,7 @@ class PandaResidualReachEnv(gym.Env):
         base: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
-        ok = isinstance(residual_scale, int | float) and not isinstance(residual_scale, bool)
-        if not ok or not math.isfinite(residual_scale) or residual_scale <= 0:
-            raise ValueError(f"residual_scale must be a finite float > 0, got {residual_scale!r}")
+        residual_scale = positive("residual_scale", residual_scale)
         if base is not None and not isinstance(base, dict):
             raise ValueError(f"base must be a dict of PandaBaseController arguments or None, got "
                              f"{type(base).__name__}")

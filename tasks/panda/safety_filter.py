@@ -135,6 +135,7 @@ import torch
 from scipy.optimize import nnls
 
 from diffto.layers.safety import INFEASIBLE, SafetyFilter
+from diffto.tasks.panda._checks import is_finite_number, nonneg
 from diffto.tasks.panda.model import (
     FLANGE_SITE,
     JOINT_LOWER,
@@ -161,29 +162,15 @@ _N_OUT = 20  # y = (q 7, qdot 7, p 3, v 3)
 _Q, _QD, _P, _V = slice(0, 7), slice(7, 14), slice(14, 17), slice(17, 20)
 
 
-def _finite_number(value: Any) -> bool:
-    return (
-        isinstance(value, int | float | np.integer | np.floating)
-        and not isinstance(value, bool)
-        and math.isfinite(value)
-    )
-
-
 def _vector(name: str, value: Any, size: int) -> np.ndarray:
     """A scalar (broadcast) or a length-``size`` sequence of finite floats."""
-    if _finite_number(value):
+    if is_finite_number(value):
         return np.full(size, float(value))
     if isinstance(value, Sequence | np.ndarray) and not isinstance(value, str):
         arr = np.asarray(value, dtype=object).ravel()
-        if arr.shape == (size,) and all(_finite_number(v) for v in arr):
+        if arr.shape == (size,) and all(is_finite_number(v) for v in arr):
             return arr.astype(np.float64)
     raise ValueError(f"{name} must be a finite float or {size} finite floats, got {value!r}")
-
-
-def _nonneg(name: str, value: Any) -> float:
-    if not _finite_number(value) or value < 0:
-        raise ValueError(f"{name} must be a finite float >= 0, got {value!r}")
-    return float(value)
 
 
 def _options(name: str, options: Any, allowed: Sequence[str]) -> dict[str, Any]:
@@ -215,7 +202,7 @@ class PandaConstraintSet:
     CLASSES = ("joint_position", "joint_velocity", "workspace")
 
     def __post_init__(self) -> None:
-        margin = _nonneg("joint_margin", self.joint_margin)
+        margin = nonneg("joint_margin", self.joint_margin)
         if 2 * margin >= float((JOINT_UPPER - JOINT_LOWER).min()):
             raise ValueError(
                 f"joint_margin must be less than half of the narrowest joint range "
@@ -362,24 +349,24 @@ class PandaSafetyFilter:
             constraints = PandaConstraintSet()
         if not isinstance(constraints, PandaConstraintSet):
             raise ValueError(f"constraints must be a PandaConstraintSet, got {constraints!r}")
-        if not _finite_number(alpha) or not 0.0 < alpha <= 1.0:
+        if not is_finite_number(alpha) or not 0.0 < alpha <= 1.0:
             raise ValueError(f"alpha must be a float in (0, 1], got {alpha!r}")
         if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
             raise ValueError(f"iterations must be an int >= 1, got {iterations!r}")
-        if not _finite_number(fd_step) or not 0.0 < fd_step <= 0.5:
+        if not is_finite_number(fd_step) or not 0.0 < fd_step <= 0.5:
             raise ValueError(f"fd_step must be a float in (0, 0.5], got {fd_step!r}")
-        if not _finite_number(tol) or tol <= 0:
+        if not is_finite_number(tol) or tol <= 0:
             raise ValueError(f"tol must be a finite float > 0, got {tol!r}")
         if projection not in ("layer", "nnls"):
             raise ValueError(f"projection must be 'layer' or 'nnls', got {projection!r}")
         self.projection, self.tol = projection, float(tol)
         self.substeps, self.constraints = substeps, constraints
         self.alpha, self.iterations, self.fd_step = float(alpha), iterations, float(fd_step)
-        k_q = _nonneg("joint_lookahead", joint_lookahead)
-        k_w = _nonneg("workspace_lookahead", workspace_lookahead)
-        d_q = _nonneg("joint_buffer", joint_buffer)
-        d_v = _nonneg("velocity_buffer", velocity_buffer)
-        d_w = _nonneg("workspace_buffer", workspace_buffer)
+        k_q = nonneg("joint_lookahead", joint_lookahead)
+        k_w = nonneg("workspace_lookahead", workspace_lookahead)
+        d_q = nonneg("joint_buffer", joint_buffer)
+        d_v = nonneg("velocity_buffer", velocity_buffer)
+        d_w = nonneg("workspace_buffer", workspace_buffer)
         self.joint_lookahead, self.workspace_lookahead = k_q, k_w
         self.joint_buffer, self.velocity_buffer, self.workspace_buffer = d_q, d_v, d_w
         c = constraints

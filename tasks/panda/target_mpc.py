@@ -60,6 +60,7 @@ from torch import Tensor, nn
 
 from diffto.layers.mpc import MPC
 from diffto.problem import LinearDynamics, QuadraticCost, Solution
+from diffto.tasks.panda._checks import positive
 from diffto.tasks.panda.kinematics import panda_chain
 from diffto.tasks.panda.model import TIMESTEP, TORQUE_LIMITS, load_model
 
@@ -77,12 +78,6 @@ class Linearization:
     f: Tensor
     J: Tensor
     offset: Tensor
-
-
-def _positive(name: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-        raise ValueError(f"{name} must be a float > 0, got {value!r}")
-    return float(value)
 
 
 class PandaTargetMPC(nn.Module):
@@ -123,12 +118,12 @@ class PandaTargetMPC(nn.Module):
         if not isinstance(horizon, int) or isinstance(horizon, bool) or horizon < 1:
             raise ValueError(f"horizon must be an int >= 1, got {horizon!r}")
         self.horizon = horizon
-        self.control_dt = _positive("control_dt", control_dt)
-        self.position_weight = _positive("position_weight", position_weight)
-        self.velocity_weight = _positive("velocity_weight", velocity_weight)
-        self.control_weight = _positive("control_weight", control_weight)
-        self.posture_weight = _positive("posture_weight", posture_weight)
-        self.terminal_weight = _positive("terminal_weight", terminal_weight)
+        self.control_dt = positive("control_dt", control_dt)
+        self.position_weight = positive("position_weight", position_weight)
+        self.velocity_weight = positive("velocity_weight", velocity_weight)
+        self.control_weight = positive("control_weight", control_weight)
+        self.posture_weight = positive("posture_weight", posture_weight)
+        self.terminal_weight = positive("terminal_weight", terminal_weight)
         self.model = load_model(TIMESTEP, gravity_compensation=True)
         self._data = mujoco.MjData(self.model)
         self.chain = panda_chain()
