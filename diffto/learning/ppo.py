@@ -4,11 +4,19 @@ This is the learner of OPT-Mimic (residual tracking of a trajectory-optimization
 with the public OPT-Mimic settings as defaults: a Gaussian policy with a fixed exploration std
 ≈ 0.08, policy MLP [128, 128], value MLP [512, 512], Adam with lr 1e-4 (actor) and 1e-3
 (critic), discounted returns with γ = 0.995 and no GAE, clip 0.2, 20,000 samples per
-iteration in minibatches of 5,000, 40 gradient steps for each network per iteration.
+iteration in minibatches of 5,000, 40 gradient steps for each network per iteration, constant
+learning rates. Nothing task-specific is a default: the env id, the ``info`` entries to log
+and the progress-bar keys come from the config.
 
-One Lightning *training step is one PPO iteration*: collect ``samples_per_iteration`` env
-steps with the current policy, then run the actor and critic updates. Everything RL-specific
-stays inside the module, the pattern that works under Lightning (see the packaging notes):
+One Lightning *training step is one PPO iteration*, and it reads top to bottom as in CleanRL::
+
+    rollout = self.collect_rollout()                     # (T, E, ...) with the frozen policy
+    self.update_normalizer(rollout["raw_obs"])           # every rank's observations
+    rollout["advantages"], rollout["returns"] = self.compute_advantages(rollout)
+    stats = self.update(rollout)                         # actor_steps / critic_steps minibatches
+
+Everything RL-specific stays inside the module, the pattern that works under Lightning (see
+the packaging notes):
 
 - the module owns ``gymnasium.vector`` envs (subprocesses by default) and the rollout buffer;
   the training dataloader is a dummy infinite iterable with ``num_workers=0``;
@@ -17,6 +25,10 @@ stays inside the module, the pattern that works under Lightning (see the packagi
   the inner minibatch updates call the wrapped torch optimizer directly and only the last
   goes through Lightning, so ``global_step`` counts iterations and ``trainer.max_steps`` is
   the training budget in iterations;
+- ``lr_schedule="linear"`` anneals both learning rates as CleanRL's ``anneal_lr``: iteration
+  ``k`` of ``K = trainer.max_steps`` uses ``(1 − k/K)`` times the base rates (the full rate
+  first, ``1/K`` of it last). The factor is computed from ``global_step`` at each iteration,
+  not from a counter of the module, so a resumed run continues the same schedule;
 - the observation normalizer (:class:`~diffto.learning.normalizer.RunningNormalizer`) is a
   submodule with buffers, so checkpoints carry it; it is updated once per iteration from the
   raw observations just collected (the rollout itself uses frozen statistics, so stored
@@ -26,6 +38,32 @@ stays inside the module, the pattern that works under Lightning (see the packagi
 
 Resuming (``--ckpt_path last``) restores networks, normalizer and optimizer state; the
 environments restart from fresh episodes.
+
+Several processes (DDP): ``--trainer.strategy=ddp --trainer.devices=N`` (CPU processes, GPUs,
+or nodes with ``--trainer.num_nodes``) runs one copy of the module per rank with Lightning's
+DDP strategy; nothing here is home-made distributed code.
+
+- Each rank owns its environments and collects ``samples_per_iteration`` samples per
+  iteration (the iteration has ``N`` times as many); its envs, exploration noise and
+  minibatch order are seeded with ``seed + 1000003·rank``.
+- Gradients: Lightning runs ``training_step`` inside the DDP wrapper's forward and prepares
+  DDP's reducer in every ``manual_backward``, so each minibatch backward averages gradients
+  over ranks. DDP (with Lightning's default ``find_unused_parameters=False``) needs a
+  gradient for every parameter in every backward, while an iteration may update only one
+  network (``actor_steps != critic_steps``, or the actor stopped by ``target_kl``): both
+  losses enter every backward, the inactive one with weight 0, and the inactive network's
+  (zero) gradient is dropped before the step, so Adam skips it exactly as in one process.
+- ``target_kl`` compares the approximate KL averaged over ranks, so all ranks stop together.
+- The normalizer merges the raw observations of all ranks (``all_gather``, in rank order), so
+  every rank holds the same statistics; rank 0's would otherwise be broadcast by DDP.
+- Validation: Lightning's distributed sampler splits the eval episodes over ranks (padding by
+  repetition when ``eval_episodes`` is not a multiple of ``N``); ``val/`` scalars are averaged
+  over ranks. ``train/`` and ``rollout/`` scalars are rank 0's; ``charts/samples`` counts all
+  ranks' samples. Lightning writes checkpoints from rank 0 only.
+
+Parameters and normalizer statistics stay equal on all ranks (tested with two CPU processes).
+Whether more ranks train faster is unmeasured: the development machine has 2 cores, already
+shared by each rank's environments, so no speed-up could show there.
 """
 
 from __future__ import annotations
@@ -49,10 +87,16 @@ from diffto.learning.vector_envs import IterationStream, info_values, make_vecto
 from diffto.policies import MLP
 from diffto.tasks.registry import make_env
 
-__all__ = ["PPO", "pg_loss", "v_loss", "approx_kl", "discounted_returns", "make_env"]
+__all__ = ["PPO", "lr_factor", "pg_loss", "v_loss", "approx_kl", "discounted_returns", "make_env"]
 
 Activation = Literal["tanh", "elu", "relu"]
+LRSchedule = Literal["constant", "linear"]
 _ACTIVATIONS: dict[str, type[nn.Module]] = {"tanh": nn.Tanh, "elu": nn.ELU, "relu": nn.ReLU}
+
+
+# Rank r seeds its envs, exploration noise and minibatch order with seed + r·stride: a prime
+# far above any num_envs, so no two ranks' envs (seeded seed, seed + 1, ...) share a seed.
+_RANK_SEED_STRIDE = 1_000_003
 
 
 # ----------------------------------------------------------------------------- environments
@@ -60,6 +104,27 @@ def _box_dim(space: gym.Space, name: str) -> int:
     if not isinstance(space, gym.spaces.Box) or len(space.shape) != 1:
         raise ValueError(f"PPO needs a flat Box {name} space, got {space}")
     return int(space.shape[0])
+
+
+# ----------------------------------------------------------------------------- schedule
+def lr_factor(schedule: LRSchedule, iteration: int, iterations: int) -> float:
+    """Multiplier of the base learning rates at ``iteration`` (0-based: ``global_step``) of a
+    budget of ``iterations`` (``trainer.max_steps``).
+
+    ``"constant"``: 1. ``"linear"``: ``1 − iteration / iterations`` (CleanRL's ``anneal_lr``):
+    the first iteration runs at the full rate, the last at ``1/iterations`` of it; the rate
+    would reach 0 only after the budget (it is clamped at 0 there).
+    """
+    if schedule == "constant":
+        return 1.0
+    if schedule != "linear":
+        raise ValueError(f"lr_schedule must be 'constant' or 'linear', got {schedule!r}")
+    if iterations < 1:
+        raise ValueError(
+            "lr_schedule='linear' anneals over trainer.max_steps iterations: set "
+            f"trainer.max_steps >= 1, got {iterations}"
+        )
+    return max(0.0, 1.0 - iteration / iterations)
 
 
 # ----------------------------------------------------------------------------- the module
@@ -71,25 +136,31 @@ class PPO(L.LightningModule):
         env_kwargs: keyword arguments for the training envs.
         eval_env_kwargs: overrides of ``env_kwargs`` for the evaluation env (e.g.
             ``{"randomize": false}``).
-        num_envs: parallel training envs.
+        num_envs: parallel training envs (per rank under DDP).
         vector_mode: ``"async"`` (one subprocess per env) or ``"sync"`` (in process).
         samples_per_iteration: env steps collected per iteration (rounded up to a multiple
-            of ``num_envs``).
-        minibatch_size: samples per gradient step.
+            of ``num_envs``; per rank under DDP).
+        minibatch_size: samples per gradient step (per rank under DDP).
         actor_steps, critic_steps: gradient steps per iteration for each network; minibatches
             are drawn without replacement from a reshuffled rollout until it is used up.
         actor_hidden, critic_hidden: hidden layer sizes; ``activation`` their nonlinearity.
         init_std: exploration std of the Gaussian policy (in action units).
         learn_std: learn a state-independent log-std (else it stays at ``init_std``).
-        actor_lr, critic_lr: Adam learning rates.
+        actor_lr, critic_lr: Adam learning rates (at the start, with ``lr_schedule``).
+        lr_schedule: ``"constant"``, or ``"linear"``: both rates annealed by
+            ``1 − global_step / trainer.max_steps`` (see :func:`lr_factor`; needs
+            ``trainer.max_steps``; a resumed run continues the schedule).
         gamma: discount. gae_lambda: ``None`` = discounted returns, else GAE(λ).
         clip_coef: PPO ratio clip ε. target_kl: stop the actor updates of an iteration once
-            the approximate KL exceeds it (``None``: never).
+            the approximate KL (averaged over ranks) exceeds it (``None``: never).
         max_grad_norm: per-network gradient norm clip (``None``: off).
         normalize_advantages: standardize advantages in each minibatch.
         normalize_observations: running mean/std normalization of observations.
-        info_keys: per-step ``info`` entries averaged per episode and logged (e.g. tracking
-            errors); keys an env does not report are skipped.
+        info_keys: per-step ``info`` entries averaged per episode and logged as
+            ``rollout/<key>`` and ``val/<key>`` (e.g. tracking errors); keys an env does not
+            report are skipped. ``None``: none.
+        progress_bar_keys: logged training scalars shown in the progress bar (``None``:
+            ``["rollout/ep_return"]``); ``val/ep_return`` is always shown.
         eval_episodes: deterministic episodes per validation. eval_max_steps: cap on their
             length (``None``: until the env ends them). eval_reset_options: ``options`` for
             the eval env's ``reset`` (e.g. ``{"phase": 0}`` to start a clip at its start).
@@ -113,6 +184,7 @@ class PPO(L.LightningModule):
         learn_std: bool = False,
         actor_lr: float = 1e-4,
         critic_lr: float = 1e-3,
+        lr_schedule: LRSchedule = "constant",
         gamma: float = 0.995,
         gae_lambda: float | None = None,
         clip_coef: float = 0.2,
@@ -121,6 +193,7 @@ class PPO(L.LightningModule):
         normalize_advantages: bool = True,
         normalize_observations: bool = True,
         info_keys: list[str] | None = None,
+        progress_bar_keys: list[str] | None = None,
         eval_episodes: int = 1,
         eval_max_steps: int | None = None,
         eval_reset_options: dict[str, Any] | None = None,
@@ -147,12 +220,13 @@ class PPO(L.LightningModule):
             raise ValueError(f"vector_mode must be 'async' or 'sync', got {vector_mode!r}")
         if activation not in _ACTIVATIONS:
             raise ValueError(f"activation must be one of {list(_ACTIVATIONS)}, got {activation!r}")
+        if lr_schedule not in ("constant", "linear"):
+            raise ValueError(f"lr_schedule must be 'constant' or 'linear', got {lr_schedule!r}")
         self.env_kwargs = dict(env_kwargs or {})
         self.eval_env_kwargs = {**self.env_kwargs, **(eval_env_kwargs or {})}
-        self.info_keys = (
-            list(info_keys)
-            if info_keys is not None
-            else ["pos_error", "orient_error", "joint_error"]
+        self.info_keys = list(info_keys or [])
+        self.progress_bar_keys = (
+            ["rollout/ep_return"] if progress_bar_keys is None else list(progress_bar_keys)
         )
         self.steps_per_env = math.ceil(samples_per_iteration / num_envs)
 
@@ -185,6 +259,7 @@ class PPO(L.LightningModule):
         self.envs: gym.vector.VectorEnv | None = None
         self.eval_env: gym.Env | None = None
         self._obs: np.ndarray | None = None
+        self._generator: torch.Generator | None = None
 
     # -- policy ------------------------------------------------------------------------------
     def normalize(self, obs: Tensor) -> Tensor:
@@ -238,10 +313,13 @@ class PPO(L.LightningModule):
         return DataLoader(IterationStream(), batch_size=None, num_workers=0)
 
     def val_dataloader(self) -> DataLoader:
-        episodes = list(range(self.hparams.eval_episodes))  # one item per eval episode (its seed)
+        # one item per eval episode (its seed); under DDP Lightning splits them over ranks
+        episodes = list(range(self.hparams.eval_episodes))
         return DataLoader(episodes, batch_size=None, num_workers=0)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
+        # fail before any rollout if the schedule has no budget to anneal over
+        lr_factor(self.hparams.lr_schedule, self.global_step, self.trainer.max_steps)
         actor_params = list(self.actor.parameters())
         if self.hparams.learn_std:
             actor_params.append(self.log_std)
@@ -258,13 +336,40 @@ class PPO(L.LightningModule):
 
     def on_train_start(self) -> None:
         assert self.envs is not None
-        seed = (torch.initial_seed() + 7919 * self.global_step) % 2**31
+        # apart per rank, and per start: a resumed run does not replay the first run's noise
+        seed = (
+            torch.initial_seed() + 7919 * self.global_step + _RANK_SEED_STRIDE * self.global_rank
+        ) % 2**31
         self._obs, _ = self.envs.reset(seed=int(seed))
+        self._generator = torch.Generator(device=self.device).manual_seed(int(seed))
         E = self.hparams.num_envs
         self._ep_return = np.zeros(E)
         self._ep_length = np.zeros(E, dtype=np.int64)
         self._ep_info = {k: np.zeros(E) for k in self.info_keys}
         self._ep_info_n = {k: np.zeros(E) for k in self.info_keys}
+
+    # -- one iteration -----------------------------------------------------------------------
+    def training_step(self, batch: Tensor, batch_idx: int) -> None:
+        lrs = self.schedule_learning_rates()
+        t0 = time.perf_counter()
+        rollout = self.collect_rollout()
+        t_rollout = time.perf_counter() - t0
+        self.update_normalizer(rollout["raw_obs"])
+        rollout["advantages"], rollout["returns"] = self.compute_advantages(rollout)
+        t1 = time.perf_counter()
+        stats = self.update(rollout)
+        t_update = time.perf_counter() - t1
+        self._log_iteration(rollout, stats, lrs, t_rollout, t_update)
+
+    def schedule_learning_rates(self) -> dict[str, float]:
+        """Set both parameter groups' learning rates for the iteration about to run (number
+        ``global_step``, which checkpoints carry) and return them by group name."""
+        hp = self.hparams
+        factor = lr_factor(hp.lr_schedule, self.global_step, self.trainer.max_steps)
+        base = {"actor": hp.actor_lr, "critic": hp.critic_lr}
+        for group in self.optimizers().optimizer.param_groups:
+            group["lr"] = base[group["name"]] * factor
+        return {name: lr * factor for name, lr in base.items()}
 
     # -- rollout -----------------------------------------------------------------------------
     @torch.no_grad()
@@ -297,7 +402,8 @@ class PPO(L.LightningModule):
         raw[0] = self._obs
         for t in range(T):
             mean = self.actor(self.normalize(torch.as_tensor(raw[t], device=dev, dtype=dt)))
-            action = mean + std * torch.randn_like(mean)
+            noise = torch.randn(mean.shape, generator=self._generator, device=dev, dtype=dt)
+            action = mean + std * noise
             actions[t] = action
             obs, reward, term, trunc, info = self.envs.step(
                 np.clip(action.cpu().numpy(), low, high)
@@ -359,94 +465,145 @@ class PPO(L.LightningModule):
                 self._ep_info[k][i] = self._ep_info_n[k][i] = 0.0
             self._ep_return[i], self._ep_length[i] = 0.0, 0
 
+    @torch.no_grad()
+    def update_normalizer(self, raw_obs: np.ndarray) -> None:
+        """Merge the raw observations ``(N, obs_dim)`` of every rank into the running
+        statistics. Each rank merges the same gathered batch ``(W·N, obs_dim)`` (rank order),
+        so all ranks hold the statistics of all samples; with one process it is ``raw_obs``."""
+        if self.normalizer is None:
+            return
+        x = self.all_gather(torch.as_tensor(raw_obs, device=self.device))  # (W, N, d) or (N, d)
+        self.normalizer.update(x.reshape(-1, self.obs_dim))
+
+    # -- advantages --------------------------------------------------------------------------
+    def compute_advantages(self, rollout: dict[str, Any]) -> tuple[Tensor, Tensor]:
+        """``(advantages, returns)``, both ``(T, E)``, of a rollout from :meth:`collect_rollout`:
+        discounted returns (``gae_lambda=None``, OPT-Mimic) or GAE(λ), bootstrapped with
+        ``V`` after the last step and at time-limit truncations (:func:`discounted_returns`)."""
+        return discounted_returns(
+            rollout["rewards"],
+            rollout["values"],
+            rollout["terminated"],
+            rollout["truncated"],
+            rollout["final_values"],
+            rollout["next_value"],
+            self.hparams.gamma,
+            self.hparams.gae_lambda,
+        )
+
     # -- update ------------------------------------------------------------------------------
     def _minibatches(self, n: int) -> Iterator[Tensor]:
         """Index minibatches without replacement, reshuffled whenever the rollout is used up."""
         size = min(self.hparams.minibatch_size, n)
         while True:
-            perm = torch.randperm(n, device=self.device)
+            perm = torch.randperm(n, generator=self._generator, device=self.device)
             for start in range(0, n - size + 1, size):
                 yield perm[start : start + size]
 
-    def training_step(self, batch: Tensor, batch_idx: int) -> None:
+    def loss_terms(self, data: dict[str, Tensor], idx: Tensor) -> dict[str, dict[str, Tensor]]:
+        """Both networks' loss terms on the minibatch ``idx (B,)`` of the flat ``data``
+        (``obs (N, obs_dim)``, ``actions (N, act_dim)``, ``logprob``, ``advantages``,
+        ``returns`` ``(N,)``): ``{"actor": pg_loss(...), "critic": v_loss(...)}``."""
         hp = self.hparams
-        t0 = time.perf_counter()
-        roll = self.collect_rollout()
-        t_rollout = time.perf_counter() - t0
-        if self.normalizer is not None:
-            self.normalizer.update(torch.as_tensor(roll["raw_obs"], device=self.device))
+        obs = data["obs"][idx]
+        adv = data["advantages"][idx]
+        if hp.normalize_advantages and adv.numel() > 1:
+            adv = (adv - adv.mean()) / (adv.std() + 1e-8)
+        logprob = self.distribution(obs).log_prob(data["actions"][idx]).sum(-1)
+        return {
+            "actor": pg_loss(logprob, data["logprob"][idx], adv, hp.clip_coef),
+            "critic": v_loss(self.value(obs), data["returns"][idx]),
+        }
 
-        advantages, returns = discounted_returns(
-            roll["rewards"],
-            roll["values"],
-            roll["terminated"],
-            roll["truncated"],
-            roll["final_values"],
-            roll["next_value"],
-            hp.gamma,
-            hp.gae_lambda,
-        )
-        n = advantages.numel()
-        obs = roll["obs"].reshape(n, self.obs_dim)
-        actions = roll["actions"].reshape(n, self.act_dim)
-        old_logprob = roll["logprob"].reshape(n)
-        adv, ret = advantages.reshape(n), returns.reshape(n)
+    def update(self, rollout: dict[str, Any]) -> dict[str, Tensor]:
+        """The minibatch gradient steps of one iteration.
 
+        ``rollout`` holds ``obs (..., obs_dim)`` (normalized as the policy saw them),
+        ``actions (..., act_dim)`` and ``logprob``, ``advantages``, ``returns`` ``(...)``, with
+        any common leading shape (``(T, E)`` from :meth:`collect_rollout` and
+        :meth:`compute_advantages`), flattened here to ``N`` samples. Step ``i`` draws a
+        minibatch and updates the actor while ``i < actor_steps`` (until ``target_kl`` stops
+        it) and the critic while ``i < critic_steps``.
+
+        Returns each loss term and diagnostic averaged over the steps that computed it.
+        """
+        hp = self.hparams
+        data = {
+            "obs": rollout["obs"].reshape(-1, self.obs_dim),
+            "actions": rollout["actions"].reshape(-1, self.act_dim),
+            **{k: rollout[k].reshape(-1) for k in ("logprob", "advantages", "returns")},
+        }
         opt = self.optimizers()
         torch_opt = opt.optimizer
+        groups = {g["name"]: g["params"] for g in torch_opt.param_groups}
+        nets = {"actor": self.actor, "critic": self.critic}
         n_updates = max(hp.actor_steps, hp.critic_steps, 1)
-        batches = self._minibatches(n)
+        batches = self._minibatches(data["obs"].shape[0])
         stats: dict[str, list[Tensor]] = {}
         actor_active = True
-        t1 = time.perf_counter()
         for i in range(n_updates):
             idx = next(batches)
-            loss = torch.zeros((), device=self.device, dtype=obs.dtype)
-            terms: dict[str, Tensor] = {}
-            if actor_active and i < hp.actor_steps:
-                a = adv[idx]
-                if hp.normalize_advantages and a.numel() > 1:
-                    a = (a - a.mean()) / (a.std() + 1e-8)
-                logprob = self.distribution(obs[idx]).log_prob(actions[idx]).sum(-1)
-                terms.update(pg_loss(logprob, old_logprob[idx], a, hp.clip_coef))
-                loss = loss + terms["loss_actor"]
-            if i < hp.critic_steps:
-                terms.update(v_loss(self.value(obs[idx]), ret[idx]))
-                loss = loss + terms["loss_critic"]
+            on = {"actor": actor_active and i < hp.actor_steps, "critic": i < hp.critic_steps}
             torch_opt.zero_grad(set_to_none=True)
-            if terms:  # empty once target_kl stopped the actor and the critic is done
+            # nothing runs once target_kl stopped the actor and the critic is done
+            if any(on.values()):
+                terms = self.loss_terms(data, idx)
+                # Both networks enter every backward, an inactive one with weight 0: under DDP
+                # the reducer waits for a gradient of every parameter. The inactive network's
+                # zero gradient is then dropped, so Adam skips it as it skips any parameter
+                # without a gradient (in one process as under DDP).
+                loss = sum(float(on[name]) * terms[name][f"loss_{name}"] for name in nets)
                 self.manual_backward(loss)
-                if hp.max_grad_norm is not None:
-                    for net in (self.actor, self.critic):
+                for name, net in nets.items():
+                    if not on[name]:
+                        for p in groups[name]:
+                            p.grad = None
+                    elif hp.max_grad_norm is not None:
                         nn.utils.clip_grad_norm_(net.parameters(), hp.max_grad_norm)
+                    if on[name]:
+                        for k, v in terms[name].items():
+                            stats.setdefault(k, []).append(v.detach())
             # Only the last update goes through Lightning's wrapper, so global_step counts
             # iterations (Adam skips parameters without gradients).
             if i == n_updates - 1:
                 opt.step()
-            elif terms:
+            elif any(on.values()):
                 torch_opt.step()
-            for k, v in terms.items():
-                stats.setdefault(k, []).append(v.detach())
-            if hp.target_kl is not None and "approx_kl" in terms:
-                actor_active = bool(terms["approx_kl"] <= hp.target_kl)
-        t_update = time.perf_counter() - t1
+            if hp.target_kl is not None and on["actor"]:
+                # the KL averaged over ranks (a copy: reduce works in place), so all stop together
+                kl = self.trainer.strategy.reduce(
+                    terms["actor"]["approx_kl"].detach().clone(), reduce_op="mean"
+                )
+                actor_active = bool(kl <= hp.target_kl)
+        return {k: torch.stack(v).mean() for k, v in stats.items()}
 
-        logs = {f"train/{k}": torch.stack(v).mean() for k, v in stats.items()}
+    def _log_iteration(
+        self,
+        rollout: dict[str, Any],
+        stats: dict[str, Tensor],
+        lrs: dict[str, float],
+        t_rollout: float,
+        t_update: float,
+    ) -> None:
+        """Log one iteration's scalars (this rank's; only rank 0's loggers write them)."""
+        n = rollout["returns"].numel()
+        logs = {f"train/{k}": v for k, v in stats.items()}
         logs["train/std"] = self.log_std.detach().exp().mean()
-        logs["train/value_mean"] = roll["values"].mean()
-        logs["train/return_mean"] = ret.mean()
+        logs["train/value_mean"] = rollout["values"].mean()
+        logs["train/return_mean"] = rollout["returns"].mean()
+        for name, lr in lrs.items():
+            logs[f"charts/lr_{name}"] = torch.tensor(lr)
         logs["charts/sps"] = torch.tensor(n / max(t_rollout, 1e-9))
         logs["charts/time_rollout"] = torch.tensor(t_rollout)
         logs["charts/time_update"] = torch.tensor(t_update)
         logs["charts/sps_total"] = torch.tensor(n / max(t_rollout + t_update, 1e-9))
-        logs["charts/samples"] = torch.tensor(float((self.global_step) * n))
-        fin = roll["finished"]
-        for k, v in fin.items():
+        logs["charts/samples"] = torch.tensor(float(self.global_step * n * self.trainer.world_size))
+        for k, v in rollout["finished"].items():
             if v:
                 logs[f"rollout/{k}"] = torch.tensor(float(np.mean(v)))
-        bar = ("rollout/ep_return", "rollout/pos_error", "rollout/joint_error")
         for k, v in logs.items():
-            self.log(k, v.float(), on_step=True, on_epoch=False, batch_size=1, prog_bar=k in bar)
+            self.log(k, v.float(), on_step=True, on_epoch=False, batch_size=1,
+                     prog_bar=k in self.progress_bar_keys)
 
     # -- evaluation --------------------------------------------------------------------------
     @torch.no_grad()
@@ -478,7 +635,7 @@ class PPO(L.LightningModule):
                 logs[f"val/{k}"] = float(ep[k].mean())
                 stem = k[: -len("_error")] if k.endswith("_error") else k
                 logs[f"val/{stem}_rmse"] = float(np.sqrt(np.mean(ep[k] ** 2)))
-        self.log(
-            "val/ep_return", logs.pop("val/ep_return"), on_epoch=True, batch_size=1, prog_bar=True
-        )
-        self.log_dict(logs, on_step=False, on_epoch=True, batch_size=1)
+        # averaged over ranks under DDP (each rank's episodes): every rank logs the same keys
+        self.log("val/ep_return", logs.pop("val/ep_return"), on_epoch=True, batch_size=1,
+                 prog_bar=True, sync_dist=True)
+        self.log_dict(logs, on_step=False, on_epoch=True, batch_size=1, sync_dist=True)

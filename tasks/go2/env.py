@@ -54,8 +54,6 @@ Domain randomization (``randomize=True``; drawn at reset from the seeded ``np_ra
 from __future__ import annotations
 
 import math
-import os
-from pathlib import Path
 from typing import Any
 
 import gymnasium as gym
@@ -65,33 +63,27 @@ from gymnasium import spaces
 
 from diffto.tasks.go2 import model as go2_model
 from diffto.tasks.go2.reference import ReferenceTrajectory
+from diffto.tasks.go2.reference_source import load_reference
 from diffto.tasks.go2.tracking_config import (
     TrackingConfig,
     restitution_to_damping_ratio,
 )
-from diffto.tasks.rendering import RenderingUnavailableError, make_renderer
+from diffto.tasks.rendering import (
+    GHOST_RGB,
+    RenderingUnavailableError,
+    add_ghost,
+    make_renderer,
+)
 
 __all__ = ["Go2TrackingEnv", "RenderingUnavailableError", "restitution_to_damping_ratio"]
 
-OBS_DIM = 30
+OBS_DIM = 39  # OPT-Mimic's 30 + base velocities (6) + position error (3); see TrackingConfig
 ACTION_DIM = 12
 
 
 def _resolve_reference(reference: Any, config: TrackingConfig) -> ReferenceTrajectory:
-    """A ReferenceTrajectory from an instance, a ``.npz`` path or a motion name."""
-    if isinstance(reference, ReferenceTrajectory):
-        return reference
-    if not isinstance(reference, str | os.PathLike):
-        raise ValueError("reference must be a ReferenceTrajectory, a path to a reference .npz "
-                         f"or a motion name, got {type(reference).__name__}")
-    path = Path(reference)
-    if path.suffix == ".npz" or path.is_file():
-        if not path.is_file():
-            raise ValueError(f"reference file {str(path)!r} does not exist")
-        return ReferenceTrajectory.load(path)
-    from diffto.tasks.go2.planner import plan_reference  # CasADi is imported only when planning
-
-    return plan_reference(str(reference), config.reference_duration, dt=config.control_dt,
+    """``reference`` through :func:`load_reference`, with the config's duration, dt and cache."""
+    return load_reference(reference, duration=config.reference_duration, dt=config.control_dt,
                           cache_dir=config.reference_cache_dir)
 
 
@@ -99,24 +91,34 @@ class Go2TrackingEnv(gym.Env):
     """Residual tracking of a Go2 reference (OPT-Mimic), 50 Hz policy over 1 kHz MuJoCo physics.
 
     Args:
-        reference: a ``ReferenceTrajectory``, a path to a reference ``.npz``, or a motion name
-            planned (and cached) by ``plan_reference`` with ``config.reference_duration``.
+        reference: a ``ReferenceTrajectory``; a motion name planned (and cached) by
+            ``plan_reference`` with ``config.reference_duration``; a reference ``.npz``; or a
+            folder of a user's raw ``state_traj.npy``, ``grf_traj.npy``,
+            ``joint_vel_traj.npy`` (and optionally ``contact_sequence.npy``), read at
+            ``config.control_dt`` (see :func:`~diffto.tasks.go2.reference_source.load_reference`).
         randomize: draw friction, restitution, joint offsets and torque scale at every reset.
-        render_mode: ``None`` or ``"rgb_array"``.
+        render_mode: ``None`` or ``"rgb_array"`` (frames show the reference as a translucent
+            ghost beside the robot, ``config.render_ghost_alpha``; see :meth:`render`).
         config: base constants (defaults: :class:`TrackingConfig`).
         **overrides: :class:`TrackingConfig` fields to replace, e.g. ``kp=80.0``.
 
     Spaces:
-        observation ``(30,) float32`` = body quaternion (4, w x y z) + joint positions as read
+        observation ``(36,) float32`` = body quaternion (4, w x y z) + joint positions as read
         with the offset ``q - o`` (12) + joint velocities (12) + phase encoding
-        ``[cos, sin](2π p / N)`` (2); action ``(12,) float32`` in ``[-1, 1]``, joint order.
+        ``[cos, sin](2π p / N)`` (2) + base linear velocity (3) and angular velocity (3), both
+        in the base frame (``config.observe_base_velocity``) + the reference base position at
+        phase ``p`` minus the base position, in the base frame (3,
+        ``config.observe_position_error``); ``(30,)`` with neither (OPT-Mimic's observation);
+        action ``(12,) float32`` in ``[-1, 1]``, joint order.
 
-    ``reset(seed=...)`` fully determines the initial phase and the randomization;
+    ``reset(seed=...)`` fully determines the initial phase and the randomization: phase 0
+    with probability ``config.clip_start_share``, else uniform over the clip;
     ``reset(options={"phase": p})`` starts at phase ``p``. ``info`` at reset: ``phase``,
     ``friction``, ``restitution``, ``contact_damping_ratio``, ``joint_offset (12,)``,
     ``torque_scale``; per step: ``phase``, ``pos_error``, ``orient_error``, ``joint_error``,
     ``action_rate_error``, ``max_torque``, ``reward_<term>`` for the five terms, ``contact (4,)``,
-    ``contact_mismatch (4,)``, ``physics_diverged``.
+    ``contact_mismatch (4,)``, ``physics_diverged``, ``clip_completed`` (the step reached
+    the clip's end: ``truncated``, or ``terminated`` with ``config.terminal_at_clip_end``).
     """
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 50}
@@ -167,7 +169,9 @@ class Go2TrackingEnv(gym.Env):
         self._tabulate_reference()
 
         # Quaternion and phase encoding lie in [-1, 1]; joint readings and velocities are unbounded.
-        high = np.full(OBS_DIM, np.inf, dtype=np.float32)
+        self.obs_dim = (30 + 6 * self.config.observe_base_velocity
+                        + 3 * self.config.observe_position_error)
+        high = np.full(self.obs_dim, np.inf, dtype=np.float32)
         high[0:4] = high[28:30] = 1.0
         self.observation_space = spaces.Box(-high, high, dtype=np.float32)
         self.action_space = spaces.Box(-1.0, 1.0, shape=(ACTION_DIM,), dtype=np.float32)
@@ -231,7 +235,6 @@ class Go2TrackingEnv(gym.Env):
         self._init_qpos[:, 2] += c.body_height_offset
         self._ref_pos_rows, self._ref_quat_rows = self._ref_pos.tolist(), self._ref_quat.tolist()
         self._phase_enc = stack("get_phase_encoding", n + 1, 2, np.float32)  # (N+1, 2)
-        self._phase_enc = stack("get_phase_encoding", n + 1, 2, np.float32)  # (N+1, 2)
         ref_dq = stack("get_joint_vel", n, 12)  # (N, 12)
         tau_ff = stack("get_feedforward_torque", n, 12)  # (N, 12)
         self._ref_contact = stack("get_contact_state", n, 4, bool)  # (N, 4)
@@ -283,7 +286,10 @@ class Go2TrackingEnv(gym.Env):
         options = options or {}
         if set(options) - {"phase"}:
             raise ValueError(f"reset options may only contain 'phase', got {sorted(options)}")
-        drawn = int(self.np_random.integers(0, self.num_phases))  # always drawn: one RNG stream
+        # both always drawn, so the RNG stream does not depend on the options
+        drawn = int(self.np_random.integers(0, self.num_phases))
+        if self.np_random.random() < self.config.clip_start_share:
+            drawn = 0
         phase = options.get("phase", drawn)
         if not (isinstance(phase, int | np.integer) and 0 <= phase < self.num_phases):
             raise ValueError(f"options['phase'] must be an int in [0, {self.num_phases}), "
@@ -346,13 +352,15 @@ class Go2TrackingEnv(gym.Env):
 
         contact = self._foot_contacts()
         mismatch = (contact != self._ref_contact[p]) & self._contact_checked[p]
-        terminated = bool(
+        failed = bool(
             over
             or base[2] < self.config.min_body_height
             or (self.config.terminate_on_contact_mismatch and mismatch.any())
             or diverged
         )
-        truncated = p1 >= self.num_phases
+        clip_end = p1 >= self.num_phases
+        terminated = failed or (clip_end and self.config.terminal_at_clip_end)
+        truncated = clip_end and not self.config.terminal_at_clip_end
         self._needs_reset = terminated or truncated
         self._prev_residual = residual
         info = {
@@ -361,33 +369,53 @@ class Go2TrackingEnv(gym.Env):
             "reward_position": terms[0], "reward_orientation": terms[1], "reward_joint": terms[2],
             "reward_action_rate": terms[3], "reward_torque": terms[4],
             "contact": contact, "contact_mismatch": mismatch, "physics_diverged": diverged,
+            "clip_completed": clip_end and not failed,
         }
         return self._observation(), reward, terminated, truncated, info
 
     def render(self) -> np.ndarray | None:
         """RGB frame ``(H, W, 3) uint8`` from the model's tracking camera.
 
+        With ``config.render_ghost_alpha > 0`` the frame also shows the reference pose of the
+        current phase, ``qpos^ref_p`` with ``config.body_height_offset`` (the pose the
+        position, orientation and joint errors of the last step were measured against), as a
+        translucent light-blue copy of the robot. The camera follows the robot, so the ghost's
+        offset from the robot is the tracking error.
+
         Raises:
             RenderingUnavailableError: MuJoCo cannot create an offscreen GL context here
                 (set ``MUJOCO_GL=osmesa`` before importing mujoco and install OSMesa).
+            ValueError: ``config.render_camera`` names no camera, or
+                ``config.render_ghost_alpha`` lies outside [0, 1].
         """
         if self.render_mode is None:
             gym.logger.warn("Go2TrackingEnv.render() called with render_mode=None; pass "
                             "render_mode='rgb_array' to the constructor")
             return None
         c = self.config
+        alpha = c.render_ghost_alpha
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"config.render_ghost_alpha must lie in [0, 1], got {alpha!r}")
         if self._renderer is None:
+            # The default capacity (10 000 geoms) holds the robot twice, with the ghost.
             self._renderer = make_renderer(self.model, c.render_height, c.render_width)
+            self._ghost_data = mujoco.MjData(self.model)  # the reference pose, kinematics only
         try:
             self._renderer.update_scene(self.data, camera=c.render_camera)
         except Exception as err:
             raise ValueError(f"config.render_camera {c.render_camera!r}: {err}") from err
+        if alpha > 0.0:
+            ghost = self._ghost_data
+            ghost.qpos[:] = self._init_qpos[self._phase]  # (19,), body height offset included
+            mujoco.mj_kinematics(self.model, ghost)
+            add_ghost(self._renderer.scene, self.model, ghost, (*GHOST_RGB, alpha))
         return self._renderer.render()
 
     def close(self) -> None:
         if self._renderer is not None:
             self._renderer.close()
             self._renderer = None
+            self._ghost_data = None
         super().close()
 
     # ------------------------------------------------------------------ inspection
@@ -443,11 +471,28 @@ class Go2TrackingEnv(gym.Env):
         return slots[:4]
 
     def _observation(self) -> np.ndarray:
-        obs = np.empty(OBS_DIM, dtype=np.float32)
+        obs = np.empty(self.obs_dim, dtype=np.float32)
         obs[0:4] = self._qpos[3:7]
         obs[4:16] = self._qpos[7:] - self.joint_offset
         obs[16:28] = self._qvel[6:]
         obs[28:30] = self._phase_enc[self._phase]
+        if self.obs_dim == 30:
+            return obs
+        # World vectors go into the base frame by the conjugate of the base quaternion.
+        q = self._qpos[3:7]
+        conj = np.array([q[0], -q[1], -q[2], -q[3]])
+        v = np.empty(3)
+        i = 30
+        if self.config.observe_base_velocity:
+            # Free joint: qvel[0:3] is the world-frame linear velocity; qvel[3:6] the angular
+            # velocity, already in the base frame.
+            mujoco.mju_rotVecQuat(v, self._qvel[0:3], conj)
+            obs[i : i + 3] = v
+            obs[i + 3 : i + 6] = self._qvel[3:6]
+            i += 6
+        if self.config.observe_position_error:
+            mujoco.mju_rotVecQuat(v, self._ref_pos[self._phase] - self._qpos[0:3], conj)
+            obs[i : i + 3] = v
         return obs
 
 

@@ -11,7 +11,10 @@ feedback), and reports RMS tracking errors over the clip:
 - joints: RMS over the 12 joints of ``q − q_ref`` (rad).
 
 It writes a tracking-error plot (PNG) and, where MuJoCo can render, a rollout video (MP4),
-both atomically (temporary file + ``os.replace``). :class:`Go2TrackingReport` is the
+both atomically (temporary file + ``os.replace``). The video shows the reference pose of each
+frame's phase as a translucent light-blue ghost of the robot; the camera follows the robot, so
+the ghost's offset from it is the tracking error (``render_ghost_alpha`` in the env kwargs, 0
+for none). :class:`Go2TrackingReport` is the
 Lightning callback that does this at every validation (plot) and at the end of fit (plot and
 video), into the run's log directory.
 """
@@ -34,6 +37,13 @@ from diffto.tasks.go2.rollout import (
     load_policy,
     resolve_reference,
 )
+from diffto.tasks.go2.tracking_errors import TrackingErrors, tracking_errors
+from diffto.tasks.go2.tracking_table import (
+    format_table,
+    save_table,
+    tracking_table,
+    zero_residual,
+)
 
 __all__ = [
     "TrackingErrors",
@@ -43,41 +53,6 @@ __all__ = [
     "Go2TrackingReport",
     "main",
 ]
-
-
-@dataclass
-class TrackingErrors:
-    """Per-knot errors ``(T,)`` of a rollout against its reference, and their RMS."""
-
-    time: np.ndarray
-    position: np.ndarray
-    orientation_deg: np.ndarray
-    joint: np.ndarray
-
-    def rms(self) -> dict[str, float]:
-        """``{"pos_rmse" (m), "orient_rmse_deg", "joint_rmse_per_joint" (rad)}`` over the
-        rollout. (PPO's ``val/joint_rmse`` is the RMS of the env's 12-joint error *norm*,
-        √12 times the per-joint figure.)"""
-        r = lambda e: float(np.sqrt(np.mean(np.square(e))))  # noqa: E731
-        return {"pos_rmse": r(self.position), "orient_rmse_deg": r(self.orientation_deg),
-                "joint_rmse_per_joint": r(self.joint)}
-
-
-def tracking_errors(qpos_traj: np.ndarray, reference: Any, start_phase: int = 0) -> TrackingErrors:
-    """Errors of ``qpos_traj (T, 19)`` against reference knots ``start_phase .. +T−1``."""
-    q = np.asarray(qpos_traj, dtype=np.float64)
-    if q.ndim != 2 or q.shape[1] != 19:
-        raise ValueError(f"qpos_traj must have shape (T, 19), got {q.shape}")
-    ref = np.array([reference.qpos(start_phase + k) for k in range(len(q))])  # (T, 19)
-    pos = np.linalg.norm(q[:, :3] - ref[:, :3], axis=1)
-    # vec(q_ref⁻¹ ⊗ q) for unit quaternions (w, v): w_r v − w v_r − v_r × v; ‖·‖ = sin(θ/2).
-    w, v = q[:, 3], q[:, 4:7]
-    wr, vr = ref[:, 3], ref[:, 4:7]
-    vec = wr[:, None] * v - w[:, None] * vr - np.cross(vr, v)
-    angle = 2.0 * np.arcsin(np.clip(np.linalg.norm(vec, axis=1), 0.0, 1.0))
-    joint = np.sqrt(np.mean((q[:, 7:] - ref[:, 7:]) ** 2, axis=1))
-    t = (start_phase + np.arange(len(q))) * float(reference.dt)
-    return TrackingErrors(t, pos, np.degrees(angle), joint)
 
 
 @dataclass
@@ -232,10 +207,14 @@ class Go2TrackingReport(Callback):
 
     Args:
         every_n_validations: report at every n-th validation (0: only at fit end).
-        video: render the policy rollouts (about 65 ms per frame with OSMesa, ~7 s for the
-            2 s clip); skipped with a warning where rendering fails.
+        video: render the policy rollouts, with the reference as a translucent ghost beside
+            the robot (about 65 ms per frame with OSMesa, ~7 s for the 2 s clip); skipped
+            with a warning where rendering fails.
         baseline: open-loop torques of the comparison.
         steps: control steps per report rollout (default: the whole reference).
+        table_seeds: randomized episodes of the end-of-fit tracking table
+            (:mod:`diffto.tasks.go2.tracking_table`, written as ``tracking/table.md`` and
+            ``.json``); 0 skips the table.
     """
 
     def __init__(
@@ -244,6 +223,7 @@ class Go2TrackingReport(Callback):
         video: bool = True,
         baseline: Literal["inverse_dynamics", "feedforward"] = "inverse_dynamics",
         steps: int | None = None,
+        table_seeds: int = 20,
     ) -> None:
         if every_n_validations < 0:
             raise ValueError(f"every_n_validations must be >= 0, got {every_n_validations}")
@@ -254,8 +234,12 @@ class Go2TrackingReport(Callback):
         self.video = video
         self.baseline = baseline
         self.steps = steps
+        if isinstance(table_seeds, bool) or not isinstance(table_seeds, int) or table_seeds < 0:
+            raise ValueError(f"table_seeds must be an int >= 0, got {table_seeds!r}")
+        self.table_seeds = table_seeds
         self._validations = 0
         self.last_report: TrackingReport | None = None
+        self.last_table: list[Any] | None = None
 
     @staticmethod
     def out_dir(trainer: Trainer) -> Path:
@@ -300,6 +284,31 @@ class Go2TrackingReport(Callback):
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._report(trainer, pl_module, "final", video=self.video)
+        if self.table_seeds and trainer.is_global_zero:
+            self._table(trainer, pl_module)
+
+    def _table(self, trainer: Trainer, module: LightningModule) -> None:
+        """The tracking table of the run: PD + feedforward alone, the best checkpoint (when
+        a checkpoint callback monitors a metric and has saved one), the final policy."""
+        reference, kwargs = _reference_and_kwargs(module)
+        controllers: dict[str, Any] = {"PD + feedforward alone": zero_residual}
+        for callback in trainer.checkpoint_callbacks:
+            best = getattr(callback, "best_model_path", "")
+            if getattr(callback, "monitor", None) and best and Path(best).is_file():
+                controllers[f"best ({Path(best).name})"] = type(module).load_from_checkpoint(
+                    best, map_location="cpu")
+                break
+        controllers[f"final (iteration {trainer.global_step})"] = module
+        seeds = 1 if trainer.fast_dev_run else self.table_seeds
+        was_training = module.training
+        try:
+            rows = tracking_table(controllers, reference, seeds=seeds, env_kwargs=kwargs)
+        finally:
+            module.train(was_training)
+        self.last_table = rows
+        path = save_table(rows, self.out_dir(trainer))
+        print(f"\nGo2 tracking table (nominal clip; {seeds} randomized episodes from phase 0, "
+              f"termination on):\n{format_table(rows)}\n  written: {path}")
 
 
 def _load_trained_module(ckpt: Path):
@@ -337,7 +346,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--baseline", choices=("inverse_dynamics", "feedforward"),
                         default="inverse_dynamics")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, default=20,
+                        help="randomized episodes of the tracking table (PD + feedforward "
+                             "alone, best.ckpt and last.ckpt of the checkpoint's folder, the "
+                             "checkpoint itself); 0 skips the table")
     args = parser.parse_args(argv)
+    if args.seeds < 0:
+        parser.error(f"--seeds must be >= 0, got {args.seeds}")
     ckpt = Path(args.checkpoint)
     if not ckpt.is_file():
         parser.error(f"--checkpoint {str(ckpt)!r} does not exist")
@@ -353,6 +368,21 @@ def main(argv: list[str] | None = None) -> None:
     print(f"plot: {report.plot}")
     if report.video:
         print(f"video: {report.video}")
+    if args.seeds:
+        controllers: dict[str, Any] = {"PD + feedforward alone": zero_residual}
+        for sibling in ("best.ckpt", "last.ckpt"):
+            path = ckpt.parent / sibling
+            if path.is_file() and path.resolve() != ckpt.resolve():
+                controllers[sibling] = _load_trained_module(path)
+            elif path.is_file():
+                controllers[sibling] = module
+        if ckpt.name not in controllers:
+            controllers[ckpt.name] = module
+        rows = tracking_table(controllers, reference, seeds=args.seeds, env_kwargs=kwargs)
+        print(f"\nnominal clip from phase 0; {args.seeds} randomized episodes from phase 0 "
+              f"(reset seeds 0..{args.seeds - 1}), termination on:")
+        print(format_table(rows))
+        print(f"table: {save_table(rows, out, name=f'{ckpt.stem}_table')}")
 
 
 if __name__ == "__main__":

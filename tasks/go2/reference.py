@@ -19,8 +19,31 @@ array              shape        meaning
 
 Accessors take an integer phase and clamp it into range, so asking past the end returns the
 last value. ``save``/``load`` use one ``.npz`` with exactly these arrays, ``dt`` and a JSON
-``meta`` string; :meth:`ReferenceTrajectory.from_files` reads the raw ``.npy`` outputs of an
-MPC instead (layout in its docstring).
+``meta`` string.
+
+A user's own motion, as the raw outputs of an MPC or trajectory optimizer, is read by
+:meth:`ReferenceTrajectory.from_files` (arrays or ``.npy`` paths) and
+:meth:`ReferenceTrajectory.from_path` (a folder of those files, or one ``.npz`` holding them
+under their names):
+
+======================  ===============  ====================================================
+raw array               shape            meaning
+======================  ===============  ====================================================
+``state_traj``          ``(N+1, 30)``    body position 0:3 (world), body velocity 3:6
+                        or ``(N+1, 36)`` (world), roll-pitch-yaw 6:9, angular velocity 9:12
+                                         (base frame), joint angles 12:24 (qpos order); in
+                                         30 columns 24:30 are carried but unused, in 36
+                                         columns 24:36 are joint velocities at the knots
+``grf_traj``            ``(N, 12)``      ground force on FL, FR, RL, RR (xyz, world, newtons)
+``joint_vel_traj``      ``(N, 12)``      joint velocities per interval: the ones used
+``contact_sequence``    ``(4, N)``       optional 0/1 stance flags; default ``f_z > 1 N``
+======================  ===============  ====================================================
+
+The raw files are checked for the mistake that shapes cannot catch, ``grf_traj`` and
+``joint_vel_traj`` given the wrong way round (both are ``(N, 12)``): over the clip the feet's
+total vertical force must carry the Go2's weight on average (:data:`WEIGHT_RATIO_BOUNDS`).
+:func:`diffto.tasks.go2.reference_source.load_reference` is the one entry point that also
+accepts motion names (planned) and is what the env's ``reference`` argument goes through.
 """
 
 from __future__ import annotations
@@ -35,13 +58,29 @@ from typing import Any
 import numpy as np
 
 from diffto.tasks.go2.feedforward import FeedforwardComputer
-from diffto.tasks.go2.legs import rpy_to_quat
+from diffto.tasks.go2.legs import PARAMS_PATH, rpy_to_quat
 
-__all__ = ["ReferenceTrajectory"]
+__all__ = ["RAW_ARRAYS", "STATE_COLUMNS", "WEIGHT_RATIO_BOUNDS", "ReferenceTrajectory"]
 
 _KNOT_ARRAYS = {"body_pos": 3, "body_vel": 3, "body_euler": 3, "body_ang_vel": 3, "joint_pos": 12}
 _INTERVAL_ARRAYS = {"joint_vel": 12, "grf": 12, "contact": 4, "tau_ff": 12}
-_STATE_COLUMNS = 30
+
+RAW_ARRAYS = ("state_traj", "grf_traj", "joint_vel_traj", "contact_sequence")
+"""Names of the raw arrays (``<name>.npy`` in a folder, or keys of one ``.npz``); the last is
+optional."""
+STATE_COLUMNS = (30, 36)
+"""Accepted column counts of ``state_traj``: 24:30 unused, or 24:36 knot joint velocities."""
+WEIGHT_RATIO_BOUNDS = (0.3, 3.0)
+"""Accepted range of the clip's mean total vertical ground force, in units of the Go2's weight
+``m g`` (15.206 kg × 9.81 m/s² = 149.2 N). Momentum balance over a clip of length ``T`` gives
+``mean Σ f_z = m g + m (v_z(T) - v_z(0)) / T``, so any periodic motion averages ``m g``
+whatever its flight phases: the planner's 2 s trot, bound and pronk (40% in flight) measure
+1.00, 0.99 and 0.96. The band is wide so that clips cut mid-jump still pass, yet joint
+velocities read as forces (a few rad/s, averaging near 0) or forces in units of ``m g`` or
+of the wrong sign cannot."""
+_GRAVITY = 9.81  # m/s², as the planner's dynamics and the MuJoCo model
+# The Go2's total mass (kg), from the same Menagerie numbers as the model and the planner.
+_TOTAL_MASS = float(json.loads(PARAMS_PATH.read_text())["derived"]["total_mass"])
 
 
 def _check_array(name: str, value: Any, shape: tuple[int, ...], shape_text: str) -> np.ndarray:
@@ -102,6 +141,39 @@ def _read_npy(name: str, source: Any) -> tuple[np.ndarray, str]:
             )
         return data, label
     return np.asarray(source), name
+
+
+def _weight_ratio(forces: np.ndarray) -> float:
+    """Mean over the clip of the feet's total vertical force ``(N, 12)`` -> units of ``m g``."""
+    return float(forces.reshape(-1, 4, 3)[:, :, 2].sum(axis=1).mean()) / (_TOTAL_MASS * _GRAVITY)
+
+
+def _check_weight(grf: np.ndarray, grf_label: str, jv: np.ndarray, jv_label: str) -> None:
+    """Raise unless ``grf`` carries the Go2's weight on average (:data:`WEIGHT_RATIO_BOUNDS`).
+
+    Both arrays are ``(N, 12)``, so a swap passes every shape check; read as forces, joint
+    velocities average near zero, far below the band.
+    """
+    lo, hi = WEIGHT_RATIO_BOUNDS
+    weight = _TOTAL_MASS * _GRAVITY
+    ratio = _weight_ratio(grf)
+    if lo <= ratio <= hi:
+        return
+    measured = (
+        f"the mean total vertical force of {grf_label} over the clip is {ratio * weight:.1f} N "
+        f"= {ratio:.2f} m·g, outside [{lo}, {hi}] m·g (the Go2's weight m·g is {weight:.1f} N)"
+    )
+    if lo <= (swapped := _weight_ratio(jv)) <= hi:
+        raise ValueError(
+            f"{grf_label} and {jv_label} look swapped: {measured}, while {jv_label} read as "
+            f"forces would carry {swapped:.2f} m·g. Give the ground forces as grf_traj and "
+            "the joint velocities as joint_vel_traj"
+        )
+    raise ValueError(
+        f"{grf_label} does not carry the robot's weight: {measured}. Expected the force the "
+        "ground exerts on each foot in newtons, world frame, z up, FL, FR, RL, RR × xyz "
+        "(check_weight=False skips this for a clip that is mostly in flight)"
+    )
 
 
 class ReferenceTrajectory:
@@ -313,40 +385,150 @@ class ReferenceTrajectory:
         dt: float = 0.02,
         *,
         contact_force_threshold: float = 1.0,
+        check_weight: bool = True,
     ) -> ReferenceTrajectory:
         """Build a reference from raw MPC outputs (``.npy`` paths or arrays).
 
         Args:
-            state_traj: ``(N+1, 30)``: body position 0:3 (world), body velocity 3:6 (world),
-                roll-pitch-yaw 6:9, angular velocity 9:12 (base frame), joint angles 12:24
-                (qpos order). Columns 24:30 are carried by the MPC but not read: joint
-                velocities come from ``joint_vel_traj``.
-            grf_traj: ``(N, 12)`` ground forces on FL, FR, RL, RR (xyz), world frame.
-            joint_vel_traj: ``(N, 12)`` joint velocities per interval.
+            state_traj: ``(N+1, 30)`` or ``(N+1, 36)``: body position 0:3 (world), body
+                velocity 3:6 (world), roll-pitch-yaw 6:9, angular velocity 9:12 (base frame),
+                joint angles 12:24 (qpos order). With 30 columns, 24:30 are carried by the
+                MPC but not read. With 36, 24:36 are the joint velocities at the knots; they
+                are not read either: the reference's joint velocities (the env's initial
+                ``qvel``, its velocity feedforward) are ``joint_vel_traj``'s, one per
+                interval, and the knot values are not compared with them (an MPC's knot and
+                interval velocities may differ; neither layout is an error for it).
+            grf_traj: ``(N, 12)`` force the ground exerts on FL, FR, RL, RR (xyz), world
+                frame, newtons (z up: stance feet push the robot up).
+            joint_vel_traj: ``(N, 12)`` joint velocities (rad/s) per interval.
             contact_sequence: ``(4, N)`` 0/1 stance flags (feet × intervals); ``None`` derives
                 them as ``f_z > contact_force_threshold`` newtons.
             dt: interval length in seconds.
+            check_weight: check that ``grf_traj`` carries the robot's weight on average
+                (:data:`WEIGHT_RATIO_BOUNDS`); switch off only for a clip that is mostly in
+                flight.
 
-        Anything else (another shape, a transposed contact sequence, NaN/Inf, non-numeric
-        data, an ``.npz`` archive) raises ``ValueError`` naming the file and array.
+        Raises:
+            ValueError: naming the file and array, for anything else: another shape (a
+                ``state_traj`` with neither 30 nor 36 columns, a transposed contact
+                sequence), NaN/Inf, non-numeric data, an ``.npz`` archive; and for a
+                ``grf_traj`` whose mean total vertical force lies outside
+                :data:`WEIGHT_RATIO_BOUNDS` × ``m g``, saying the two ``(N, 12)`` files look
+                swapped when ``joint_vel_traj`` would carry the weight instead.
         """
-        state, state_label = _read_npy("state_traj", state_traj)
-        if state.ndim != 2 or state.shape[1] != _STATE_COLUMNS or state.shape[0] < 2:
-            raise ValueError(
-                f"{state_label}: expected shape (N+1, {_STATE_COLUMNS}) with "
-                f"N >= 1, got {state.shape}"
+        raw = {
+            "state_traj": _read_npy("state_traj", state_traj),
+            "grf_traj": _read_npy("grf_traj", grf_traj),
+            "joint_vel_traj": _read_npy("joint_vel_traj", joint_vel_traj),
+        }
+        if contact_sequence is not None:
+            raw["contact_sequence"] = _read_npy("contact_sequence", contact_sequence)
+        return cls._from_raw(
+            raw, dt, contact_force_threshold, check_weight, meta={"source": "from_files"}
+        )
+
+    @classmethod
+    def from_path(
+        cls,
+        path: str | os.PathLike,
+        *,
+        dt: float = 0.02,
+        contact_force_threshold: float = 1.0,
+        check_weight: bool = True,
+    ) -> ReferenceTrajectory:
+        """Read a reference from disk in any of its file forms.
+
+        Args:
+            path: a ``.npz`` written by :meth:`save` (read by :meth:`load`, its own ``dt``
+                applies); a ``.npz`` holding the raw arrays under the names
+                :data:`RAW_ARRAYS`; or a folder holding ``state_traj.npy``, ``grf_traj.npy``,
+                ``joint_vel_traj.npy`` and optionally ``contact_sequence.npy`` (other files in
+                it are ignored).
+            dt, contact_force_threshold, check_weight: as in :meth:`from_files`, for raw
+                arrays.
+
+        Raises:
+            ValueError: the path does not exist or is another kind of file, a folder or
+                archive lacks a required array or holds unknown ones, or :meth:`from_files`
+                rejects the arrays; the message starts with the path.
+        """
+        path = Path(path).expanduser()
+        accepted = (
+            "a reference .npz (ReferenceTrajectory.save, or the raw arrays state_traj, grf_traj, "
+            "joint_vel_traj and optionally contact_sequence under those names) or a folder "
+            "holding state_traj.npy, grf_traj.npy, joint_vel_traj.npy and optionally "
+            "contact_sequence.npy"
+        )
+        if path.is_dir():
+            files = {name: path / f"{name}.npy" for name in RAW_ARRAYS}
+            if missing := [f.name for f in list(files.values())[:3] if not f.is_file()]:
+                present = sorted(p.name for p in path.iterdir() if p.suffix == ".npy")
+                raise ValueError(
+                    f"{path}: missing {missing} (the folder's .npy files: {present}); "
+                    f"expected {accepted}"
+                )
+            raw = {name: _read_npy(name, f) for name, f in files.items() if f.is_file()}
+        elif path.is_file() and path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as data:
+                names = set(data.files)
+                if not names & set(RAW_ARRAYS):  # the save format: load checks it
+                    raw = None
+                elif missing := set(RAW_ARRAYS[:3]) - names:
+                    raise ValueError(f"{path}: missing raw arrays {sorted(missing)}")
+                elif extra := names - set(RAW_ARRAYS):
+                    raise ValueError(
+                        f"{path}: unexpected arrays {sorted(extra)} beside the raw ones; "
+                        f"expected {accepted}"
+                    )
+                else:
+                    try:
+                        raw = {n: (data[n], f"{n} ({path.name})") for n in sorted(names)}
+                    except ValueError as err:  # object arrays need pickle: refuse them
+                        raise ValueError(f"{path}: not plain numeric arrays ({err})") from err
+            if raw is None:
+                return cls.load(path)
+        elif path.exists():
+            raise ValueError(f"{path}: expected {accepted}")
+        else:
+            raise ValueError(f"{path}: no such file or folder; expected {accepted}")
+        try:
+            return cls._from_raw(
+                raw, dt, contact_force_threshold, check_weight, meta={"source": str(path)}
             )
-        n = state.shape[0] - 1
-        state = _check_array(state_label, state, (n + 1, _STATE_COLUMNS), "(N+1, 30)")
-        grf, grf_label = _read_npy("grf_traj", grf_traj)
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from err
+
+    @classmethod
+    def _from_raw(
+        cls,
+        raw: dict[str, tuple[np.ndarray, str]],
+        dt: float,
+        contact_force_threshold: float,
+        check_weight: bool,
+        meta: dict[str, Any],
+    ) -> ReferenceTrajectory:
+        """The reference from raw arrays ``{name: (array, label for messages)}``."""
+        state, state_label = raw["state_traj"]
+        if state.ndim != 2 or state.shape[1] not in STATE_COLUMNS or state.shape[0] < 2:
+            raise ValueError(
+                f"{state_label}: expected shape (N+1, 30) or (N+1, 36) with N >= 1, got "
+                f"{state.shape}; columns: body position 0:3, velocity 3:6, roll-pitch-yaw 6:9, "
+                "angular velocity 9:12, joint angles 12:24, then 24:30 unused or 24:36 joint "
+                "velocities at the knots"
+            )
+        n, cols = state.shape[0] - 1, state.shape[1]
+        state = _check_array(state_label, state, (n + 1, cols), f"(N+1, {cols})")
+        grf, grf_label = raw["grf_traj"]
         grf = _check_array(grf_label, grf, (n, 12), "(N, 12) with N+1 = rows of state_traj")
-        jv, jv_label = _read_npy("joint_vel_traj", joint_vel_traj)
+        jv, jv_label = raw["joint_vel_traj"]
         jv = _check_array(jv_label, jv, (n, 12), "(N, 12) with N+1 = rows of state_traj")
-        if contact_sequence is None:
+        if check_weight:
+            _check_weight(grf, grf_label, jv, jv_label)
+        if "contact_sequence" not in raw:
             contact = grf.reshape(n, 4, 3)[:, :, 2] > contact_force_threshold
         else:
-            raw, c_label = _read_npy("contact_sequence", contact_sequence)
-            contact = _check_contact(c_label, raw, (4, n), "(4, N) feet × intervals").T
+            c_raw, c_label = raw["contact_sequence"]
+            contact = _check_contact(c_label, c_raw, (4, n), "(4, N) feet × intervals").T
         return cls(
             body_pos=state[:, 0:3],
             body_vel=state[:, 3:6],
@@ -357,5 +539,5 @@ class ReferenceTrajectory:
             grf=grf,
             contact=contact,
             dt=_check_dt(dt),
-            meta={"source": "from_files"},
+            meta={**meta, "state_columns": cols},
         )

@@ -24,16 +24,17 @@ at that instant, read from MuJoCo's constraint forces.
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, Literal
 
 import mujoco
 import numpy as np
 
 from diffto.tasks.go2 import model as go2_model
+from diffto.tasks.rendering import GHOST_RGB, add_ghost, make_renderer
 
 __all__ = [
     "execute_policy_rollout",
@@ -57,7 +58,8 @@ _NO_TERMINATION = {
 
 
 def load_policy(policy: Any) -> Policy:
-    """An ``obs (30,) -> action (12,)`` function from a trained policy module or a callable.
+    """An ``obs -> action (12,)`` function from a trained policy module or a callable (``obs``
+    is ``(39,)`` by default, see ``Go2TrackingEnv``).
 
     A policy module is anything with an ``act(obs)`` method (e.g. a loaded
     :class:`~diffto.learning.ppo.PPO`); an ``nn.Module`` is put in eval mode. A plain callable
@@ -119,28 +121,12 @@ def foot_contact_forces(
 
 
 def resolve_reference(reference: Any, duration: float | None = None) -> Any:
-    """A ``ReferenceTrajectory`` from itself, a ``.npz`` path, or a motion name (planned with
-    ``duration`` seconds, default :class:`TrackingConfig`'s, and cached)."""
-    if not isinstance(reference, str | os.PathLike):
-        if not hasattr(reference, "num_phases") or not hasattr(reference, "qpos"):
-            raise ValueError(
-                "reference must be a ReferenceTrajectory, a .npz path or a motion name, got "
-                f"{type(reference).__name__}"
-            )
-        return reference
-    path = Path(reference)
-    if path.suffix == ".npz":
-        from diffto.tasks.go2.reference import ReferenceTrajectory
+    """A ``ReferenceTrajectory`` from itself, a motion name (planned with ``duration`` seconds,
+    default :class:`TrackingConfig`'s, and cached), a ``.npz`` path or a folder of raw ``.npy``
+    files: :func:`~diffto.tasks.go2.reference_source.load_reference` with the default dt."""
+    from diffto.tasks.go2.reference_source import load_reference
 
-        if not path.is_file():
-            raise ValueError(f"reference file {str(path)!r} does not exist")
-        return ReferenceTrajectory.load(path)
-    from diffto.tasks.go2.planner import plan_reference
-    from diffto.tasks.go2.tracking_config import TrackingConfig
-
-    config = TrackingConfig()
-    duration = config.reference_duration if duration is None else duration
-    return plan_reference(str(reference), duration, dt=config.control_dt)
+    return load_reference(reference, duration=duration)
 
 
 def _check_steps(steps: int | None, start_phase: int, num_phases: int) -> int:
@@ -186,13 +172,15 @@ def execute_policy_rollout(
 
     Args:
         policy: a trained policy module with ``act(obs)`` and ``eval_env_kwargs`` (e.g. a
-            :class:`~diffto.learning.ppo.PPO`), or a callable ``obs (30,) -> action (12,)``.
+            :class:`~diffto.learning.ppo.PPO`), or a callable ``obs (39,) -> action (12,)``.
         reference: a ``ReferenceTrajectory``, a reference ``.npz`` path, a motion name
             (planned with the policy's training ``reference_duration`` where known), or
             ``None`` for the reference a PPO policy was trained on.
         steps: control steps (default: to the end of the reference).
-        render: also return RGB frames (initial state and after every step); if rendering is
-            unavailable a warning is issued and ``images`` stays empty.
+        render: also return RGB frames (initial state and after every step), each with the
+            reference pose of its phase drawn as a translucent ghost (``render_ghost_alpha``
+            in ``env_kwargs``, 0 for none; see :meth:`Go2TrackingEnv.render`); if rendering
+            is unavailable a warning is issued and ``images`` stays empty.
         randomize: draw the env's domain randomization (seeded by ``seed``).
         seed: reset seed. start_phase: reference phase to start from.
         terminate: keep the env's early-termination rules (the rollout may end early).
@@ -296,15 +284,20 @@ def execute_open_loop_rollout(
     width: int = 320,
     height: int = 240,
     camera: str = "track",
+    ghost_alpha: float = 0.3,
 ) -> RolloutResult:
     """Play ``reference`` open loop: precomputed joint torques, no feedback (see module doc).
 
     Starts from the reference state at ``start_phase``; torques are clipped to the actuator
     limits (the motors' ``ctrlrange``) and held for each 20 ms interval at 1 kHz physics.
-    Returns the same tuple as :func:`execute_policy_rollout`.
+    Returns the same tuple as :func:`execute_policy_rollout`. Frames (``render=True``) show
+    the reference knot of each row as a translucent ghost of opacity ``ghost_alpha`` (0: none),
+    as :meth:`~diffto.tasks.go2.env.Go2TrackingEnv.render` does.
     """
     if mode not in ("inverse_dynamics", "feedforward"):
         raise ValueError(f"mode must be 'inverse_dynamics' or 'feedforward', got {mode!r}")
+    if not 0.0 <= ghost_alpha <= 1.0:
+        raise ValueError(f"ghost_alpha must lie in [0, 1], got {ghost_alpha!r}")
     reference = resolve_reference(reference)
     model = go2_model.load_model(timestep=0.001)
     n = int(reference.num_phases)
@@ -326,22 +319,27 @@ def execute_open_loop_rollout(
     rendering = render
     if render:
         try:
-            renderer = mujoco.Renderer(model, height, width)
+            renderer = make_renderer(model, height, width)
         except Exception as err:
             warnings.warn(f"rendering unavailable, no video frames: {err}", RuntimeWarning,
                           stacklevel=2)
             rendering = False
+    ghost = mujoco.MjData(model) if rendering and ghost_alpha > 0.0 else None
 
-    def frame() -> np.ndarray:
+    def frame(knot: int) -> np.ndarray:
         assert renderer is not None
         renderer.update_scene(data, camera=camera)
+        if ghost is not None:
+            ghost.qpos[:] = reference.qpos(knot)
+            mujoco.mj_kinematics(model, ghost)
+            add_ghost(renderer.scene, model, ghost, (*GHOST_RGB, ghost_alpha))
         return renderer.render()
 
     qpos, qvel, grf = [data.qpos.copy()], [data.qvel.copy()], [
         foot_contact_forces(model, data, feet)
     ]
     if rendering:
-        rendering = _safe_render(frame, images)
+        rendering = _safe_render(functools.partial(frame, start_phase), images)
     try:
         for k in range(start_phase, start_phase + steps):
             data.ctrl[:] = tau[k][a2j] / gear  # motors: force = gear · ctrl, ctrlrange clips
@@ -350,7 +348,7 @@ def execute_open_loop_rollout(
             qvel.append(data.qvel.copy())
             grf.append(foot_contact_forces(model, data, feet))
             if rendering:
-                rendering = _safe_render(frame, images)
+                rendering = _safe_render(functools.partial(frame, k + 1), images)
             if not np.all(np.isfinite(data.qpos)):
                 warnings.warn("open-loop rollout diverged; stopping", RuntimeWarning,
                               stacklevel=2)

@@ -105,6 +105,36 @@ class TrackingConfig:
     terminate_on_contact_mismatch: bool = True
     """Terminate when a foot's contact disagrees with the reference outside the grace window."""
 
+    # --- observation and episodes (added: what makes a residual stop drifting) ------------
+    observe_base_velocity: bool = True
+    """Append the base's linear velocity (3, base frame) and angular velocity (3, base frame)
+    to the observation (OPT-Mimic's is 30-D). Added: without them the base's
+    drift is invisible to the policy and the critic (the observation holds no base position
+    or velocity), so a residual can only replay a correction as a function of phase, which
+    fails as soon as friction or torque scale change how fast the robot walks. A real Go2 has
+    both: the angular velocity is its IMU's gyroscope, the linear velocity comes from the state
+    estimator that fuses IMU and leg kinematics (Unitree's SDK publishes it). False for both
+    this and ``observe_position_error`` restores OPT-Mimic's proprioceptive observation."""
+    observe_position_error: bool = True
+    """Append the reference base position at the current phase minus the base position, in the
+    base frame (3). Added: the position term carries the largest reward weight and ends the
+    episode at 2.5 σ, and under randomization that is what ends PD + feedforward episodes
+    (a weaker torque scale or a softer floor makes the robot lag the reference until the
+    error passes 12.5 cm); velocity alone lets a policy stop the drift but not undo it. A
+    real Go2's state estimator integrates its velocity into a base position (leg odometry),
+    which drifts by centimetres over a clip of seconds, the scale of this error; the
+    reference position is the plan's."""
+    clip_start_share: float = 0.0
+    """Fraction of training resets (those without ``options["phase"]``) that start at phase 0;
+    the rest start at a uniform random phase. OPT-Mimic's value is 0 (uniform): an episode
+    then lasts half the clip on average, so a position drift that grows over the whole clip
+    is rarely paid for in training. Evaluation plays the clip from phase 0."""
+    terminal_at_clip_end: bool = False
+    """Report the end of the clip as ``terminated`` (the task is over: nothing follows the
+    reference) instead of ``truncated`` (a time limit, after which a learner bootstraps the
+    value of the last state). The phase encoding of the clip's end equals that of its start,
+    so a bootstrapped value there is the value of a fresh clip: a reward the task never pays.
+    ``info["clip_completed"]`` tells a completed clip from a failure either way."""
     # --- domain randomization (OPT-Mimic's distributions) -----------------------------------
     friction_mean: float = 0.8
     friction_std: float = 0.25
@@ -138,6 +168,12 @@ class TrackingConfig:
     render_width: int = 320
     render_height: int = 240
     render_camera: str = "track"
+    render_ghost_alpha: float = 0.3
+    """Opacity of the reference ghost in rendered frames: the reference pose of the current
+    phase (with ``body_height_offset``, as the tracking errors use it) drawn as a light-blue
+    translucent copy of the robot, so the offset between the two is the tracking error. 0
+    draws no ghost. 0.3 keeps the robot, drawn opaque, clearly in front (MuJoCo blends each
+    translucent surface twice, so the ghost covers about half of what lies behind it)."""
 
     @property
     def substeps(self) -> int:
@@ -178,6 +214,9 @@ class TrackingConfig:
             raise ValueError(
                 f"TrackingConfig.contact_grace_steps must be >= 0, got {self.contact_grace_steps}"
             )
+        if not (math.isfinite(self.clip_start_share) and 0.0 <= self.clip_start_share <= 1.0):
+            raise ValueError("TrackingConfig.clip_start_share must lie in [0, 1], got "
+                             f"{self.clip_start_share!r}")
         for name in ("friction_range", "restitution_range", "torque_scale_range"):
             lo, hi = getattr(self, name)
             if not lo <= hi:

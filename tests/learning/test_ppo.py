@@ -12,10 +12,17 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from diffto.learning.normalizer import RunningNormalizer
-from diffto.learning.ppo import PPO, approx_kl, discounted_returns, pg_loss, v_loss
+from diffto.learning.ppo import (
+    PPO,
+    approx_kl,
+    discounted_returns,
+    lr_factor,
+    pg_loss,
+    v_loss,
+)
 
 POINT_MASS_ID = "difftotest/PointMass-v0"
 
@@ -363,3 +370,155 @@ def test_float64_training_keeps_float64_everywhere():
     assert module.action_low.dtype == torch.float64
     action = module.act(np.zeros(2, dtype=np.float32))
     assert action.dtype == np.float64 and action.shape == (1,)
+
+
+# ------------------------------------------------------------------------------ pieces
+def _opt_steps(module: PPO) -> dict[str, int]:
+    """Adam's step count per parameter group (0 where it never stepped)."""
+    opt = module.optimizers().optimizer
+    return {g["name"]: int(opt.state[g["params"][0]]["step"]) if g["params"][0] in opt.state
+            else 0 for g in opt.param_groups}
+
+
+def test_compute_advantages_of_a_collected_rollout_match_brute_force_returns():
+    """The rollout's plumbing into the returns: truncations (25-step episodes in 32 steps per
+    env) bootstrap with ``V(s_final)``, the rollout's end with ``V(s_T)``."""
+    L.seed_everything(6)
+    module = small_ppo(samples_per_iteration=256, gamma=0.9)
+    module.setup("fit")
+    try:
+        module.on_train_start()
+        roll = module.collect_rollout()
+    finally:
+        module.teardown("fit")
+    adv, ret = module.compute_advantages(roll)
+    T, E = module.steps_per_env, module.hparams.num_envs
+    assert adv.shape == ret.shape == (T, E)
+    assert roll["truncated"].any()
+    np64 = lambda x: x.double().numpy()  # noqa: E731
+    expected = _brute_force_returns(np64(roll["rewards"]), roll["terminated"].numpy(),
+                                    roll["truncated"].numpy(), np64(roll["final_values"]),
+                                    np64(roll["next_value"]), 0.9)
+    np.testing.assert_allclose(ret.double().numpy(), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(adv, ret - roll["values"])
+
+
+def _synthetic_rollout(module: PPO, T: int = 8, E: int = 4) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    obs = torch.randn(T, E, module.obs_dim, generator=g)
+    actions = torch.randn(T, E, module.act_dim, generator=g)
+    with torch.no_grad():
+        logprob = module.distribution(obs).log_prob(actions).sum(-1)
+    return {"obs": obs, "actions": actions, "logprob": logprob,
+            "advantages": torch.randn(T, E, generator=g), "returns": torch.randn(T, E, generator=g)}
+
+
+def test_update_on_a_synthetic_rollout_steps_only_the_active_networks():
+    L.seed_everything(7)
+    module = small_ppo(samples_per_iteration=64, minibatch_size=16, actor_steps=2,
+                       critic_steps=3)
+    quiet_trainer(1).fit(module)  # attaches the trainer and optimizer (and fills Adam's state)
+    assert _opt_steps(module) == {"actor": 2, "critic": 3}
+    rollout = _synthetic_rollout(module)
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+
+    stats = module.update(rollout)
+    assert set(stats) == {"loss_actor", "approx_kl", "clip_fraction", "loss_critic",
+                          "explained_variance"}
+    assert _opt_steps(module) == {"actor": 4, "critic": 6}
+    for name in ("actor.0.weight", "critic.0.weight"):
+        assert not torch.equal(module.state_dict()[name], before[name]), name
+
+    # An inactive actor enters the backward (for DDP) with weight 0; its zero gradient is
+    # dropped, so Adam's momentum from earlier steps does not move it.
+    module.hparams.actor_steps = 0
+    actor = {k: v.clone() for k, v in module.actor.state_dict().items()}
+    stats = module.update(rollout)
+    assert set(stats) == {"loss_critic", "explained_variance"}
+    assert _opt_steps(module) == {"actor": 4, "critic": 9}
+    for k, v in module.actor.state_dict().items():
+        torch.testing.assert_close(v, actor[k], rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------ defaults
+def test_generic_defaults_log_no_task_keys():
+    """Nothing of the Go2 by default: no info keys, only the return in the progress bar."""
+    L.seed_everything(8)
+    module = PPO(env_id="Pendulum-v1", num_envs=2, vector_mode="sync",
+                 samples_per_iteration=400, minibatch_size=200, actor_steps=1, critic_steps=1,
+                 actor_hidden=[8], critic_hidden=[8])
+    assert module.info_keys == [] and module.progress_bar_keys == ["rollout/ep_return"]
+    trainer = quiet_trainer(1)
+    trainer.fit(module)  # 200 steps per env: each finishes one Pendulum episode
+    logged = set(trainer.logged_metrics)
+    assert "rollout/ep_return" in logged
+    assert not any(k.endswith("_error") for k in logged), logged
+    assert set(trainer.progress_bar_metrics) == {"rollout/ep_return"}
+
+
+def test_progress_bar_keys_come_from_the_arguments():
+    L.seed_everything(9)
+    module = small_ppo(samples_per_iteration=256, minibatch_size=64,
+                       progress_bar_keys=["rollout/pos_error", "train/loss_critic"])
+    trainer = quiet_trainer(1)
+    trainer.fit(module)
+    assert set(trainer.progress_bar_metrics) == {"rollout/pos_error", "train/loss_critic"}
+
+
+# ------------------------------------------------------------------------------ lr schedule
+def test_lr_factor_linear_from_full_rate_to_the_last_iteration():
+    assert lr_factor("constant", 7, 10) == 1.0
+    assert lr_factor("linear", 0, 10) == 1.0
+    assert lr_factor("linear", 5, 10) == 0.5
+    assert lr_factor("linear", 9, 10) == pytest.approx(0.1)  # the last iteration still learns
+    assert lr_factor("linear", 12, 10) == 0.0
+    with pytest.raises(ValueError, match="trainer.max_steps"):
+        lr_factor("linear", 0, -1)
+    with pytest.raises(ValueError, match="lr_schedule"):
+        lr_factor("cosine", 0, 10)
+    with pytest.raises(ValueError, match="lr_schedule"):
+        small_ppo(lr_schedule="cosine")
+
+
+class _RecordLR(Callback):
+    """The learning rates each iteration ran with, by group name."""
+
+    def __init__(self) -> None:
+        self.lrs: list[dict[str, float]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        opt = pl_module.optimizers().optimizer
+        self.lrs.append({g["name"]: g["lr"] for g in opt.param_groups})
+
+
+def test_linear_lr_schedule_anneals_both_groups_and_resumes_from_global_step(tmp_path):
+    L.seed_everything(10)
+    args = dict(samples_per_iteration=64, minibatch_size=32, actor_steps=1, critic_steps=1,
+                eval_episodes=1, lr_schedule="linear", actor_lr=1e-3, critic_lr=4e-3)
+    val = dict(limit_val_batches=None, val_check_interval=2, check_val_every_n_epoch=None)
+
+    record = _RecordLR()
+    module = small_ppo(**args)
+    trainer = quiet_trainer(4, callbacks=[record])
+    trainer.fit(module)
+    factors = [1.0, 0.75, 0.5, 0.25]
+    assert record.lrs == [{"actor": 1e-3 * f, "critic": 4e-3 * f} for f in factors]
+    assert trainer.logged_metrics["charts/lr_actor"].item() == pytest.approx(0.25e-3)
+
+    # 2 iterations, a checkpoint, then a new process's trainer resumes to 4: the factor comes
+    # from the restored global_step, not from a count kept by the module
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    quiet_trainer(2, enable_checkpointing=True, callbacks=[ckpt], **val).fit(small_ppo(**args))
+    record = _RecordLR()
+    trainer = quiet_trainer(4, enable_checkpointing=True, callbacks=[
+        record, ModelCheckpoint(dirpath=tmp_path, save_last=True)], **val)
+    with warnings.catch_warnings():  # resuming into the same folder is the point here
+        warnings.filterwarnings("ignore", message="Checkpoint directory .* is not empty")
+        trainer.fit(small_ppo(**args), ckpt_path=str(tmp_path / "last.ckpt"))
+    assert record.lrs == [{"actor": 1e-3 * f, "critic": 4e-3 * f} for f in (0.5, 0.25)]
+
+
+def test_linear_lr_schedule_needs_max_steps():
+    module = small_ppo(samples_per_iteration=64, minibatch_size=32, lr_schedule="linear")
+    with pytest.raises(ValueError, match="trainer.max_steps"):
+        quiet_trainer(-1, max_epochs=1).fit(module)

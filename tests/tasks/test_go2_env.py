@@ -74,14 +74,58 @@ def rollout(env: Go2TrackingEnv, actions: np.ndarray):
 
 
 # ---------------------------------------------------------------- spaces and observation
+def test_opt_mimic_observation_and_each_addition(stand_ref):
+    env = Go2TrackingEnv(stand_ref, randomize=False, observe_base_velocity=False,
+                         observe_position_error=False)
+    obs, _ = env.reset(seed=0)
+    assert env.observation_space.shape == (30,) and obs.shape == (30,)
+    full = Go2TrackingEnv(stand_ref, randomize=False)
+    np.testing.assert_array_equal(full.reset(seed=0)[0][:30], obs)
+    # each addition on its own: velocities (36-D), position error (33-D, right after the 30)
+    velocity = Go2TrackingEnv(stand_ref, randomize=False, observe_position_error=False)
+    np.testing.assert_array_equal(velocity.reset(seed=0)[0], full.reset(seed=0)[0][:36])
+    position = Go2TrackingEnv(stand_ref, randomize=False, observe_base_velocity=False)
+    np.testing.assert_array_equal(position.reset(seed=0)[0][30:], full.reset(seed=0)[0][36:])
+
+
+def test_clip_start_share_sets_how_many_resets_start_at_phase_zero(stand_ref):
+    phases = {}
+    for share in (0.0, 0.5, 1.0):
+        env = Go2TrackingEnv(stand_ref, randomize=False, clip_start_share=share)
+        phases[share] = np.array([env.reset(seed=s)[1]["phase"] for s in range(400)])
+    assert np.mean(phases[1.0] == 0) == 1.0
+    assert np.mean(phases[0.0] == 0) < 0.05
+    assert 0.4 < np.mean(phases[0.5] == 0) < 0.6
+    # an explicit phase wins
+    env = Go2TrackingEnv(stand_ref, randomize=False, clip_start_share=1.0)
+    assert env.reset(seed=0, options={"phase": 5})[1]["phase"] == 5
+    with pytest.raises(ValueError, match="clip_start_share must lie in"):
+        Go2TrackingEnv(stand_ref, clip_start_share=1.5)
+
+
+@pytest.mark.parametrize("terminal", [False, True])
+def test_clip_end_is_terminal_or_truncated_and_reported_as_completed(stand_ref, terminal):
+    env = Go2TrackingEnv(stand_ref, randomize=False, terminal_at_clip_end=terminal)
+    env.reset(seed=0, options={"phase": N - 2})
+    _, _, term, trunc, info = env.step(np.zeros(12, np.float32))
+    assert not (term or trunc or info["clip_completed"])
+    _, _, term, trunc, info = env.step(np.zeros(12, np.float32))
+    assert (term, trunc) == (terminal, not terminal) and info["clip_completed"]
+    # a failure on the last step is not a completed clip
+    env.reset(seed=0, options={"phase": N - 1})
+    env.data.qpos[2] = 0.0  # drop the base below min_body_height
+    *_, info = env.step(np.zeros(12, np.float32))
+    assert not info["clip_completed"]
+
+
 def test_spaces_and_observation_layout(stand_ref):
     env = Go2TrackingEnv(stand_ref, randomize=True)
-    assert env.observation_space.shape == (30,) and env.observation_space.dtype == np.float32
+    assert env.observation_space.shape == (39,) and env.observation_space.dtype == np.float32
     assert env.action_space.shape == (12,) and env.action_space.dtype == np.float32
     np.testing.assert_array_equal(env.action_space.low, -1.0)
     np.testing.assert_array_equal(env.action_space.high, 1.0)
     obs, info = env.reset(seed=3, options={"phase": 7})
-    assert obs.dtype == np.float32 and obs.shape == (30,) and env.observation_space.contains(obs)
+    assert obs.dtype == np.float32 and obs.shape == (39,) and env.observation_space.contains(obs)
     d = env.data
     np.testing.assert_allclose(obs[0:4], d.qpos[3:7], atol=1e-6)
     # joint reading carries the encoder offset: q̃ = q - o
@@ -92,6 +136,14 @@ def test_spaces_and_observation_layout(stand_ref):
     obs, _, _, _, info = env.step(np.zeros(12, np.float32))
     assert info["phase"] == 8 and env.phase == 8
     np.testing.assert_allclose(obs[28:30], stand_ref.get_phase_encoding(8), atol=1e-6)
+    # base velocities in the base frame: R(q)ᵀ v_world (MuJoCo's base rotation) and the gyro
+    mujoco.mj_kinematics(env.model, d)  # xmat of the state after the step
+    np.testing.assert_allclose(obs[30:33], d.qvel[0:3] @ d.xmat[1].reshape(3, 3), atol=1e-5)
+    np.testing.assert_allclose(obs[33:36], d.qvel[3:6], atol=1e-6)
+    # reference position at the phase reached minus the base position, in the base frame
+    np.testing.assert_allclose(
+        obs[36:39], (stand_ref.get_body_pos(8) - d.qpos[:3]) @ d.xmat[1].reshape(3, 3),
+        atol=1e-5)
     for key in ("pos_error", "orient_error", "joint_error", "reward_position",
                 "reward_orientation", "reward_joint", "reward_action_rate", "reward_torque"):
         assert isinstance(info[key], float)
@@ -408,7 +460,7 @@ def test_reference_from_path_and_vector_env(stand_ref, tmp_path):
     )
     try:
         obs, info = vec.reset(seed=[1, 2])
-        assert obs.shape == (2, 30) and obs.dtype == np.float32
+        assert obs.shape == (2, 39) and obs.dtype == np.float32
         assert info["torque_scale"][0] != info["torque_scale"][1]
         obs, reward, *_ = vec.step(np.zeros((2, 12), np.float32))
         assert np.all((reward >= 0) & (reward <= 1))
@@ -453,4 +505,51 @@ def test_render_rgb_array_or_clear_error(stand_ref):
         pytest.skip(f"no offscreen GL here: {err}")
     assert frame.shape == (48, 64, 3) and frame.dtype == np.uint8
     assert frame.std() > 0  # an actual image, not a blank buffer
+    env.close()
+
+
+def test_render_draws_the_reference_as_a_translucent_ghost(stand_ref):
+    """The reference pose is drawn as a light-blue translucent robot where the reference is:
+    moving the robot away from it (the camera follows the robot) moves the ghost across the
+    frame, and ``body_height_offset`` lifts it as it lifts the tracked reference."""
+    size = {"render_width": 96, "render_height": 72}
+    frames = {}  # (alpha, body height offset, dx) -> frame (H, W, 3) int
+    for alpha, lift in ((0.0, 0.0), (0.3, 0.0), (0.3, 0.15)):
+        env = Go2TrackingEnv(stand_ref, randomize=False, render_mode="rgb_array",
+                             render_ghost_alpha=alpha, body_height_offset=lift, **size)
+        env.reset(options={"phase": 0})
+        for dx in (0.3, -0.3):
+            env.data.qpos[:] = stand_ref.qpos(0)  # the same robot pose, whatever the offset
+            env.data.qpos[0] += dx
+            mujoco.mj_forward(env.model, env.data)
+            try:
+                frames[alpha, lift, dx] = env.render().astype(int)
+            except RenderingUnavailableError as err:
+                pytest.skip(f"no offscreen GL here: {err}")
+        env.close()
+
+    def ghost(alpha: float, lift: float, dx: float) -> np.ndarray:
+        """Pixels ``(H, W) bool`` the ghost changes, and their mean colour change ``(3,)``."""
+        change = frames[alpha, lift, dx] - frames[0.0, 0.0, dx]
+        mask = np.abs(change).sum(-1) > 30
+        return mask, change[mask].mean(0)
+
+    for dx in (0.3, -0.3):
+        mask, (r, g, b) = ghost(0.3, 0.0, dx)
+        assert mask.mean() > 0.02, "the ghost should cover part of the frame"
+        assert b > g > r and b > 30, f"the ghost should tint light blue, got {(r, g, b)}"
+    # robot 30 cm ahead of the reference: the ghost trails on the left; behind: on the right
+    behind, ahead = ghost(0.3, 0.0, 0.3)[0], ghost(0.3, 0.0, -0.3)[0]
+    assert np.nonzero(ahead)[1].mean() - np.nonzero(behind)[1].mean() > 96 / 4
+    # the reference 15 cm higher: the ghost higher in the frame (smaller row)
+    lifted = ghost(0.3, 0.15, 0.3)[0]
+    assert np.nonzero(behind)[0].mean() - np.nonzero(lifted)[0].mean() > 3
+
+
+def test_render_ghost_alpha_must_lie_in_unit_interval(stand_ref):
+    env = Go2TrackingEnv(stand_ref, randomize=False, render_mode="rgb_array",
+                         render_ghost_alpha=1.5)
+    env.reset(options={"phase": 0})
+    with pytest.raises(ValueError, match="render_ghost_alpha"):
+        env.render()  # checked before any GL context is made
     env.close()

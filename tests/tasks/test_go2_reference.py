@@ -1,6 +1,7 @@
 """Go2 leg kinematics, feedforward torques and the ReferenceTrajectory container."""
 
 import json
+import re
 
 import mujoco
 import numpy as np
@@ -27,7 +28,7 @@ from diffto.tasks.go2.model import (
     load_model,
     torque_limits,
 )
-from diffto.tasks.go2.reference import ReferenceTrajectory
+from diffto.tasks.go2.reference import RAW_ARRAYS, WEIGHT_RATIO_BOUNDS, ReferenceTrajectory
 
 LEGS = go2_legs()
 
@@ -310,32 +311,55 @@ def test_save_load_round_trip(tmp_path):
 
 
 # ----------------------------------------------------------------------------- from_files
-def _write_raw(tmp_path, ref, contact=True):
-    state = np.zeros((ref.num_phases + 1, 30))
+WEIGHT = TOTAL_MASS * 9.81  # N
+
+
+def weighted_reference(n=9, seed=0, **overrides):
+    """A random reference whose feet carry the robot's weight (m g / 4 each, ± 20%)."""
+    rng = np.random.default_rng(seed + 1000)
+    grf = 10.0 * rng.normal(size=(n, 12))
+    grf[:, 2::3] = WEIGHT / 4 * rng.uniform(0.8, 1.2, size=(n, 4))
+    return random_reference(n=n, seed=seed, **{"grf": grf, **overrides})
+
+
+def raw_state(ref, columns=30, knot_joint_vel=None):
+    """``state_traj`` of ``ref`` in the 30- or 36-column layout."""
+    state = np.zeros((ref.num_phases + 1, columns))
     state[:, 0:3], state[:, 3:6] = ref.body_pos, ref.body_vel
     state[:, 6:9], state[:, 9:12] = ref.body_euler, ref.body_ang_vel
     state[:, 12:24] = ref.joint_pos
-    state[:, 24:30] = 123.0  # carried but unused
-    paths = {
-        "state_traj": tmp_path / "state_traj.npy",
-        "grf_traj": tmp_path / "grf_traj.npy",
-        "joint_vel_traj": tmp_path / "joint_vel_traj.npy",
-    }
-    np.save(paths["state_traj"], state)
+    if columns == 36:  # knot joint velocities: the interval ones, last repeated, unless given
+        default = np.vstack([ref.joint_vel, ref.joint_vel[-1:]])
+        state[:, 24:36] = default if knot_joint_vel is None else knot_joint_vel
+    else:
+        state[:, 24:30] = 123.0  # carried but unused
+    return state
+
+
+def _write_raw(folder, ref, contact=True, columns=30):
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {name: folder / f"{name}.npy" for name in RAW_ARRAYS}
+    np.save(paths["state_traj"], raw_state(ref, columns))
     np.save(paths["grf_traj"], ref.grf)
     np.save(paths["joint_vel_traj"], ref.joint_vel)
     if contact:
-        paths["contact_sequence"] = tmp_path / "contact_sequence.npy"
         np.save(paths["contact_sequence"], ref.contact.T.astype(np.int64))
+    else:
+        del paths["contact_sequence"]
     return paths
 
 
+def assert_same_reference(back, ref):
+    for name, value in ref.arrays().items():
+        np.testing.assert_allclose(getattr(back, name), value, err_msg=name, atol=1e-12)
+    assert back.dt == ref.dt
+
+
 def test_from_files_round_trip(tmp_path):
-    ref = random_reference(n=9, seed=5)
+    ref = weighted_reference(n=9, seed=5)
     paths = _write_raw(tmp_path, ref)
     back = ReferenceTrajectory.from_files(**paths, dt=0.02)
-    for name, value in ref.arrays().items():
-        np.testing.assert_allclose(getattr(back, name), value, err_msg=name)
+    assert_same_reference(back, ref)
     # float32 files and in-memory arrays are read too (as float64)
     np.save(paths["grf_traj"], ref.grf.astype(np.float32))
     arrays_in = {k: np.load(v) for k, v in paths.items()}
@@ -351,15 +375,106 @@ def test_from_files_round_trip(tmp_path):
     np.testing.assert_array_equal(derived.contact, ref.contact)
 
 
+@given(
+    n=st.integers(1, 12),
+    seed=st.integers(0, 2**16),
+    scale=st.sampled_from([0.0, 1.0, 1e3]),  # 1e3: knot velocities grossly unlike the intervals'
+)
+def test_36_column_state_reads_as_30_columns(n, seed, scale):
+    ref = weighted_reference(n=n, seed=seed)
+    knots = scale * np.random.default_rng(seed).normal(size=(n + 1, 12))
+    raw = dict(grf_traj=ref.grf, joint_vel_traj=ref.joint_vel, contact_sequence=ref.contact.T)
+    from30 = ReferenceTrajectory.from_files(raw_state(ref, 30), **raw)
+    from36 = ReferenceTrajectory.from_files(raw_state(ref, 36, knots), **raw)
+    assert_same_reference(from30, ref)
+    assert_same_reference(from36, ref)  # joint velocities are joint_vel_traj's, not the knots'
+    assert (from30.meta["state_columns"], from36.meta["state_columns"]) == (30, 36)
+
+
+@pytest.mark.parametrize("columns", [12, 24, 29, 31, 35, 37])
+def test_state_with_other_column_counts_is_rejected(tmp_path, columns):
+    paths = _write_raw(tmp_path, weighted_reference(n=9))
+    np.save(paths["state_traj"], np.zeros((10, columns)))
+    expected = (
+        rf"state_traj \(state_traj.npy\): expected shape \(N\+1, 30\) or \(N\+1, 36\) with "
+        rf"N >= 1, got \(10, {columns}\); .* 24:30 unused or 24:36 joint velocities"
+    )
+    with pytest.raises(ValueError, match=expected):
+        ReferenceTrajectory.from_files(**paths)
+
+
+@given(n=st.integers(10, 40), seed=st.integers(0, 2**16))
+def test_swapped_force_and_velocity_arrays_are_rejected(n, seed):
+    ref = weighted_reference(n=n, seed=seed)
+    state = raw_state(ref)
+    # joint velocities of a fast gait, up to ±20 rad/s. Read as forces, the four calf columns
+    # sum to 0 ± 23 per interval; their mean over >= 10 intervals (± 7) stays far from the
+    # band's lower edge, 0.3 m·g = 45 N
+    jv = np.random.default_rng(seed).uniform(-20.0, 20.0, size=(n, 12))
+    ReferenceTrajectory.from_files(state, ref.grf, jv)  # the right way round loads
+    with pytest.raises(ValueError, match="grf_traj and joint_vel_traj look swapped"):
+        ReferenceTrajectory.from_files(state, jv, ref.grf)
+
+
+def test_swap_and_weight_messages_name_the_files(tmp_path):
+    ref = weighted_reference(n=20)
+    paths = _write_raw(tmp_path, ref)
+    swapped = {**paths, "grf_traj": paths["joint_vel_traj"], "joint_vel_traj": paths["grf_traj"]}
+    with pytest.raises(ValueError) as err:
+        ReferenceTrajectory.from_files(**swapped)
+    message = str(err.value)
+    assert "grf_traj (joint_vel_traj.npy) and joint_vel_traj (grf_traj.npy) look swapped" in message
+    assert f"the Go2's weight m·g is {WEIGHT:.1f} N" in message
+    # forces in units of m g, or of the feet on the ground (z down): no weight carried
+    for grf in (ref.grf / WEIGHT, -ref.grf):
+        np.save(paths["grf_traj"], grf)
+        with pytest.raises(ValueError, match=r"grf_traj \(grf_traj.npy\) does not carry the "
+                                             r"robot's weight: .* outside \[0.3, 3.0\] m·g"):
+            ReferenceTrajectory.from_files(**paths)
+        # the escape hatch for clips that are mostly in flight
+        back = ReferenceTrajectory.from_files(**paths, check_weight=False)
+        np.testing.assert_array_equal(back.grf, grf)
+
+
+def test_weight_band_edges():
+    lo, hi = WEIGHT_RATIO_BOUNDS
+    ref = weighted_reference(n=10)
+    state, jv = raw_state(ref), ref.joint_vel
+    unit = np.zeros((10, 12))
+    unit[:, 2::3] = WEIGHT / 4  # exactly m g in total
+    for ratio, ok in ((lo * 1.01, True), (hi * 0.99, True), (lo * 0.99, False), (hi * 1.01, False)):
+        if ok:
+            ReferenceTrajectory.from_files(state, ratio * unit, jv)
+        else:
+            with pytest.raises(ValueError, match="does not carry the robot's weight"):
+                ReferenceTrajectory.from_files(state, ratio * unit, jv)
+
+
+@pytest.fixture(scope="module")
+def planned(tmp_path_factory):
+    """The planner's trot, pronk (40% in flight) and bound, 1.2 s each (whole gait periods)."""
+    from diffto.tasks.go2.planner import plan_reference
+
+    cache = tmp_path_factory.mktemp("refs")
+    return {m: plan_reference(m, 1.2, cache_dir=cache) for m in ("trot", "pronk", "bound")}
+
+
+@pytest.mark.parametrize("motion", ["trot", "pronk", "bound"])
+@pytest.mark.parametrize("columns", [30, 36])
+def test_planned_motions_round_trip_through_raw_files(tmp_path, planned, motion, columns):
+    ref = planned[motion]
+    paths = _write_raw(tmp_path, ref, columns=columns)
+    back = ReferenceTrajectory.from_files(**paths, dt=ref.dt)
+    assert_same_reference(back, ref)
+    # and as a folder, with the contacts derived from the forces
+    paths["contact_sequence"].unlink()
+    derived = ReferenceTrajectory.from_path(tmp_path, dt=ref.dt)
+    np.testing.assert_array_equal(derived.contact, ref.contact)
+
+
 @pytest.mark.parametrize(
     "target, bad, message",
     [
-        (
-            "state_traj",
-            np.zeros((10, 36)),
-            r"state_traj \(state_traj.npy\): expected shape "
-            r"\(N\+1, 30\)",
-        ),
         ("grf_traj", np.zeros((10, 12)), r"grf_traj \(grf_traj.npy\) must have shape \(N, 12\)"),
         (
             "joint_vel_traj",
@@ -388,16 +503,64 @@ def test_from_files_round_trip(tmp_path):
     ],
 )
 def test_from_files_rejects_bad_arrays(tmp_path, target, bad, message):
-    paths = _write_raw(tmp_path, random_reference(n=9))
+    paths = _write_raw(tmp_path, weighted_reference(n=9))
     np.save(paths[target], bad)
     with pytest.raises(ValueError, match=message):
         ReferenceTrajectory.from_files(**paths)
 
 
 def test_from_files_rejects_archives_and_bad_dt(tmp_path):
-    paths = _write_raw(tmp_path, random_reference(n=9))
+    paths = _write_raw(tmp_path, weighted_reference(n=9))
     np.savez(tmp_path / "state.npz", state_traj=np.zeros((10, 30)))
     with pytest.raises(ValueError, match=r"state_traj \(state.npz\): expected a single .npy"):
         ReferenceTrajectory.from_files(**{**paths, "state_traj": tmp_path / "state.npz"})
     with pytest.raises(ValueError, match="dt must be a positive"):
         ReferenceTrajectory.from_files(**paths, dt=-1.0)
+
+
+# ----------------------------------------------------------------------------- from_path
+def test_from_path_reads_every_file_form(tmp_path):
+    ref = weighted_reference(n=9, seed=2)
+    folder = tmp_path / "motion"
+    paths = _write_raw(folder, ref, columns=36)
+    assert_same_reference(ReferenceTrajectory.from_path(folder), ref)
+    (folder / "notes.txt").write_text("other files in the folder are ignored")
+    assert_same_reference(ReferenceTrajectory.from_path(folder), ref)
+    # one .npz with the raw arrays under their names
+    np.savez(tmp_path / "raw.npz", **{name: np.load(p) for name, p in paths.items()})
+    from_npz = ReferenceTrajectory.from_path(tmp_path / "raw.npz")
+    assert_same_reference(from_npz, ref)
+    assert from_npz.meta["source"] == str(tmp_path / "raw.npz")
+    # the save format, its own dt
+    saved = random_reference(n=5, dt=0.01).save(tmp_path / "saved.npz")
+    assert ReferenceTrajectory.from_path(saved, dt=0.02).dt == 0.01
+    # raw arrays at another dt
+    assert ReferenceTrajectory.from_path(folder, dt=0.01).dt == 0.01
+
+
+def test_from_path_errors_name_the_path(tmp_path):
+    ref = weighted_reference(n=9)
+    folder = tmp_path / "motion"
+    paths = _write_raw(folder, ref, contact=False)
+    paths["joint_vel_traj"].unlink()
+    where = re.escape(str(folder))
+    with pytest.raises(ValueError, match=rf"{where}: missing \['joint_vel_traj.npy'\] \(the "
+                                         r"folder's .npy files: \['grf_traj.npy', 'state_traj"):
+        ReferenceTrajectory.from_path(folder)
+    raw = {name: np.load(folder / f"{name}.npy") for name in RAW_ARRAYS[:2]}
+    np.save(paths["joint_vel_traj"], ref.grf)  # the two (N, 12) files the wrong way round
+    np.save(paths["grf_traj"], ref.joint_vel)
+    with pytest.raises(ValueError, match=rf"{where}: grf_traj \(grf_traj.npy\) and "
+                                         r"joint_vel_traj \(joint_vel_traj.npy\) look swapped"):
+        ReferenceTrajectory.from_path(folder)
+    np.savez(tmp_path / "partial.npz", **raw)
+    with pytest.raises(ValueError, match=r"partial.npz: missing raw arrays \['joint_vel_traj'\]"):
+        ReferenceTrajectory.from_path(tmp_path / "partial.npz")
+    np.savez(tmp_path / "mixed.npz", **raw, joint_vel_traj=ref.joint_vel, dt=0.02)
+    with pytest.raises(ValueError, match=r"mixed.npz: unexpected arrays \['dt'\] beside"):
+        ReferenceTrajectory.from_path(tmp_path / "mixed.npz")
+    with pytest.raises(ValueError, match=r"state_traj.npy: expected a reference .npz .* or a "
+                                         "folder holding state_traj.npy"):
+        ReferenceTrajectory.from_path(folder / "state_traj.npy")
+    with pytest.raises(ValueError, match=r"nowhere: no such file or folder; expected"):
+        ReferenceTrajectory.from_path(tmp_path / "nowhere")

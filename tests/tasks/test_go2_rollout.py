@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import warnings
 from pathlib import Path
 
@@ -54,7 +55,7 @@ def standing_reference(num_phases: int = 50) -> ReferenceTrajectory:
 
 
 def zero_policy(obs: np.ndarray) -> np.ndarray:
-    assert obs.shape == (30,)
+    assert obs.shape == (39,)
     return np.zeros(12, dtype=np.float32)
 
 
@@ -117,6 +118,36 @@ def test_open_loop_rollout_shapes_and_modes(mode):
         execute_open_loop_rollout(ref, mode="pd")
 
 
+def test_rollout_frames_show_the_reference_ghost():
+    """Both rollouts draw the reference as a ghost by default; opacity 0 turns it off."""
+    if not rendering_works():
+        pytest.skip("no offscreen GL here")
+    ref = standing_reference(4)
+    size = {"render_width": 64, "render_height": 48}
+
+    def zero(obs: np.ndarray) -> np.ndarray:
+        return np.zeros(12, dtype=np.float32)
+
+    policy = {
+        alpha: execute_policy_rollout(zero, ref, steps=1, render=True,
+                                      env_kwargs={**size, "render_ghost_alpha": alpha})[3]
+        for alpha in (0.0, 0.3)
+    }
+    open_loop = {
+        alpha: execute_open_loop_rollout(ref, steps=1, render=True, width=64, height=48,
+                                         ghost_alpha=alpha)[3]
+        for alpha in (0.0, 0.3)
+    }
+    for frames in (policy, open_loop):
+        assert len(frames[0.0]) == len(frames[0.3]) == 2
+        for plain, with_ghost in zip(frames[0.0], frames[0.3], strict=True):
+            # the ghost covers the robot standing on its reference: the frame turns bluer
+            change = (with_ghost.astype(int) - plain.astype(int)).sum(axis=(0, 1))  # (3,) rgb
+            assert change[2] > 0 and change[2] > change[0], f"rgb change {change}"
+    with pytest.raises(ValueError, match="ghost_alpha"):
+        execute_open_loop_rollout(ref, steps=1, ghost_alpha=-0.1)
+
+
 def test_evaluate_tracking_writes_plot_and_video(tmp_path):
     ref = standing_reference(8)
     if rendering_works():
@@ -142,13 +173,13 @@ def _flags(overrides: dict) -> list[str]:
     return [f"--model.init_args.{k}={v}" for k, v in overrides.items()]
 
 
-def test_go2_tracking_fast_dev_run(tmp_path, monkeypatch):
-    """The shipped config, subprocess envs and all, with a tiny rollout; the report callback
-    writes its plot (and video where MuJoCo can render)."""
+@pytest.mark.parametrize("config", ["go2_tracking.yaml", "go2_pronk.yaml", "go2_bound.yaml"])
+def test_go2_tracking_fast_dev_run(tmp_path, monkeypatch, config):
+    """Each shipped Go2 config, subprocess envs and all, with a tiny rollout; the report
+    callback writes its plot (and video where MuJoCo can render) and the tracking table."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr("sys.argv", ["lightning"])  # as from a shell: only cli.main's args
-    args = ["fit", "--config", "go2_tracking.yaml", "--trainer.fast_dev_run=true",
-            *_flags(TINY)]
+    args = ["fit", "--config", config, "--trainer.fast_dev_run=true", *_flags(TINY)]
     if rendering_works():
         cli.main(args)
         assert list(tmp_path.glob("**/tracking/final.mp4"))
@@ -157,6 +188,8 @@ def test_go2_tracking_fast_dev_run(tmp_path, monkeypatch):
             cli.main(args)
     assert list(tmp_path.glob("**/tracking/final.png"))
     assert list(tmp_path.glob("**/tracking/step_1.png"))  # the validation report
+    table = (next(tmp_path.glob("**/tracking/table.md"))).read_text()
+    assert "| PD + feedforward alone |" in table and "| final (iteration 1) |" in table
 
 
 def test_go2_tracking_resumes_from_last_checkpoint(tmp_path, monkeypatch, capsys):
@@ -181,6 +214,11 @@ def test_go2_tracking_resumes_from_last_checkpoint(tmp_path, monkeypatch, capsys
     with warnings.catch_warnings():  # resuming writes into the same checkpoint folder
         warnings.filterwarnings("ignore", message="Checkpoint directory .* is not empty")
         cli.main([*base, "--trainer.max_steps=4", "--ckpt_path=last"])
+    # best.ckpt replaced in place, not a best-v1.ckpt beside a stale one (the order of the
+    # config's checkpoint callbacks), and the resumed progress bar still has its total
+    checkpoints = tmp_path / "runs/go2_tracking/checkpoints"
+    assert sorted(p.name for p in checkpoints.glob("best*.ckpt")) == ["best.ckpt"]
+    assert re.search(r"Epoch 0: .*\| 4/4 ", capsys.readouterr().out)
     second = torch.load(last, weights_only=False)
     assert second["global_step"] == 4
     assert second["state_dict"]["normalizer.count"].item() == 4 * 64

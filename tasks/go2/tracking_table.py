@@ -1,0 +1,153 @@
+"""The Go2 tracking table: each controller on the nominal clip and under domain randomization.
+
+One row per controller (PD + feedforward alone, i.e. a zero residual; the best checkpoint;
+the final one; any other policy), two settings, all from phase 0 of the clip:
+
+- **nominal**: no randomization, termination off (the whole clip is played): RMS position
+  (m), orientation (degrees) and per-joint (rad) errors, as :func:`tracking_errors` defines.
+- **randomized**: ``seeds`` episodes with the training env's domain randomization drawn from
+  ``reset(seed=k)``, ``k = 0 .. seeds−1``, and the env's termination rules on: how many play
+  the full clip, and the RMS position error over every step that was played.
+
+Every controller meets the same randomized draws (the draw depends only on the seed), so the
+rows compare on the same evaluation episodes. Training never resets with these seeds: PPO
+seeds its vector envs from the run's seed and iteration.
+
+``python -m diffto.tasks.go2.evaluate --checkpoint runs/go2_tracking/checkpoints/last.ckpt``
+prints the table (with the run's ``best.ckpt`` beside ``last.ckpt``), and the
+``Go2TrackingReport`` callback writes it at the end of fit as ``tracking/table.md`` and
+``table.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from diffto.tasks.go2.rollout import execute_policy_rollout
+from diffto.tasks.go2.tracking_errors import tracking_errors
+
+__all__ = ["TrackingRow", "tracking_table", "format_table", "save_table", "zero_residual"]
+
+
+def zero_residual(obs: np.ndarray) -> np.ndarray:
+    """The controller without learning: PD + feedforward tracking with a zero residual."""
+    return np.zeros(12, dtype=np.float32)
+
+
+@dataclass
+class TrackingRow:
+    """One controller's figures (see the module docstring)."""
+
+    name: str
+    nominal_position_m: float
+    nominal_orientation_deg: float
+    nominal_joint_rad: float
+    nominal_steps: int
+    randomized_survived: int
+    randomized_episodes: int
+    randomized_position_m: float
+
+    def within(self, other: TrackingRow, tolerance: float) -> bool:
+        """Whether every figure of this row is at most ``1 + tolerance`` times ``other``'s
+        (survival: at least ``1 − tolerance`` times)."""
+        errors = ("nominal_position_m", "nominal_orientation_deg", "nominal_joint_rad",
+                  "randomized_position_m")
+        ok = all(getattr(self, k) <= (1 + tolerance) * getattr(other, k) for k in errors)
+        return ok and self.randomized_survived >= (1 - tolerance) * other.randomized_survived
+
+
+def _check_seeds(seeds: int) -> int:
+    if isinstance(seeds, bool) or not isinstance(seeds, int | np.integer) or seeds < 1:
+        raise ValueError(f"seeds must be an int >= 1, got {seeds!r}")
+    return int(seeds)
+
+
+def tracking_table(
+    controllers: Mapping[str, Any],
+    reference: Any,
+    *,
+    seeds: int = 20,
+    env_kwargs: dict[str, Any] | None = None,
+) -> list[TrackingRow]:
+    """Evaluate each controller on the nominal clip and on ``seeds`` randomized episodes.
+
+    Args:
+        controllers: name -> a policy module with ``act`` (e.g. a loaded PPO) or a callable
+            ``obs -> action (12,)``; :func:`zero_residual` for PD + feedforward alone.
+        reference: a ``ReferenceTrajectory`` (or anything ``execute_policy_rollout`` takes).
+        seeds: randomized episodes per controller (reset seeds ``0 .. seeds−1``).
+        env_kwargs: ``TrackingConfig`` overrides for every rollout (a policy module's own
+            training settings apply first; these override them).
+    """
+    if not controllers:
+        raise ValueError("controllers must name at least one controller")
+    seeds = _check_seeds(seeds)
+    rows = []
+    for name, policy in controllers.items():
+        nominal_qpos, _, _, _ = execute_policy_rollout(policy, reference, env_kwargs=env_kwargs)
+        nominal = tracking_errors(nominal_qpos, reference).rms()
+        survived, squares, steps = 0, 0.0, 0
+        for seed in range(seeds):
+            qpos, _, _, _ = execute_policy_rollout(policy, reference, randomize=True, seed=seed,
+                                                   terminate=True, env_kwargs=env_kwargs)
+            played = len(qpos) - 1
+            survived += played == int(reference.num_phases)
+            position = tracking_errors(qpos[1:], reference, start_phase=1).position
+            squares += float(np.sum(position**2))
+            steps += played
+        rows.append(TrackingRow(
+            name=name,
+            nominal_position_m=nominal["pos_rmse"],
+            nominal_orientation_deg=nominal["orient_rmse_deg"],
+            nominal_joint_rad=nominal["joint_rmse_per_joint"],
+            nominal_steps=len(nominal_qpos) - 1,
+            randomized_survived=survived,
+            randomized_episodes=seeds,
+            randomized_position_m=math.sqrt(squares / max(steps, 1)),
+        ))
+    return rows
+
+
+def format_table(rows: list[TrackingRow]) -> str:
+    """A Markdown table of the rows."""
+    lines = [
+        "| controller | nominal position RMS | orientation RMS | joint RMS "
+        "| randomized: full clips | randomized position RMS |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r.name} | {100 * r.nominal_position_m:.1f} cm | "
+            f"{r.nominal_orientation_deg:.2f}° | {r.nominal_joint_rad:.3f} rad | "
+            f"{r.randomized_survived} / {r.randomized_episodes} | "
+            f"{100 * r.randomized_position_m:.1f} cm |"
+        )
+    return "\n".join(lines)
+
+
+def save_table(rows: list[TrackingRow], out_dir: str | os.PathLike, name: str = "table") -> Path:
+    """Write ``<name>.md`` and ``<name>.json`` into ``out_dir``, each whole or not at all."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    texts = {f"{name}.md": format_table(rows) + "\n",
+             f"{name}.json": json.dumps([asdict(r) for r in rows], indent=2) + "\n"}
+    for filename, text in texts.items():
+        fd, tmp = tempfile.mkstemp(prefix=f".{filename}.", dir=out)
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, out / filename)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    return out / f"{name}.md"
