@@ -8,10 +8,14 @@
   and ``τ_ff = −Jᵀf`` feedforward torques.
 - :class:`Go2TrackingEnv` (gymnasium id ``diffto/Go2Tracking-v0``, registered by
   :func:`diffto.tasks.registry.register_environments`): residual tracking.
+- :func:`load_reference`: a reference from a motion name, a ``.npz`` or a folder of a user's
+  raw ``.npy`` arrays (the env's ``reference`` argument goes through it).
 - :func:`execute_policy_rollout`: a policy played on a reference, returning what an
   open-loop simulation would.
 - :mod:`diffto.tasks.go2.evaluate` (``python -m diffto.tasks.go2.evaluate``): RMS tracking
-  errors, plots and videos, and the ``Go2TrackingReport`` callback.
+  errors, plots and videos (the reference drawn as a translucent ghost), the tracking table
+  of :mod:`diffto.tasks.go2.tracking_table` (PD + feedforward alone, best and last
+  checkpoints; nominal and randomized), and the ``Go2TrackingReport`` callback.
 """
 
 from diffto.tasks.go2.env import Go2TrackingEnv, RenderingUnavailableError
@@ -28,6 +32,7 @@ from diffto.tasks.go2.model import (
 )
 from diffto.tasks.go2.planner import MOTIONS, PlannerError, plan_reference
 from diffto.tasks.go2.reference import ReferenceTrajectory
+from diffto.tasks.go2.reference_source import load_reference
 from diffto.tasks.go2.rollout import execute_open_loop_rollout, execute_policy_rollout
 from diffto.tasks.go2.tracking_config import TrackingConfig
 
@@ -46,6 +51,7 @@ __all__ = [
     "MOTIONS",
     "PlannerError",
     "ReferenceTrajectory",
+    "load_reference",
     "FeedforwardComputer",
     # environment and rollouts
     "Go2TrackingEnv",

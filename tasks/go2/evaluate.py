@@ -248,6 +248,9 @@ class Go2TrackingReport(Callback):
         return Path(root or trainer.default_root_dir) / "tracking"
 
     def _report(self, trainer: Trainer, module: LightningModule, name: str, video: bool) -> None:
+        # Every rank asks for the folder: under DDP ``trainer.log_dir`` is a broadcast, so a
+        # call on rank 0 alone would wait forever for the others.
+        out_dir = self.out_dir(trainer)
         if not trainer.is_global_zero:
             return
         reference, kwargs = _reference_and_kwargs(module)
@@ -257,7 +260,7 @@ class Go2TrackingReport(Callback):
         was_training = module.training
         try:
             report = evaluate_tracking(
-                load_policy(module), reference, self.out_dir(trainer), name=name,
+                load_policy(module), reference, out_dir, name=name,
                 steps=steps, video=video, baseline=self.baseline, env_kwargs=kwargs,
                 title=f"Go2 tracking, iteration {trainer.global_step} ({name})",
             )
@@ -284,10 +287,11 @@ class Go2TrackingReport(Callback):
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._report(trainer, pl_module, "final", video=self.video)
+        out_dir = self.out_dir(trainer)  # on every rank (a broadcast under DDP)
         if self.table_seeds and trainer.is_global_zero:
-            self._table(trainer, pl_module)
+            self._table(trainer, pl_module, out_dir)
 
-    def _table(self, trainer: Trainer, module: LightningModule) -> None:
+    def _table(self, trainer: Trainer, module: LightningModule, out_dir: Path) -> None:
         """The tracking table of the run: PD + feedforward alone, the best checkpoint (when
         a checkpoint callback monitors a metric and has saved one), the final policy."""
         reference, kwargs = _reference_and_kwargs(module)
@@ -306,7 +310,7 @@ class Go2TrackingReport(Callback):
         finally:
             module.train(was_training)
         self.last_table = rows
-        path = save_table(rows, self.out_dir(trainer))
+        path = save_table(rows, out_dir)
         print(f"\nGo2 tracking table (nominal clip; {seeds} randomized episodes from phase 0, "
               f"termination on):\n{format_table(rows)}\n  written: {path}")
 

@@ -135,3 +135,38 @@ def test_two_ranks_train_the_same_weights_from_different_envs(tmp_path):
     for k, v in state["state_dict"].items():
         assert torch.equal(v, sd0[k]), k
     print(f"2-rank DDP fit: {elapsed:.1f} s")
+
+
+def test_go2_tracking_config_runs_over_two_ranks(tmp_path):
+    """The shipped Go2 job under ``--trainer.strategy=ddp --trainer.devices=2``: it ends, with
+    one checkpoint folder and rank 0's report and table. (The report asks for the log folder,
+    a broadcast under DDP; asked on rank 0 alone it used to hang the run.)"""
+    import yaml
+
+    from diffto import cli
+
+    config = yaml.safe_load(cli.shipped_configs()["go2_tracking.yaml"].read_text())
+    for cb in config["trainer"]["callbacks"]:
+        if cb["class_path"].endswith("Go2TrackingReport"):
+            cb["init_args"].update(video=False, every_n_validations=1, table_seeds=1)
+    (tmp_path / "go2_ddp.yaml").write_text(yaml.safe_dump(config))
+    tiny = {"num_envs": 2, "vector_mode": "sync", "samples_per_iteration": 64,
+            "minibatch_size": 32, "actor_steps": 2, "critic_steps": 2,
+            "critic_hidden": "[32, 32]"}
+    args = [sys.executable, "-m", "diffto", "fit", "--config", "go2_ddp.yaml",
+            "--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.max_steps=2",
+            "--trainer.val_check_interval=1",
+            *(f"--model.init_args.{k}={v}" for k, v in tiny.items())]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for key in ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE"):
+        env.pop(key, None)
+    out = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=400)
+    assert out.returncode == 0, out.stderr[-4000:]
+    runs = tmp_path / "runs" / "go2_tracking"
+    assert sorted(p.name for p in (runs / "checkpoints").iterdir()) == [
+        "best.ckpt", "iter_step=2.ckpt", "last.ckpt"]
+    assert len(list(runs.glob("logs/version_*"))) == 1
+    table = next(runs.glob("logs/version_0/tracking/table.md")).read_text()
+    assert "| final (iteration 2) |" in table
+    assert out.stdout.count("Go2 tracking table") == 1  # rank 0 alone wrote it

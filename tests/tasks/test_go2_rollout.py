@@ -199,7 +199,7 @@ def test_go2_tracking_resumes_from_last_checkpoint(tmp_path, monkeypatch, capsys
     config = yaml.safe_load(Path(cli.shipped_configs()["go2_tracking.yaml"]).read_text())
     for cb in config["trainer"]["callbacks"]:
         if cb["class_path"].endswith("Go2TrackingReport"):
-            cb["init_args"].update(video=False, steps=5, every_n_validations=1)
+            cb["init_args"].update(video=False, steps=5, every_n_validations=1, table_seeds=1)
     (tmp_path / "go2_tiny.yaml").write_text(yaml.safe_dump(config))
     base = ["fit", "--config", "go2_tiny.yaml", "--trainer.val_check_interval=2",
             "--model.init_args.vector_mode=sync",
@@ -243,7 +243,15 @@ def test_go2_tracking_resumes_from_last_checkpoint(tmp_path, monkeypatch, capsys
     np.testing.assert_allclose(qpos[0], trained.qpos(0))
 
     # the evaluation entry point reads the same checkpoint
-    evaluate_main(["--checkpoint", str(last), "--steps", "3", "--no-video",
+    evaluate_main(["--checkpoint", str(last), "--steps", "3", "--no-video", "--seeds", "1",
                    "--out", str(tmp_path / "eval")])
     assert (tmp_path / "eval" / "last.png").is_file()
-    assert "policy (closed loop)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "policy (closed loop)" in out
+    # the table: PD alone, then the run's best.ckpt and last.ckpt, on the same episodes
+    rows = [line for line in out.splitlines() if line.startswith("| ")][1:]
+    assert [r.split("|")[1].strip() for r in rows] == [
+        "PD + feedforward alone", "best.ckpt", "last.ckpt"]
+    assert (tmp_path / "eval" / "last_table.md").is_file()
+    # and the end-of-fit table of the resumed run
+    assert "| final (iteration 4) |" in (metrics[-1].parent / "tracking" / "table.md").read_text()
