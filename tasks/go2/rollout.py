@@ -28,6 +28,7 @@ import functools
 import os
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import mujoco
@@ -38,6 +39,8 @@ from diffto.tasks.rendering import GHOST_RGB, add_ghost, make_renderer
 
 __all__ = [
     "execute_policy_rollout",
+    "play_policy",
+    "PolicyRollout",
     "execute_open_loop_rollout",
     "inverse_dynamics_forces",
     "foot_contact_forces",
@@ -47,6 +50,20 @@ __all__ = [
 
 Policy = Callable[[np.ndarray], np.ndarray]
 RolloutResult = tuple[np.ndarray, np.ndarray, np.ndarray, list[np.ndarray]]
+
+
+@dataclass
+class PolicyRollout:
+    """What :func:`play_policy` recorded: the arrays of :func:`execute_policy_rollout` and
+    whether the rollout played the clip to its end without failing (``clip_completed``: the
+    env's ``info["clip_completed"]`` at the last step; a failure on the very last step, or a
+    rollout shorter than the clip, is not a completed clip)."""
+
+    qpos: np.ndarray
+    qvel: np.ndarray
+    grf: np.ndarray
+    images: list[np.ndarray]
+    clip_completed: bool
 
 # TrackingConfig overrides that switch the env's early termination off (a rollout for
 # evaluation should cover the clip; training uses termination to cut hopeless episodes).
@@ -168,6 +185,29 @@ def execute_policy_rollout(
     terminate: bool = False,
     env_kwargs: dict[str, Any] | None = None,
 ) -> RolloutResult:
+    """Run a tracking policy on ``reference``; :func:`play_policy` as a simulation's tuple.
+
+    Returns:
+        ``(qpos_traj (T, 19), qvel_traj (T, 18), grf_traj (T, 12), images)``, ``T ≤ steps+1``.
+    """
+    out = play_policy(policy, reference, steps=steps, render=render, randomize=randomize,
+                      seed=seed, start_phase=start_phase, terminate=terminate,
+                      env_kwargs=env_kwargs)
+    return out.qpos, out.qvel, out.grf, out.images
+
+
+def play_policy(
+    policy: Any,
+    reference: Any,
+    *,
+    steps: int | None = None,
+    render: bool = False,
+    randomize: bool = False,
+    seed: int = 0,
+    start_phase: int = 0,
+    terminate: bool = False,
+    env_kwargs: dict[str, Any] | None = None,
+) -> PolicyRollout:
     """Run a tracking policy on ``reference`` in :class:`Go2TrackingEnv`.
 
     Args:
@@ -188,7 +228,8 @@ def execute_policy_rollout(
             settings (gains, limits, ...) apply by default.
 
     Returns:
-        ``(qpos_traj (T, 19), qvel_traj (T, 18), grf_traj (T, 12), images)``, ``T ≤ steps+1``.
+        a :class:`PolicyRollout`: ``qpos (T, 19)``, ``qvel (T, 18)``, ``grf (T, 12)``,
+        ``images`` and ``clip_completed``, ``T ≤ steps+1``.
     """
     from diffto.tasks.go2.env import Go2TrackingEnv
 
@@ -219,6 +260,7 @@ def execute_policy_rollout(
 
         record()
         rendering = render and _safe_render(env.render, images)
+        completed = False
         for _ in range(steps):
             action = np.asarray(act(obs), dtype=np.float32).reshape(-1)
             if action.shape != env.action_space.shape:
@@ -226,7 +268,8 @@ def execute_policy_rollout(
                     f"policy must return an action of shape {env.action_space.shape}, "
                     f"got {action.shape}"
                 )
-            obs, _, terminated, truncated, _ = env.step(action)
+            obs, _, terminated, truncated, info = env.step(action)
+            completed = bool(info["clip_completed"])
             record()
             if rendering:
                 rendering = _safe_render(env.render, images)
@@ -234,7 +277,7 @@ def execute_policy_rollout(
                 break
     finally:
         env.close()
-    return np.asarray(qpos), np.asarray(qvel), np.asarray(grf), images
+    return PolicyRollout(np.asarray(qpos), np.asarray(qvel), np.asarray(grf), images, completed)
 
 
 def inverse_dynamics_forces(reference: Any, model: mujoco.MjModel | None = None) -> np.ndarray:

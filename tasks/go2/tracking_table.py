@@ -7,7 +7,8 @@ the final one; any other policy), two settings, all from phase 0 of the clip:
   (m), orientation (degrees) and per-joint (rad) errors, as :func:`tracking_errors` defines.
 - **randomized**: ``seeds`` episodes with the training env's domain randomization drawn from
   ``reset(seed=k)``, ``k = 0 .. seeds−1``, and the env's termination rules on: how many play
-  the full clip, and the RMS position error over every step that was played.
+  the full clip without failing (the env's ``info["clip_completed"]``), and the RMS position
+  error over every step that was played.
 
 Every controller meets the same randomized draws (the draw depends only on the seed), so the
 rows compare on the same evaluation episodes. Training never resets with these seeds: PPO
@@ -32,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from diffto.tasks.go2.rollout import execute_policy_rollout
+from diffto.tasks.go2.rollout import execute_policy_rollout, play_policy
 from diffto.tasks.go2.tracking_errors import tracking_errors
 
 __all__ = ["TrackingRow", "tracking_table", "format_table", "save_table", "zero_residual"]
@@ -97,11 +98,11 @@ def tracking_table(
         nominal = tracking_errors(nominal_qpos, reference).rms()
         survived, squares, steps = 0, 0.0, 0
         for seed in range(seeds):
-            qpos, _, _, _ = execute_policy_rollout(policy, reference, randomize=True, seed=seed,
-                                                   terminate=True, env_kwargs=env_kwargs)
-            played = len(qpos) - 1
-            survived += played == int(reference.num_phases)
-            position = tracking_errors(qpos[1:], reference, start_phase=1).position
+            rollout = play_policy(policy, reference, randomize=True, seed=seed, terminate=True,
+                                  env_kwargs=env_kwargs)
+            played = len(rollout.qpos) - 1
+            survived += rollout.clip_completed
+            position = tracking_errors(rollout.qpos[1:], reference, start_phase=1).position
             squares += float(np.sum(position**2))
             steps += played
         rows.append(TrackingRow(

@@ -73,3 +73,16 @@ def test_bad_seeds_are_named(stand, seeds):
 def test_no_controllers_is_an_error(stand):
     with pytest.raises(ValueError, match="controllers must name at least one"):
         tracking_table({}, stand)
+
+
+def test_a_failure_on_the_last_step_is_not_a_completed_clip(stand):
+    """A policy that jumps to the full residual on the clip's last step breaks the action-rate
+    rule there: every step is played, yet no randomized clip counts as completed."""
+
+    def jump_at_the_end(obs: np.ndarray) -> np.ndarray:
+        phase = round(np.arctan2(obs[29], obs[28]) / (2 * np.pi) * N) % N
+        return np.full(12, 1.0 if phase == N - 1 else 0.0, dtype=np.float32)
+
+    (row,) = tracking_table({"jump": jump_at_the_end}, stand, seeds=2)
+    assert row.nominal_steps == N  # termination off: the nominal clip is played to its end
+    assert row.randomized_survived == 0
