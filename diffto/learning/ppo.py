@@ -317,6 +317,25 @@ class PPO(L.LightningModule):
         episodes = list(range(self.hparams.eval_episodes))
         return DataLoader(episodes, batch_size=None, num_workers=0)
 
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse a checkpoint whose tensors have other shapes than this module's, naming them:
+        the usual cause is an env with another observation width than the one trained on."""
+        own = self.state_dict()
+        wrong = [
+            f"{k} {tuple(v.shape)} (this module: {tuple(own[k].shape)})"
+            for k, v in checkpoint.get("state_dict", {}).items()
+            if k in own and tuple(v.shape) != tuple(own[k].shape)
+        ]
+        if wrong:
+            raise ValueError(
+                f"checkpoint tensors do not fit this PPO, whose env gives {self.obs_dim}-D "
+                f"observations and takes {self.act_dim}-D actions: {'; '.join(wrong[:3])}. Load "
+                "it with the env settings it was trained with, e.g. "
+                "PPO.load_from_checkpoint(path, env_kwargs={...}); a Go2 policy trained on "
+                "OPT-Mimic's 30-D observation needs observe_base_velocity: false and "
+                "observe_position_error: false"
+            )
+
     def configure_optimizers(self) -> torch.optim.Optimizer:
         # fail before any rollout if the schedule has no budget to anneal over
         lr_factor(self.hparams.lr_schedule, self.global_step, self.trainer.max_steps)

@@ -77,7 +77,6 @@ from diffto.tasks.rendering import (
 
 __all__ = ["Go2TrackingEnv", "RenderingUnavailableError", "restitution_to_damping_ratio"]
 
-OBS_DIM = 39  # OPT-Mimic's 30 + base velocities (6) + position error (3); see TrackingConfig
 ACTION_DIM = 12
 
 
@@ -103,7 +102,7 @@ class Go2TrackingEnv(gym.Env):
         **overrides: :class:`TrackingConfig` fields to replace, e.g. ``kp=80.0``.
 
     Spaces:
-        observation ``(36,) float32`` = body quaternion (4, w x y z) + joint positions as read
+        observation ``(39,) float32`` = body quaternion (4, w x y z) + joint positions as read
         with the offset ``q - o`` (12) + joint velocities (12) + phase encoding
         ``[cos, sin](2π p / N)`` (2) + base linear velocity (3) and angular velocity (3), both
         in the base frame (``config.observe_base_velocity``) + the reference base position at

@@ -344,7 +344,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default=None,
                         help="output folder (default: <checkpoint dir>/../evaluation)")
     parser.add_argument("--reference", default=None,
-                        help="reference .npz or motion name (default: the one trained on)")
+                        help="reference: motion name, .npz or folder of raw .npy arrays "
+                             "(default: the one trained on)")
     parser.add_argument("--steps", type=int, default=None, help="control steps (default: all)")
     parser.add_argument("--no-video", action="store_true", help="skip the MP4")
     parser.add_argument("--baseline", choices=("inverse_dynamics", "feedforward"),
@@ -384,7 +385,7 @@ def main(argv: list[str] | None = None) -> None:
             controllers[ckpt.name] = module
         rows = tracking_table(controllers, reference, seeds=args.seeds, env_kwargs=kwargs)
         print(f"\nnominal clip from phase 0; {args.seeds} randomized episodes from phase 0 "
-              f"(reset seeds 0..{args.seeds - 1}), termination on:")
+              "(reset seeds 1,000,000 + k), termination on:")
         print(format_table(rows))
         print(f"table: {save_table(rows, out, name=f'{ckpt.stem}_table')}")
 

@@ -172,7 +172,8 @@ def _check_weight(grf: np.ndarray, grf_label: str, jv: np.ndarray, jv_label: str
     raise ValueError(
         f"{grf_label} does not carry the robot's weight: {measured}. Expected the force the "
         "ground exerts on each foot in newtons, world frame, z up, FL, FR, RL, RR × xyz "
-        "(check_weight=False skips this for a clip that is mostly in flight)"
+        "(ReferenceTrajectory.from_files(..., check_weight=False) skips this check for a "
+        "clip that is mostly in flight; save the result as .npz to train on it)"
     )
 
 

@@ -6,13 +6,19 @@ the final one; any other policy), two settings, all from phase 0 of the clip:
 - **nominal**: no randomization, termination off (the whole clip is played): RMS position
   (m), orientation (degrees) and per-joint (rad) errors, as :func:`tracking_errors` defines.
 - **randomized**: ``seeds`` episodes with the training env's domain randomization drawn from
-  ``reset(seed=k)``, ``k = 0 .. seeds−1``, and the env's termination rules on: how many play
-  the full clip without failing (the env's ``info["clip_completed"]``), and the RMS position
-  error over every step that was played.
+  ``reset(seed=1_000_000 + k)``, ``k = 0 .. seeds−1``, and the env's termination rules on:
+  how many play the full clip without failing (the env's ``info["clip_completed"]``), and
+  the RMS position error over every step that was played.
 
 Every controller meets the same randomized draws (the draw depends only on the seed), so the
-rows compare on the same evaluation episodes. Training never resets with these seeds: PPO
-seeds its vector envs from the run's seed and iteration.
+rows compare on the same evaluation episodes. The reset seeds are ``1_000_000 + k``: a
+training run seeds its environments' first resets with small integers (its
+``seed_everything`` plus the env index), and later ones come from the envs' own generators.
+
+Both position figures are RMS over the knots a rollout visits, the nominal one including
+knot 0 (where the error is zero, as in :func:`evaluate_tracking`'s report), the randomized
+one from knot 1; errors are taken against the reference's own knots, without the env's
+``body_height_offset`` (0 by default).
 
 ``python -m diffto.tasks.go2.evaluate --checkpoint runs/go2_tracking/checkpoints/last.ckpt``
 prints the table (with the run's ``best.ckpt`` beside ``last.ckpt``), and the
@@ -33,10 +39,15 @@ from typing import Any
 
 import numpy as np
 
+from diffto.tasks.go2.reference_source import load_reference
 from diffto.tasks.go2.rollout import execute_policy_rollout, play_policy
 from diffto.tasks.go2.tracking_errors import tracking_errors
 
-__all__ = ["TrackingRow", "tracking_table", "format_table", "save_table", "zero_residual"]
+__all__ = ["TrackingRow", "tracking_table", "format_table", "save_table", "zero_residual",
+           "EVAL_SEED_OFFSET"]
+
+#: The randomized episodes reset with seeds ``EVAL_SEED_OFFSET + k``, ``k = 0 .. seeds−1``.
+EVAL_SEED_OFFSET = 1_000_000
 
 
 def zero_residual(obs: np.ndarray) -> np.ndarray:
@@ -84,22 +95,25 @@ def tracking_table(
     Args:
         controllers: name -> a policy module with ``act`` (e.g. a loaded PPO) or a callable
             ``obs -> action (12,)``; :func:`zero_residual` for PD + feedforward alone.
-        reference: a ``ReferenceTrajectory`` (or anything ``execute_policy_rollout`` takes).
-        seeds: randomized episodes per controller (reset seeds ``0 .. seeds−1``).
+        reference: a ``ReferenceTrajectory``, a motion name, a ``.npz`` or a folder (see
+            :func:`~diffto.tasks.go2.reference_source.load_reference`).
+        seeds: randomized episodes per controller (reset seeds ``EVAL_SEED_OFFSET + k``).
         env_kwargs: ``TrackingConfig`` overrides for every rollout (a policy module's own
             training settings apply first; these override them).
     """
     if not controllers:
         raise ValueError("controllers must name at least one controller")
     seeds = _check_seeds(seeds)
+    duration = (env_kwargs or {}).get("reference_duration")
+    reference = load_reference(reference, duration=duration)
     rows = []
     for name, policy in controllers.items():
         nominal_qpos, _, _, _ = execute_policy_rollout(policy, reference, env_kwargs=env_kwargs)
         nominal = tracking_errors(nominal_qpos, reference).rms()
         survived, squares, steps = 0, 0.0, 0
-        for seed in range(seeds):
-            rollout = play_policy(policy, reference, randomize=True, seed=seed, terminate=True,
-                                  env_kwargs=env_kwargs)
+        for k in range(seeds):
+            rollout = play_policy(policy, reference, randomize=True, seed=EVAL_SEED_OFFSET + k,
+                                  terminate=True, env_kwargs=env_kwargs)
             played = len(rollout.qpos) - 1
             survived += rollout.clip_completed
             position = tracking_errors(rollout.qpos[1:], reference, start_phase=1).position

@@ -522,3 +522,26 @@ def test_linear_lr_schedule_needs_max_steps():
     module = small_ppo(samples_per_iteration=64, minibatch_size=32, lr_schedule="linear")
     with pytest.raises(ValueError, match="trainer.max_steps"):
         quiet_trainer(-1, max_epochs=1).fit(module)
+
+
+def test_a_checkpoint_of_another_observation_width_is_refused_by_name(tmp_path):
+    """A Go2 policy trained on the 30-D observation, loaded with today's 39-D defaults."""
+    from diffto.tasks.go2 import model as go2_model
+    from diffto.tasks.go2.reference import ReferenceTrajectory
+
+    n, home = 5, go2_model.HOME_QPOS
+    zeros = np.zeros((n + 1, 3))
+    reference = ReferenceTrajectory(
+        body_pos=np.tile(home[:3], (n + 1, 1)), body_vel=zeros, body_euler=zeros,
+        body_ang_vel=zeros, joint_pos=np.tile(home[7:], (n + 1, 1)), joint_vel=np.zeros((n, 12)),
+        grf=np.tile([0.0, 0.0, go2_model.TOTAL_MASS * 9.81 / 4], (n, 4)),
+        contact=np.ones((n, 4), bool)).save(tmp_path / "stand.npz")
+    old = PPO("diffto/Go2Tracking-v0", env_kwargs={
+        "reference": str(reference), "observe_base_velocity": False,
+        "observe_position_error": False})
+    path = tmp_path / "old.ckpt"
+    torch.save({"state_dict": old.state_dict(), "hyper_parameters": dict(old.hparams),
+                "pytorch-lightning_version": L.__version__}, path)
+    with pytest.raises(ValueError, match=r"39-D observations.*observe_position_error: false"):
+        PPO.load_from_checkpoint(path, env_kwargs={"reference": str(reference)})
+    assert PPO.load_from_checkpoint(path).obs_dim == 30  # with its own settings it loads
