@@ -173,26 +173,13 @@ def _safe_render(render_fn: Callable[[], np.ndarray | None], images: list[np.nda
     return True
 
 
-def execute_policy_rollout(
-    policy: Any,
-    reference: Any,
-    *,
-    steps: int | None = None,
-    render: bool = False,
-    randomize: bool = False,
-    seed: int = 0,
-    start_phase: int = 0,
-    terminate: bool = False,
-    env_kwargs: dict[str, Any] | None = None,
-) -> RolloutResult:
-    """Run a tracking policy on ``reference``; :func:`play_policy` as a simulation's tuple.
+def execute_policy_rollout(policy: Any, reference: Any, **options: Any) -> RolloutResult:
+    """:func:`play_policy` (same arguments) returned as a simulation's tuple.
 
     Returns:
         ``(qpos_traj (T, 19), qvel_traj (T, 18), grf_traj (T, 12), images)``, ``T ≤ steps+1``.
     """
-    out = play_policy(policy, reference, steps=steps, render=render, randomize=randomize,
-                      seed=seed, start_phase=start_phase, terminate=terminate,
-                      env_kwargs=env_kwargs)
+    out = play_policy(policy, reference, **options)
     return out.qpos, out.qvel, out.grf, out.images
 
 
