@@ -160,7 +160,9 @@ class PPO(L.LightningModule):
             ``rollout/<key>`` and ``val/<key>`` (e.g. tracking errors); keys an env does not
             report are skipped. ``None``: none.
         progress_bar_keys: logged training scalars shown in the progress bar (``None``:
-            ``["rollout/ep_return"]``); ``val/ep_return`` is always shown.
+            ``["rollout/ep_return"]``); ``val/ep_return`` is always shown. ``rollout/<key>``
+            needs ``<key>`` in ``info_keys`` (or ep_return / ep_length; checked at
+            construction); ``train/`` and ``charts/`` names are checked at the first iteration.
         eval_episodes: deterministic episodes per validation. eval_max_steps: cap on their
             length (``None``: until the env ends them). eval_reset_options: ``options`` for
             the eval env's ``reset`` (e.g. ``{"phase": 0}`` to start a clip at its start).
@@ -228,6 +230,18 @@ class PPO(L.LightningModule):
         self.progress_bar_keys = (
             ["rollout/ep_return"] if progress_bar_keys is None else list(progress_bar_keys)
         )
+        episode_keys = {f"rollout/{k}" for k in ("ep_return", "ep_length", *self.info_keys)}
+        for key in self.progress_bar_keys:
+            prefix = key.partition("/")[0]
+            if prefix not in ("rollout", "train", "charts") or (
+                prefix == "rollout" and key not in episode_keys
+            ):
+                raise ValueError(
+                    f"progress_bar_keys entry {key!r} is not a logged training scalar: expected "
+                    f"one of {sorted(episode_keys)} (rollout/<key> needs <key> in info_keys) or "
+                    "a train/... or charts/... name"
+                )
+        self._progress_bar_keys_checked = False
         self.steps_per_env = math.ceil(samples_per_iteration / num_envs)
 
         # Probe the spaces once in this process. For the Go2 env this also plans (and caches)
@@ -620,6 +634,16 @@ class PPO(L.LightningModule):
         for k, v in rollout["finished"].items():
             if v:
                 logs[f"rollout/{k}"] = torch.tensor(float(np.mean(v)))
+        if not self._progress_bar_keys_checked:
+            # train/ and charts/ names are known once the first iteration has logged them
+            # (rollout/ keys were checked in __init__: they appear only when episodes end).
+            unknown = [k for k in self.progress_bar_keys
+                       if not k.startswith("rollout/") and k not in logs]
+            if unknown:
+                known = sorted(k for k in logs if not k.startswith("rollout/"))
+                raise ValueError(f"progress_bar_keys {unknown} are not logged; the train/ and "
+                                 f"charts/ scalars are {known}")
+            self._progress_bar_keys_checked = True
         for k, v in logs.items():
             self.log(k, v.float(), on_step=True, on_epoch=False, batch_size=1,
                      prog_bar=k in self.progress_bar_keys)

@@ -465,6 +465,20 @@ def test_progress_bar_keys_come_from_the_arguments():
     assert set(trainer.progress_bar_metrics) == {"rollout/pos_error", "train/loss_critic"}
 
 
+def test_progress_bar_keys_that_are_never_logged_are_refused_by_name():
+    # a rollout/ key needs its info key: refused before any environment steps
+    with pytest.raises(ValueError, match="'rollout/joint_eror'.*info_keys"):
+        small_ppo(progress_bar_keys=["rollout/joint_eror"])
+    with pytest.raises(ValueError, match="'val/ep_return'"):
+        small_ppo(progress_bar_keys=["val/ep_return"])
+    # a misspelt train/ name is known after the first iteration
+    L.seed_everything(9)
+    module = small_ppo(samples_per_iteration=256, minibatch_size=64,
+                       progress_bar_keys=["train/loss_critc"])
+    with pytest.raises(ValueError, match=r"\['train/loss_critc'\] are not logged.*loss_critic"):
+        quiet_trainer(1).fit(module)
+
+
 # ------------------------------------------------------------------------------ lr schedule
 def test_lr_factor_linear_from_full_rate_to_the_last_iteration():
     assert lr_factor("constant", 7, 10) == 1.0
