@@ -63,7 +63,7 @@ from gymnasium import spaces
 
 from diffto.tasks.go2 import model as go2_model
 from diffto.tasks.go2.reference import ReferenceTrajectory
-from diffto.tasks.go2.reference_source import load_reference
+from diffto.tasks.go2.reference_source import load_tracked_reference
 from diffto.tasks.go2.tracking_config import (
     TrackingConfig,
     restitution_to_damping_ratio,
@@ -80,21 +80,16 @@ __all__ = ["Go2TrackingEnv", "RenderingUnavailableError", "restitution_to_dampin
 ACTION_DIM = 12
 
 
-def _resolve_reference(reference: Any, config: TrackingConfig) -> ReferenceTrajectory:
-    """``reference`` through :func:`load_reference`, with the config's duration, dt and cache."""
-    return load_reference(reference, duration=config.reference_duration, dt=config.control_dt,
-                          cache_dir=config.reference_cache_dir)
-
-
 class Go2TrackingEnv(gym.Env):
     """Residual tracking of a Go2 reference (OPT-Mimic), 50 Hz policy over 1 kHz MuJoCo physics.
 
     Args:
         reference: a ``ReferenceTrajectory``; a motion name planned (and cached) by
-            ``plan_reference`` with ``config.reference_duration``; a reference ``.npz``; or a
-            folder of a user's raw ``state_traj.npy``, ``grf_traj.npy``,
-            ``joint_vel_traj.npy`` (and optionally ``contact_sequence.npy``), read at
-            ``config.control_dt`` (see :func:`~diffto.tasks.go2.reference_source.load_reference`).
+            ``plan_reference`` with ``config.reference_duration`` and
+            ``config.planner_options``; a reference ``.npz``; or a folder of a user's raw
+            ``state_traj.npy``, ``grf_traj.npy``, ``joint_vel_traj.npy`` (and optionally
+            ``contact_sequence.npy``), read at ``config.control_dt`` (see
+            :func:`~diffto.tasks.go2.reference_source.load_tracked_reference`).
         randomize: draw friction, restitution, joint offsets and torque scale at every reset.
         render_mode: ``None`` or ``"rgb_array"`` (frames show the reference as a translucent
             ghost beside the robot, ``config.render_ghost_alpha``; see :meth:`render`).
@@ -141,7 +136,7 @@ class Go2TrackingEnv(gym.Env):
         self.randomize = bool(randomize)
         self.render_mode = render_mode
         self.metadata = {**self.metadata, "render_fps": round(1.0 / self.config.control_dt)}
-        self.reference = _resolve_reference(reference, self.config)
+        self.reference = load_tracked_reference(reference, self.config)
         if abs(float(self.reference.dt) - self.config.control_dt) > 1e-9:
             raise ValueError(
                 f"reference.dt ({self.reference.dt}) must equal config.control_dt "

@@ -164,7 +164,7 @@ def evaluate_tracking(
         env_kwargs: the training env's ``TrackingConfig`` overrides (gains, limits, ...).
         title: plot title (default: ``name``).
     """
-    reference = resolve_reference(reference, (env_kwargs or {}).get("reference_duration"))
+    reference = resolve_reference(reference, env_kwargs)
     render = video and out_dir is not None
     qpos, _, _, frames = execute_policy_rollout(
         policy, reference, steps=steps, render=render, seed=seed, env_kwargs=env_kwargs
@@ -192,8 +192,7 @@ def _reference_and_kwargs(module: LightningModule) -> tuple[Any, dict[str, Any]]
     if env is not None and hasattr(env.unwrapped, "reference"):
         reference = env.unwrapped.reference
     else:
-        reference = resolve_reference(kwargs.get("reference", "trot"),
-                                      kwargs.get("reference_duration"))
+        reference = resolve_reference(kwargs.get("reference", "trot"), kwargs)
     return reference, kwargs
 
 
@@ -364,7 +363,7 @@ def main(argv: list[str] | None = None) -> None:
     module = _load_trained_module(ckpt)
     kwargs = dict(module.eval_env_kwargs)
     reference = args.reference if args.reference is not None else kwargs.get("reference", "trot")
-    reference = resolve_reference(reference, kwargs.get("reference_duration"))
+    reference = resolve_reference(reference, kwargs)
     out = Path(args.out) if args.out else ckpt.resolve().parent.parent / "evaluation"
     report = evaluate_tracking(module, reference, out, name=ckpt.stem, steps=args.steps,
                                video=not args.no_video, baseline=args.baseline,

@@ -32,13 +32,14 @@ planning needs the planner, which itself builds ``ReferenceTrajectory`` objects.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from diffto.tasks.go2.reference import ReferenceTrajectory
 from diffto.tasks.go2.tracking_config import TrackingConfig
 
-__all__ = ["load_reference"]
+__all__ = ["load_reference", "load_tracked_reference"]
 
 
 def _looks_like_name(source: str | os.PathLike) -> bool:
@@ -53,6 +54,7 @@ def load_reference(
     duration: float | None = None,
     dt: float | None = None,
     cache_dir: str | os.PathLike | None = None,
+    planner_options: Mapping[str, Any] | None = None,
 ) -> ReferenceTrajectory:
     """A reference from an instance, a motion name, a ``.npz`` path or a folder (module doc).
 
@@ -63,6 +65,8 @@ def load_reference(
         dt: interval length of a planned motion or of raw arrays (default
             :class:`TrackingConfig`'s ``control_dt``); a saved ``.npz`` carries its own.
         cache_dir: cache folder of planned motions (``None``: the planner's default).
+        planner_options: :class:`~diffto.tasks.go2.planner.PlannerOptions` fields of a planned
+            motion over its defaults (e.g. ``{"speed": 1.0}``); data keeps its own.
 
     Raises:
         ValueError: ``source`` is of another type, or a string that is neither a motion name
@@ -84,7 +88,8 @@ def load_reference(
         from diffto.tasks.go2.planner import MOTIONS, plan_reference
 
         if source in MOTIONS:
-            return plan_reference(source, duration, dt=dt, cache_dir=cache_dir)
+            return plan_reference(source, duration, dt=dt, cache_dir=cache_dir,
+                                  **(planner_options or {}))
     path = Path(source).expanduser()
     if path.exists():
         return ReferenceTrajectory.from_path(path, dt=dt)
@@ -98,3 +103,13 @@ def load_reference(
         "grf_traj.npy, joint_vel_traj.npy and optionally contact_sequence.npy, or a "
         "ReferenceTrajectory"
     )
+
+
+def load_tracked_reference(source: Any, config: TrackingConfig) -> ReferenceTrajectory:
+    """The reference a ``Go2TrackingEnv`` with ``config`` tracks: :func:`load_reference` with
+    the config's ``reference_duration``, ``control_dt``, ``reference_cache_dir`` and
+    ``planner_options``. Everything that rebuilds an env's reference outside it (rollouts,
+    tables, the evaluation entry point) goes through here, so it gets the same clip."""
+    return load_reference(source, duration=config.reference_duration, dt=config.control_dt,
+                          cache_dir=config.reference_cache_dir,
+                          planner_options=config.planner_options)

@@ -137,13 +137,22 @@ def foot_contact_forces(
     return out.reshape(12)
 
 
-def resolve_reference(reference: Any, duration: float | None = None) -> Any:
-    """A ``ReferenceTrajectory`` from itself, a motion name (planned with ``duration`` seconds,
-    default :class:`TrackingConfig`'s, and cached), a ``.npz`` path or a folder of raw ``.npy``
-    files: :func:`~diffto.tasks.go2.reference_source.load_reference` with the default dt."""
-    from diffto.tasks.go2.reference_source import load_reference
+# Go2TrackingEnv's own arguments in a dict of env kwargs; every other key is a TrackingConfig field.
+_ENV_ARGUMENTS = ("reference", "randomize", "render_mode")
 
-    return load_reference(reference, duration=duration)
+
+def resolve_reference(reference: Any, env_kwargs: dict[str, Any] | None = None) -> Any:
+    """The ``ReferenceTrajectory`` that an env built with ``env_kwargs`` tracks, from itself, a
+    motion name, a ``.npz`` path or a folder of raw ``.npy`` files:
+    :func:`~diffto.tasks.go2.reference_source.load_tracked_reference` with the
+    :class:`TrackingConfig` of ``env_kwargs`` (its ``reference_duration``, ``control_dt``,
+    ``reference_cache_dir`` and ``planner_options``; ``reference``, ``randomize`` and
+    ``render_mode`` are ignored)."""
+    from diffto.tasks.go2.reference_source import load_tracked_reference
+    from diffto.tasks.go2.tracking_config import TrackingConfig
+
+    overrides = {k: v for k, v in (env_kwargs or {}).items() if k not in _ENV_ARGUMENTS}
+    return load_tracked_reference(reference, TrackingConfig().replace(**overrides))
 
 
 def _check_steps(steps: int | None, start_phase: int, num_phases: int) -> int:
@@ -225,9 +234,9 @@ def play_policy(
     overrides = {**trained_kwargs, **(env_kwargs or {})}
     if reference is None:
         reference = overrides.get("reference", "trot")
-    for key in ("reference", "randomize", "render_mode"):
+    for key in _ENV_ARGUMENTS:
         overrides.pop(key, None)
-    reference = resolve_reference(reference, overrides.get("reference_duration"))
+    reference = resolve_reference(reference, overrides)
     if not terminate:
         overrides.update(_NO_TERMINATION)
     env = Go2TrackingEnv(

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import Any
 
 __all__ = [
     "TrackingConfig", "SOLO8_TORQUE_LIMIT", "GO2_HIP_TORQUE_LIMIT", "restitution_to_damping_ratio",
@@ -159,6 +160,10 @@ class TrackingConfig:
     """Duration (s) of a reference planned from a motion name (``plan_reference``)."""
     reference_cache_dir: str | None = None
     """Cache folder for planned references; None uses the planner's default."""
+    planner_options: dict[str, Any] | None = None
+    """Options of a reference planned from a motion name, over the motion's own defaults:
+    fields of :class:`~diffto.tasks.go2.planner.PlannerOptions` (e.g. ``{"speed": 1.0}`` for a
+    faster trot). Ignored for a reference given as data."""
     body_height_offset: float = 0.0
     """Added to the reference body height (m), for initialization and the position error. The
     Go2's soft feet sink ~1.7 cm below a rigid-foot reference; set -0.017 to compensate a
@@ -210,6 +215,11 @@ class TrackingConfig:
         )
         if abs(weights - 1.0) > 1e-9:
             raise ValueError(f"TrackingConfig reward weights w_* must sum to 1, got {weights!r}")
+        if self.planner_options is not None and not isinstance(self.planner_options, dict):
+            raise ValueError(
+                "TrackingConfig.planner_options must be a dict of PlannerOptions fields or None, "
+                f"got {type(self.planner_options).__name__}"
+            )
         if self.contact_grace_steps < 0:
             raise ValueError(
                 f"TrackingConfig.contact_grace_steps must be >= 0, got {self.contact_grace_steps}"

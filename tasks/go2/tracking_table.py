@@ -39,8 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from diffto.tasks.go2.reference_source import load_reference
-from diffto.tasks.go2.rollout import execute_policy_rollout, play_policy
+from diffto.tasks.go2.rollout import execute_policy_rollout, play_policy, resolve_reference
 from diffto.tasks.go2.tracking_errors import tracking_errors
 
 __all__ = ["TrackingRow", "tracking_table", "format_table", "save_table", "zero_residual",
@@ -95,8 +94,9 @@ def tracking_table(
     Args:
         controllers: name -> a policy module with ``act`` (e.g. a loaded PPO) or a callable
             ``obs -> action (12,)``; :func:`zero_residual` for PD + feedforward alone.
-        reference: a ``ReferenceTrajectory``, a motion name, a ``.npz`` or a folder (see
-            :func:`~diffto.tasks.go2.reference_source.load_reference`).
+        reference: a ``ReferenceTrajectory``, a motion name, a ``.npz`` or a folder, loaded
+            as an env with ``env_kwargs`` would (see
+            :func:`~diffto.tasks.go2.rollout.resolve_reference`).
         seeds: randomized episodes per controller (reset seeds ``EVAL_SEED_OFFSET + k``).
         env_kwargs: ``TrackingConfig`` overrides for every rollout (a policy module's own
             training settings apply first; these override them).
@@ -104,8 +104,7 @@ def tracking_table(
     if not controllers:
         raise ValueError("controllers must name at least one controller")
     seeds = _check_seeds(seeds)
-    duration = (env_kwargs or {}).get("reference_duration")
-    reference = load_reference(reference, duration=duration)
+    reference = resolve_reference(reference, env_kwargs)
     rows = []
     for name, policy in controllers.items():
         nominal_qpos, _, _, _ = execute_policy_rollout(policy, reference, env_kwargs=env_kwargs)

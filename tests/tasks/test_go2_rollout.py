@@ -173,7 +173,9 @@ def _flags(overrides: dict) -> list[str]:
     return [f"--model.init_args.{k}={v}" for k, v in overrides.items()]
 
 
-@pytest.mark.parametrize("config", ["go2_tracking.yaml", "go2_pronk.yaml", "go2_bound.yaml"])
+@pytest.mark.parametrize(
+    "config", ["go2_tracking.yaml", "go2_pronk.yaml", "go2_bound.yaml", "go2_trot_fast.yaml"]
+)
 def test_go2_tracking_fast_dev_run(tmp_path, monkeypatch, config):
     """Each shipped Go2 config, subprocess envs and all, with a tiny rollout; the report
     callback writes its plot (and video where MuJoCo can render) and the tracking table."""
@@ -239,7 +241,7 @@ def test_go2_tracking_resumes_from_last_checkpoint(tmp_path, monkeypatch, capsys
     assert module.normalizer.count.item() == 4 * 64
     # reference=None: the clip the policy was trained on (the 2 s trot of the config)
     qpos = execute_policy_rollout(module, None, steps=2)[0]
-    trained = resolve_reference("trot", module.eval_env_kwargs["reference_duration"])
+    trained = resolve_reference("trot", module.eval_env_kwargs)
     np.testing.assert_allclose(qpos[0], trained.qpos(0))
 
     # the evaluation entry point reads the same checkpoint
