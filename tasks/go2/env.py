@@ -102,7 +102,9 @@ class Go2TrackingEnv(gym.Env):
         ``[cos, sin](2π p / N)`` (2) + base linear velocity (3) and angular velocity (3), both
         in the base frame (``config.observe_base_velocity``) + the reference base position at
         phase ``p`` minus the base position, in the base frame (3,
-        ``config.observe_position_error``); ``(30,)`` with neither (OPT-Mimic's observation);
+        ``config.observe_position_error``) + optionally the reference joint angles at the
+        next knot minus the joint positions as read (12, ``config.observe_joint_error``);
+        ``(30,)`` with none of these (OPT-Mimic's observation);
         action ``(12,) float32`` in ``[-1, 1]``, joint order.
 
     ``reset(seed=...)`` fully determines the initial phase and the randomization: phase 0
@@ -164,7 +166,8 @@ class Go2TrackingEnv(gym.Env):
 
         # Quaternion and phase encoding lie in [-1, 1]; joint readings and velocities are unbounded.
         self.obs_dim = (30 + 6 * self.config.observe_base_velocity
-                        + 3 * self.config.observe_position_error)
+                        + 3 * self.config.observe_position_error
+                        + 12 * self.config.observe_joint_error)
         high = np.full(self.obs_dim, np.inf, dtype=np.float32)
         high[0:4] = high[28:30] = 1.0
         self.observation_space = spaces.Box(-high, high, dtype=np.float32)
@@ -487,6 +490,11 @@ class Go2TrackingEnv(gym.Env):
         if self.config.observe_position_error:
             mujoco.mju_rotVecQuat(v, self._ref_pos[self._phase] - self._qpos[0:3], conj)
             obs[i : i + 3] = v
+            i += 3
+        if self.config.observe_joint_error:
+            # the clip's last knot at the end: its target row is the last one
+            knot = min(self._phase + 1, self.num_phases)
+            obs[i : i + 12] = self._ref_joint[knot] - (self._qpos[7:] - self.joint_offset)
         return obs
 
 

@@ -118,6 +118,24 @@ def test_clip_end_is_terminal_or_truncated_and_reported_as_completed(stand_ref, 
     assert not info["clip_completed"]
 
 
+def test_joint_error_observation_reads_through_the_encoder_offset(stand_ref):
+    """observe_joint_error: the next knot's reference joint angles minus the joint reading."""
+    env = Go2TrackingEnv(stand_ref, randomize=True, observe_joint_error=True)
+    assert env.observation_space.shape == (51,)
+    obs, info = env.reset(seed=3, options={"phase": 7})
+    q = env.data.qpos[7:]
+    np.testing.assert_allclose(obs[39:51], stand_ref.get_joint_pos(8) - (q - info["joint_offset"]),
+                               atol=1e-6)
+    np.testing.assert_allclose(obs[4:16], q - info["joint_offset"], atol=1e-6)
+    for _ in range(env.num_phases - 7):  # to the clip's end: the last knot stays the target
+        obs, _, terminated, truncated, _ = env.step(np.zeros(12, np.float32))
+    assert terminated or truncated
+    np.testing.assert_allclose(
+        obs[39:51], stand_ref.get_joint_pos(env.num_phases) - (env.data.qpos[7:]
+                                                               - info["joint_offset"]), atol=1e-6)
+    env.close()
+
+
 def test_spaces_and_observation_layout(stand_ref):
     env = Go2TrackingEnv(stand_ref, randomize=True)
     assert env.observation_space.shape == (39,) and env.observation_space.dtype == np.float32
