@@ -140,10 +140,10 @@ def format_table(rows: list[TrackingRow]) -> str:
     ]
     for r in rows:
         lines.append(
-            f"| {r.name} | {100 * r.nominal_position_m:.1f} cm | "
-            f"{r.nominal_orientation_deg:.2f}° | {r.nominal_joint_rad:.3f} rad | "
+            f"| {r.name} | {100 * r.nominal_position_m:.2f} cm | "
+            f"{r.nominal_orientation_deg:.2f}° | {r.nominal_joint_rad:.4f} rad | "
             f"{r.randomized_survived} / {r.randomized_episodes} | "
-            f"{100 * r.randomized_position_m:.1f} cm |"
+            f"{100 * r.randomized_position_m:.2f} cm |"
         )
     return "\n".join(lines)
 
