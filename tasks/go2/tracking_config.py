@@ -82,10 +82,14 @@ class TrackingConfig:
     rigid-foot reference would cost about 6% of this term."""
     sigma_orientation: float = 0.14
     """Orientation σ on ``‖vec(q_ref⁻¹ ⊗ q)‖ = sin(θ/2)``, OPT-Mimic's value and metric:
-    σ ≈ 16° of rotation, termination at 2.5 σ ≈ 41°."""
+    σ ≈ 16° of rotation, termination at 2.5 σ ≈ 41°. At PD + feedforward's 0.7° on the trot
+    this term is within 0.1% of its maximum; the shipped trot and pronk configs use 0.035
+    (termination at 10°)."""
     sigma_joint: float = 0.3 * _JOINT_COUNT_RATIO
     """Joint-position σ (rad) on the norm over 12 joints. Adapted: OPT-Mimic's 0.3 was for a norm
-    over 8 joints; the same per-joint error gives a norm sqrt(12/8) ≈ 1.22× larger, so 0.367."""
+    over 8 joints; the same per-joint error gives a norm sqrt(12/8) ≈ 1.22× larger, so 0.367.
+    At PD + feedforward's 0.024 rad per joint on the trot this term is within 3% of its
+    maximum; the shipped trot and pronk configs use 0.1 (README, "From robust to precise")."""
     sigma_action_rate: float = 0.35 * _JOINT_COUNT_RATIO
     """σ (rad) on ‖Δ residual‖ between consecutive control steps over 12 joints: 0.35 × 1.22."""
     sigma_torque: float = 3.0 * GO2_HIP_TORQUE_LIMIT / SOLO8_TORQUE_LIMIT
