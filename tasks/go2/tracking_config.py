@@ -131,7 +131,7 @@ class TrackingConfig:
     reference position is the plan's."""
     observe_joint_error: bool = False
     """Append the joint targets of the coming interval, the reference joint angles at the next
-    knot, minus the joint angles (12, joint order). Added: with the phase alone the policy must
+    knot, minus the joint reading ``q - o`` with its encoder offset (12, joint order). Added: with the phase alone the policy must
     memorise the reference's joint angles over the clip to correct errors of 0.02 rad. A real
     Go2 has both: its joint encoders and the plan it tracks."""
     clip_start_share: float = 0.0

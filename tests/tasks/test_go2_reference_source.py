@@ -98,8 +98,9 @@ def test_unknown_sources_name_the_accepted_forms(tmp_path):
 
 
 def test_planner_options_reach_the_env_and_every_rollout_that_rebuilds_its_reference(tmp_path):
-    """A faster trot in a config: the env, the rollouts and the tracking table plan the same
-    clip from the same env kwargs (duration, cache folder and planner options)."""
+    """A faster trot in a config: the env and resolve_reference (what the rollouts, the tracking
+    table and the evaluation entry point call) plan the same clip from the same env kwargs
+    (duration, cache folder and planner options)."""
     kwargs = dict(reference_duration=0.8, reference_cache_dir=str(tmp_path / "cache"),
                   planner_options={"speed": 0.8})
     env = Go2TrackingEnv(reference="trot", randomize=False, **kwargs)
