@@ -99,9 +99,10 @@ def make_problem(B: int, n: int, m: int, T: int, seed: int,
 
 def stage_matrices(p: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
     """``C = LᵀL + 0.1 I`` and ``C_f = L_fᵀL_f + 0.1 I`` (positive definite)."""
-    k, n, dtype = p["L"].shape[-1], p["Lf"].shape[-1], p["L"].dtype
-    C = p["L"].transpose(-1, -2) @ p["L"] + 0.1 * torch.eye(k, dtype=dtype)
-    C_f = p["Lf"].transpose(-1, -2) @ p["Lf"] + 0.1 * torch.eye(n, dtype=dtype)
+    k, n = p["L"].shape[-1], p["Lf"].shape[-1]
+    like = dict(dtype=p["L"].dtype, device=p["L"].device)
+    C = p["L"].transpose(-1, -2) @ p["L"] + 0.1 * torch.eye(k, **like)
+    C_f = p["Lf"].transpose(-1, -2) @ p["Lf"] + 0.1 * torch.eye(n, **like)
     return C, C_f
 
 
@@ -146,7 +147,7 @@ def _mpc_pytorch_inputs(p):
     m = k - n
     last = C.new_zeros(B, 1, k, k)
     last[:, 0, :n, :n] = C_f
-    last[:, 0, n:, n:] = torch.eye(m, dtype=C.dtype)
+    last[:, 0, n:, n:] = torch.eye(m, dtype=C.dtype, device=C.device)
     C_all = torch.cat([C, last], 1)  # (B, T+1, k, k)
     c_all = torch.cat([p["c"], torch.cat([p["cf"], p["cf"].new_zeros(B, m)], -1)[:, None]], 1)
     F = torch.cat([p["A"], p["Bm"]], -1).expand(T, B, n, k)
@@ -158,8 +159,8 @@ def run_mpc_pytorch(p, u_max=None):
 
     C, c, F, n, m, T, B = _mpc_pytorch_inputs(p)
     kw = dict(lqr_iter=1) if u_max is None else dict(
-        u_lower=-u_max * torch.ones(T + 1, B, m, dtype=C.dtype),
-        u_upper=u_max * torch.ones(T + 1, B, m, dtype=C.dtype),
+        u_lower=-u_max * C.new_ones(T + 1, B, m),
+        u_upper=u_max * C.new_ones(T + 1, B, m),
         lqr_iter=50,
         eps=_tol(p),
     )

@@ -1,7 +1,8 @@
 """Nonlinear box-MPC over a learned (MLP) dynamics model at scale: forward + backward time.
 
-Problem (CPU, one intra-op thread): ``B`` rows (default 1024), ``n = 12`` states, ``m = 4``
-controls, horizon ``T = 50``, default float32. The dynamics are a residual MLP
+Problem (CPU, one intra-op thread, unless ``--device`` / ``--threads`` say otherwise): ``B`` rows
+(default 1024), ``n = 12`` states, ``m = 4`` controls, horizon ``T = 50``, default float32. The
+dynamics are a residual MLP
 
     x_next = x + dt · W₃ tanh(W₂ tanh(W₁ [x; u] + b₁) + b₂),   dt = 0.1,
 
@@ -25,7 +26,9 @@ entry). ``--max-iter`` below the solver's need gives a time per iteration to ext
 when a full solve is too slow; the entry records the iterations taken and whether rows
 converged. Results are merged into ``benchmarks/results/mlp_mpc.json`` under the label.
 
-Run: ``python benchmarks/bench_mlp_mpc.py [--label after] [--hessian gauss_newton]``.
+Run: ``python benchmarks/bench_mlp_mpc.py [--label after] [--hessian gauss_newton]``; on a GPU
+``--device cuda`` (the timer waits for the device), against the same machine's CPU with
+``--threads N``. CPU time means little on a GPU: compare wall times there.
 """
 
 from __future__ import annotations
@@ -73,15 +76,22 @@ class ResidualMLP(nn.Module):
         return x + self.dt * self.net(torch.cat([x, u], dim=-1))
 
 
-def make_problem(B: int, n: int, m: int, T: int, hidden: int, dtype: torch.dtype) -> dict:
+def make_problem(B: int, n: int, m: int, T: int, hidden: int, dtype: torch.dtype,
+                 device: str | torch.device = "cpu") -> dict:
+    """Drawn on the CPU, then moved: every device solves the same problem."""
     g = torch.Generator().manual_seed(1)
     return {
-        "dyn": ResidualMLP(n, m, hidden).to(dtype),
-        "x0": torch.randn(B, n, generator=g).to(dtype),
-        "x_goal": 0.5 * torch.randn(B, n, generator=g).to(dtype),
-        "wx": torch.randn(B, T + 1, n, generator=g).to(dtype),
-        "wu": torch.randn(B, T, m, generator=g).to(dtype),
+        "dyn": ResidualMLP(n, m, hidden).to(dtype=dtype, device=device),
+        "x0": torch.randn(B, n, generator=g).to(dtype=dtype, device=device),
+        "x_goal": 0.5 * torch.randn(B, n, generator=g).to(dtype=dtype, device=device),
+        "wx": torch.randn(B, T + 1, n, generator=g).to(dtype=dtype, device=device),
+        "wu": torch.randn(B, T, m, generator=g).to(dtype=dtype, device=device),
     }
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def git_commit() -> str:
@@ -103,12 +113,13 @@ def run(args: argparse.Namespace) -> dict:
     from diffto.layers.mpc import MPC
 
     dtype = getattr(torch, args.dtype)
+    device = torch.device(args.device)
     B, n, m, T = args.batch, args.n, args.m, args.horizon
-    p = make_problem(B, n, m, T, args.hidden, dtype)
+    p = make_problem(B, n, m, T, args.hidden, dtype, device)
     x0 = p["x0"].clone().requires_grad_()
     x_goal = p["x_goal"].clone().requires_grad_()
-    Q = args.q * torch.eye(n, dtype=dtype)
-    R = args.r * torch.eye(m, dtype=dtype)
+    Q = args.q * torch.eye(n, dtype=dtype, device=device)
+    R = args.r * torch.eye(m, dtype=dtype, device=device)
     kw = {"u_lower": -args.u_max, "u_upper": args.u_max, "max_iter": args.max_iter}
     if args.hessian is not None:
         kw["hessian"] = args.hessian
@@ -116,13 +127,16 @@ def run(args: argparse.Namespace) -> dict:
         kw["tol"] = args.tol
     layer = MPC(p["dyn"], T, **kw)
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    _sync(device)
     c0, t0 = time.process_time(), time.perf_counter()
     cost = QuadraticCost.tracking(Q, R, T, x_goal=x_goal, Q_final=10.0 * Q)
     sol = layer(x0, cost)
+    _sync(device)
     c1, t1 = time.process_time(), time.perf_counter()
     loss = (p["wx"] * sol.x).sum() + (p["wu"] * sol.u).sum()
     params = list(p["dyn"].parameters())
     grads = torch.autograd.grad(loss, [x0, x_goal, *params], allow_unused=True)
+    _sync(device)
     c2, t2 = time.process_time(), time.perf_counter()
     rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     with torch.no_grad():
@@ -165,19 +179,25 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--u-max", type=float, default=2.0, help="bounds |u| <= u_max")
     parser.add_argument("--max-iter", type=int, default=50)
     parser.add_argument("--tol", type=float, default=None)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch intra-op threads (1 on these shared machines)")
     parser.add_argument("--label", default="run")
     parser.add_argument("--commit", default=None,
                         help="the commit of the diffto measured, when it is not this checkout")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
-    torch.set_num_threads(1)  # see tests/conftest.py: never more on these machines
+    torch.set_num_threads(args.threads)  # see tests/conftest.py: 1 on these machines
     warnings.filterwarnings("ignore")
     result = run(args)
     entry = {
         "setup": {"B": args.batch, "n": args.n, "m": args.m, "T": args.horizon,
                   "hidden": args.hidden, "dtype": args.dtype, "hessian": args.hessian,
                   "q": args.q, "r": args.r, "u_max": args.u_max,
-                  "max_iter": args.max_iter, "tol": args.tol, "threads": 1,
+                  "max_iter": args.max_iter, "tol": args.tol, "threads": args.threads,
+                  "device": args.device,
+                  "gpu": torch.cuda.get_device_name(0) if args.device.startswith("cuda")
+                  else None,
                   "torch": torch.__version__, "git_commit": args.commit or git_commit(),
                   "load_average": os.getloadavg(),
                   "machine": platform.processor() or platform.machine()},
