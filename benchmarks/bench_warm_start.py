@@ -17,25 +17,29 @@ Solves (one batch of all episodes per sampled step, to the expert's tolerance, a
     as in receding horizon). ``learned``: :class:`diffto.learning.warm_start.PolicyWarmStart`,
     the policy of a goal-conditioned BC checkpoint rolled out through the expert's planning
     model over the horizon; its rollout time is reported and included in its wall time.
+    ``plan``: :class:`diffto.learning.warm_start.PlanWarmStart`, the whole plan regressed by a
+    :class:`diffto.learning.plan_imitation.PlanImitation` checkpoint (``--plan``).
 
 Per method: iterations per solve (mean, median), the fraction converged, the wall time of the
 batched solves (summed over sampled steps), and the final cost against the cold start's on the
 same rows (median ratio, fraction within 0.1 %, and the same restricted to rows where both
-converged). The headline is ``iterations_ratio_cold_over_learned`` at equal final cost.
+converged). The headlines are ``iterations_ratio_cold_over_<start>`` at equal final cost,
+over all sampled steps and (``first_step_...``) at the first control step, where no previous
+plan exists (an episode's start, a new goal): the case a learned start is for.
 
 Closed loop (``--closed-loop``)
-    The same held-out episodes run three times in receding horizon with the expert's
-    iteration cap per step: shifted (the expert), cold every step, and the learned proposal
-    every step (``RecedingHorizon(warm_start="policy")``); success (``is_success`` at the last
-    step), mean iterations and time per control step, and the fraction of converged steps.
+    The same held-out episodes run in receding horizon with the expert's iteration cap per
+    step: shifted (the expert), cold every step, and each learned proposal every step
+    (``RecedingHorizon(warm_start="policy")``); success (``is_success`` at the last step),
+    mean iterations and time per control step, and the fraction of converged steps.
 
 Results go atomically to ``benchmarks/results/warm_start_<task>.json``.
 
 Usage::
 
     python benchmarks/bench_warm_start.py --env-id diffto/PendulumSwingUp-v0 \\
-        --policy runs/pendulum_bc/checkpoints/last.ckpt [--episodes 8] [--every 10] \\
-        [--max-iter 100] [--closed-loop]
+        --policy runs/pendulum_bc/checkpoints/last.ckpt [--plan PLAN_CKPT] [--episodes 8] \\
+        [--every 10] [--max-iter 100] [--closed-loop]
 """
 
 from __future__ import annotations
@@ -54,7 +58,7 @@ from tqdm import tqdm
 
 from diffto.data.trajectories import EVAL_SEED_BASE
 from diffto.learning.goal_evaluation import rollout_episodes
-from diffto.learning.warm_start import PolicyWarmStart, load_policy
+from diffto.learning.warm_start import PlanWarmStart, PolicyWarmStart, load_policy
 from diffto.tasks.mpc_expert import RecedingHorizon
 from diffto.tasks.registry import make_expert
 
@@ -144,7 +148,10 @@ def closed_loop(expert, env_id: str, seeds: list[int], steps: int, warm_start: s
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--env-id", default="diffto/PendulumSwingUp-v0")
-    parser.add_argument("--policy", required=True, help="goal-conditioned BC checkpoint")
+    parser.add_argument("--policy", default=None,
+                        help="goal-conditioned BC checkpoint: its rollout is the 'learned' start")
+    parser.add_argument("--plan", default=None,
+                        help="PlanImitation checkpoint: its regressed plan is the 'plan' start")
     parser.add_argument("--episodes", type=int, default=8, help="held-out episodes")
     parser.add_argument("--steps", type=int, default=100, help="control steps per episode")
     parser.add_argument("--every", type=int, default=10, help="sample every k-th step")
@@ -157,23 +164,28 @@ def main(argv: list[str] | None = None) -> dict:
     for name in ("episodes", "steps", "every", "max_iter"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.policy is None and args.plan is None:
+        parser.error("give --policy, --plan or both: the learned warm starts to measure")
     torch.set_num_threads(1)
     task = args.env_id.split("/")[-1].split("-")[0].lower()
     out_path = args.out or RESULTS / f"warm_start_{task}.json"
 
     expert = make_expert(args.env_id)
-    policy = load_policy(args.policy)
-    # The policy's observation from planned states: built by the proposer from the expert's
-    # maps and the policy's observation_keys, unless the expert has none.
-    obs_map = None  # PolicyWarmStart takes the expert's observation_of
-    proposer = PolicyWarmStart(policy, expert, observation_of=obs_map)
+    # The policy's observation of planned states comes from the expert's maps and the
+    # network's observation_keys (both proposers build it).
+    proposers = {}
+    if args.policy is not None:
+        proposers["learned"] = PolicyWarmStart(load_policy(args.policy), expert)
+    if args.plan is not None:
+        proposers["plan"] = PlanWarmStart(args.plan, expert)
     seeds = [EVAL_SEED_BASE + j for j in range(args.episodes)]
     started = time.perf_counter()
     with tqdm(total=args.steps, desc="expert episodes", unit="step") as bar:
         traj = expert_states(expert, args.env_id, seeds, args.steps, args.every, bar)
 
     rows = []
-    wall = {"cold": 0.0, "zeros": 0.0, "shifted": 0.0, "learned": 0.0, "learned_proposal": 0.0}
+    wall = {m: 0.0 for m in ("cold", "zeros", "shifted", *proposers,
+                             *(f"{m}_proposal" for m in proposers))}
     for sample in tqdm(traj["samples"], desc="solves", unit="step"):
         x = torch.as_tensor(sample["states"])
         g = torch.as_tensor(sample["goals"])
@@ -185,19 +197,21 @@ def main(argv: list[str] | None = None) -> dict:
             prev = sample["previous"]
             shifted = torch.cat([prev[:, 1:], prev[:, -1:]], 1)
             results["shifted"] = solve_from(expert, x, g, shifted, args.max_iter)
-        t0 = time.perf_counter()
-        proposal = proposer(x, g)
-        wall["learned_proposal"] += time.perf_counter() - t0
-        results["learned"] = solve_from(expert, x, g, proposal, args.max_iter)
+        for name, proposer in proposers.items():
+            t0 = time.perf_counter()
+            proposal = proposer(x, g)
+            wall[f"{name}_proposal"] += time.perf_counter() - t0
+            results[name] = solve_from(expert, x, g, proposal, args.max_iter)
         for method, res in results.items():
             wall[method] += res["wall_s"]
         for i in range(x.shape[0]):
             rows.append({"step": sample["step"], "episode": i, **{
                 m: {k: r[k][i] for k in ("iterations", "converged", "cost")}
                 for m, r in results.items()}})
-    wall["learned"] += wall["learned_proposal"]
+    for name in proposers:
+        wall[name] += wall[f"{name}_proposal"]
 
-    methods = [m for m in ("cold", "zeros", "shifted", "learned") if any(m in r for r in rows)]
+    methods = [m for m in ("cold", "zeros", "shifted", *proposers) if any(m in r for r in rows)]
     summary = {m: summarize(rows, m) for m in methods}
     for m in methods:
         summary[m]["wall_time_s"] = wall[m]
@@ -207,15 +221,22 @@ def main(argv: list[str] | None = None) -> dict:
                                         if r["step"] == step and m in r)
                     for m in methods if any(m in r for r in rows if r["step"] == step)}
         for step in sorted({r["step"] for r in rows})}
-    summary["learned"]["proposal_time_s"] = wall["learned_proposal"]
-    # Same rows for every ratio: the shifted start does not exist at step 0.
+    # Same rows for every ratio: the shifted start does not exist at step 0, where a learned
+    # start matters most (no previous plan: an episode's start, a new goal).
     later = [r for r in rows if "shifted" in r]
+    first = [r for r in rows if "shifted" not in r]
     summary["steps_after_first"] = {m: summarize(later, m) for m in methods}
-    its = {m: summary[m]["iterations_mean"] for m in ("cold", "learned")}
-    summary["iterations_ratio_cold_over_learned"] = its["cold"] / its["learned"]
-    summary["iterations_ratio_shifted_over_learned_after_first"] = (
-        summary["steps_after_first"]["shifted"]["iterations_mean"]
-        / summary["steps_after_first"]["learned"]["iterations_mean"])
+    summary["first_step"] = {m: summarize(first, m) for m in methods if m != "shifted"}
+    for name in proposers:
+        summary[name]["proposal_time_s"] = wall[f"{name}_proposal"]
+        summary[f"iterations_ratio_cold_over_{name}"] = (
+            summary["cold"]["iterations_mean"] / summary[name]["iterations_mean"])
+        summary[f"first_step_iterations_ratio_cold_over_{name}"] = (
+            summary["first_step"]["cold"]["iterations_mean"]
+            / summary["first_step"][name]["iterations_mean"])
+        summary[f"iterations_ratio_shifted_over_{name}_after_first"] = (
+            summary["steps_after_first"]["shifted"]["iterations_mean"]
+            / summary["steps_after_first"][name]["iterations_mean"])
     summary["expert_success_rate"] = statistics.fmean(traj["expert_success"])
 
     result = {
@@ -231,8 +252,9 @@ def main(argv: list[str] | None = None) -> dict:
     }
     if args.closed_loop:
         loops = {}
-        for name, ws, prop in (("shifted", "shifted", None), ("cold", "cold", None),
-                               ("learned", "policy", proposer)):
+        starts = [("shifted", "shifted", None), ("cold", "cold", None),
+                  *((name, "policy", prop) for name, prop in proposers.items())]
+        for name, ws, prop in starts:
             with tqdm(total=args.steps, desc=f"closed loop ({name})", unit="step") as bar:
                 loops[name] = closed_loop(expert, args.env_id, seeds, args.steps, ws, prop, bar)
         result["closed_loop"] = loops

@@ -71,7 +71,8 @@ _VAL_KEYS = ("success", "final_distance", "steps_to_success", "return")
 class TransitionBatches(Dataset):
     """Whole minibatches of a :class:`TrajectorySet`: item ``idx`` (a list of row indices)
     is a dict of ``observation (b, o)``, ``action (b, a)`` and, when present,
-    ``desired_goal (b, g)`` and ``achieved_goal (b, g)``, as float32 tensors. Indexing
+    ``desired_goal (b, g)``, ``achieved_goal (b, g)`` and the expert's ``plan (b, T·m)``
+    (flattened), as float32 tensors. Indexing
     tensors by a list is one gather, far cheaper than collating ``b`` single rows."""
 
     def __init__(self, data: TrajectorySet) -> None:
@@ -80,6 +81,9 @@ class TransitionBatches(Dataset):
         for key in ("desired_goal", "achieved_goal"):
             if getattr(data, key) is not None:
                 self.tensors[key] = torch.as_tensor(getattr(data, key), dtype=torch.float32)
+        if data.plan is not None:
+            self.tensors["plan"] = torch.as_tensor(data.plan, dtype=torch.float32).reshape(
+                len(data.plan), -1)
 
     def __len__(self) -> int:
         return int(self.tensors["observation"].shape[0])
@@ -288,6 +292,7 @@ class GoalConditionedBC(L.LightningModule):
         self.policy = GoalPolicy(obs_dim, goal_dim, low, high,
                                  hidden=tuple(hidden or (256, 256)), activation=activation,
                                  head=head, squash=squash, relative_goal_at=relative_at)
+        self.action_dim = self.policy.act_dim  # the environment's (a subclass may widen the net)
         self._expert_eval: Evaluation | None = None
 
     # ------------------------------------------------------------------ data hooks
@@ -313,11 +318,11 @@ class GoalConditionedBC(L.LightningModule):
                 raise ValueError(f"observation_keys names {key!r}, which the dataset lacks")
         obs = torch.as_tensor(np.concatenate([getattr(data, k) for k in self.observation_keys],
                                              -1))
-        if obs.shape[1] != self.policy.obs_dim or data.action.shape[1] != self.policy.act_dim:
+        if obs.shape[1] != self.policy.obs_dim or data.action.shape[1] != self.action_dim:
             raise ValueError(
                 f"the dataset's observation {tuple(obs.shape[1:])} / action "
                 f"{data.action.shape[1:]} do not match {self.hparams.env_id}'s "
-                f"({self.policy.obs_dim},) / ({self.policy.act_dim},)")
+                f"({self.policy.obs_dim},) / ({self.action_dim},)")
         if self.policy.goal_dim > 0 and data.desired_goal is None:
             raise ValueError("the dataset has no desired_goal, but the environment has goals")
         if not self.policy.normalization_fitted:  # a restored checkpoint keeps its own

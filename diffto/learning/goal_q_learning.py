@@ -17,6 +17,10 @@ Reward of a transition ``(s, a, s')`` for the goal ``g`` (``reward_type``)
     * ``"sparse"``, the task's success: ``0`` if ``‖achieved(s') − g‖ <= success_radius``,
       else ``−1``, where ``achieved`` is the first ``env_goal_dim`` entries of the goal-space
       features (a hand offset in the goal is ignored).
+    * ``"graded"``: ``−min(1, ‖achieved(s') − g‖ / success_radius)``, the sparse reward
+      outside the radius and a linear pull to the goal itself inside it. The sparse reward
+      is indifferent between any two points within the radius, so a policy (a residual on an
+      exact base, say) may settle anywhere in it; this one is not.
     * ``"stage_cost"``, minus a TO expert's stage cost
       ``½ w_g² ‖achieved(s') − g‖² + ½ w_v² ‖v(s')‖²`` with ``v`` the entries
       ``velocity_slice`` of the state the networks see. With the Panda expert's weights
@@ -24,10 +28,10 @@ Reward of a transition ``(s, a, s')`` for the goal ``g`` (``reward_type``)
       cost, evaluated at the state the action leads to.
 
     Both subtract ``½ action_weight² ‖a‖²`` (a penalty on the action, e.g. on a residual).
-    Every reward is ``<= 0``, so TD targets are clipped at 0 from above; the sparse reward
-    without an action penalty lies in ``[−1, 0]`` and its return in ``[−1/(1 − γ), 0]``, which
-    clips from below too (an early bootstrapping error never leaves the values any policy can
-    reach).
+    Every reward is ``<= 0``, so TD targets are clipped at 0 from above; the sparse (or
+    graded) reward without an action penalty lies in ``[−1, 0]`` and its return in
+    ``[−1/(1 − γ), 0]``, which clips from below too (an early bootstrapping error never leaves
+    the values any policy can reach).
 
 The critics read the actor's :class:`~diffto.learning.goal_inputs.GoalInputs` features (one
 instance: the same relative goal and normalization), with the action in front.
@@ -50,7 +54,8 @@ from diffto.learning.residual_mlp import ResidualMLP
 
 __all__ = ["GoalQLearning"]
 
-RewardType = Literal["sparse", "stage_cost"]
+RewardType = Literal["sparse", "graded", "stage_cost"]
+REWARD_TYPES = ("sparse", "graded", "stage_cost")
 
 
 class GoalQLearning(GoalOffPolicy):
@@ -63,7 +68,7 @@ class GoalQLearning(GoalOffPolicy):
             task counts as solved: the sparse reward's 0 (and ``critic/reached``). It must
             match the task's success test: 0.05 is Metaworld's reach and push radius, 0.02 the
             Panda reach's.
-        reward_type: ``"sparse"`` or ``"stage_cost"`` (module docstring).
+        reward_type: ``"sparse"``, ``"graded"`` or ``"stage_cost"`` (module docstring).
         goal_weight, velocity_weight: ``w_g``, ``w_v`` of the stage cost.
         velocity_slice: ``[start, stop]`` of the networks' state that the stage cost's
             velocity term penalizes (``None``: no velocity term).
@@ -86,8 +91,8 @@ class GoalQLearning(GoalOffPolicy):
             raise ValueError(f"success_radius must be > 0, got {success_radius}")
         if not 0.0 < tau <= 1.0:
             raise ValueError(f"tau must be in (0, 1], got {tau}")
-        if reward_type not in ("sparse", "stage_cost"):
-            raise ValueError(f"reward_type must be 'sparse' or 'stage_cost', got {reward_type!r}")
+        if reward_type not in REWARD_TYPES:
+            raise ValueError(f"reward_type must be one of {REWARD_TYPES}, got {reward_type!r}")
         for name, value in (("goal_weight", goal_weight), ("velocity_weight", velocity_weight),
                             ("action_weight", action_weight)):
             if not value >= 0.0:
@@ -158,6 +163,8 @@ class GoalQLearning(GoalOffPolicy):
         dist = self.goal_distance(batch["next_goal"], goal)
         if hp.reward_type == "sparse":
             reward = (dist <= hp.success_radius).float() - 1.0
+        elif hp.reward_type == "graded":
+            reward = -(dist / hp.success_radius).clamp(max=1.0)
         else:
             reward = -0.5 * (hp.goal_weight * dist) ** 2
             if hp.velocity_slice is not None and hp.velocity_weight > 0:
@@ -170,7 +177,7 @@ class GoalQLearning(GoalOffPolicy):
     def clip_target(self, target: Tensor) -> Tensor:
         """Clip a TD target to the returns the reward allows (module docstring)."""
         hp = self.hparams
-        if hp.reward_type == "sparse" and hp.action_weight == 0:
+        if hp.reward_type in ("sparse", "graded") and hp.action_weight == 0:
             return target.clamp(-1.0 / (1.0 - hp.gamma), 0.0)
         return target.clamp(max=0.0)
 

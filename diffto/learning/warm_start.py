@@ -21,7 +21,8 @@ regressor of whole plans it stays consistent with the model and the bounds by co
 
 :class:`PolicyWarmStart` is the proposer that :class:`diffto.tasks.mpc_expert.RecedingHorizon`
 takes with ``warm_start="policy"``: ``proposer(states (B, n), goals (B, g)) -> u_init
-(B, T, m)``.
+(B, T, m)``. :class:`PlanWarmStart` is the other proposer: a network that regresses the
+expert's whole plan (:class:`diffto.learning.plan_imitation.PlanImitation`), with no rollout.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["PolicyWarmStart", "rollout_policy", "load_policy"]
+__all__ = ["PolicyWarmStart", "PlanWarmStart", "rollout_policy", "load_policy"]
 
 Policy = Callable[[Tensor, Tensor], Tensor]
 
@@ -190,6 +191,61 @@ class PolicyWarmStart(nn.Module):
     def forward(self, states: Tensor, goals: Tensor) -> Tensor:
         """The proposal ``u_init (B, T, m)`` for ``states (B, n)`` and ``goals (B, g)``."""
         return self.rollout(states, goals)[0]
+
+    def extra_repr(self) -> str:
+        return f"horizon={self.horizon}, expert={type(self.expert).__name__}"
+
+
+class PlanWarmStart(nn.Module):
+    """A regressed plan as the warm start of an MPC expert: the whole ``u_init`` in one forward
+    pass of a :class:`~diffto.learning.plan_imitation.PlanImitation` network.
+
+    Args:
+        plan: a trained ``PlanImitation`` module, or the path of its checkpoint.
+        expert: the :class:`~diffto.tasks.mpc_expert.MPCExpert` whose solves are
+            warm-started: its ``observation_of`` / ``achieved_goal_of`` give the network's
+            observation of a planning state, its ``to_control`` maps actions to controls, and
+            its horizon must be the plan's.
+
+    ``proposer(states (B, n), goals (B, g)) -> u_init (B, T, m)`` (float64, within the
+    expert's bounds), under ``torch.no_grad``; the same call as :class:`PolicyWarmStart`, so
+    ``RecedingHorizon(expert, warm_start="policy", proposer=PlanWarmStart(...))`` and
+    ``benchmarks/bench_warm_start.py --plan CKPT`` take it.
+    """
+
+    def __init__(self, plan: nn.Module | str, expert: Any) -> None:
+        super().__init__()
+        from diffto.learning.plan_imitation import PlanImitation
+
+        for name in ("to_control", "horizon", "n_ctrl", "observation_of"):
+            if not hasattr(expert, name):
+                raise ValueError(f"expert must be an MPCExpert (with {name}), got "
+                                 f"{type(expert).__name__}")
+        if isinstance(plan, str):
+            plan = PlanImitation.load_from_checkpoint(plan, map_location="cpu")
+        if not isinstance(plan, PlanImitation):
+            raise ValueError(f"plan must be a PlanImitation module or its checkpoint path, got "
+                             f"{type(plan).__name__}")
+        if plan.hparams.horizon != expert.horizon:
+            raise ValueError(f"the plan network proposes {plan.hparams.horizon} stages, the "
+                             f"expert plans {expert.horizon}: give the expert horizon="
+                             f"{plan.hparams.horizon}")
+        self.plan = plan.eval()
+        self.expert = expert
+        self.horizon = expert.horizon
+        self.observation_of = _observation_from_keys(expert, tuple(plan.observation_keys))
+
+    @torch.no_grad()
+    def forward(self, states: Tensor, goals: Tensor) -> Tensor:
+        """The proposal ``u_init (B, T, m)`` for ``states (B, n)`` and ``goals (B, g)``."""
+        x0 = torch.as_tensor(states, dtype=torch.float64)
+        g = torch.as_tensor(goals, dtype=torch.float64)
+        x0 = x0.unsqueeze(0) if x0.dim() == 1 else x0
+        g = g.unsqueeze(0) if g.dim() == 1 else g
+        actions = self.plan.proposal(self.observation_of(x0), g)  # (B, T, a)
+        B, T, a = actions.shape
+        u = torch.as_tensor(self.expert.to_control(actions.reshape(B * T, a).double().cpu()))
+        return u.reshape(B, T, -1).to(x0)
 
     def extra_repr(self) -> str:
         return f"horizon={self.horizon}, expert={type(self.expert).__name__}"

@@ -60,6 +60,20 @@ def test_sparse_reward_with_an_action_penalty():
     torch.testing.assert_close(model.reward(batch, goal), torch.tensor([0.0, -1.0 - 0.125]))
 
 
+def test_graded_reward_pulls_to_the_goal_inside_the_radius():
+    """0 at the goal, linear to -1 at the radius, -1 (the sparse reward) beyond; the
+    sparse reward cannot tell the goal from the radius's edge."""
+    graded = GoalIQL(**{**TINY, "success_radius": 0.02}, reward_type="graded")
+    sparse = GoalIQL(**{**TINY, "success_radius": 0.02})
+    batch = {"next_goal": torch.zeros(4, 3), "action": torch.zeros(4, 7)}
+    goal = torch.tensor([[0.0, 0.0, 0.0], [0.005, 0.0, 0.0], [0.0, 0.015, 0.0],
+                         [0.0, 0.0, 0.3]])
+    torch.testing.assert_close(graded.reward(batch, goal), torch.tensor([0.0, -0.25, -0.75, -1.0]))
+    torch.testing.assert_close(sparse.reward(batch, goal), torch.tensor([0.0, 0.0, 0.0, -1.0]))
+    # rewards in [-1, 0]: the same return bounds as the sparse reward
+    assert graded.clip_target(torch.tensor([1.0, -1e6])).tolist() == pytest.approx([0.0, -100.0])
+
+
 # ----------------------------------------------------------------------------- TD3+BC
 def test_td3bc_anneals_the_pull_to_the_data_and_delays_the_actor(goal_batch):
     model = GoalTD3BC(**TINY, bc_weight=1.0, bc_weight_final=0.2, bc_anneal_steps=1000)
