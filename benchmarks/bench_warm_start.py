@@ -225,19 +225,23 @@ def main(argv: list[str] | None = None) -> dict:
     # start matters most (no previous plan: an episode's start, a new goal).
     later = [r for r in rows if "shifted" in r]
     first = [r for r in rows if "shifted" not in r]
-    summary["steps_after_first"] = {m: summarize(later, m) for m in methods}
+    if later:  # none with --steps 1
+        summary["steps_after_first"] = {m: summarize(later, m) for m in methods}
     summary["first_step"] = {m: summarize(first, m) for m in methods if m != "shifted"}
+
+    def ratio(part: dict, a: str, b: str) -> float:
+        return part[a]["iterations_mean"] / max(part[b]["iterations_mean"], 1e-12)
+
     for name in proposers:
         summary[name]["proposal_time_s"] = wall[f"{name}_proposal"]
-        summary[f"iterations_ratio_cold_over_{name}"] = (
-            summary["cold"]["iterations_mean"] / summary[name]["iterations_mean"])
-        summary[f"first_step_iterations_ratio_cold_over_{name}"] = (
-            summary["first_step"]["cold"]["iterations_mean"]
-            / summary["first_step"][name]["iterations_mean"])
-        summary[f"iterations_ratio_shifted_over_{name}_after_first"] = (
-            summary["steps_after_first"]["shifted"]["iterations_mean"]
-            / summary["steps_after_first"][name]["iterations_mean"])
-    summary["expert_success_rate"] = statistics.fmean(traj["expert_success"])
+        summary[f"iterations_ratio_cold_over_{name}"] = ratio(summary, "cold", name)
+        summary[f"first_step_iterations_ratio_cold_over_{name}"] = ratio(
+            summary["first_step"], "cold", name)
+        if later:
+            summary[f"iterations_ratio_shifted_over_{name}_after_first"] = ratio(
+                summary["steps_after_first"], "shifted", name)
+    if args.steps > 1:  # success at the end of a one-step episode means nothing
+        summary["expert_success_rate"] = statistics.fmean(traj["expert_success"])
 
     result = {
         "benchmark": "warm_start",

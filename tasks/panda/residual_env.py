@@ -24,6 +24,18 @@ payload and gains, cancels them and is clipped to ``[−1, 1]`` holds 0.90 of th
 distance, the friction's share) and 1.00 at ``ρ = 0.3``. The payload's gravity alone needs up
 to a quarter of a joint's torque range at the goals.
 
+A memoryless residual cannot be exact both on the nominal arm and under an unknown payload: at
+the goal it sees the same state in both, so whatever it adds there for the payload's weight
+moves the nominal arm off the goal (the base's task-space stiffness turns a torque bias into a
+position offset, about 1 cm here). ``observe_error_integral`` gives it the missing memory, the
+integral action of a PI controller: the observation gains
+
+    e_int ← clip(e_int + Δt · (g − p) / (0.01 m·s), −10, 10)   while ‖g − p‖ < 5 cm,
+
+reset to 0 with the episode (``p`` the flange after the step, integrated only near the goal, so
+the approach, the same on every arm, does not wind it up). It stays near 0 where the base
+alone is exact and grows while a payload holds the flange off the goal.
+
 ``step``'s ``info`` adds ``base_action (7,)``, ``residual_action (7,)`` (the residual after
 clipping to ``[−1, 1]``) and ``action (7,)`` (what the reach env received, before its safety
 filter where one is on) to the reach env's own (``is_success``, ``distance``, ...).
@@ -49,6 +61,11 @@ from diffto.tasks.panda.reach_env import PandaReachEnv
 __all__ = ["PandaResidualReachEnv"]
 
 _BASE_ARGS = tuple(inspect.signature(PandaBaseController).parameters)
+# the error integral (module docstring): integrated within this distance of the goal (m), in
+# units of 1 cm for 1 s, clipped (anti-windup)
+_INTEGRAL_RADIUS = 0.05
+_INTEGRAL_UNIT = 0.01
+_INTEGRAL_CLIP = 10.0
 
 
 class PandaResidualReachEnv(gym.Env):
@@ -59,6 +76,8 @@ class PandaResidualReachEnv(gym.Env):
         residual_scale: ``ρ > 0``, the weight of the residual in the action (module docstring).
         base: keyword arguments of :class:`PandaBaseController` (gains, posture, ...); its
             ``gravity_compensation`` is the env's and may not be given otherwise.
+        observe_error_integral: append the flange error's integral ``e_int (3,)`` (module
+            docstring) to ``observation``, which then has 17 entries.
         **kwargs: every other argument of :class:`PandaReachEnv` (``max_episode_steps``,
             ``payload_mass``, ``frictionloss``, ``actuator_gain``, ...).
 
@@ -74,8 +93,12 @@ class PandaResidualReachEnv(gym.Env):
         *,
         residual_scale: float = 0.2,
         base: dict[str, Any] | None = None,
+        observe_error_integral: bool = False,
         **kwargs: Any,
     ) -> None:
+        if not isinstance(observe_error_integral, bool):
+            raise ValueError(f"observe_error_integral must be a bool, got "
+                             f"{observe_error_integral!r}")
         residual_scale = positive("residual_scale", residual_scale)
         if base is not None and not isinstance(base, dict):
             raise ValueError(f"base must be a dict of PandaBaseController arguments or None, got "
@@ -96,7 +119,15 @@ class PandaResidualReachEnv(gym.Env):
         self.residual_scale = float(residual_scale)
         self.render_mode = self.reach.render_mode
         self.metadata = dict(self.reach.metadata)
+        self.observe_error_integral = observe_error_integral
+        self._error_integral = np.zeros(3)
         self.observation_space = self.reach.observation_space
+        if observe_error_integral:
+            inner = self.reach.observation_space["observation"]
+            n = inner.shape[0] + 3
+            self.observation_space = spaces.Dict({
+                **self.reach.observation_space.spaces,
+                "observation": spaces.Box(-np.inf, np.inf, (n,), np.float64)})
         self.action_space = spaces.Box(-1.0, 1.0, (7,), np.float32)
 
     # ------------------------------------------------------------------ the reach env's
@@ -157,7 +188,27 @@ class PandaResidualReachEnv(gym.Env):
     ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         """The reach env's reset: the same mismatch, initial state and goal for a seed."""
         super().reset(seed=seed)
-        return self.reach.reset(seed=seed, options=options)
+        obs, info = self.reach.reset(seed=seed, options=options)
+        self._error_integral = np.zeros(3)
+        return self._observe(obs), info
+
+    @property
+    def error_integral(self) -> np.ndarray:
+        """``e_int (3,)`` of the module docstring (a copy; zeros unless observed)."""
+        return self._error_integral.copy()
+
+    def _observe(self, obs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if not self.observe_error_integral:
+            return obs
+        return {**obs, "observation": np.concatenate([obs["observation"],
+                                                      self._error_integral])}
+
+    def _integrate(self, obs: dict[str, np.ndarray]) -> None:
+        error = obs["desired_goal"] - obs["achieved_goal"]
+        if np.linalg.norm(error) < _INTEGRAL_RADIUS:
+            self._error_integral = np.clip(
+                self._error_integral + self.control_dt * error / _INTEGRAL_UNIT,
+                -_INTEGRAL_CLIP, _INTEGRAL_CLIP)
 
     def base_action(self) -> np.ndarray:
         """The base controller's action ``(7,)`` at the current state and goal."""
@@ -176,7 +227,9 @@ class PandaResidualReachEnv(gym.Env):
         applied = np.clip(base + self.residual_scale * r, -1.0, 1.0)
         obs, reward, terminated, truncated, info = self.reach.step(applied)
         info.update(base_action=base, residual_action=r, action=applied)
-        return obs, reward, terminated, truncated, info
+        if self.observe_error_integral:
+            self._integrate(obs)
+        return self._observe(obs), reward, terminated, truncated, info
 
     def render(self) -> np.ndarray | None:
         """The reach env's frame (see :meth:`PandaReachEnv.render`)."""

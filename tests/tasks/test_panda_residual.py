@@ -214,6 +214,37 @@ def test_goal_env_api_and_registry():
     env.close()
 
 
+def test_error_integral_is_the_memory_a_payload_leaves():
+    """The observed error integral: the physics state and then e_int, zero at reset, summed
+    only within 5 cm of the goal (units of 1 cm for 1 s), clipped; near zero where the base
+    holds the goal, large under an unknown payload that the base lets sag."""
+    ends = {}
+    for payload in (0.0, 2.5):
+        env = PandaResidualReachEnv(observe_error_integral=True, payload_mass=payload,
+                                    max_episode_steps=50)
+        assert env.observation_space["observation"].shape == (17,)
+        obs, _ = env.reset(seed=1_000_001)
+        assert env.observation_space.contains(obs)
+        np.testing.assert_array_equal(obs["observation"][:14], env.state)
+        np.testing.assert_array_equal(obs["observation"][14:], 0.0)
+        expected = np.zeros(3)
+        for _ in range(50):
+            obs, _, _, _, _ = env.step(np.zeros(7))
+            error = obs["desired_goal"] - obs["achieved_goal"]
+            if np.linalg.norm(error) < 0.05:
+                expected = np.clip(expected + env.control_dt * error / 0.01, -10.0, 10.0)
+            np.testing.assert_allclose(obs["observation"][14:], expected, atol=1e-12)
+        np.testing.assert_array_equal(env.error_integral, expected)
+        ends[payload] = np.linalg.norm(expected)
+        obs, _ = env.reset(seed=3)
+        np.testing.assert_array_equal(obs["observation"][14:], 0.0)
+    assert ends[0.0] < 1.0 < 2.0 < ends[2.5], ends
+    plain = PandaResidualReachEnv()
+    assert plain.observation_space["observation"].shape == (14,)
+    with pytest.raises(ValueError, match="observe_error_integral"):
+        PandaResidualReachEnv(observe_error_integral=1)
+
+
 def test_episode_ends_as_the_reach_env():
     env = PandaResidualReachEnv(max_episode_steps=3, terminate_on_success=False)
     env.reset(seed=0)
