@@ -209,8 +209,8 @@ def solve_box_lq(x0, C, c, C_f, c_f, F, f, lo, hi, u_init, max_iter: int, tol: f
             x0, lo, hi, u, at_lo, at_hi, best, stuck = (
                 t[stay] for t in (x0, lo, hi, u, at_lo, at_hi, best, stuck))
     # A negligible last step may leave round-off outside the box.
-    rows = (cycled & convex & ~converged).nonzero().squeeze(-1)
-    if len(rows) and max_iter > int(iterations[rows].min()):
+    rows = (cycled & convex & ~converged & (iterations < max_iter)).nonzero().squeeze(-1)
+    if len(rows):
         _projected_newton(lq_all.select(rows), x0_all[rows], lo_all[rows], hi_all[rows],
                           out, rows, converged, iterations, max_iter, tol)
     out["u"] = torch.minimum(torch.maximum(out["u"], lo_all), hi_all)
@@ -272,7 +272,10 @@ def _projected_newton(lq: _Homogeneous, x0, lo, hi, out: dict, rows: Tensor, con
         iterations[rows[accept]] += 1
         if not bool(accept.any()):
             return
-        keep = ~(done | ~accept)
+        # each row within its own budget: rows enter with different iteration counts
+        keep = ~(done | ~accept) & (iterations[rows] < max_iter)
+        if not bool(keep.any()):
+            return
         if not bool(keep.all()):
             rows, lq = rows[keep], lq.select(keep)
             x0, lo, hi, u = x0[keep], lo[keep], hi[keep], u[keep]

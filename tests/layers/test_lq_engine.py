@@ -263,3 +263,23 @@ def test_homogeneous_active_set_solve_equals_the_masked_affine_sweep(d):
     close(V, fac.V)
     close(Q_uu, fac.Q_uu)
     assert ok.all()
+
+
+def test_projected_newton_keeps_each_rows_iteration_budget():
+    """Rows reach the projected-Newton finish with different iteration counts (the active-set
+    phase stops them at different sweeps); each may only use what is left of its own
+    ``max_iter``. With a tolerance no step meets, every row iterates until its budget ends:
+    the row that arrives with ``max_iter − 1`` takes one step, the one with 0 takes all."""
+    from diffto.layers._active_set import _projected_newton
+
+    B, T, n, m, max_iter = 3, 6, 3, 2, 8
+    p = random_lq(11, B, T, n, m)
+    hom = _Homogeneous(p["C"], p["c"], p["C_f"], p["c_f"], p["F"], p["f"])
+    lo = torch.full((B, T, m), -0.2, dtype=D)
+    out = {"u": torch.zeros(B, T, m, dtype=D)}
+    converged = torch.zeros(B, dtype=torch.bool)
+    iterations = torch.tensor([max_iter - 1, 0, 3])
+    _projected_newton(hom, p["x0"], lo, -lo, out, torch.arange(B), converged, iterations,
+                      max_iter, tol=-1.0)
+    assert iterations.tolist() == [max_iter] * B
+    assert not converged.any()
