@@ -58,7 +58,11 @@ Pre-training on a dataset (``pretrain_dataset``, ``pretrain_updates``)
     first environment step, and ``pretrain_updates`` critic updates are made on it (future
     goals from the dataset's own trajectories); with ``pretrain_actor`` the actor and the
     temperature are updated as well (offline contrastive RL), else they train only online.
-    An episode starts at its second state, the first whose achieved goal the format records.
+    An episode starts at its first state when a reset of its env with the recorded seed
+    reproduces that state (:func:`initial_achieved_goals` then gives its achieved goal, which
+    the format does not store), else at its second, the first whose achieved goal the format
+    records. The first state matters: on the Panda reach it is the arm at rest with the goal
+    far away, the one state every evaluation episode starts from.
     The dataset episodes stay in the buffer until newer episodes take their slots. With
     ``pretrain_actor`` the pre-trained policy is validated before the first environment step
     (the learning curve's point at 0 steps), kept (in checkpoints too) and scored in the
@@ -104,7 +108,7 @@ from diffto.learning.tanh_gaussian_actor import TanhGaussianActor
 from diffto.learning.vector_envs import IterationStream, info_values, make_vector_env
 from diffto.tasks.registry import make_env
 
-__all__ = ["GoalOffPolicy"]
+__all__ = ["GoalOffPolicy", "initial_achieved_goals"]
 
 GoalFeatures = Literal["achieved_goal", "achieved_goal_and_hand"]
 ContinualReset = Literal["none", "critic", "all"]
@@ -458,15 +462,25 @@ class GoalOffPolicy(L.LightningModule):
                              f"{arrays['observation'].shape[1]} entries, fewer than "
                              f"observation_slice needs")
         before = len(self.buffer)
-        for sl in data.episode_slices():
-            if sl.stop - sl.start < 2:
-                continue
-            # the episode starts at its second state, the first with a recorded achieved goal
-            obs = arrays["next_observation"][sl]
-            states = {"observation": self.network_state(obs, arrays["achieved_goal"][sl]),
-                      "goal": self.goal_of_states(obs, arrays["achieved_goal"][sl])}
+        initial = initial_achieved_goals(data)
+        for sl, first in zip(data.episode_slices(), initial, strict=True):
+            if first is None:
+                if sl.stop - sl.start < 2:
+                    continue
+                # the episode starts at its second state, the first with a recorded achieved
+                # goal
+                obs = arrays["next_observation"][sl]
+                achieved = arrays["achieved_goal"][sl]
+                actions = arrays["action"][sl][1:]
+            else:  # from its first state: what a policy meets at an episode's start
+                obs = np.concatenate([arrays["observation"][sl][:1],
+                                      arrays["next_observation"][sl]])
+                achieved = np.concatenate([first[None], arrays["achieved_goal"][sl]])
+                actions = arrays["action"][sl]
+            states = {"observation": self.network_state(obs, achieved),
+                      "goal": self.goal_of_states(obs, achieved)}
             desired = self.goal_of_targets(arrays["desired_goal"][sl][:1])[0]
-            self.buffer.add_episode(states, arrays["action"][sl][1:], {"desired_goal": desired},
+            self.buffer.add_episode(states, actions, {"desired_goal": desired},
                                     bool(arrays["terminal"][sl][-1]) if "terminal" in arrays
                                     else False)
         return len(self.buffer) - before
@@ -892,3 +906,29 @@ class GoalOffPolicy(L.LightningModule):
         rank_zero_info(table + f"(report: {out / 'report.json'})")
         return payload
 
+
+
+def initial_achieved_goals(data, atol: float = 1e-6) -> list[np.ndarray | None]:
+    """The achieved goal at each episode's first state ``(g,)``, which the dataset format does
+    not record (its ``achieved_goal`` is the one after each step): the episode's env is reset
+    with its recorded seed (``episode_info["seed"]``, the env of ``meta["env_id"]`` and
+    ``meta["env_kwargs"]``), and where the reset reproduces the episode's first observation
+    (within ``atol``) its ``achieved_goal`` is the answer. ``None`` for an episode without a
+    seed or whose reset differs (an env that ignores ``reset(seed=)``, such as Metaworld's):
+    its first transition is then left out."""
+    E = len(data.episode_ids())
+    seeds = data.episode_info.get("seed")
+    env_id = data.meta.get("env_id")
+    if seeds is None or not isinstance(env_id, str) or data.achieved_goal is None:
+        return [None] * E
+    env = make_env(env_id, dict(data.meta.get("env_kwargs") or {}))
+    out: list[np.ndarray | None] = []
+    try:
+        for sl, seed in zip(data.episode_slices(), seeds, strict=True):
+            obs, _ = env.reset(seed=int(seed))
+            same = np.allclose(np.asarray(obs["observation"]), data.observation[sl.start],
+                               atol=atol, rtol=0.0)
+            out.append(np.asarray(obs["achieved_goal"], dtype=np.float64) if same else None)
+    finally:
+        env.close()
+    return out

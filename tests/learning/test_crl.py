@@ -278,6 +278,7 @@ def test_crl_configs_fast_dev_run(config, tmp_path, monkeypatch):
 def test_pretraining_on_a_dataset_fills_the_buffer_and_trains_only_the_critic(tmp_path):
     from diffto.data.metaworld_demos import collect_demos
     from diffto.data.trajectories import save_trajectories
+    from diffto.learning.goal_off_policy import initial_achieved_goals
 
     data, _ = collect_demos("reach-v3", range(2), range(2))
     path = tmp_path / "demos.npz"
@@ -290,10 +291,16 @@ def test_pretraining_on_a_dataset_fills_the_buffer_and_trains_only_the_critic(tm
     model.trainer = None
     model._start_task(0)
     lengths = data.episode_lengths()
-    assert len(model.buffer) == int((lengths - 1).sum())  # each starts at its second state
+    # each from its first state: a reset with the episode's seed reproduces it, and gives the
+    # achieved goal there that the format does not record
+    initial = initial_achieved_goals(data)
+    assert all(g is not None for g in initial)
+    assert len(model.buffer) == int(lengths.sum())
     first = data.episode_slices()[0]
-    np.testing.assert_allclose(model.buffer.states["goal"][0, :3],
-                               data.arrays()["achieved_goal"][first][:3], rtol=1e-6)
+    goals = model.buffer.states["goal"][0]  # episode 0's states, from the first
+    np.testing.assert_allclose(goals[0, :3], initial[0], rtol=1e-6)
+    np.testing.assert_allclose(goals[1:4, :3], data.arrays()["achieved_goal"][first][:3],
+                               rtol=1e-6)
     actor = [p.detach().clone() for p in model.actor.parameters()]
     critic = [p.detach().clone() for p in model.critic.parameters()]
     model.pretrain()

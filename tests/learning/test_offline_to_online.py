@@ -177,6 +177,39 @@ def test_bad_arguments_name_themselves(cls, name, value):
 
 
 # ----------------------------------------------------------------------------- pre-training
+def test_dataset_episodes_start_at_their_first_state_when_a_reset_reproduces_it(
+        tmp_path, random_dataset):
+    """Every evaluation starts from rest with the goal far: the dataset's first transitions
+    must be in the buffer. A reset with the recorded seed gives the first state's achieved goal
+    (the format stores the one after each step); without seeds, or with seeds that do not
+    reproduce the first state, each episode starts at its second state."""
+    import dataclasses
+
+    from diffto.data.trajectories import load_trajectories, save_trajectories
+    from diffto.learning.goal_off_policy import initial_achieved_goals
+    from diffto.tasks.registry import make_env
+
+    data = load_trajectories(random_dataset(PANDA, tmp_path / "panda.npz", episodes=3, steps=5))
+    seeded = dataclasses.replace(data, episode_info={"seed": np.arange(3)})
+    wrong = dataclasses.replace(data, episode_info={"seed": np.arange(3) + 100})
+    initial = initial_achieved_goals(seeded)
+    for e, goal in enumerate(initial):
+        np.testing.assert_array_equal(goal, make_env(PANDA).reset(seed=e)[0]["achieved_goal"])
+    assert initial_achieved_goals(wrong) == [None] * 3
+    assert initial_achieved_goals(data) == [None] * 3
+    for name, arrays, expected in (("seeded", seeded, 15), ("wrong", wrong, 12),
+                                   ("none", data, 12)):
+        path = save_trajectories(tmp_path / f"{name}.npz", arrays)
+        model = GoalTD3BC(**TINY, **STAGE_COST, achieved_in_state=True,
+                          pretrain_dataset=str(path), pretrain_updates=1)
+        model._start_task(0)  # makes the buffer and writes the dataset's episodes into it
+        assert len(model.buffer) == expected, name
+        if name == "seeded":  # its first state: the observation, then the reset's flange
+            first = model.buffer.states["observation"][0, 0]
+            np.testing.assert_allclose(first[:14], seeded.observation[0], rtol=1e-6)
+            np.testing.assert_allclose(first[14:], initial[0], rtol=1e-6)
+
+
 @pytest.mark.parametrize("cls", [GoalTD3BC, GoalIQL])
 def test_offline_pretraining_learns_the_data_and_resumes_without_repeating(cls, tmp_path,
                                                                            monkeypatch,
