@@ -56,8 +56,11 @@ def test_projection_is_feasible_optimal_and_matches_cvxpy(seed, k, m):
     stat = y - a + (lam.unsqueeze(-2) @ G).squeeze(-2)
     assert stat.abs().max() <= 1e-8 and lam.min() >= -1e-10
     assert (lam * gap).abs().max() <= 1e-8
+    # The KKT checks above pin the unique optimum to 1e-8; the conic reference is accurate to
+    # about 1e-5 only (1.5e-5 seen at seed 15817, k 7), so it guards the formulation, not the
+    # last digits.
     ref = cvxpy_projection(a, G, h)
-    assert (y - ref).abs().max() <= 1e-5, f"vs cvxpy: {(y - ref).abs().max():.3g}"
+    assert (y - ref).abs().max() <= 1e-4, f"vs cvxpy: {(y - ref).abs().max():.3g}"
 
 
 def test_safe_actions_pass_through_unchanged_with_identity_gradient():
