@@ -907,15 +907,14 @@ class GoalOffPolicy(L.LightningModule):
         return payload
 
 
-
 def initial_achieved_goals(data, atol: float = 1e-6) -> list[np.ndarray | None]:
     """The achieved goal at each episode's first state ``(g,)``, which the dataset format does
     not record (its ``achieved_goal`` is the one after each step): the episode's env is reset
     with its recorded seed (``episode_info["seed"]``, the env of ``meta["env_id"]`` and
     ``meta["env_kwargs"]``), and where the reset reproduces the episode's first observation
     (within ``atol``) its ``achieved_goal`` is the answer. ``None`` for an episode without a
-    seed or whose reset differs (an env that ignores ``reset(seed=)``, such as Metaworld's):
-    its first transition is then left out."""
+    seed or whose reset differs (an env that ignores ``reset(seed=)``, or other env
+    arguments): its first transition is then left out."""
     E = len(data.episode_ids())
     seeds = data.episode_info.get("seed")
     env_id = data.meta.get("env_id")

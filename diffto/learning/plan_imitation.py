@@ -71,8 +71,7 @@ class PlanImitation(GoalConditionedBC):
             raise ValueError(f"horizon must be an int >= 1, got {horizon!r}")
         super().__init__(**kwargs)
         self.save_hyperparameters()
-        one = self.policy
-        self.action_dim = one.act_dim
+        one = self.policy  # the environment's one-step policy: its sizes and action box
         expert = build_expert(self.hparams.env_id, self.hparams.expert)
         lo = torch.as_tensor(expert.u_lower, dtype=torch.float32).reshape(-1)
         hi = torch.as_tensor(expert.u_upper, dtype=torch.float32).reshape(-1)
@@ -89,8 +88,6 @@ class PlanImitation(GoalConditionedBC):
             one.action_high.repeat(horizon), hidden=tuple(self.hparams.hidden or (256, 256)),
             activation=self.hparams.activation, head=self.hparams.head,
             squash=self.hparams.squash, relative_goal_at=one.relative_goal_at)
-        self._action_centre = (one.action_high + one.action_low) / 2
-        self._action_half = (one.action_high - one.action_low) / 2
 
     # ------------------------------------------------------------------ data
     def setup(self, stage: str) -> None:
@@ -111,11 +108,11 @@ class PlanImitation(GoalConditionedBC):
 
     def plan_in_action_units(self, plan: Tensor) -> Tensor:
         """``plan (B, T·m)`` or ``(B, T, m)`` of controls -> ``(B, T·a)`` actions."""
-        B = plan.shape[0]
-        u = plan.reshape(B, -1, self.action_dim)
-        centre, half = self._action_centre.to(u), self._action_half.to(u)
-        a = centre + half * (u - self.control_centre.to(u)) / self.control_half.to(u)
-        return a.reshape(B, -1)
+        B, a = plan.shape[0], self.action_dim
+        u = plan.reshape(B, -1, a)
+        low, high = self.policy.action_low[:a].to(u), self.policy.action_high[:a].to(u)
+        unit = (u - self.control_centre.to(u)) / self.control_half.to(u)  # in [-1, 1]
+        return ((high + low) / 2 + (high - low) / 2 * unit).reshape(B, -1)
 
     def _terms(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         if "plan" not in batch:
