@@ -103,6 +103,14 @@ def load_policy(checkpoint: str) -> nn.Module:
     return policy
 
 
+def _as_batches(states, goals) -> tuple[Tensor, Tensor]:
+    """Planning states ``(B, n)`` and goals ``(B, g)`` as float64 tensors (a single state or
+    goal is a batch of one): what both proposers take."""
+    x0 = torch.as_tensor(states, dtype=torch.float64)
+    g = torch.as_tensor(goals, dtype=torch.float64)
+    return (x0.unsqueeze(0) if x0.dim() == 1 else x0), (g.unsqueeze(0) if g.dim() == 1 else g)
+
+
 def _observation_from_keys(expert: Any, keys: tuple[str, ...]) -> Callable[[Tensor], Tensor]:
     """Planning states ``(B, n)`` -> the policy's observation: the goal-env entries ``keys``
     of the states (the expert's ``observation_of`` and ``achieved_goal_of``), concatenated."""
@@ -177,10 +185,7 @@ class PolicyWarmStart(nn.Module):
         """``u (B, T, m)`` and the predicted ``x (B, T+1, n)`` of the policy's rollout from
         ``states (B, n)`` to ``goals (B, g)``."""
         e = self.expert
-        x0 = torch.as_tensor(states, dtype=torch.float64)
-        g = torch.as_tensor(goals, dtype=torch.float64)
-        x0 = x0.unsqueeze(0) if x0.dim() == 1 else x0
-        g = g.unsqueeze(0) if g.dim() == 1 else g
+        x0, g = _as_batches(states, goals)
         u, x = rollout_policy(self._policy, e.dynamics, x0, g, self.horizon, e.to_control,
                               self.observation_of, e.u_lower, e.u_upper)
         if u.shape[-1] != e.n_ctrl:
@@ -238,10 +243,7 @@ class PlanWarmStart(nn.Module):
     @torch.no_grad()
     def forward(self, states: Tensor, goals: Tensor) -> Tensor:
         """The proposal ``u_init (B, T, m)`` for ``states (B, n)`` and ``goals (B, g)``."""
-        x0 = torch.as_tensor(states, dtype=torch.float64)
-        g = torch.as_tensor(goals, dtype=torch.float64)
-        x0 = x0.unsqueeze(0) if x0.dim() == 1 else x0
-        g = g.unsqueeze(0) if g.dim() == 1 else g
+        x0, g = _as_batches(states, goals)
         actions = self.plan.proposal(self.observation_of(x0), g)  # (B, T, a)
         B, T, a = actions.shape
         u = torch.as_tensor(self.expert.to_control(actions.reshape(B * T, a).double().cpu()))
