@@ -35,17 +35,41 @@ CONFIGS = {"bc": "metaworld_bc.yaml", "diffusion": "metaworld_diffusion.yaml"}
 
 
 def learner_config(base: dict, root: Path, demos: int, seed: int, episodes: int,
-                   data: str | None) -> dict:
-    """The shipped config for ``demos`` demonstrations per task, equal gradient steps."""
+                   data: str | None, task: str | None = None,
+                   overrides: dict[str, object] | None = None) -> dict:
+    """The shipped config for ``demos`` demonstrations per task, equal gradient steps; only
+    ``task`` when given; ``overrides``: dotted keys (``model.init_args.hidden``) -> values."""
     epochs = max(5, int(round(base["trainer"]["max_epochs"] * 50 / demos / 5)) * 5)
     cfg = run_config(base, root, epochs, epochs // 5, seed)
     model = cfg["model"]["init_args"]
     model.update(report_episodes=episodes, video_episodes=0)
+    if task is not None:
+        model["tasks"] = [task]
     d = cfg["data"]["init_args"]
     d["demos_per_task"] = demos
     if data is not None:
         d["path"] = data
+    for key, value in (overrides or {}).items():
+        node = cfg
+        *parents, leaf = key.split(".")
+        for part in parents:
+            if not isinstance(node.get(part), dict):
+                raise ValueError(f"--set {key}: {part!r} is not a section of the config")
+            node = node[part]
+        node[leaf] = value
     return cfg
+
+
+def parse_overrides(items: list[str]) -> dict[str, object]:
+    """``["a.b=YAML", ...]`` -> ``{"a.b": value}``."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set expects KEY=YAML (e.g. model.init_args.lr=3e-4), got "
+                             f"{item!r}")
+        out[key] = yaml.safe_load(value)
+    return out
 
 
 def table(rows: dict[str, dict[str, float]], tasks: list[str]) -> str:
@@ -63,6 +87,21 @@ def table(rows: dict[str, dict[str, float]], tasks: list[str]) -> str:
     return "\n".join(lines)
 
 
+def merge_reports(reports: list[dict]) -> dict:
+    """One report of several single-task reports (one of them: itself): per-task results
+    side by side, wall times summed, the time per action of the first."""
+    if len(reports) == 1:
+        return reports[0]
+    merged = {"results": {}, "tasks": [], "epochs": reports[0]["epochs"],
+              "wall_time_s": sum(r.get("wall_time_s") or 0.0 for r in reports),
+              "time_per_action_s": reports[0].get("time_per_action_s")}
+    for r in reports:
+        merged["tasks"] += r["tasks"]
+        for row, per_task in r["results"].items():
+            merged["results"].setdefault(row, {}).update(per_task)
+    return merged
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--learners", nargs="+", default=["bc", "diffusion"],
@@ -73,7 +112,15 @@ def main() -> None:
     p.add_argument("--data", default=None, help="dataset (default: the configs')")
     p.add_argument("--root", default="runs/bench/metaworld_offline")
     p.add_argument("--name", default="metaworld_offline", help="results file name")
+    p.add_argument("--per-task", action="store_true",
+                   help="one single-task policy per task instead of one for all")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=YAML",
+                   help="config overrides, e.g. model.init_args.hidden=[256,256]")
     args = p.parse_args()
+    try:
+        overrides = parse_overrides(args.set)
+    except ValueError as err:
+        p.error(str(err))
     for n in args.demos:
         if n < 1:
             p.error(f"--demos must be >= 1, got {n}")
@@ -85,20 +132,26 @@ def main() -> None:
         learners[name] = config or CONFIGS[name]
     t0 = time.perf_counter()
     runs: dict[str, dict] = {}
+    tasks: list[str] = []
     for name, config in learners.items():
         base = yaml.safe_load(Path(resolve_config(config)).read_text())
+        tasks = tasks or list(base["model"]["init_args"]["tasks"])
         for demos in args.demos:
             for seed in args.seeds:
                 key = f"{name}_{demos}_s{seed}"
-                root = Path(args.root) / key
-                print(f"{key} ...", flush=True)
-                cfg = learner_config(base, root, demos, seed, args.episodes, args.data)
-                runs[key] = fit_once(cfg, root, root / "fit.log")
-                runs[key].update(learner=name, demos=demos, seed=seed,
-                                 epochs=cfg["trainer"]["max_epochs"])
-                print(f"{key} done ({time.perf_counter() - t0:.0f} s)", flush=True)
+                parts = {}
+                for task in (tasks if args.per_task else [None]):
+                    sub = key if task is None else f"{key}_{task}"
+                    root = Path(args.root) / sub
+                    print(f"{sub} ...", flush=True)
+                    cfg = learner_config(base, root, demos, seed, args.episodes, args.data,
+                                         task, overrides)
+                    parts[sub] = fit_once(cfg, root, root / "fit.log")
+                    parts[sub]["epochs"] = cfg["trainer"]["max_epochs"]
+                    print(f"{sub} done ({time.perf_counter() - t0:.0f} s)", flush=True)
+                runs[key] = merge_reports(list(parts.values()))
+                runs[key].update(learner=name, demos=demos, seed=seed)
     first = next(iter(runs.values()))
-    tasks = first["tasks"]
     rows: dict[str, dict[str, float]] = {}
     if "expert" in first["results"]:
         rows["scripted expert"] = {t: first["results"]["expert"][t]["success"] for t in tasks}

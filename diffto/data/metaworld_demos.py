@@ -47,8 +47,18 @@ and on the chunking; with empty slots the data depend only on ``(task, i)``. Lea
 want ``N`` demonstrations per task take the first ``N`` successful episodes of each task
 (the scripted experts succeed in 80-100% of episodes, see the notes in the README).
 
+**Noisy demonstrations** (``action_noise: σ``, DART). Gaussian noise of standard deviation
+``σ`` is added to the expert's action before it is applied, so the episodes visit states
+just off the expert's path, where a cloned policy's own errors lead it, and the label of
+every visited state stays the expert's clean action there: the recoveries a learner needs
+are in the data. ``action`` is that label; ``extras["executed_action"]`` is what was applied
+and produced ``next_observation`` (what an offline RL learner replays). The noise of an
+episode comes from a generator keyed by its reset seed, so a slot's data still depend only
+on ``(task, i)``.
+
 Per transition ``t``: ``observation`` (Metaworld's 39 numbers, goal at ``[36:39]``),
-``action`` (the applied action, clipped to ``[-1, 1]``, float32), ``next_observation``,
+``action`` (the expert's action, clipped to ``[-1, 1]``, float32; without noise, the applied
+one), ``next_observation``,
 ``desired_goal``, ``achieved_goal`` (at ``t + 1``), ``reward`` (Metaworld's dense reward),
 ``task`` (global id), ``terminal`` (False), ``truncated`` (True on the last row), optional
 ``images`` (the frame at ``t``, uint8). Per episode: ``seed``, ``length``, ``success_step``
@@ -97,6 +107,7 @@ TASK_EPISODE_STRIDE = 100_000
 
 
 _MAX_STEPS = 500  # Metaworld's max_path_length: its envs raise when stepped past it
+_NOISE_STREAM = 0x6E6F6973  # with the reset seed, the key of an episode's action-noise stream
 
 
 def task_id(name: str) -> int:
@@ -105,6 +116,14 @@ def task_id(name: str) -> int:
         raise ValueError(f"tasks: {name!r} is not a Metaworld v3 task (one of "
                          f"{', '.join(METAWORLD_TASKS)})")
     return METAWORLD_TASKS.index(name)
+
+
+def _action_noise(value: Any) -> float:
+    """``value`` as a noise standard deviation (a finite float >= 0), or a clear error."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+            0 <= value < float("inf")):
+        raise ValueError(f"action_noise must be a finite float >= 0, got {value!r}")
+    return float(value)
 
 
 def _env_kwargs(task: str, max_steps: int, images: bool, image_size: int,
@@ -128,6 +147,7 @@ def collect_demos(
     image_size: int = 84,
     camera: str | None = None,
     envs: list | None = None,
+    action_noise: float = 0.0,
 ) -> tuple[TrajectorySet, dict[str, Any]]:
     """Scripted-expert episodes of one task in lockstep, cut after success, successes only.
 
@@ -146,6 +166,10 @@ def collect_demos(
         envs: at least ``E`` environments of ``task`` made with the same settings, reused
             (``reset(seed=)`` fixes the variant, so an episode does not depend on what ran
             in its environment before); ``None``: made here and closed at the end.
+        action_noise: standard deviation of Gaussian noise added to the expert's action
+            before it is applied (clipped to ``[-1, 1]``; drawn from a generator seeded by
+            the episode's reset seed). ``action`` keeps the expert's own action (the label)
+            and ``extras["executed_action"]`` what was applied. 0: none.
 
     Returns:
         ``(data, counts)``: the successful episodes (rows as described in the module
@@ -157,6 +181,8 @@ def collect_demos(
         raise ValueError(f"index and seeds must have one entry each, got {len(index)} and "
                          f"{len(seeds)}")
     E = len(index)
+    action_noise = _action_noise(action_noise)
+    noise = [np.random.default_rng([_NOISE_STREAM, s]) for s in seeds]
     own = envs is None
     kwargs = _env_kwargs(task, max_steps, images, image_size, camera)
     if own:
@@ -166,7 +192,7 @@ def collect_demos(
     expert = ScriptedExpert(task)
     columns: dict[str, list] = {k_: [[] for _ in range(E)] for k_ in (
         "observation", "action", "next_observation", "desired_goal", "achieved_goal",
-        "reward", "images")}
+        "reward", "images", "executed_action")}
     success_step = np.full(E, -1, dtype=np.int64)
     try:
         obs = [envs[j].reset(seed=seeds[j])[0] for j in range(E)]
@@ -181,7 +207,12 @@ def collect_demos(
             for j, action in zip(rows, actions, strict=True):
                 if images:
                     columns["images"][j].append(np.asarray(envs[j].render(), dtype=np.uint8))
-                nxt, reward, terminated, truncated, info = envs[j].step(action)
+                applied = action
+                if action_noise > 0:
+                    applied = np.clip(action + action_noise * noise[j].standard_normal(
+                        action.shape), -1.0, 1.0).astype(np.float32)
+                    columns["executed_action"][j].append(applied)
+                nxt, reward, terminated, truncated, info = envs[j].step(applied)
                 columns["observation"][j].append(obs[j]["observation"])
                 columns["desired_goal"][j].append(obs[j]["desired_goal"])
                 columns["action"][j].append(action)
@@ -233,6 +264,8 @@ def collect_demos(
         reward=cat("reward", (), np.float64),
         task=np.full(N, k, dtype=np.int64),
         images=(cat("images", (image_size, image_size, 3), np.uint8) if images else None),
+        extras=({"executed_action": cat("executed_action", (4,), np.float32)}
+                if action_noise > 0 else {}),
         episode_info={"seed": np.array([seeds[j] for j in keep], dtype=np.int64),
                       "length": lengths, "success_step": success_step[keep]},
         meta={"env_id": ENV_ID, "task_names": {str(k): task}, "dt": dt},
@@ -310,6 +343,8 @@ class MetaworldDemoCollector(ShardProducer, L.LightningModule):
             shards are then written compressed).
         image_size: frame side ``S`` in pixels (at least 84).
         camera: Metaworld camera of the frames; ``None``: the environment's default.
+        action_noise: standard deviation of Gaussian noise on the applied actions (the
+            expert's clean action stays the label; see the module docstring). 0: none.
 
     Batches come from :class:`MetaworldDemoProblems`; the shard waits in the module until
     :class:`~diffto.data.shard_writer.TrajectoryShardWriter` takes it (:meth:`take_shard`).
@@ -322,6 +357,7 @@ class MetaworldDemoCollector(ShardProducer, L.LightningModule):
         images: bool = False,
         image_size: int = 84,
         camera: str | None = None,
+        action_noise: float = 0.0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -335,6 +371,7 @@ class MetaworldDemoCollector(ShardProducer, L.LightningModule):
         if camera is not None and (not isinstance(camera, str) or not camera):
             raise ValueError(f"camera must be a camera name or None, got {camera!r}")
         self.camera = camera
+        self.action_noise = _action_noise(action_noise)
         self._shard: tuple[str, TrajectorySet] | None = None
         self._envs: tuple[str, list] | None = None  # (task, environments) reused by chunks
 
@@ -377,7 +414,8 @@ class MetaworldDemoCollector(ShardProducer, L.LightningModule):
         data, counts = collect_demos(
             name, index, seeds, steps_after_success=self.steps_after_success,
             max_steps=self.max_steps, images=self.images, image_size=self.image_size,
-            camera=self.camera, envs=self._environments(name, len(index)))
+            camera=self.camera, envs=self._environments(name, len(index)),
+            action_noise=self.action_noise)
         meta = dict(data.meta)
         meta.update(counts)
         meta.update({

@@ -1,7 +1,7 @@
 """Evaluate an offline policy checkpoint on held-out task variants, next to the expert.
 
 ``python -m diffto.learning.evaluate_offline CKPT [--episodes 50] [--tasks push-v3 ...]
-[--video out.mp4] [--json figures.json]``
+[--action-steps N] [--video out.mp4] [--json figures.json]``
 
 loads a checkpoint of :class:`~diffto.learning.bc.BehaviorCloning` or
 :class:`~diffto.learning.diffusion_policy.DiffusionPolicy` (``best.ckpt``, ``last.ckpt`` ...),
@@ -9,6 +9,8 @@ runs the policy in closed loop on the held-out seeds ``EVAL_SEED_BASE + j`` (``j
 episodes``: object and goal positions no demonstration had) of every task it learned (or
 those named by ``--tasks``), and the expert it names on the same seeds (cached), then prints
 the per-task success table, the mean time to success and the time per action of each.
+``--action-steps`` executes another number of each predicted chunk's actions than the policy
+was trained with (1: predict again at every step, closed loop; at most the chunk's length).
 ``--video`` films the first ``--video-episodes`` episodes of each evaluated task side by side,
 the tasks one after another (skipped with a warning where rendering is unavailable).
 """
@@ -61,12 +63,20 @@ def evaluate_checkpoint(
     expert: bool = True,
     expert_cache_dir: str | None = None,
     progress: bool = True,
+    action_steps: int | None = None,
 ) -> dict[str, Any]:
     """Evaluate the checkpoint's policy (and its expert) on ``episodes`` held-out seeds per
-    task. Returns ``{"results": {row: {task: summary}}, "mean": ..., "table": markdown,
-    "video": path or None, ...}``."""
+    task, executing ``action_steps`` actions of each predicted chunk (``None``: the
+    checkpoint's setting). Returns ``{"results": {row: {task: summary}}, "mean": ...,
+    "table": markdown, "video": path or None, "action_steps": ..., ...}``."""
     model = load_offline_policy(path)
     hp = model.hparams
+    if action_steps is not None:
+        if (isinstance(action_steps, bool) or not isinstance(action_steps, int)
+                or not 1 <= action_steps <= model.action_horizon):
+            raise ValueError(f"action_steps must be an int in [1, {model.action_horizon}] (the "
+                             f"policy's action_horizon), got {action_steps!r}")
+        model.action_steps = action_steps
     learned = model.task_list()
     if tasks is not None:
         unknown = [t for t in tasks if t not in learned]
@@ -99,7 +109,7 @@ def evaluate_checkpoint(
     return {"checkpoint": str(path), "env_id": hp.env_id, "episodes": episodes,
             "results": {k: {str(t): e.summary() for t, e in v.items()} for k, v in rows.items()},
             "mean": {k: mean_summary(v) for k, v in rows.items()}, "table": table,
-            "video": saved}
+            "video": saved, "action_steps": model.action_steps}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -115,6 +125,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="held-out episodes per task (default 50)")
     p.add_argument("--tasks", nargs="+", default=None,
                    help="evaluate only these of the policy's tasks")
+    p.add_argument("--action-steps", type=int, default=None,
+                   help="actions executed per predicted chunk (default: the checkpoint's)")
     p.add_argument("--video", default=None, help="write an MP4 of the first episodes here")
     p.add_argument("--video-episodes", type=int, default=3,
                    help="episodes filmed per task (default 3)")
@@ -127,7 +139,8 @@ def main(argv: list[str] | None = None) -> None:
         p.error(f"--episodes must be >= 1, got {args.episodes}")
     out = evaluate_checkpoint(args.checkpoint, args.episodes, args.tasks, args.video,
                               args.video_episodes, expert=not args.no_expert,
-                              expert_cache_dir=args.expert_cache_dir)
+                              expert_cache_dir=args.expert_cache_dir,
+                              action_steps=args.action_steps)
     print_evaluation(out, args.json)
 
 

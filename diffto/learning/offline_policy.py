@@ -119,6 +119,10 @@ class OfflinePolicy(L.LightningModule):
         observation_keys: the dict entries the policy observes, concatenated.
         input_differences: ``[i, j, k]`` triples: each observation gains ``o[j : j+k] −
             o[i : i+k]`` (the vector from the slice at ``i`` to the slice at ``j``).
+        input_indices: the entries of each frame (the observation followed by its
+            differences, ``o + D`` numbers) that the network reads, in this order; ``None``:
+            all. Keeping only differences and a few heights makes a policy invariant to where
+            the scene sits, which is what lets it generalize from few demonstrations.
         obs_horizon: observations the policy reads (the current one and ``obs_horizon - 1``
             before it).
         action_horizon: actions the policy predicts per call; ``action_steps``: how many of
@@ -144,6 +148,7 @@ class OfflinePolicy(L.LightningModule):
         task_kwarg: str = "task",
         observation_keys: list[str] | None = None,
         input_differences: list[list[int]] | None = None,
+        input_indices: list[int] | None = None,
         obs_horizon: int = 1,
         action_horizon: int = 1,
         action_steps: int = 1,
@@ -189,7 +194,15 @@ class OfflinePolicy(L.LightningModule):
                     or d[2] < 1 or min(d[0], d[1]) < 0 or max(d[0], d[1]) + d[2] > obs_dim):
                 raise ValueError(f"input_differences must be [i, j, k] triples of slices inside "
                                  f"the {obs_dim}-dimensional observation, got {list(d)}")
-        self.frame_dim = obs_dim + sum(d[2] for d in self.differences)
+        full = obs_dim + sum(d[2] for d in self.differences)
+        self.input_indices = None if input_indices is None else list(input_indices)
+        if self.input_indices is not None and (
+                not self.input_indices or len(set(self.input_indices)) != len(self.input_indices)
+                or any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < full
+                       for i in self.input_indices)):
+            raise ValueError(f"input_indices must be distinct ints in [0, {full}) (the "
+                             f"observation and its differences), got {input_indices}")
+        self.frame_dim = full if self.input_indices is None else len(self.input_indices)
         self.n_tasks = len(self.tasks) if self.tasks and len(self.tasks) > 1 else 0
         self.input_dim = obs_horizon * self.frame_dim + self.n_tasks
         self.register_buffer("action_low", torch.as_tensor(low, dtype=torch.float32))
@@ -224,13 +237,16 @@ class OfflinePolicy(L.LightningModule):
             env.close()
 
     def inputs(self, history: Tensor, task: Tensor) -> Tensor:
-        """The network input ``(B, T_o·(o + D) + K)``: the raw observation history ``(B, T_o,
-        o)`` with each frame's ``D`` differences, flattened, then the one-hot of ``task (B,)``
-        over the ``K`` tasks (none for one)."""
+        """The network input ``(B, T_o·F + K)``: the raw observation history ``(B, T_o, o)``
+        with each frame's ``D`` differences (``F = o + D`` numbers, or the ``input_indices``
+        among them), flattened, then the one-hot of ``task (B,)`` over the ``K`` tasks (none
+        for one)."""
         history = history.to(self.action_low)
         if self.differences:
             history = torch.cat([history] + [history[..., j:j + k] - history[..., i:i + k]
                                              for i, j, k in self.differences], -1)
+        if self.input_indices is not None:
+            history = history[..., self.input_indices]
         x = history.reshape(history.shape[0], -1)
         if self.n_tasks:
             x = torch.cat([x, nn.functional.one_hot(task.long(), self.n_tasks).to(x)], -1)

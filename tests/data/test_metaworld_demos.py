@@ -157,6 +157,35 @@ def test_episodes_without_success_are_left_out_and_counted():
         np.testing.assert_array_equal(data.action[sl], full.select_episodes([ids[i]]).action[:n])
 
 
+def test_action_noise_perturbs_what_is_applied_and_keeps_the_expert_label():
+    """Noisy collection (DART): ``action`` is the expert's action at each visited state,
+    ``executed_action`` the noisy one that produced the next state; reproducible per seed."""
+    data, _ = collect_demos("push-v3", [0, 1], [0, 1], steps_after_success=2, action_noise=0.3)
+    clean, _ = collect_demos("push-v3", [0], [0], steps_after_success=2)
+    applied = data.extras["executed_action"]
+    assert applied.shape == data.action.shape and np.abs(applied).max() <= 1.0
+    expert = ScriptedExpert("push-v3")
+    np.testing.assert_allclose(data.action, np.clip(expert.act(data.observation), -1, 1),
+                               atol=1e-6)
+    noise = applied - data.action
+    assert 0.15 < noise[np.abs(data.action).max(1) < 0.5].std() < 0.35
+    first = data.select_episodes([data.episode_ids()[0]])
+    observed, _ = _replay("push-v3", 0, first.extras["executed_action"])
+    np.testing.assert_allclose(observed[1:], first.next_observation, atol=1e-9)
+    np.testing.assert_array_equal(first.observation[0], clean.observation[0])  # same reset
+    assert not np.allclose(first.observation[1:3], clean.observation[1:3])     # then apart
+    again, _ = collect_demos("push-v3", [1], [1], steps_after_success=2, action_noise=0.3)
+    np.testing.assert_array_equal(again.extras["executed_action"],
+                                  data.select_episodes([data.episode_ids()[1]]).extras[
+                                      "executed_action"])
+    assert "executed_action" not in clean.extras
+    for bad in (-0.1, float("nan"), True, "0.1"):
+        with pytest.raises(ValueError, match="action_noise"):
+            collect_demos("push-v3", [0], [0], action_noise=bad)
+    with pytest.raises(ValueError, match="action_noise"):
+        MetaworldDemoCollector(action_noise=-1.0)
+
+
 def test_a_shard_without_successes_is_written_empty(tmp_path):
     writer = _predict(tmp_path, tasks=["reach-v3"], episodes=2, per_shard=2, max_steps=5)
     assert [p.name for p in writer.written] == ["reach-v3_episodes_000000-000001.npz"]

@@ -121,6 +121,17 @@ def test_multi_task_inputs_carry_the_task_one_hot(demos, tmp_path):
     torch.testing.assert_close(x[..., 39:], obs[..., 36:39] - obs[..., 0:3])
     with pytest.raises(ValueError, match="input_differences"):
         BehaviorCloning(ENV, tasks=["reach-v3"], input_differences=[[0, 38, 3]])
+    # input_indices: only the chosen entries of each frame (here a height and the difference)
+    picked = BehaviorCloning(ENV, tasks=["reach-v3"], obs_horizon=2, hidden=[8], report=False,
+                             input_differences=[[0, 36, 3]], input_indices=[2, 39, 40, 41])
+    assert picked.input_dim == 2 * 4 and picked.policy.obs_dim == 8
+    x = picked.inputs(obs, torch.zeros(3, dtype=torch.long)).reshape(3, 2, 4)
+    torch.testing.assert_close(x[..., 0], obs[..., 2])
+    torch.testing.assert_close(x[..., 1:], obs[..., 36:39] - obs[..., 0:3])
+    for bad in ([], [2, 2], [42], [-1], [True]):
+        with pytest.raises(ValueError, match="input_indices"):
+            BehaviorCloning(ENV, tasks=["reach-v3"], input_differences=[[0, 36, 3]],
+                            input_indices=bad)
     dm = DemonstrationsDataModule(str(demos), batch_size=64)
     trainer = _trainer(tmp_path, max_steps=3, limit_val_batches=0, callbacks=[],
                        enable_checkpointing=False)
@@ -167,6 +178,28 @@ def test_diffusion_policy_trains_acts_in_its_box_and_resumes(demos, tmp_path):
     a = model2.evaluate(episodes=1)[0]["drawer-close-v3"]
     b = model2.evaluate(episodes=1)[0]["drawer-close-v3"]
     assert a.length.tolist() == b.length.tolist()
+    # the evaluate entry point can replan at every step instead of every action_steps
+    import diffto.learning.evaluate_offline as evaluate_offline
+
+    loaded, original = [], evaluate_offline.load_offline_policy
+
+    def load(path):
+        loaded.append(original(path))
+        return loaded[-1]
+
+    evaluate_checkpoint = evaluate_offline.evaluate_checkpoint
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(evaluate_offline, "load_offline_policy", load)
+        for steps in (1, 4):
+            out = evaluate_checkpoint(tmp_path / "ckpt" / "last.ckpt", 1, expert=False,
+                                      progress=False, action_steps=steps)
+            assert out["action_steps"] == loaded[-1].action_steps == steps
+            assert loaded[-1].action_horizon == 4  # the chunk is unchanged
+        assert out["results"]["policy (last.ckpt)"]["drawer-close-v3"]["episodes"] == 1
+    for bad in (0, 5, True):
+        with pytest.raises(ValueError, match="action_steps"):
+            evaluate_checkpoint(tmp_path / "ckpt" / "last.ckpt", 1, expert=False,
+                                progress=False, action_steps=bad)
 
 
 @pytest.mark.parametrize("config", ["metaworld_bc.yaml", "metaworld_diffusion.yaml"])
