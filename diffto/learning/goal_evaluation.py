@@ -381,6 +381,7 @@ def _write_json(path: Path, payload: dict[str, Any]) -> None:
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(payload, f, indent=1, default=float)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; reports are for every reader
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)

@@ -87,6 +87,7 @@ def test_bc_learns_held_out_drawer_close_and_reports_next_to_the_expert(demos, t
     # held-out variants; a policy that ignores the observation or an untrained one gets 0
     assert rows["last checkpoint"]["drawer-close-v3"]["success"] >= 0.8
     assert (tmp_path / "report.md").read_text().count("|") > 10
+    assert (tmp_path / "report.json").stat().st_mode & 0o777 == 0o644  # readable by all
     # the checkpoint carries the normalization: a restored policy acts identically
     restored = BehaviorCloning.load_from_checkpoint(tmp_path / "ckpt" / "last.ckpt")
     hist, task = torch.randn(4, 1, 39), torch.zeros(4, dtype=torch.long)

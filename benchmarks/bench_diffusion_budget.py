@@ -1,0 +1,125 @@
+"""Why the diffusion policy trails BC on Metaworld's precision tasks: training budget or
+open-loop action chunks.
+
+One ``metaworld_diffusion.yaml`` policy for ``--tasks`` (default push, pick-place and
+peg-insert-side, the three where it trails BC in the MT10 table) is trained for ``--epochs``
+epochs with a checkpoint every ``--every``; each checkpoint is evaluated on the same
+``--episodes`` held-out variants per task executing 4 actions of each 8-action chunk (as
+trained) and 1 (predicting again at every step: closed loop). ``metaworld_bc.yaml`` on the
+same tasks and demonstrations is the reference row. An epoch passes once over every task's
+demonstrations, so after 60 epochs (the config's default) each task has been seen as often
+as in the MT10 run, and the later checkpoints give 2, 3 and 4 times that budget. A finished
+fit or evaluation is not repeated (rerun after a kill). Results:
+``benchmarks/results/<name>.{json,md}``.
+
+Usage::
+
+    python benchmarks/bench_diffusion_budget.py --epochs 240 --every 60 --episodes 50
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import yaml
+from _results import fit_once, machine_info, run_config, write_atomic
+
+from diffto.cli import resolve_config
+from diffto.learning.evaluate_offline import evaluate_checkpoint
+
+RESULTS = Path(__file__).resolve().parent / "results"
+PRECISION_TASKS = ["push-v3", "pick-place-v3", "peg-insert-side-v3"]
+
+
+def config(name: str, root: Path, tasks: list[str], demos: int, epochs: int, every: int,
+           seed: int, episodes: int, keep_every: bool) -> dict:
+    """The shipped config ``name`` on ``tasks`` with ``demos`` demonstrations per task; with
+    ``keep_every``, a checkpoint ``keep-epoch=<e>.ckpt`` kept every ``every`` epochs."""
+    cfg = run_config(yaml.safe_load(Path(resolve_config(name)).read_text()), root, epochs,
+                     every, seed)
+    cfg["model"]["init_args"].update(tasks=tasks, report_episodes=episodes, video_episodes=0)
+    cfg["data"]["init_args"]["demos_per_task"] = demos
+    if keep_every:
+        cfg["trainer"]["callbacks"].append({
+            "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+            "init_args": {"dirpath": str(root / "checkpoints"), "filename": "keep-{epoch}",
+                          "save_top_k": -1, "every_n_epochs": every,
+                          "save_on_train_epoch_end": True}})
+    return cfg
+
+
+def evaluate_once(ckpt: Path, episodes: int, steps: int, cache: Path) -> dict:
+    """``evaluate_checkpoint`` of ``ckpt`` with ``steps`` actions per chunk, cached."""
+    if cache.exists():
+        return json.loads(cache.read_text())
+    out = evaluate_checkpoint(ckpt, episodes, expert=True, progress=False, action_steps=steps)
+    out.pop("table", None)
+    write_atomic(cache, out)
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tasks", nargs="+", default=PRECISION_TASKS)
+    p.add_argument("--demos", type=int, default=50, help="demonstrations per task")
+    p.add_argument("--epochs", type=int, default=240)
+    p.add_argument("--every", type=int, default=60, help="epochs between checkpoints")
+    p.add_argument("--action-steps", type=int, nargs="+", default=[4, 1])
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--episodes", type=int, default=50, help="held-out variants per task")
+    p.add_argument("--root", default="runs/bench/diffusion_budget")
+    p.add_argument("--name", default="metaworld_diffusion_budget", help="results file name")
+    args = p.parse_args()
+    if args.demos < 1 or args.every < 1 or args.epochs < args.every or args.episodes < 1:
+        p.error("--demos, --every and --episodes must be >= 1 and --epochs >= --every")
+    t0 = time.perf_counter()
+    root = Path(args.root)
+    bc = fit_once(config("metaworld_bc.yaml", root / "bc", args.tasks, args.demos, 50, 10,
+                         args.seed, args.episodes, False), root / "bc", root / "bc" / "fit.log")
+    diffusion = root / "diffusion"
+    fit_once(config("metaworld_diffusion.yaml", diffusion, args.tasks, args.demos, args.epochs,
+                    args.every, args.seed, args.episodes, True), diffusion,
+             diffusion / "fit.log")
+    rows = {"scripted expert": {t: bc["results"]["expert"][t]["success"] for t in args.tasks},
+            "bc (50 epochs), last": {t: bc["results"]["last checkpoint"][t]["success"]
+                                     for t in args.tasks}}
+    ckpts = sorted(diffusion.glob("checkpoints/keep-epoch=*.ckpt"),
+                   key=lambda c: int(re.findall(r"\d+", c.stem)[0]))
+    for ckpt in ckpts:
+        epoch = int(re.findall(r"\d+", ckpt.stem)[0]) + 1
+        for steps in args.action_steps:
+            out = evaluate_once(ckpt, args.episodes, steps,
+                                diffusion / f"eval_epochs{epoch}_steps{steps}.json")
+            policy = next(k for k in out["results"] if k.startswith("policy"))
+            rows[f"diffusion, {epoch} epochs, {steps} of 8 actions per chunk"] = {
+                t: out["results"][policy][t]["success"] for t in args.tasks}
+        print(f"epoch {epoch} evaluated ({time.perf_counter() - t0:.0f} s)", flush=True)
+    short = [t.removesuffix("-v3") for t in args.tasks]
+    lines = ["| controller | " + " | ".join(short) + " | mean |", "|---" * (len(short) + 2) + "|"]
+    for name, res in rows.items():
+        values = [res[t] for t in args.tasks]
+        lines.append(f"| {name} | " + " | ".join(f"{v:.2f}" for v in values)
+                     + f" | {sum(values) / len(values):.3f} |")
+    md = "\n".join(lines)
+    payload = {"benchmark": "metaworld_diffusion_budget",
+               "date": datetime.now(UTC).isoformat(timespec="seconds"),
+               "command": "python benchmarks/bench_diffusion_budget.py " + " ".join(
+                   f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
+                   for k, v in vars(args).items()),
+               "tasks": args.tasks, "demos_per_task": args.demos,
+               "episodes_per_task": args.episodes, "success": rows,
+               "wall_time_s": time.perf_counter() - t0, "machine": machine_info()}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    write_atomic(RESULTS / f"{args.name}.json", payload)
+    (RESULTS / f"{args.name}.md").write_text(md + "\n")
+    print(md)
+    print(f"results: {RESULTS / args.name}.json")
+
+
+if __name__ == "__main__":
+    main()
