@@ -92,3 +92,12 @@ def fit_once(cfg: dict, root: Path, log: Path, report: str = "report.json") -> d
     payload["wall_time_s"] = time.perf_counter() - t0
     path.write_text(json.dumps(payload, indent=1))
     return payload
+
+
+def write_results(folder: Path, name: str, payload: dict, markdown: str) -> None:
+    """``<folder>/<name>.json`` (atomic) and ``<name>.md`` beside it; prints the table."""
+    folder.mkdir(parents=True, exist_ok=True)
+    write_atomic(folder / f"{name}.json", payload)
+    (folder / f"{name}.md").write_text(markdown + "\n")
+    print(markdown)
+    print(f"results: {folder / name}.json")

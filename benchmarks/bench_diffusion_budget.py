@@ -27,7 +27,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import yaml
-from _results import fit_once, machine_info, run_config, write_atomic
+from _results import fit_once, machine_info, run_config, write_atomic, write_results
 
 from diffto.cli import resolve_config
 from diffto.learning.evaluate_offline import evaluate_checkpoint
@@ -114,11 +114,7 @@ def main() -> None:
                "tasks": args.tasks, "demos_per_task": args.demos,
                "episodes_per_task": args.episodes, "success": rows,
                "wall_time_s": time.perf_counter() - t0, "machine": machine_info()}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    write_atomic(RESULTS / f"{args.name}.json", payload)
-    (RESULTS / f"{args.name}.md").write_text(md + "\n")
-    print(md)
-    print(f"results: {RESULTS / args.name}.json")
+    write_results(RESULTS, args.name, payload, md)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import yaml
-from _results import fit_once, machine_info, run_config, write_atomic
+from _results import fit_once, machine_info, run_config, write_results
 
 from diffto.cli import resolve_config
 
@@ -176,11 +176,7 @@ def main() -> None:
                                        for w in ("best checkpoint", "last checkpoint")}
                                    for k, r in runs.items()},
                "wall_time_s": time.perf_counter() - t0, "machine": machine_info()}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    write_atomic(RESULTS / f"{args.name}.json", payload)
-    (RESULTS / f"{args.name}.md").write_text(md + "\n")
-    print(md)
-    print(f"results: {RESULTS / args.name}.json")
+    write_results(RESULTS, args.name, payload, md)
 
 
 if __name__ == "__main__":
