@@ -377,9 +377,11 @@ class MetaworldDemoCollector(ShardProducer, L.LightningModule):
 
     def settings(self) -> dict[str, Any]:
         """What determines the data (compared when a run resumes into an existing folder)."""
-        # LightningCLI adds "_class_path" and "_instantiator" to hparams: not settings.
+        # LightningCLI adds "_class_path" and "_instantiator" to hparams: not settings. No
+        # noise is left out, so folders collected before the option existed still resume.
         return json.loads(json.dumps({k: self.hparams[k] for k in sorted(self.hparams)
-                                      if not k.startswith("_")}))
+                                      if not k.startswith("_")
+                                      and not (k == "action_noise" and self.action_noise == 0)}))
 
     def _environments(self, task: str, count: int) -> list:
         if self._envs is not None and self._envs[0] != task:

@@ -184,6 +184,9 @@ def test_action_noise_perturbs_what_is_applied_and_keeps_the_expert_label():
             collect_demos("push-v3", [0], [0], action_noise=bad)
     with pytest.raises(ValueError, match="action_noise"):
         MetaworldDemoCollector(action_noise=-1.0)
+    # the settings a folder is resumed against name the noise only when there is some
+    assert "action_noise" not in MetaworldDemoCollector().settings()
+    assert MetaworldDemoCollector(action_noise=0.1).settings()["action_noise"] == 0.1
 
 
 def test_a_shard_without_successes_is_written_empty(tmp_path):
