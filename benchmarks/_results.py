@@ -10,6 +10,7 @@ import copy
 import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -101,3 +102,9 @@ def write_results(folder: Path, name: str, payload: dict, markdown: str) -> None
     (folder / f"{name}.md").write_text(markdown + "\n")
     print(markdown)
     print(f"results: {folder / name}.json")
+
+
+def command_line() -> str:
+    """The command that runs this script with this process's arguments, quoted for a shell."""
+    script = Path(sys.argv[0])
+    return shlex.join(["python", f"benchmarks/{script.name}", *sys.argv[1:]])

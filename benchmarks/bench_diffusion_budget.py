@@ -27,7 +27,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import yaml
-from _results import fit_once, machine_info, run_config, write_atomic, write_results
+from _results import command_line, fit_once, machine_info, run_config, write_atomic, write_results
 
 from diffto.cli import resolve_config
 from diffto.learning.evaluate_offline import evaluate_checkpoint
@@ -75,28 +75,37 @@ def main() -> None:
     p.add_argument("--root", default="runs/bench/diffusion_budget")
     p.add_argument("--name", default="metaworld_diffusion_budget", help="results file name")
     args = p.parse_args()
-    if args.demos < 1 or args.every < 1 or args.epochs < args.every or args.episodes < 1:
-        p.error("--demos, --every and --episodes must be >= 1 and --epochs >= --every")
+    if min(args.demos, args.episodes) < 1 or args.every < 2 or args.epochs % args.every:
+        p.error("--demos and --episodes must be >= 1, --every >= 2 (the config's own "
+                "checkpoint saves every epoch) and --epochs a multiple of --every")
+    diffusion_cfg = yaml.safe_load(Path(resolve_config("metaworld_diffusion.yaml")).read_text())
+    chunk = diffusion_cfg["model"]["init_args"]["action_horizon"]
+    if any(not 1 <= s <= chunk for s in args.action_steps):
+        p.error(f"--action-steps must lie in [1, {chunk}] (the chunk's length), got "
+                f"{args.action_steps}")
     t0 = time.perf_counter()
     root = Path(args.root)
     bc = fit_once(config("metaworld_bc.yaml", root / "bc", args.tasks, args.demos, 50, 10,
                          args.seed, args.episodes, False), root / "bc", root / "bc" / "fit.log")
     diffusion = root / "diffusion"
-    fit_once(config("metaworld_diffusion.yaml", diffusion, args.tasks, args.demos, args.epochs,
-                    args.every, args.seed, args.episodes, True), diffusion,
-             diffusion / "fit.log")
+    fitted = fit_once(config("metaworld_diffusion.yaml", diffusion, args.tasks, args.demos,
+                             args.epochs, args.every, args.seed, args.episodes, True),
+                      diffusion, diffusion / "fit.log")
     rows = {"scripted expert": {t: bc["results"]["expert"][t]["success"] for t in args.tasks},
             "bc (50 epochs), last": {t: bc["results"]["last checkpoint"][t]["success"]
                                      for t in args.tasks}}
-    ckpts = sorted(diffusion.glob("checkpoints/keep-epoch=*.ckpt"),
-                   key=lambda c: int(re.findall(r"\d+", c.stem)[0]))
-    for ckpt in ckpts:
-        epoch = int(re.findall(r"\d+", ckpt.stem)[0]) + 1
+    kept = {}  # Lightning's {epoch} counts from 0: keep-epoch=59 closes epoch 60
+    for ckpt in diffusion.glob("checkpoints/keep-epoch=*.ckpt"):
+        match = re.fullmatch(r"keep-epoch=(\d+)", ckpt.stem)
+        if match is None:  # e.g. keep-epoch=59-v1 from a fit restarted beside an old one
+            raise RuntimeError(f"{ckpt} is not a checkpoint of this fit: clear {diffusion}")
+        kept[int(match.group(1)) + 1] = ckpt
+    for epoch, ckpt in sorted(kept.items()):
         for steps in args.action_steps:
-            out = evaluate_once(ckpt, args.episodes, steps,
-                                diffusion / f"eval_epochs{epoch}_steps{steps}.json")
+            out = evaluate_once(ckpt, args.episodes, steps, diffusion / (
+                f"eval_epochs{epoch}_steps{steps}_episodes{args.episodes}.json"))
             policy = next(k for k in out["results"] if k.startswith("policy"))
-            rows[f"diffusion, {epoch} epochs, {steps} of 8 actions per chunk"] = {
+            rows[f"diffusion, {epoch} epochs, {steps} of {chunk} actions per chunk"] = {
                 t: out["results"][policy][t]["success"] for t in args.tasks}
         print(f"epoch {epoch} evaluated ({time.perf_counter() - t0:.0f} s)", flush=True)
     short = [t.removesuffix("-v3") for t in args.tasks]
@@ -108,11 +117,10 @@ def main() -> None:
     md = "\n".join(lines)
     payload = {"benchmark": "metaworld_diffusion_budget",
                "date": datetime.now(UTC).isoformat(timespec="seconds"),
-               "command": "python benchmarks/bench_diffusion_budget.py " + " ".join(
-                   f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
-                   for k, v in vars(args).items()),
-               "tasks": args.tasks, "demos_per_task": args.demos,
+               "command": command_line(), "tasks": args.tasks, "demos_per_task": args.demos,
                "episodes_per_task": args.episodes, "success": rows,
+               "fit_wall_time_s": {"bc": bc.get("wall_time_s"),
+                                   "diffusion": fitted.get("wall_time_s")},
                "wall_time_s": time.perf_counter() - t0, "machine": machine_info()}
     write_results(RESULTS, args.name, payload, md)
 

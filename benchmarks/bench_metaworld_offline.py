@@ -3,30 +3,38 @@
 For every learner (``bc``: ``metaworld_bc.yaml``, ``diffusion``: ``metaworld_diffusion.yaml``,
 or any config given as ``name=config.yaml``), every number of demonstrations per task
 (``--demos``) and every training seed, one ``lightning fit`` of the shipped config with
-``data.demos_per_task`` set; the number of gradient steps is kept equal across demonstration
-counts (the config's epochs at 50 demonstrations, scaled by 50 / demos), with five
-validations per run. Each run's end-of-fit report (the expert, the best and the last
-checkpoint on the same ``--episodes`` held-out variants per task, seeds ``EVAL_SEED_BASE +
-j``) is collected into one table per task: success and the number of tasks on which a learner
-reaches 0.9 of the expert's success. A run whose report exists is not run again (rerun the
-command after a kill). Results: ``benchmarks/results/<name>.{json,md}``.
+``data.demos_per_task`` set (with ``--per-task``, one per task); the number of gradient
+steps is kept equal across demonstration counts (the config's epochs at 50 demonstrations,
+scaled by 50 / demos), with five validations per run. Each run's end-of-fit report (the
+expert, the best and the last checkpoint on the same ``--episodes`` held-out variants per
+task, seeds ``EVAL_SEED_BASE + j``) is collected into one table per task: success and the
+number of tasks on which a learner reaches 0.9 of the expert's success. With ``--per-task``
+each task gets its own single-task policy (same epochs, so each sees its own demonstrations
+as often as the multi-task policy does); ``--set KEY=YAML`` overrides a config entry in every
+run (``trainer.max_epochs=50``, ``model.init_args.input_indices=[...]``). A run whose report
+exists is not run again (rerun the command after a kill). Results:
+``benchmarks/results/<name>.{json,md}``.
 
 Usage::
 
     python benchmarks/bench_metaworld_offline.py --learners bc diffusion --demos 10 50 100 \\
         --seeds 1 --episodes 50
+    python benchmarks/bench_metaworld_offline.py --learners bc --demos 10 --seeds 1 2 3 \\
+        --per-task --set "model.init_args.input_indices=[2, 3, 6, 39, 40, 41, 42, 43, 44, \\
+        45, 46, 47]" --name metaworld_offline_bc_relative_per_task
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 import yaml
-from _results import fit_once, machine_info, run_config, write_results
+from _results import command_line, fit_once, machine_info, run_config, write_results
 
 from diffto.cli import resolve_config
 
@@ -37,10 +45,11 @@ CONFIGS = {"bc": "metaworld_bc.yaml", "diffusion": "metaworld_diffusion.yaml"}
 def learner_config(base: dict, root: Path, demos: int, seed: int, episodes: int,
                    data: str | None, task: str | None = None,
                    overrides: dict[str, object] | None = None) -> dict:
-    """The shipped config for ``demos`` demonstrations per task, equal gradient steps; only
-    ``task`` when given; ``overrides``: dotted keys (``model.init_args.hidden``) -> values."""
+    """The shipped config for ``demos`` demonstrations per task, equal gradient steps, then
+    ``overrides`` (dotted keys such as ``model.init_args.hidden`` -> values); only ``task``
+    when given. Validation stays within the run when an override shortens it."""
     epochs = max(5, int(round(base["trainer"]["max_epochs"] * 50 / demos / 5)) * 5)
-    cfg = run_config(base, root, epochs, epochs // 5, seed)
+    cfg = apply_overrides(run_config(base, root, epochs, epochs // 5, seed), overrides or {})
     model = cfg["model"]["init_args"]
     model.update(report_episodes=episodes, video_episodes=0)
     if task is not None:
@@ -49,7 +58,15 @@ def learner_config(base: dict, root: Path, demos: int, seed: int, episodes: int,
     d["demos_per_task"] = demos
     if data is not None:
         d["path"] = data
-    for key, value in (overrides or {}).items():
+    trainer = cfg["trainer"]
+    if trainer["check_val_every_n_epoch"] > trainer["max_epochs"]:
+        trainer["check_val_every_n_epoch"] = max(1, trainer["max_epochs"] // 5)
+    return cfg
+
+
+def apply_overrides(cfg: dict, overrides: dict[str, object]) -> dict:
+    """``cfg`` (changed in place and returned) with each dotted key set to its value."""
+    for key, value in overrides.items():
         node = cfg
         *parents, leaf = key.split(".")
         for part in parents:
@@ -135,7 +152,11 @@ def main() -> None:
     tasks: list[str] = []
     for name, config in learners.items():
         base = yaml.safe_load(Path(resolve_config(config)).read_text())
-        tasks = tasks or list(base["model"]["init_args"]["tasks"])
+        try:
+            tasks = tasks or list(apply_overrides(copy.deepcopy(base), overrides)[
+                "model"]["init_args"]["tasks"])
+        except ValueError as err:
+            p.error(str(err))
         for demos in args.demos:
             for seed in args.seeds:
                 key = f"{name}_{demos}_s{seed}"
@@ -167,9 +188,7 @@ def main() -> None:
                   "time_per_action_s": r.get("time_per_action_s")} for k, r in runs.items()}
     payload = {"benchmark": "metaworld_offline",
                "date": datetime.now(UTC).isoformat(timespec="seconds"),
-               "command": "python benchmarks/bench_metaworld_offline.py " + " ".join(
-                   f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
-                   for k, v in vars(args).items() if v is not None),
+               "command": command_line(),
                "episodes_per_task": args.episodes, "seeds": args.seeds, "tasks": tasks,
                "success": rows, "runs": timing,
                "per_run_success": {k: {w: {t: r["results"][w][t]["success"] for t in tasks}

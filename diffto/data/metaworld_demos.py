@@ -202,7 +202,7 @@ def collect_demos(
             if not len(rows):
                 break
             batch = np.stack([obs[j]["observation"] for j in rows])  # (B, 39)
-            # Metaworld's env clips to the action space; store what it applies.
+            # Metaworld's env clips to the action space: the label is the expert's action clipped.
             actions = np.clip(expert.act(batch), -1.0, 1.0).astype(np.float32)  # (B, 4)
             for j, action in zip(rows, actions, strict=True):
                 if images:

@@ -137,6 +137,8 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     if args.episodes < 1:
         p.error(f"--episodes must be >= 1, got {args.episodes}")
+    if args.action_steps is not None and args.action_steps < 1:
+        p.error(f"--action-steps must be >= 1, got {args.action_steps}")
     out = evaluate_checkpoint(args.checkpoint, args.episodes, args.tasks, args.video,
                               args.video_episodes, expert=not args.no_expert,
                               expert_cache_dir=args.expert_cache_dir,

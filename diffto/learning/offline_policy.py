@@ -197,9 +197,10 @@ class OfflinePolicy(L.LightningModule):
         full = obs_dim + sum(d[2] for d in self.differences)
         self.input_indices = None if input_indices is None else list(input_indices)
         if self.input_indices is not None and (
-                not self.input_indices or len(set(self.input_indices)) != len(self.input_indices)
+                not self.input_indices
                 or any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < full
-                       for i in self.input_indices)):
+                       for i in self.input_indices)
+                or len(set(self.input_indices)) != len(self.input_indices)):
             raise ValueError(f"input_indices must be distinct ints in [0, {full}) (the "
                              f"observation and its differences), got {input_indices}")
         self.frame_dim = full if self.input_indices is None else len(self.input_indices)

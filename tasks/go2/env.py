@@ -62,7 +62,6 @@ import numpy as np
 from gymnasium import spaces
 
 from diffto.tasks.go2 import model as go2_model
-from diffto.tasks.go2.reference import ReferenceTrajectory
 from diffto.tasks.go2.reference_source import load_tracked_reference
 from diffto.tasks.go2.tracking_config import (
     TrackingConfig,

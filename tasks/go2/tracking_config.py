@@ -131,9 +131,10 @@ class TrackingConfig:
     reference position is the plan's."""
     observe_joint_error: bool = False
     """Append the joint targets of the coming interval, the reference joint angles at the next
-    knot, minus the joint reading ``q - o`` with its encoder offset (12, joint order). Added: with the phase alone the policy must
-    memorise the reference's joint angles over the clip to correct errors of 0.02 rad. A real
-    Go2 has both: its joint encoders and the plan it tracks."""
+    knot, minus the joint reading ``q - o`` with its encoder offset (12, joint order). Added:
+    with the phase alone the policy must memorise the reference's joint angles over the clip
+    to correct errors of 0.02 rad. A real Go2 has both: its joint encoders and the plan it
+    tracks."""
     clip_start_share: float = 0.0
     """Fraction of training resets (those without ``options["phase"]``) that start at phase 0;
     the rest start at a uniform random phase. OPT-Mimic's value is 0 (uniform): an episode
