@@ -20,6 +20,12 @@ Solves (one batch of all episodes per sampled step, to the expert's tolerance, a
     ``plan``: :class:`diffto.learning.warm_start.PlanWarmStart`, the whole plan regressed by a
     :class:`diffto.learning.plan_imitation.PlanImitation` checkpoint (``--plan``).
 
+How accurate a start must be (``--optimum-noise σ …``)
+    The cold solve's own optimum with Gaussian noise of standard deviation ``σ`` (in control
+    half-ranges: the torque limits on the Panda; clipped to the bounds) added to every
+    control, solved again: the iterations a proposal with that error would need
+    (``optimum+σ``), a yardstick for the learned ones.
+
 Per method: iterations per solve (mean, median), the fraction converged, the wall time of the
 batched solves (summed over sampled steps), and the final cost against the cold start's on the
 same rows (median ratio, fraction within 0.1 %, and the same restricted to rows where both
@@ -39,7 +45,7 @@ Usage::
 
     python benchmarks/bench_warm_start.py --env-id diffto/PendulumSwingUp-v0 \\
         --policy runs/pendulum_bc/checkpoints/last.ckpt [--plan PLAN_CKPT] [--episodes 8] \\
-        [--every 10] [--max-iter 100] [--closed-loop]
+        [--every 10] [--max-iter 100] [--closed-loop] [--optimum-noise 0.01 0.001]
 """
 
 from __future__ import annotations
@@ -87,7 +93,8 @@ def expert_states(expert, env_id: str, seeds: list[int], steps: int, every: int,
     return {"samples": samples, "expert_success": [bool(x) for x in evaluation.success]}
 
 
-def solve_from(expert, states, goals, u_init, max_iter: int) -> dict:
+def solve_from(expert, states, goals, u_init, max_iter: int) -> tuple[dict, torch.Tensor]:
+    """The solve's iterations, convergence, cost and wall time per row, and its plan."""
     t0 = time.perf_counter()
     with torch.no_grad():
         sol = expert.solve(states, goals, u_init=u_init, max_iter=max_iter)
@@ -96,7 +103,14 @@ def solve_from(expert, states, goals, u_init, max_iter: int) -> dict:
         "iterations": sol.iterations.tolist(),
         "converged": sol.converged.tolist(),
         "cost": sol.cost.detach().tolist(),
-    }
+    }, sol.u.detach()
+
+
+def perturbed(expert, u: torch.Tensor, sigma: float, generator: torch.Generator) -> torch.Tensor:
+    """``u`` plus Gaussian noise of ``sigma`` control half-ranges, clipped to the bounds."""
+    lo, hi = expert.u_lower.to(u), expert.u_upper.to(u)
+    noise = torch.randn(u.shape, generator=generator, dtype=u.dtype) * sigma * (hi - lo) / 2
+    return torch.maximum(torch.minimum(u + noise, hi), lo)
 
 
 def summarize(rows: list[dict], method: str) -> dict:
@@ -159,13 +173,19 @@ def main(argv: list[str] | None = None) -> dict:
                         help="iteration cap of the compared solves (to the expert's tol)")
     parser.add_argument("--closed-loop", action="store_true",
                         help="also run the episodes with each warm start in receding horizon")
+    parser.add_argument("--optimum-noise", type=float, nargs="*", default=[], metavar="SIGMA",
+                        help="also start from the cold solve's optimum plus Gaussian noise of "
+                             "these standard deviations (in control half-ranges)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
+    if any(not sigma > 0 for sigma in args.optimum_noise):
+        parser.error(f"--optimum-noise values must be > 0, got {args.optimum_noise}")
     for name in ("episodes", "steps", "every", "max_iter"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
-    if args.policy is None and args.plan is None:
-        parser.error("give --policy, --plan or both: the learned warm starts to measure")
+    if args.policy is None and args.plan is None and not args.optimum_noise:
+        parser.error("give --policy, --plan or both (the learned warm starts to measure), or "
+                     "--optimum-noise")
     torch.set_num_threads(1)
     task = args.env_id.split("/")[-1].split("-")[0].lower()
     out_path = args.out or RESULTS / f"warm_start_{task}.json"
@@ -184,24 +204,30 @@ def main(argv: list[str] | None = None) -> dict:
         traj = expert_states(expert, args.env_id, seeds, args.steps, args.every, bar)
 
     rows = []
-    wall = {m: 0.0 for m in ("cold", "zeros", "shifted", *proposers,
+    noisy = [f"optimum+{sigma:g}" for sigma in args.optimum_noise]
+    wall = {m: 0.0 for m in ("cold", "zeros", "shifted", *proposers, *noisy,
                              *(f"{m}_proposal" for m in proposers))}
+    generator = torch.Generator().manual_seed(0)
     for sample in tqdm(traj["samples"], desc="solves", unit="step"):
         x = torch.as_tensor(sample["states"])
         g = torch.as_tensor(sample["goals"])
-        results = {"cold": solve_from(expert, x, g, None, args.max_iter)}
+        cold, optimum = solve_from(expert, x, g, None, args.max_iter)
+        results = {"cold": cold}
         zeros = torch.zeros(x.shape[0], expert.horizon, expert.n_ctrl, dtype=x.dtype)
         if not torch.equal(expert.initial_controls(x, g, expert.horizon), zeros):
-            results["zeros"] = solve_from(expert, x, g, zeros, args.max_iter)
+            results["zeros"] = solve_from(expert, x, g, zeros, args.max_iter)[0]
         if sample["previous"] is not None:
             prev = sample["previous"]
             shifted = torch.cat([prev[:, 1:], prev[:, -1:]], 1)
-            results["shifted"] = solve_from(expert, x, g, shifted, args.max_iter)
+            results["shifted"] = solve_from(expert, x, g, shifted, args.max_iter)[0]
         for name, proposer in proposers.items():
             t0 = time.perf_counter()
             proposal = proposer(x, g)
             wall[f"{name}_proposal"] += time.perf_counter() - t0
-            results[name] = solve_from(expert, x, g, proposal, args.max_iter)
+            results[name] = solve_from(expert, x, g, proposal, args.max_iter)[0]
+        for name, sigma in zip(noisy, args.optimum_noise, strict=True):
+            start = perturbed(expert, optimum, sigma, generator)
+            results[name] = solve_from(expert, x, g, start, args.max_iter)[0]
         for method, res in results.items():
             wall[method] += res["wall_s"]
         for i in range(x.shape[0]):
@@ -211,7 +237,8 @@ def main(argv: list[str] | None = None) -> dict:
     for name in proposers:
         wall[name] += wall[f"{name}_proposal"]
 
-    methods = [m for m in ("cold", "zeros", "shifted", *proposers) if any(m in r for r in rows)]
+    methods = [m for m in ("cold", "zeros", "shifted", *proposers, *noisy)
+               if any(m in r for r in rows)]
     summary = {m: summarize(rows, m) for m in methods}
     for m in methods:
         summary[m]["wall_time_s"] = wall[m]

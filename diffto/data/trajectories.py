@@ -48,7 +48,11 @@ or ``env_id``, ``dt``, ``dynamics``, ``cost_weights``, ``normalization``
 ``versions``, and the counts ``episodes_requested`` and ``episodes_failed`` (only converged
 solutions are expert data; failed episodes are left out and counted). A multi-task set
 records ``task_names`` (``{str(task id): name}`` of the tasks its ``task`` array holds)
-instead of one ``task``.
+instead of one ``task``. ``achieved_goal_at: "observation"`` marks a set whose
+``achieved_goal`` is the one at ``observation`` (time ``t``) rather than at ``t+1``: what a
+policy reading the achieved goal sees when it acts (DAgger's labels record it so, and
+:func:`diffto.learning.goal_off_policy.achieved_goal_at_observation` turns a standard set
+into it).
 
 **Row order.** Construction sorts rows by ``(episode, timestep)`` when they are not already
 in that order (writers produce sorted rows, so for them it is a check) and rejects duplicate

@@ -26,11 +26,11 @@ number of expert transitions. β = 1 in round 1, decaying (Ross et al.'s schedul
 first round's states the expert's own, where every label converged; the later, partly
 learner-driven rounds still hurt there (lightning_configs/pendulum_dagger.yaml has the
 figures). On the Panda reach, where more of the labels along the learner's states converge
-(62–72% in round 2 at 1,300 labels, 79–85% at 3,600), the same schedule takes DAgger above
-BC at equal labels (85% against 53% of held-out goals at 1,300 labels, 3 seeds; 40% with
-β = 0); both shipped configs use it. ``label_expert`` lets the labeller carry the settings
-that made the initial data (a tolerance that a control step's solve reaches), distinct from
-the expert evaluated beside the learner.
+(62–69% in round 2 at 1,300 labels, 84–88% at 3,600), the same schedule takes DAgger above
+BC at equal labels on average (73% against 45% of held-out goals at 1,300 labels, 3 seeds,
+one of which trails; 40% with β = 0); both shipped configs use it. ``label_expert`` lets the
+labeller carry the settings that made the initial data (a tolerance that a control step's
+solve reaches), distinct from the expert evaluated beside the learner.
 
 Label budget. Every solve is one label, converged or not; only converged solves enter the
 data (the dataset rule: expert data are converged solutions), the others are counted. The
@@ -211,7 +211,10 @@ def collect_labels(
                       "length": np.bincount(np.searchsorted(ids, arrays["episode"]))
                       .astype(np.int64)},
         meta={"env_id": env_id, "env_kwargs": dict(env_kwargs or {}), "source": "dagger",
-              "beta": beta, "labels": labels, "labels_kept": int(keep.sum())},
+              "beta": beta, "labels": labels, "labels_kept": int(keep.sum()),
+              # each row's achieved goal is the one at its observation, where the learner
+              # reads it (the rows a failed solve leaves out break the t -> t+1 chain)
+              **({"achieved_goal_at": "observation"} if goal is not None else {})},
     )
     return data, counts
 
@@ -326,6 +329,7 @@ class DAgger(GoalConditionedBC):
         if self._initial is None:
             data = load_trajectories(self.hparams.initial_data)
             self._initial, _ = split_transitions(data, 0.0, self.hparams.initial_transitions)
+            self._initial = self.learner_view(self._initial, "initial_data")
         return self._initial
 
     def setup(self, stage: str) -> None:

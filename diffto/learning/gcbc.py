@@ -306,6 +306,11 @@ class GoalConditionedBC(L.LightningModule):
         return getattr(dm, "train_set", None)
 
     def setup(self, stage: str) -> None:
+        dm = self._datamodule()
+        if dm is not None:
+            for name in ("train_set", "val_set"):
+                if getattr(dm, name, None) is not None:
+                    setattr(dm, name, self.learner_view(getattr(dm, name), name))
         data = self.training_data()
         if data is None:
             return
@@ -330,6 +335,20 @@ class GoalConditionedBC(L.LightningModule):
             self.policy.fit_normalization(obs, goal)
 
     # ------------------------------------------------------------------ policy
+    def learner_view(self, data: TrajectorySet, name: str = "data") -> TrajectorySet:
+        """``data`` as the policy reads it: where ``observation_keys`` name the achieved goal,
+        each row's is the one at its observation, not the one after its action (the
+        format's; :func:`~diffto.learning.goal_off_policy.achieved_goal_at_observation`)."""
+        if "achieved_goal" not in self.observation_keys:
+            return data
+        from diffto.learning.goal_off_policy import achieved_goal_at_observation
+
+        converted, dropped = achieved_goal_at_observation(data)
+        if dropped:
+            rank_zero_info(f"{name}: {dropped} of {len(data)} transitions left out (no "
+                           f"achieved goal at their observation)")
+        return converted
+
     def policy_observation(self, batch: dict[str, Tensor]) -> Tensor:
         """The policy's observation ``(B, o)``: the batch's ``observation_keys`` concatenated."""
         return torch.cat([batch[k] for k in self.observation_keys], -1)

@@ -81,6 +81,7 @@ Resuming (``--ckpt_path last``)
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 import warnings
@@ -108,7 +109,7 @@ from diffto.learning.tanh_gaussian_actor import TanhGaussianActor
 from diffto.learning.vector_envs import IterationStream, info_values, make_vector_env
 from diffto.tasks.registry import make_env
 
-__all__ = ["GoalOffPolicy", "initial_achieved_goals"]
+__all__ = ["GoalOffPolicy", "initial_achieved_goals", "achieved_goal_at_observation"]
 
 GoalFeatures = Literal["achieved_goal", "achieved_goal_and_hand"]
 ContinualReset = Literal["none", "critic", "all"]
@@ -931,3 +932,32 @@ def initial_achieved_goals(data, atol: float = 1e-6) -> list[np.ndarray | None]:
     finally:
         env.close()
     return out
+
+
+def achieved_goal_at_observation(data):
+    """``data`` with each row's ``achieved_goal`` the one at its ``observation`` (time ``t``),
+    and the number of rows left out for want of one; ``meta["achieved_goal_at"] =
+    "observation"`` marks the result (a set already so marked is returned as it is).
+
+    A row of the format records the goal achieved *after* its action (``t+1``). A policy that
+    reads the achieved goal beside the observation must learn from the one it will see when it
+    acts, the goal achieved at ``t``: otherwise it trains on where the action led (which
+    reveals the action) and acts on where the arm is. That goal is the previous row's
+    ``achieved_goal`` where the episode's row at ``t − 1`` exists, the reset's
+    (:func:`initial_achieved_goals`) at an episode's first step; rows with neither (a first
+    step whose reset does not reproduce it, a row after a gap) are left out.
+    """
+    if data.meta.get("achieved_goal_at") == "observation" or data.achieved_goal is None:
+        return data, 0
+    achieved = np.array(data.achieved_goal, copy=True)
+    episode, timestep = data.episode, data.timestep
+    known = np.zeros(len(data), bool)
+    follows = (episode[1:] == episode[:-1]) & (timestep[1:] == timestep[:-1] + 1)
+    achieved[1:][follows] = data.achieved_goal[:-1][follows]
+    known[1:] = follows
+    for sl, first in zip(data.episode_slices(), initial_achieved_goals(data), strict=True):
+        if first is not None and timestep[sl.start] == 0:
+            achieved[sl.start], known[sl.start] = first, True
+    out = dataclasses.replace(data, achieved_goal=achieved,
+                              meta={**data.meta, "achieved_goal_at": "observation"})
+    return out.subset(known) if not known.all() else out, int((~known).sum())

@@ -10,7 +10,8 @@ A multilayer perceptron over the normalized observation and goal,
 squashed into the action box ``[a_lo, a_hi]``: ``"tanh"`` maps ``a = c + h \\tanh z`` with
 centre ``c = (a_hi + a_lo)/2`` and half-width ``h = (a_hi − a_lo)/2`` (smooth, never outside
 the box), ``"clip"`` clamps ``a = clip(z, a_lo, a_hi)`` (the identity inside the box, so an
-expert that saturates often is still fit exactly there; no gradient once outside).
+expert that saturates often is still fit exactly there; the deterministic head's loss is taken
+on ``z`` itself, so an output past a bound still gets a gradient).
 
 The statistics ``μ, σ`` are :class:`~diffto.learning.normalizer.RunningNormalizer` buffers,
 fitted once from the training data, so a checkpoint carries them with the weights and the
@@ -234,6 +235,8 @@ class GoalPolicy(nn.Module):
                                self.action_low)
         if self.head == "mixture":
             return self._mixture_loss(observation, goal, target)
+        if self.head == "deterministic" and self.squash == "clip":
+            return self._clipped_loss(observation, goal, target)
         mean, log_std = self.mean_and_log_std(observation, goal)
         err = (mean - target) / self.action_scale  # (B, a) in half-widths
         if log_std is None:
@@ -244,6 +247,26 @@ class GoalPolicy(nn.Module):
                 2 * math.pi
             )
         return {"loss_bc": loss, "action_mse": ((mean - target) ** 2).mean().detach()}
+
+    def _clipped_loss(self, observation: Tensor, goal: Tensor | None, target: Tensor
+                      ) -> dict[str, Tensor]:
+        """MSE of the clipped deterministic head without its dead zone.
+
+        ``(clip(z) − a^*)²`` has no gradient once ``z`` leaves the box, so an output pushed
+        past a bound stays there even where the expert's action is inside. The loss is taken
+        on the raw output instead, as the squared distance from ``z`` to the set of outputs
+        that clip onto the target: the target itself inside the box, the ray beyond the bound
+        where the expert saturates (``[a_hi, ∞)`` for ``a^* = a_hi``). It equals the clipped
+        error inside the box, bounds it from above outside, and is zero exactly where the
+        clipped action is the expert's.
+        """
+        z = self.net(self.features(observation, goal))
+        err = z - target
+        err = torch.where(target >= self.action_high, torch.clamp(err, max=0.0), err)
+        err = torch.where(target <= self.action_low, torch.clamp(err, min=0.0), err)
+        mean = self._squash(z)
+        return {"loss_bc": ((err / self.action_scale) ** 2).mean(),
+                "action_mse": ((mean - target) ** 2).mean().detach()}
 
     def _mixture_loss(self, observation: Tensor, goal: Tensor | None, target: Tensor
                       ) -> dict[str, Tensor]:

@@ -29,6 +29,10 @@ The pull towards the data
     The behaviour-cloning weight ``w`` is ``bc_weight`` during pre-training and anneals linearly
     to ``bc_weight_final`` over the first ``bc_anneal_steps`` online environment steps, so
     online fine-tuning can leave the data's actions where the critic finds better ones.
+    ``alpha_offline`` is ``α`` during pre-training (``None``: ``alpha``; ``0``: pure behaviour
+    cloning, then online RL), and ``α`` rises linearly from it to ``alpha`` over the first
+    ``alpha_ramp_steps`` online steps (``0``: at once), while the critic learns the states the
+    policy visits.
 
 Exploration: ``π(s, g) + N(0, exploration_noise²)`` (half-range units), clipped to the box.
 """
@@ -56,24 +60,31 @@ class GoalTD3BC(GoalQLearning):
         policy_delay: critic updates per actor update (TD3's 2).
         target_noise, target_noise_clip: ``σ_target`` and ``c`` of target policy smoothing.
         exploration_noise: standard deviation of the exploration noise.
+        alpha_offline, alpha_ramp_steps: ``α`` during pre-training (``None``: ``alpha``) and
+            the online environment steps over which it rises to ``alpha`` (``0``: at once).
         **kwargs: :class:`GoalQLearning` and :class:`GoalOffPolicy` arguments.
     """
 
     def __init__(self, alpha: float = 2.5, bc_weight: float = 1.0, bc_weight_final: float = 0.1,
                  bc_anneal_steps: int = 50_000, policy_delay: int = 2,
                  target_noise: float = 0.2, target_noise_clip: float = 0.5,
-                 exploration_noise: float = 0.1, **kwargs: Any) -> None:
+                 exploration_noise: float = 0.1, alpha_offline: float | None = None,
+                 alpha_ramp_steps: int = 0, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.save_hyperparameters()
         for name, value in (("alpha", alpha), ("bc_weight", bc_weight),
                             ("bc_weight_final", bc_weight_final), ("target_noise", target_noise),
                             ("target_noise_clip", target_noise_clip),
-                            ("exploration_noise", exploration_noise)):
+                            ("exploration_noise", exploration_noise),
+                            ("alpha_offline", 0.0 if alpha_offline is None else alpha_offline)):
             if not value >= 0.0:
                 raise ValueError(f"{name} must be >= 0, got {value}")
         for name, value in (("bc_anneal_steps", bc_anneal_steps), ("policy_delay", policy_delay)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if isinstance(alpha_ramp_steps, bool) or not isinstance(alpha_ramp_steps, int) \
+                or alpha_ramp_steps < 0:
+            raise ValueError(f"alpha_ramp_steps must be an int >= 0, got {alpha_ramp_steps!r}")
         self.actor_target = copy.deepcopy(self.actor)
         self.actor_target.inputs = self.actor.inputs  # one set of input statistics
         self.actor_target.requires_grad_(False)
@@ -83,6 +94,17 @@ class GoalTD3BC(GoalQLearning):
         hp = self.hparams
         progress = min(1.0, self.env_steps / hp.bc_anneal_steps)
         return hp.bc_weight + (hp.bc_weight_final - hp.bc_weight) * progress
+
+    def alpha(self) -> float:
+        """``α`` of the Q term at the current online environment step (0 during pre-training
+        with ``alpha_offline=0``)."""
+        hp = self.hparams
+        start = hp.alpha if hp.alpha_offline is None else hp.alpha_offline
+        if self.env_steps == 0:
+            return start
+        if hp.alpha_ramp_steps == 0:
+            return hp.alpha
+        return start + (hp.alpha - start) * min(1.0, self.env_steps / hp.alpha_ramp_steps)
 
     def _noisy(self, action: Tensor, std: float, clip: float | None = None) -> Tensor:
         """``action + ε`` with ``ε ~ N(0, std²)`` in half-range units (clipped to ``±clip``),
@@ -109,14 +131,15 @@ class GoalTD3BC(GoalQLearning):
         obs = batch["observation"]
         action = self.actor.mode(obs, goal)
         q = self.q_values(self.q[:1], obs, action, goal)[0]
-        lam = self.hparams.alpha / q.abs().mean().detach().clamp_min(1e-6)
+        lam = self.alpha() / q.abs().mean().detach().clamp_min(1e-6)
         bc = (((action - batch["action"]) / self.actor.half_range) ** 2).mean()
         w = self.bc_weight()
         loss = -lam * q.mean() + w * bc
         metrics = {}
         if with_metrics:
             metrics = {"loss/actor": float(loss.detach()), "actor/bc_mse": float(bc.detach()),
-                       "actor/bc_weight": w, "actor/lambda": float(lam)}
+                       "actor/bc_weight": w, "actor/lambda": float(lam),
+                       "actor/alpha": self.alpha()}
         return loss, metrics
 
     @torch.no_grad()

@@ -13,7 +13,9 @@ from diffto.tasks.registry import make_env
 
 
 def _random_dataset(env_id: str, path: Path, episodes: int = 2, steps: int = 4) -> Path:
-    """Random-action transitions of a goal env in the dataset format (for plumbing tests)."""
+    """Random-action transitions of a goal env in the dataset format (for plumbing tests):
+    each row's achieved goal is the one after its action, each episode's reset seed is
+    recorded."""
     rows: dict[str, list] = {k: [] for k in ("observation", "desired_goal", "achieved_goal",
                                              "action", "next_observation", "episode",
                                              "timestep", "terminal", "truncated")}
@@ -25,7 +27,7 @@ def _random_dataset(env_id: str, path: Path, episodes: int = 2, steps: int = 4) 
             a = env.action_space.sample().astype(np.float64)
             nxt, _, term, trunc, _ = env.step(a)
             for k, v in (("observation", obs["observation"]), ("desired_goal",
-                         obs["desired_goal"]), ("achieved_goal", obs["achieved_goal"]),
+                         obs["desired_goal"]), ("achieved_goal", nxt["achieved_goal"]),
                          ("action", a), ("next_observation", nxt["observation"]),
                          ("episode", e), ("timestep", t), ("terminal", term),
                          ("truncated", trunc or t == steps - 1)):
@@ -35,7 +37,9 @@ def _random_dataset(env_id: str, path: Path, episodes: int = 2, steps: int = 4) 
     arrays = {k: np.asarray(v) for k, v in rows.items()}
     arrays["episode"] = arrays["episode"].astype(np.int64)
     arrays["timestep"] = arrays["timestep"].astype(np.int64)
-    return save_trajectories(path, TrajectorySet(**arrays, meta={"env_id": env_id}))
+    return save_trajectories(path, TrajectorySet(
+        **arrays, episode_info={"seed": np.arange(episodes, dtype=np.int64)},
+        meta={"env_id": env_id}))
 
 
 @pytest.fixture

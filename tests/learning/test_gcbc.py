@@ -9,6 +9,8 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from diffto import cli
 from diffto.data.trajectories import load_trajectories, save_trajectories
@@ -61,6 +63,37 @@ def test_policy_respects_the_box_and_its_heads():
         GoalPolicy(3, 1, [-1.0], [1.0], head="mixture", mixtures=0)
     with pytest.raises(ValueError, match="goal"):
         GoalPolicy(3, 1, [-1.0], [1.0])(obs, None)
+
+
+class _Constant(torch.nn.Module):
+    def __init__(self, value: torch.Tensor) -> None:
+        super().__init__()
+        self.value = value
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.value
+
+
+@settings(max_examples=25, deadline=None)
+@given(z=st.floats(-5, 5), target=st.sampled_from([-1.0, -0.4, 0.0, 0.7, 1.0]))
+def test_clipped_head_loss_is_the_distance_to_what_clips_onto_the_target(z, target):
+    """The clip head's loss: the clipped error inside the box, a gradient back towards the box
+    where the output overshoots an interior target, and zero past a bound the expert sits on."""
+    pol = GoalPolicy(1, 1, [-1.0], [1.0], hidden=(4,), squash="clip")
+    pol.fit_normalization(torch.zeros(2, 1), torch.zeros(2, 1))
+    out = torch.tensor([[z]], requires_grad=True, dtype=torch.float32)
+    pol.net = _Constant(out)  # the raw output z, whatever the input
+    graph = pol.loss(torch.zeros(1, 1), torch.zeros(1, 1), torch.tensor([[target]]))["loss_bc"]
+    graph.backward()
+    loss = graph.detach()
+    clipped = min(max(z, -1.0), 1.0)
+    if abs(target) == 1.0 and clipped == target:  # saturated expert, output past its bound
+        assert float(loss) == 0.0 and float(out.grad) == 0.0
+    else:
+        assert float(loss) == pytest.approx((z - target) ** 2, rel=1e-5, abs=1e-6)
+        assert float(loss) >= (clipped - target) ** 2 - 1e-6
+        if abs(z - target) > 1e-3:  # the gradient points back to the target, even outside the box
+            assert float(out.grad) * (z - target) > 0
 
 
 def test_mixture_head_keeps_the_modes_an_mse_fit_averages():

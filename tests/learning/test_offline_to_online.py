@@ -14,6 +14,7 @@ from diffto import cli
 from diffto.learning.iql import GoalIQL
 from diffto.learning.tanh_gaussian_actor import TanhGaussianActor
 from diffto.learning.td3bc import GoalTD3BC
+from diffto.tasks.registry import make_env
 
 PANDA = "diffto/PandaReach-v0"
 TINY = dict(env_id=PANDA, env_kwargs={"max_episode_steps": 10},
@@ -86,6 +87,30 @@ def test_td3bc_anneals_the_pull_to_the_data_and_delays_the_actor(goal_batch):
     model.updates = 2
     loss, metrics = model.actor_loss(batch, with_metrics=True)
     assert loss is not None and metrics["actor/bc_weight"] == pytest.approx(0.2)
+
+
+def test_td3bc_q_term_starts_at_alpha_offline_and_ramps_to_alpha_online(goal_batch):
+    model = GoalTD3BC(**TINY, alpha=2.0, alpha_offline=0.0, alpha_ramp_steps=1000)
+    for steps, want in ((0, 0.0), (1, 0.002), (500, 1.0), (1000, 2.0), (9000, 2.0)):
+        model.env_steps = steps
+        assert model.alpha() == pytest.approx(want)
+    model.env_steps, model.updates = 0, 2
+    batch = goal_batch(model)
+    loss, metrics = model.actor_loss(batch, with_metrics=True)
+    goal = model.relabel(batch)
+    pi = model.actor.mode(batch["observation"], goal)
+    # pure behaviour cloning during pre-training: the loss is the BC term alone
+    torch.testing.assert_close(loss, ((pi - batch["action"]) ** 2).mean())
+    assert metrics["actor/alpha"] == 0.0
+    at_once = GoalTD3BC(**TINY, alpha=2.0, alpha_offline=0.5)
+    at_once.env_steps = 0
+    assert at_once.alpha() == 0.5
+    at_once.env_steps = 1
+    assert at_once.alpha() == 2.0
+    default = GoalTD3BC(**TINY, alpha=2.0)
+    for steps in (0, 10):
+        default.env_steps = steps
+        assert default.alpha() == 2.0
 
 
 def test_td3bc_actor_loss_is_q_normalized_plus_behaviour_cloning(goal_batch):
@@ -170,7 +195,8 @@ def test_iql_actor_weights_are_capped_advantages(goal_batch):
     (GoalIQL, "expectile", 1.0), (GoalIQL, "temperature", 0.0), (GoalIQL, "max_weight", -1.0),
     (GoalIQL, "temperature_anneal_steps", 0), (GoalTD3BC, "alpha", -1.0),
     (GoalTD3BC, "policy_delay", 0), (GoalTD3BC, "bc_anneal_steps", 1.5),
-    (GoalTD3BC, "exploration_noise", -0.1), (GoalIQL, "report_conditions", {"a": 1})])
+    (GoalTD3BC, "exploration_noise", -0.1), (GoalTD3BC, "alpha_offline", -1.0),
+    (GoalTD3BC, "alpha_ramp_steps", -5), (GoalIQL, "report_conditions", {"a": 1})])
 def test_bad_arguments_name_themselves(cls, name, value):
     with pytest.raises(ValueError, match=name):
         cls(**{**TINY, name: value})
@@ -189,7 +215,9 @@ def test_dataset_episodes_start_at_their_first_state_when_a_reset_reproduces_it(
     from diffto.learning.goal_off_policy import initial_achieved_goals
     from diffto.tasks.registry import make_env
 
-    data = load_trajectories(random_dataset(PANDA, tmp_path / "panda.npz", episodes=3, steps=5))
+    recorded = load_trajectories(random_dataset(PANDA, tmp_path / "panda.npz", episodes=3,
+                                                steps=5))
+    data = dataclasses.replace(recorded, episode_info={})
     seeded = dataclasses.replace(data, episode_info={"seed": np.arange(3)})
     wrong = dataclasses.replace(data, episode_info={"seed": np.arange(3) + 100})
     initial = initial_achieved_goals(seeded)
@@ -208,6 +236,36 @@ def test_dataset_episodes_start_at_their_first_state_when_a_reset_reproduces_it(
             first = model.buffer.states["observation"][0, 0]
             np.testing.assert_allclose(first[:14], seeded.observation[0], rtol=1e-6)
             np.testing.assert_allclose(first[14:], initial[0], rtol=1e-6)
+
+
+def test_learners_read_the_achieved_goal_at_each_observation(tmp_path, random_dataset):
+    """The format's achieved goal is the one after each action; a policy reading it acts on the
+    one at its observation: the previous row's, the reset's at an episode's first step, and
+    rows with neither are left out."""
+    import dataclasses
+
+    from diffto.data.trajectories import load_trajectories
+    from diffto.learning.goal_off_policy import achieved_goal_at_observation
+
+    data = load_trajectories(random_dataset(PANDA, tmp_path / "panda.npz", episodes=2, steps=4))
+    view, dropped = achieved_goal_at_observation(data)
+    assert dropped == 0 and len(view) == 8 and view.meta["achieved_goal_at"] == "observation"
+    for e in range(2):
+        rows = np.flatnonzero(data.episode == e)
+        env = make_env(PANDA)
+        obs, _ = env.reset(seed=e)
+        np.testing.assert_array_equal(view.achieved_goal[rows[0]], obs["achieved_goal"])
+        for t in range(1, 4):  # where the previous action led
+            obs, *_ = env.step(data.action[rows[t - 1]])
+            np.testing.assert_allclose(view.achieved_goal[rows[t]], obs["achieved_goal"])
+        env.close()
+    assert achieved_goal_at_observation(view) == (view, 0)  # already the learner's view
+    gap = data.subset(np.arange(8) != 1)  # episode 0 loses its step 1: step 2 has no goal
+    unseeded = dataclasses.replace(gap, episode_info={})  # first steps have none either
+    view, dropped = achieved_goal_at_observation(unseeded)
+    assert dropped == 3 and len(view) == 4
+    pairs = sorted(zip(view.episode, view.timestep, strict=True))
+    assert pairs == [(0, 3), (1, 1), (1, 2), (1, 3)]
 
 
 @pytest.mark.parametrize("cls", [GoalTD3BC, GoalIQL])
