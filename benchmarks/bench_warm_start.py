@@ -24,7 +24,8 @@ How accurate a start must be (``--optimum-noise σ …``)
     The cold solve's own optimum with Gaussian noise of standard deviation ``σ`` (in control
     half-ranges: the torque limits on the Panda; clipped to the bounds) added to every
     control, solved again: the iterations a proposal with that error would need
-    (``optimum+σ``), a yardstick for the learned ones.
+    (``optimum+σ``), a yardstick for the learned ones. Rows whose cold solve did not converge
+    (no optimum to perturb) are left out of these summaries.
 
 Per method: iterations per solve (mean, median), the fraction converged, the wall time of the
 batched solves (summed over sampled steps), and the final cost against the cold start's on the
@@ -109,8 +110,8 @@ def solve_from(expert, states, goals, u_init, max_iter: int) -> tuple[dict, torc
 def perturbed(expert, u: torch.Tensor, sigma: float, generator: torch.Generator) -> torch.Tensor:
     """``u`` plus Gaussian noise of ``sigma`` control half-ranges, clipped to the bounds."""
     lo, hi = expert.u_lower.to(u), expert.u_upper.to(u)
-    noise = torch.randn(u.shape, generator=generator, dtype=u.dtype) * sigma * (hi - lo) / 2
-    return torch.maximum(torch.minimum(u + noise, hi), lo)
+    noise = torch.randn(u.shape, generator=generator, dtype=u.dtype).to(u.device)
+    return torch.maximum(torch.minimum(u + noise * sigma * (hi - lo) / 2, hi), lo)
 
 
 def summarize(rows: list[dict], method: str) -> dict:
@@ -173,7 +174,7 @@ def main(argv: list[str] | None = None) -> dict:
                         help="iteration cap of the compared solves (to the expert's tol)")
     parser.add_argument("--closed-loop", action="store_true",
                         help="also run the episodes with each warm start in receding horizon")
-    parser.add_argument("--optimum-noise", type=float, nargs="*", default=[], metavar="SIGMA",
+    parser.add_argument("--optimum-noise", type=float, nargs="+", default=[], metavar="SIGMA",
                         help="also start from the cold solve's optimum plus Gaussian noise of "
                              "these standard deviations (in control half-ranges)")
     parser.add_argument("--out", type=Path, default=None)
@@ -228,12 +229,13 @@ def main(argv: list[str] | None = None) -> dict:
         for name, sigma in zip(noisy, args.optimum_noise, strict=True):
             start = perturbed(expert, optimum, sigma, generator)
             results[name] = solve_from(expert, x, g, start, args.max_iter)[0]
+            results[name]["has_optimum"] = cold["converged"]
         for method, res in results.items():
             wall[method] += res["wall_s"]
         for i in range(x.shape[0]):
             rows.append({"step": sample["step"], "episode": i, **{
                 m: {k: r[k][i] for k in ("iterations", "converged", "cost")}
-                for m, r in results.items()}})
+                for m, r in results.items() if r.get("has_optimum", [True] * (i + 1))[i]}})
     for name in proposers:
         wall[name] += wall[f"{name}_proposal"]
 

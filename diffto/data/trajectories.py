@@ -484,7 +484,8 @@ def merged_task_names(sets: Sequence[TrajectorySet], names: Sequence[str]) -> di
 
 def check_compatible(sets: Sequence[TrajectorySet], names: Sequence[str]) -> None:
     """Raise ``ValueError`` naming the source if ``sets`` differ in ``meta`` task / env id or
-    ``dt`` (where both sets record it), in the arrays they hold (per transition and per
+    ``dt`` (where both sets record it), in when their achieved goals are taken
+    (``achieved_goal_at``), in the arrays they hold (per transition and per
     episode) or in those arrays' trailing shapes and dtypes. Multi-task sets (a ``task``
     array, ``meta["task_names"]``) may hold different tasks; they must not give one task id
     two names (:func:`merged_task_names`)."""
@@ -497,6 +498,11 @@ def check_compatible(sets: Sequence[TrajectorySet], names: Sequence[str]) -> Non
                 continue
             if not (key == "dt" and np.isclose(float(a), float(b), rtol=1e-12, atol=0.0)):
                 raise ValueError(f"{name}: meta {key!r} is {b!r} but {names[0]}'s is {a!r}")
+        a, b = (d.meta.get("achieved_goal_at", "next") for d in (first, data))
+        if a != b and first.achieved_goal is not None:
+            raise ValueError(f"{name}: its achieved goals are the ones at {b!r} but "
+                             f"{names[0]}'s at {a!r} (meta 'achieved_goal_at'): convert one "
+                             f"first (goal_off_policy.achieved_goal_at_observation)")
         space = _space(data)
         if set(space) != set(ref):
             raise ValueError(f"{name}: arrays {sorted(space)} differ from {names[0]}'s "

@@ -319,6 +319,7 @@ class DAgger(GoalConditionedBC):
         super().__init__(env_id, **kwargs)
         self.save_hyperparameters()
         self._initial: TrajectorySet | None = None
+        self._initial_labels = 0
         self._rounds: dict[int, TrajectorySet | None] = {}
         self._round_counts: dict[int, dict[str, int]] = {}
         self._expert: list = []  # the expert, built on first use; in a list so that it is
@@ -328,8 +329,16 @@ class DAgger(GoalConditionedBC):
     def training_data(self) -> TrajectorySet | None:
         if self._initial is None:
             data = load_trajectories(self.hparams.initial_data)
-            self._initial, _ = split_transitions(data, 0.0, self.hparams.initial_transitions)
-            self._initial = self.learner_view(self._initial, "initial_data")
+            initial, _ = split_transitions(data, 0.0, self.hparams.initial_transitions)
+            self._initial_labels = len(initial)  # spent, whether or not the view keeps them
+            # the rounds' labels record the achieved goal at each observation: the initial
+            # data must too, so the aggregate is one kind of set whatever the policy reads
+            from diffto.learning.goal_off_policy import achieved_goal_at_observation
+
+            self._initial, dropped = achieved_goal_at_observation(initial)
+            if dropped:
+                rank_zero_info(f"initial_data: {dropped} of {len(initial)} transitions left "
+                               f"out (no achieved goal at their observation)")
         return self._initial
 
     def setup(self, stage: str) -> None:
@@ -342,7 +351,7 @@ class DAgger(GoalConditionedBC):
     @property
     def labels(self) -> int:
         """Expert labels spent so far: initial transitions + every solve of every round."""
-        initial = 0 if self._initial is None else len(self._initial)
+        initial = 0 if self._initial is None else self._initial_labels
         return initial + sum(c["labels"] for c in self._round_counts.values())
 
     def _round_path(self, r: int) -> Path:

@@ -134,6 +134,11 @@ class DemonstrationWindows(Dataset):
         for key in observation_keys:
             if getattr(data, key, None) is None:
                 raise ValueError(f"observation_keys names {key!r}, which the dataset lacks")
+        if "achieved_goal" in observation_keys and data.meta.get("achieved_goal_at") != \
+                "observation":
+            raise ValueError("observation_keys names 'achieved_goal', but the dataset's are "
+                             "the ones after each action (the format's): convert it with "
+                             "goal_off_policy.achieved_goal_at_observation first")
         obs = np.concatenate([getattr(data, k) for k in observation_keys], -1)
         self.observation = torch.as_tensor(obs, dtype=torch.float32)
         self.action = torch.as_tensor(data.action, dtype=torch.float32)

@@ -166,17 +166,20 @@ class TransitionsDataModule(L.LightningDataModule):
         self.split_seed = split_seed
         self.train_set: TrajectorySet | None = None
         self.val_set: TrajectorySet | None = None
+        self._labels = 0
 
     @property
     def labels(self) -> int:
-        """Expert labels used (training plus validation rows)."""
-        return sum(len(s) for s in (self.train_set, self.val_set) if s is not None)
+        """Expert labels used (training plus validation rows, counted as loaded: a learner's
+        view may leave some out, they were spent all the same)."""
+        return self._labels
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is None:
             data = load_trajectories(self.path)
             self.train_set, self.val_set = split_transitions(
                 data, self.val_fraction, self.max_transitions, self.split_seed)
+            self._labels = sum(len(s) for s in (self.train_set, self.val_set) if s is not None)
 
     def train_dataloader(self) -> DataLoader:
         assert self.train_set is not None

@@ -458,6 +458,10 @@ class GoalOffPolicy(L.LightningModule):
             if key not in arrays:
                 raise ValueError(f"pretrain_dataset {path}: the set has no {key!r} array "
                                  f"(it has {sorted(arrays)})")
+        if data.meta.get("achieved_goal_at") == "observation":
+            raise ValueError(f"pretrain_dataset {path}: its achieved goals are the ones at "
+                             f"each observation (meta 'achieved_goal_at', e.g. DAgger labels); "
+                             f"pre-training reads the format's, after each action")
         if arrays["observation"].shape[1] < self.obs_slice.stop:
             raise ValueError(f"pretrain_dataset {path}: observations have "
                              f"{arrays['observation'].shape[1]} entries, fewer than "

@@ -262,8 +262,10 @@ class GoalPolicy(nn.Module):
         """
         z = self.net(self.features(observation, goal))
         err = z - target
-        err = torch.where(target >= self.action_high, torch.clamp(err, max=0.0), err)
-        err = torch.where(target <= self.action_low, torch.clamp(err, min=0.0), err)
+        # saturated: at a bound to float32 rounding of the map from controls to actions
+        slack = 1e-6 * self.action_scale
+        err = torch.where(target >= self.action_high - slack, torch.clamp(err, max=0.0), err)
+        err = torch.where(target <= self.action_low + slack, torch.clamp(err, min=0.0), err)
         mean = self._squash(z)
         return {"loss_bc": ((err / self.action_scale) ** 2).mean(),
                 "action_mse": ((mean - target) ** 2).mean().detach()}

@@ -139,7 +139,7 @@ class GoalTD3BC(GoalQLearning):
         if with_metrics:
             metrics = {"loss/actor": float(loss.detach()), "actor/bc_mse": float(bc.detach()),
                        "actor/bc_weight": w, "actor/lambda": float(lam),
-                       "actor/alpha": self.alpha()}
+                       "actor/q_alpha": self.alpha()}
         return loss, metrics
 
     @torch.no_grad()

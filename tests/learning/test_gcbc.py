@@ -157,6 +157,38 @@ def test_relative_goal_finds_the_achieved_goal_in_the_observation():
         GoalConditionedBC(PANDA, relative_goal=True, expert_baseline=False)
 
 
+def test_policies_reading_the_achieved_goal_learn_the_one_at_their_observation(
+        tmp_path, random_dataset):
+    """Wired through the data module (GCBC's setup) and DAgger's initial data: the achieved
+    goal of each row becomes the one at its observation, once, only for a policy that reads
+    it; labels spent count every loaded row even where the view leaves some out."""
+    import dataclasses
+
+    from diffto.learning.dagger import DAgger
+
+    path = random_dataset(PANDA, tmp_path / "panda.npz", episodes=2, steps=4)
+    data = load_trajectories(path)
+    reads = GoalConditionedBC(PANDA, observation_keys=["observation", "achieved_goal"],
+                              expert_baseline=False, report=False)
+    blind = GoalConditionedBC(PANDA, expert_baseline=False, report=False)
+    assert blind.learner_view(data) is data
+    dm = TransitionsDataModule(str(path), batch_size=4, val_fraction=0.0)
+    trainer = L.Trainer(max_epochs=1, limit_train_batches=1, limit_val_batches=0,
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    trainer.fit(reads, datamodule=dm)
+    view = dm.train_set
+    assert view.meta["achieved_goal_at"] == "observation" and len(view) == 8
+    np.testing.assert_array_equal(view.achieved_goal[1:4], data.achieved_goal[0:3])
+    reads.setup("validate")  # a second setup leaves the view as it is
+    assert dm.train_set is view and dm.labels == 8
+    unseeded = save_trajectories(tmp_path / "unseeded.npz",
+                                 dataclasses.replace(data, episode_info={}))
+    dagger = DAgger(PANDA, initial_data=str(unseeded), observation_keys=["observation"],
+                    expert_baseline=False, report=False, data_dir=str(tmp_path / "labels"))
+    assert len(dagger.training_data()) == 6  # the two first steps have no achieved goal
+    assert dagger.labels == 8  # but were spent
+
+
 def test_split_is_by_episode_and_max_transitions_bounds_every_row(swingup_data):
     data = load_trajectories(swingup_data)
     train, val = split_transitions(data, 0.25, max_transitions=150, split_seed=1)

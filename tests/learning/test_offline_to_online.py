@@ -101,7 +101,7 @@ def test_td3bc_q_term_starts_at_alpha_offline_and_ramps_to_alpha_online(goal_bat
     pi = model.actor.mode(batch["observation"], goal)
     # pure behaviour cloning during pre-training: the loss is the BC term alone
     torch.testing.assert_close(loss, ((pi - batch["action"]) ** 2).mean())
-    assert metrics["actor/alpha"] == 0.0
+    assert metrics["actor/q_alpha"] == 0.0
     at_once = GoalTD3BC(**TINY, alpha=2.0, alpha_offline=0.5)
     at_once.env_steps = 0
     assert at_once.alpha() == 0.5
@@ -260,6 +260,14 @@ def test_learners_read_the_achieved_goal_at_each_observation(tmp_path, random_da
             np.testing.assert_allclose(view.achieved_goal[rows[t]], obs["achieved_goal"])
         env.close()
     assert achieved_goal_at_observation(view) == (view, 0)  # already the learner's view
+    from diffto.data.trajectories import merge_trajectories, save_trajectories
+
+    with pytest.raises(ValueError, match="achieved_goal_at"):  # one kind of set per merge
+        merge_trajectories([data, view], renumber=True)
+    model = GoalTD3BC(**TINY, **STAGE_COST, achieved_in_state=True, pretrain_updates=1,
+                      pretrain_dataset=str(save_trajectories(tmp_path / "view.npz", view)))
+    with pytest.raises(ValueError, match="achieved_goal_at"):  # pre-training reads t+1
+        model._start_task(0)
     gap = data.subset(np.arange(8) != 1)  # episode 0 loses its step 1: step 2 has no goal
     unseeded = dataclasses.replace(gap, episode_info={})  # first steps have none either
     view, dropped = achieved_goal_at_observation(unseeded)
