@@ -3,10 +3,10 @@
 Every variant (``--variants``, from :data:`VARIANTS`: a shipped config plus overrides) is run
 with ``lightning fit`` on ``--task`` (the Panda variants: ``panda_crl.yaml`` from scratch or
 with the critic pre-trained on ``runs/datasets/panda_reach``, the TO dataset of
-``panda_to_dataset.yaml``; ``--task`` then only labels the results) for ``--iterations``
+``panda_to_dataset.yaml``; ``--task`` then only labels the results; the ``_demos`` variants:
+the task's scripted-expert episodes in the replay buffer from the start) for ``--iterations``
 iterations of 1,000 environment steps and every ``--seeds``, validation every ``--val-every``
-iterations. Each run's
-end-of-fit report (final and best checkpoints and the scripted expert, on the same held-out
+iterations. Each run's end-of-fit report (final and best checkpoints and the scripted expert, on the same held-out
 episodes) and learning curve are collected into ``benchmarks/results/<name>.{json,md}``
 with ``<name>.png`` (success over environment steps and wall time, every run). A run whose
 report exists is not run again (rerun the command after a kill).
@@ -38,6 +38,16 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "crl_deep_residual": ("metaworld_crl.yaml", {"depth": 4, "residual": True}),
     "crl_hand_goal_deep": ("metaworld_crl.yaml", {"goal_features": "achieved_goal_and_hand",
                                                   "depth": 4, "residual": True}),
+    # the task's scripted-expert episodes in the buffer from the start (runs/datasets/
+    # metaworld_{task}, e.g. metaworld_pick_place: see demos_command): futures in which the
+    # object moves, for the critic; with the actor pre-trained on them as well
+    "crl_hand_goal_demos": ("metaworld_crl.yaml", {
+        "goal_features": "achieved_goal_and_hand",
+        "pretrain_dataset": "runs/datasets/metaworld_{task}", "pretrain_updates": 2000}),
+    "crl_hand_goal_demos_actor": ("metaworld_crl.yaml", {
+        "goal_features": "achieved_goal_and_hand",
+        "pretrain_dataset": "runs/datasets/metaworld_{task}", "pretrain_updates": 2000,
+        "pretrain_actor": True}),
     "sac_her": ("metaworld_sac_her.yaml", {}),
     "sac_her_utd_1_2": ("metaworld_sac_her.yaml", {"env_steps_per_update": 2}),
     "sac_her_hand_goal": ("metaworld_sac_her.yaml",
@@ -70,8 +80,21 @@ def variant_config(variant: str, task: str, iterations: int, val_every: int, see
     if args["env_id"] == "diffto/Metaworld-v0":
         args["env_kwargs"]["task"] = task
     args["report_episodes"] = episodes
-    args.update(overrides)
+    short = task.removesuffix("-v3").replace("-", "_")
+    args.update({k: v.format(task=short) if isinstance(v, str) else v
+                 for k, v in overrides.items()})
+    data = args.get("pretrain_dataset")
+    if data is not None and not Path(data).exists():
+        raise SystemExit(f"variant {variant}: {data} does not exist; make it with\n  "
+                         f"{demos_command(task, data)}")
     return cfg
+
+
+def demos_command(task: str, folder: str) -> str:
+    """The command that collects ``task``'s scripted-expert episodes into ``folder``."""
+    return (f"lightning predict --config lightning_configs/metaworld_experts.yaml "
+            f"--data.tasks='[{task}]' --data.output_dir={folder} "
+            f"--trainer.default_root_dir={folder}")
 
 
 def first_reaching(history: list[dict], level: float) -> dict | None:

@@ -20,7 +20,14 @@ Sampling (:meth:`EpisodeReplayBuffer.sample`)
     - ``offset="uniform"``: ``Δ`` uniform on ``{1, …, L − t}`` (HER's "future" strategy).
 
     Every sample carries its episode id (a counter over all episodes ever stored), so a
-    future goal's episode can be checked.
+    future goal's episode can be checked, and whether it comes from a dataset
+    (:meth:`EpisodeReplayBuffer.add_episode`) or from the environments.
+
+    With ``dataset_fraction=p`` a share ``p`` of the batch is drawn from the dataset's
+    episodes and the rest from the environments' (each part uniformly over its transitions,
+    as above; RLPD's symmetric sampling is ``p = 0.5``), so the dataset keeps its weight in
+    the batches however much online data arrives. Where one of the two is empty the whole
+    batch comes from the other.
 
 Memory
     ``4 · (Σ state dims + action dim) · (max_episode_steps + 1) · slots`` bytes in float32
@@ -82,6 +89,7 @@ class EpisodeReplayBuffer:
         self.length = np.zeros(slots, np.int64)  # steps of a committed episode, 0 if none
         self.terminated = np.zeros(slots, bool)
         self.episode_id = np.full(slots, -1, np.int64)
+        self.from_dataset = np.zeros(slots, bool)
         self._open = np.full(num_envs, -1, np.int64)  # each env's open slot
         self._t = np.zeros(num_envs, np.int64)  # rows written in it so far minus one
         self._next_id = 0  # episodes begun, ever
@@ -115,6 +123,7 @@ class EpisodeReplayBuffer:
             self._next_slot = (slot + 1) % self.num_slots
             self.length[slot] = 0  # the oldest episode gives its slot up
             self.terminated[slot] = False
+            self.from_dataset[slot] = False
             self.episode_id[slot] = self._next_id
             self._next_id += 1
             self._open[env], self._t[env] = slot, 0
@@ -150,8 +159,8 @@ class EpisodeReplayBuffer:
     def add_episode(self, states: dict[str, np.ndarray], actions: np.ndarray,
                     episode: dict[str, np.ndarray] | None = None,
                     terminated: bool = False) -> None:
-        """Store one finished episode of ``L`` steps: ``states[k] (L + 1, d)``, ``actions
-        (L, a)`` (e.g. from a dataset), in the next slot, beside the envs' open episodes."""
+        """Store one finished episode of ``L`` steps from a dataset: ``states[k] (L + 1,
+        d)``, ``actions (L, a)``, in the next slot, beside the envs' open episodes."""
         L = len(actions)
         if not 1 <= L <= self.max_episode_steps:
             raise ValueError(f"an episode must have 1 to max_episode_steps = "
@@ -171,6 +180,7 @@ class EpisodeReplayBuffer:
         for k, v in (episode or {}).items():
             self.episode[k][slot] = v
         self.length[slot], self.terminated[slot] = L, bool(terminated)
+        self.from_dataset[slot] = True
         self.episode_id[slot] = self._next_id
         self._next_id += 1
 
@@ -184,13 +194,22 @@ class EpisodeReplayBuffer:
                                  f"got {np.shape(v)}")
 
     # ------------------------------------------------------------------ reading
+    def _slots(self, valid: np.ndarray, n: int) -> np.ndarray:
+        """``n`` slots among ``valid``, each with probability ∝ its length."""
+        lengths = self.length[valid]
+        return valid[self.rng.choice(valid.size, size=n, p=lengths / lengths.sum())]
+
     def sample(self, batch_size: int, gamma: float = 0.99,
-               offset: Literal["geometric", "uniform"] = "geometric") -> dict[str, np.ndarray]:
-        """``batch_size`` transitions with a future row of the same episode each.
+               offset: Literal["geometric", "uniform"] = "geometric",
+               dataset_fraction: float | None = None) -> dict[str, np.ndarray]:
+        """``batch_size`` transitions with a future row of the same episode each, a share
+        ``dataset_fraction`` of them from the dataset's episodes (``None``: uniform over all;
+        module docstring).
 
         Returns, per entry ``k`` of ``state_dims``: ``k`` (at ``t``), ``next_k`` (``t + 1``)
         and ``future_k`` (``t + Δ``); ``action``; each ``episode_dims`` entry; ``terminal``
-        (the episode terminated at ``t + 1``); ``episode_id``, ``timestep`` and ``offset``.
+        (the episode terminated at ``t + 1``); ``episode_id``, ``from_dataset``, ``timestep``
+        and ``offset``.
         """
         valid = np.flatnonzero(self.length)
         if valid.size == 0:
@@ -199,9 +218,17 @@ class EpisodeReplayBuffer:
             raise ValueError(f"offset must be 'geometric' or 'uniform', got {offset!r}")
         if not 0.0 < gamma < 1.0:
             raise ValueError(f"gamma must be in (0, 1), got {gamma}")
+        if dataset_fraction is not None and not 0.0 <= dataset_fraction <= 1.0:
+            raise ValueError(f"dataset_fraction must be in [0, 1] or None, got "
+                             f"{dataset_fraction}")
         rng = self.rng
-        lengths = self.length[valid]
-        slot = valid[rng.choice(valid.size, size=batch_size, p=lengths / lengths.sum())]
+        dataset, online = valid[self.from_dataset[valid]], valid[~self.from_dataset[valid]]
+        if dataset_fraction is None or dataset.size == 0 or online.size == 0:
+            slot = self._slots(valid, batch_size)
+        else:
+            n = int(round(dataset_fraction * batch_size))
+            slot = np.concatenate([self._slots(dataset, n),
+                                   self._slots(online, batch_size - n)])
         L = self.length[slot]
         t = np.minimum((rng.random(batch_size) * L).astype(np.int64), L - 1)
         n = L - t  # largest offset
@@ -220,6 +247,7 @@ class EpisodeReplayBuffer:
             out[k] = v[slot]
         out["terminal"] = self.terminated[slot] & (t + 1 == L)
         out["episode_id"], out["timestep"], out["offset"] = self.episode_id[slot], t, delta
+        out["from_dataset"] = self.from_dataset[slot]
         return out
 
     # ------------------------------------------------------------------ checkpoints
@@ -235,7 +263,8 @@ class EpisodeReplayBuffer:
             "actions": t(self.actions[keep]),
             "episode": {k: t(v[keep]) for k, v in self.episode.items()},
             "length": t(self.length[keep]), "terminated": t(self.terminated[keep]),
-            "episode_id": t(self.episode_id[keep]), "next_id": self._next_id,
+            "episode_id": t(self.episode_id[keep]),
+            "from_dataset": t(self.from_dataset[keep]), "next_id": self._next_id,
             "rng": self.rng.bit_generator.state,
         }
 
@@ -258,6 +287,9 @@ class EpisodeReplayBuffer:
         self.terminated[:n] = state["terminated"][order]
         self.episode_id[:n] = state["episode_id"][order]
         self.episode_id[n:] = -1
+        self.from_dataset[:] = False  # (buffers saved before the flag existed: all online)
+        if "from_dataset" in state:
+            self.from_dataset[:n] = state["from_dataset"][order]
         self._next_slot = n % self.num_slots  # after the newest restored episode
         self._next_id = int(state["next_id"])
         self._open[:] = -1

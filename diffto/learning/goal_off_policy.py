@@ -63,7 +63,8 @@ Pre-training on a dataset (``pretrain_dataset``, ``pretrain_updates``)
     the format does not store), else at its second, the first whose achieved goal the format
     records. The first state matters: on the Panda reach it is the arm at rest with the goal
     far away, the one state every evaluation episode starts from.
-    The dataset episodes stay in the buffer until newer episodes take their slots. With
+    The dataset episodes stay in the buffer until newer episodes take their slots, and
+    ``dataset_fraction`` keeps their share of every batch fixed once online data arrives. With
     ``pretrain_actor`` the pre-trained policy is validated before the first environment step
     (the learning curve's point at 0 steps), kept (in checkpoints too) and scored in the
     report as ``offline policy (pre-trained)``: the online phase's gain is read against it.
@@ -160,6 +161,9 @@ class GoalOffPolicy(L.LightningModule):
         checkpoint_buffer: store the buffer's episodes in checkpoints.
         pretrain_dataset, pretrain_updates, pretrain_actor: pre-training on a dataset (see
             the module docstring).
+        dataset_fraction: share of every batch drawn from the dataset's episodes once the
+            environments' arrive (``None``: uniform over the buffer, so the dataset's share
+            shrinks as online data grows; 0.5: RLPD's symmetric sampling).
         task_sequence, iterations_per_task, continual_reset: continual learning.
     """
 
@@ -202,6 +206,7 @@ class GoalOffPolicy(L.LightningModule):
         pretrain_dataset: str | None = None,
         pretrain_updates: int = 0,
         pretrain_actor: bool = False,
+        dataset_fraction: float | None = None,
         task_sequence: list[dict[str, Any]] | None = None,
         iterations_per_task: int = 100,
         continual_reset: ContinualReset = "none",
@@ -230,6 +235,10 @@ class GoalOffPolicy(L.LightningModule):
                              "or folder)")
         if not 0.0 < gamma < 1.0:
             raise ValueError(f"gamma must be in (0, 1), got {gamma}")
+        if dataset_fraction is not None and not (
+                0.0 <= dataset_fraction <= 1.0 and pretrain_dataset is not None):
+            raise ValueError(f"dataset_fraction must be in [0, 1] and needs pretrain_dataset, "
+                             f"got {dataset_fraction} with pretrain_dataset={pretrain_dataset!r}")
         if goal_features not in ("achieved_goal", "achieved_goal_and_hand"):
             raise ValueError(f"goal_features must be 'achieved_goal' or "
                              f"'achieved_goal_and_hand', got {goal_features!r}")
@@ -485,9 +494,15 @@ class GoalOffPolicy(L.LightningModule):
             states = {"observation": self.network_state(obs, achieved),
                       "goal": self.goal_of_states(obs, achieved)}
             desired = self.goal_of_targets(arrays["desired_goal"][sl][:1])[0]
-            self.buffer.add_episode(states, actions, {"desired_goal": desired},
-                                    bool(arrays["terminal"][sl][-1]) if "terminal" in arrays
-                                    else False)
+            terminal = bool(arrays["terminal"][sl][-1]) if "terminal" in arrays else False
+            # an episode longer than the buffer's is stored as consecutive pieces (each piece's
+            # future goals stay within it); only the last piece can end in a terminal state
+            L, n = len(actions), self.max_episode_steps
+            for start in range(0, L, n):
+                stop = min(start + n, L)
+                self.buffer.add_episode({k: v[start:stop + 1] for k, v in states.items()},
+                                        actions[start:stop], {"desired_goal": desired},
+                                        terminal and stop == L)
         return len(self.buffer) - before
 
     def pretrain(self) -> None:
@@ -621,7 +636,8 @@ class GoalOffPolicy(L.LightningModule):
     # ------------------------------------------------------------------ updates
     def _batch(self) -> dict[str, Tensor]:
         hp = self.hparams
-        raw = self.buffer.sample(hp.batch_size, hp.gamma, self.future_offset)
+        raw = self.buffer.sample(hp.batch_size, hp.gamma, self.future_offset,
+                                 hp.dataset_fraction)
         return {k: torch.as_tensor(v, device=self.device) for k, v in raw.items()}
 
     future_offset: Literal["geometric", "uniform"] = "geometric"

@@ -32,7 +32,9 @@ The pull towards the data
     ``alpha_offline`` is ``α`` during pre-training (``None``: ``alpha``; ``0``: pure behaviour
     cloning, then online RL), and ``α`` rises linearly from it to ``alpha`` over the first
     ``alpha_ramp_steps`` online steps (``0``: at once), while the critic learns the states the
-    policy visits.
+    policy visits. ``bc_data="batch"`` clones every row of the batch, the policy's own online
+    actions too; ``"dataset"`` only the dataset's rows (the TO expert's actions), so the pull
+    stays towards the expert; with ``dataset_fraction`` they keep a fixed share of each batch.
 
 Exploration: ``π(s, g) + N(0, exploration_noise²)`` (half-range units), clipped to the box.
 """
@@ -40,7 +42,7 @@ Exploration: ``π(s, g) + N(0, exploration_noise²)`` (half-range units), clippe
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -62,6 +64,8 @@ class GoalTD3BC(GoalQLearning):
         exploration_noise: standard deviation of the exploration noise.
         alpha_offline, alpha_ramp_steps: ``α`` during pre-training (``None``: ``alpha``) and
             the online environment steps over which it rises to ``alpha`` (``0``: at once).
+        bc_data: ``"batch"`` (every row) or ``"dataset"`` (the dataset's rows only): what the
+            behaviour-cloning term clones.
         **kwargs: :class:`GoalQLearning` and :class:`GoalOffPolicy` arguments.
     """
 
@@ -69,7 +73,8 @@ class GoalTD3BC(GoalQLearning):
                  bc_anneal_steps: int = 50_000, policy_delay: int = 2,
                  target_noise: float = 0.2, target_noise_clip: float = 0.5,
                  exploration_noise: float = 0.1, alpha_offline: float | None = None,
-                 alpha_ramp_steps: int = 0, **kwargs: Any) -> None:
+                 alpha_ramp_steps: int = 0, bc_data: Literal["batch", "dataset"] = "batch",
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.save_hyperparameters()
         for name, value in (("alpha", alpha), ("bc_weight", bc_weight),
@@ -85,6 +90,10 @@ class GoalTD3BC(GoalQLearning):
         if isinstance(alpha_ramp_steps, bool) or not isinstance(alpha_ramp_steps, int) \
                 or alpha_ramp_steps < 0:
             raise ValueError(f"alpha_ramp_steps must be an int >= 0, got {alpha_ramp_steps!r}")
+        if bc_data not in ("batch", "dataset"):
+            raise ValueError(f"bc_data must be 'batch' or 'dataset', got {bc_data!r}")
+        if bc_data == "dataset" and self.hparams.pretrain_dataset is None:
+            raise ValueError("bc_data='dataset' needs pretrain_dataset (the rows to clone)")
         self.actor_target = copy.deepcopy(self.actor)
         self.actor_target.inputs = self.actor.inputs  # one set of input statistics
         self.actor_target.requires_grad_(False)
@@ -132,7 +141,12 @@ class GoalTD3BC(GoalQLearning):
         action = self.actor.mode(obs, goal)
         q = self.q_values(self.q[:1], obs, action, goal)[0]
         lam = self.alpha() / q.abs().mean().detach().clamp_min(1e-6)
-        bc = (((action - batch["action"]) / self.actor.half_range) ** 2).mean()
+        bc = (((action - batch["action"]) / self.actor.half_range) ** 2).mean(-1)
+        if self.hparams.bc_data == "dataset":
+            rows = batch["from_dataset"].to(bc.dtype)
+            bc = (bc * rows).sum() / rows.sum().clamp_min(1.0)
+        else:
+            bc = bc.mean()
         w = self.bc_weight()
         loss = -lam * q.mean() + w * bc
         metrics = {}

@@ -156,3 +156,45 @@ def test_new_episodes_skip_slots_other_envs_still_write():
         buf.begin({k: v[1:] for k, v in zeros.items()}, envs=np.array([1]))
         assert buf._open[0] != buf._open[1]
     assert buf._open[0] == 0 and buf._t[0] == 6
+
+
+def _add_dataset_episodes(buf: EpisodeReplayBuffer, lengths: list[int]) -> None:
+    """Dataset episodes whose states encode (-1 - episode, t)."""
+    for i, L in enumerate(lengths):
+        t = np.arange(L + 1, dtype=float)
+        buf.add_episode({"observation": np.stack([np.full(L + 1, -1.0 - i), t], 1),
+                         "goal": t[:, None]}, np.zeros((L, 2)), {"desired_goal": np.ones(1)})
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.floats(0.0, 1.0), st.integers(0, 2**16))
+def test_dataset_fraction_fixes_the_datasets_share_of_a_batch(fraction, seed):
+    buf = _buffer(seed=seed)
+    _add_dataset_episodes(buf, [3, 7])
+    only_dataset = buf.sample(32, dataset_fraction=fraction)  # no online episode yet
+    assert only_dataset["from_dataset"].all()
+    _fill(buf, [[4, 6, 10], [5, 5, 10]])
+    s = buf.sample(200, dataset_fraction=fraction)
+    from_dataset = s["observation"][:, 0] < 0
+    np.testing.assert_array_equal(s["from_dataset"], from_dataset)
+    assert from_dataset.sum() == round(200 * fraction)
+    # the future goal stays in the transition's own episode on both sides
+    assert (s["future_observation"][:, 0] == s["observation"][:, 0]).all()
+    uniform = buf.sample(4000)  # without it: the dataset's share of the transitions, 10 / 50
+    assert abs(uniform["from_dataset"].mean() - 0.2) < 0.03
+
+
+def test_dataset_flags_survive_checkpoints_and_slot_reuse(tmp_path):
+    import torch
+
+    buf = _buffer(capacity=60, T=10, seed=0)  # 6 slots
+    _add_dataset_episodes(buf, [3, 4])
+    _fill(buf, [[2], [2]])
+    torch.save(buf.state_dict(), tmp_path / "buffer.pt")
+    other = _buffer(capacity=60, T=10, seed=0)
+    other.load_state_dict(torch.load(tmp_path / "buffer.pt", weights_only=True))
+    np.testing.assert_array_equal(other.from_dataset[:4], [True, True, False, False])
+    _fill(other, [[1, 1], [1, 1]])  # four more online episodes: the dataset's slots go first
+    assert not other.from_dataset.any()
+    with pytest.raises(ValueError, match="dataset_fraction"):
+        other.sample(4, dataset_fraction=1.5)

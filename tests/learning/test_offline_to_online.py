@@ -427,3 +427,40 @@ def test_residual_config_reports_the_base_alone_and_the_conditions(tmp_path, mon
             "final policy, safety filter", "zero action, safety filter"} <= set(rows)
     assert rows["final policy, safety filter"]["violations"] >= 0.0
     assert report["env_kwargs"]["payload_mass"] == [0.0, 3.0]  # trained from no mismatch up
+
+
+def test_td3bc_can_clone_the_dataset_rows_alone(goal_batch, tmp_path, random_dataset):
+    """bc_data='dataset': the behaviour-cloning term averages over the dataset's rows only, so
+    the policy's own online actions do not pull it."""
+    torch.manual_seed(0)
+    path = random_dataset(PANDA, tmp_path / "panda.npz", episodes=2, steps=4)
+    model = GoalTD3BC(**TINY, alpha=0.0, bc_weight=1.0, bc_anneal_steps=10, bc_data="dataset",
+                      pretrain_dataset=str(path))
+    batch = goal_batch(model)
+    rows = torch.arange(64) % 4 == 0
+    batch["from_dataset"] = rows
+    goal = model.relabel(batch)
+    loss, _ = model.actor_loss(batch)
+    pi = model.actor.mode(batch["observation"], goal)
+    torch.testing.assert_close(loss, ((pi - batch["action"])[rows] ** 2).mean())
+    batch["from_dataset"] = torch.zeros(64, dtype=torch.bool)  # no dataset row: no pull
+    assert float(model.actor_loss(batch)[0].detach()) == 0.0
+    with pytest.raises(ValueError, match="bc_data"):
+        GoalTD3BC(**TINY, bc_data="expert", pretrain_dataset=str(path))
+    with pytest.raises(ValueError, match="bc_data='dataset' needs pretrain_dataset"):
+        GoalTD3BC(**TINY, bc_data="dataset")
+    with pytest.raises(ValueError, match="dataset_fraction"):
+        GoalTD3BC(**TINY, dataset_fraction=0.5)
+
+
+def test_dataset_episodes_longer_than_the_buffers_are_stored_in_pieces(tmp_path,
+                                                                      random_dataset):
+    path = random_dataset(PANDA, tmp_path / "panda.npz", episodes=2, steps=25)
+    model = GoalTD3BC(**TINY, pretrain_dataset=str(path), pretrain_updates=1)  # 10-step slots
+    model._start_task(0)
+    assert len(model.buffer) == 50
+    np.testing.assert_array_equal(model.buffer.length[:6], [10, 10, 5, 10, 10, 5])
+    assert model.buffer.from_dataset[:6].all()
+    # consecutive pieces share their boundary state
+    np.testing.assert_array_equal(model.buffer.states["observation"][0, 10],
+                                  model.buffer.states["observation"][1, 0])
