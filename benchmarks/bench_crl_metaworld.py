@@ -6,9 +6,9 @@ with the critic pre-trained on ``runs/datasets/panda_reach``, the TO dataset of
 ``panda_to_dataset.yaml``; ``--task`` then only labels the results; the ``_demos`` variants:
 the task's scripted-expert episodes in the replay buffer from the start) for ``--iterations``
 iterations of 1,000 environment steps and every ``--seeds``, validation every ``--val-every``
-iterations. Each run's end-of-fit report (final and best checkpoints and the scripted expert, on the same held-out
-episodes) and learning curve are collected into ``benchmarks/results/<name>.{json,md}``
-with ``<name>.png`` (success over environment steps and wall time, every run). A run whose
+iterations. Each run's end-of-fit report (final and best checkpoints and the scripted
+expert, on the same held-out episodes) and learning curve are collected into
+``benchmarks/results/<name>.{json,md}`` with ``<name>.png`` (success over environment steps and wall time, every run). A run whose
 report exists is not run again (rerun the command after a kill).
 
 Usage::
