@@ -8,8 +8,9 @@ the task's scripted-expert episodes in the replay buffer from the start) for ``-
 iterations of 1,000 environment steps and every ``--seeds``, validation every ``--val-every``
 iterations. Each run's end-of-fit report (final and best checkpoints and the scripted
 expert, on the same held-out episodes) and learning curve are collected into
-``benchmarks/results/<name>.{json,md}`` with ``<name>.png`` (success over environment steps and wall time, every run). A run whose
-report exists is not run again (rerun the command after a kill).
+``benchmarks/results/<name>.{json,md}`` with ``<name>.png`` (success over environment
+steps and wall time, every run). A run whose report exists is not run again (rerun the
+command after a kill).
 
 Usage::
 
