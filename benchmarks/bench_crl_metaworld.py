@@ -82,12 +82,13 @@ def variant_config(variant: str, task: str, iterations: int, val_every: int, see
         args["env_kwargs"]["task"] = task
     args["report_episodes"] = episodes
     short = task.removesuffix("-v3").replace("-", "_")
-    args.update({k: v.format(task=short) if isinstance(v, str) else v
+    args.update({k: v.replace("{task}", short) if isinstance(v, str) else v
                  for k, v in overrides.items()})
     data = args.get("pretrain_dataset")
     if data is not None and not Path(data).exists():
-        raise SystemExit(f"variant {variant}: {data} does not exist; make it with\n  "
-                         f"{demos_command(task, data)}")
+        make = demos_command(task, data) if "{task}" in overrides["pretrain_dataset"] \
+            else "lightning predict --config lightning_configs/panda_to_dataset.yaml"
+        raise SystemExit(f"variant {variant}: {data} does not exist; make it with\n  {make}")
     return cfg
 
 
@@ -118,11 +119,14 @@ def main() -> None:
     out = Path(__file__).resolve().parent / "results"
     runs: dict[str, dict] = {}
     t_start = time.perf_counter()
+    configs = {(variant, seed): variant_config(  # every config checked before the first run
+        variant, args.task, args.iterations, args.val_every, seed,
+        Path(args.runs_dir) / args.task / variant / f"seed{seed}", args.episodes)
+        for variant in args.variants for seed in args.seeds}
     for variant in args.variants:
         for seed in args.seeds:
             root = Path(args.runs_dir) / args.task / variant / f"seed{seed}"
-            cfg = variant_config(variant, args.task, args.iterations, args.val_every, seed,
-                                 root, args.episodes)
+            cfg = configs[variant, seed]
             log = root / "fit.log"
             root.mkdir(parents=True, exist_ok=True)
             report = fit_once(cfg, root, log)

@@ -26,8 +26,9 @@ Sampling (:meth:`EpisodeReplayBuffer.sample`)
     With ``dataset_fraction=p`` a share ``p`` of the batch is drawn from the dataset's
     episodes and the rest from the environments' (each part uniformly over its transitions,
     as above; RLPD's symmetric sampling is ``p = 0.5``), so the dataset keeps its weight in
-    the batches however much online data arrives. Where one of the two is empty the whole
-    batch comes from the other.
+    the batches however much online data arrives, as long as its episodes are stored (slot
+    reuse takes the oldest first). Where one of the two is empty the whole batch comes from
+    the other.
 
 Memory
     ``4 · (Σ state dims + action dim) · (max_episode_steps + 1) · slots`` bytes in float32
@@ -218,7 +219,9 @@ class EpisodeReplayBuffer:
             raise ValueError(f"offset must be 'geometric' or 'uniform', got {offset!r}")
         if not 0.0 < gamma < 1.0:
             raise ValueError(f"gamma must be in (0, 1), got {gamma}")
-        if dataset_fraction is not None and not 0.0 <= dataset_fraction <= 1.0:
+        if dataset_fraction is not None and (
+                isinstance(dataset_fraction, bool) or not isinstance(dataset_fraction, int | float)
+                or not 0.0 <= dataset_fraction <= 1.0):
             raise ValueError(f"dataset_fraction must be in [0, 1] or None, got "
                              f"{dataset_fraction}")
         rng = self.rng

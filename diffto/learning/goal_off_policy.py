@@ -63,8 +63,11 @@ Pre-training on a dataset (``pretrain_dataset``, ``pretrain_updates``)
     the format does not store), else at its second, the first whose achieved goal the format
     records. The first state matters: on the Panda reach it is the arm at rest with the goal
     far away, the one state every evaluation episode starts from.
-    The dataset episodes stay in the buffer until newer episodes take their slots, and
-    ``dataset_fraction`` keeps their share of every batch fixed once online data arrives. With
+    An episode longer than the buffer's ``max_episode_steps`` is stored as consecutive pieces
+    (each its own episode: future goals stay within a piece). The dataset episodes stay in the
+    buffer until newer episodes take their slots (the oldest go first; a warning says when
+    none is left), and ``dataset_fraction`` keeps their share of every batch fixed once online
+    data arrives. A run resumed without a stored buffer loads the dataset again. With
     ``pretrain_actor`` the pre-trained policy is validated before the first environment step
     (the learning curve's point at 0 steps), kept (in checkpoints too) and scored in the
     report as ``offline policy (pre-trained)``: the online phase's gain is read against it.
@@ -235,10 +238,14 @@ class GoalOffPolicy(L.LightningModule):
                              "or folder)")
         if not 0.0 < gamma < 1.0:
             raise ValueError(f"gamma must be in (0, 1), got {gamma}")
-        if dataset_fraction is not None and not (
-                0.0 <= dataset_fraction <= 1.0 and pretrain_dataset is not None):
-            raise ValueError(f"dataset_fraction must be in [0, 1] and needs pretrain_dataset, "
-                             f"got {dataset_fraction} with pretrain_dataset={pretrain_dataset!r}")
+        if dataset_fraction is not None:
+            if isinstance(dataset_fraction, bool) or not isinstance(dataset_fraction, int | float) \
+                    or not 0.0 <= dataset_fraction <= 1.0:
+                raise ValueError(f"dataset_fraction must be a number in [0, 1] or None, got "
+                                 f"{dataset_fraction!r}")
+            if pretrain_dataset is None or task_sequence is not None:
+                raise ValueError("dataset_fraction needs pretrain_dataset and a single task "
+                                 "(no task_sequence: the dataset fills the first task's buffer)")
         if goal_features not in ("achieved_goal", "achieved_goal_and_hand"):
             raise ValueError(f"goal_features must be 'achieved_goal' or "
                              f"'achieved_goal_and_hand', got {goal_features!r}")
@@ -497,12 +504,12 @@ class GoalOffPolicy(L.LightningModule):
             terminal = bool(arrays["terminal"][sl][-1]) if "terminal" in arrays else False
             # an episode longer than the buffer's is stored as consecutive pieces (each piece's
             # future goals stay within it); only the last piece can end in a terminal state
-            L, n = len(actions), self.max_episode_steps
-            for start in range(0, L, n):
-                stop = min(start + n, L)
+            steps, n = len(actions), self.max_episode_steps
+            for start in range(0, steps, n):
+                stop = min(start + n, steps)
                 self.buffer.add_episode({k: v[start:stop + 1] for k, v in states.items()},
                                         actions[start:stop], {"desired_goal": desired},
-                                        terminal and stop == L)
+                                        terminal and stop == steps)
         return len(self.buffer) - before
 
     def pretrain(self) -> None:
@@ -562,8 +569,8 @@ class GoalOffPolicy(L.LightningModule):
                 with torch.no_grad():
                     self.log_alpha.fill_(math.log(hp.init_alpha))
                 self._optimizer().state.pop(self.log_alpha, None)
-        if hp.pretrain_dataset is not None and self.env_steps == 0 and k == 0 \
-                and not len(self.buffer):
+        if hp.pretrain_dataset is not None and k == 0 and not len(self.buffer):
+            # (also on resuming without a stored buffer: the dataset is part of it)
             n = self.load_dataset_episodes(hp.pretrain_dataset)
             rank_zero_info(f"{n} transitions of {hp.pretrain_dataset} in the replay buffer")
         self._task_index = k
@@ -636,11 +643,27 @@ class GoalOffPolicy(L.LightningModule):
     # ------------------------------------------------------------------ updates
     def _batch(self) -> dict[str, Tensor]:
         hp = self.hparams
+        if self.uses_dataset_rows() and not self._warned_no_dataset \
+                and not self.buffer.from_dataset.any():
+            self._warned_no_dataset = True
+            warnings.warn(
+                f"the replay buffer holds no episode of pretrain_dataset (newer episodes took "
+                f"their slots: raise buffer_capacity above {hp.buffer_capacity}), so "
+                f"{' and '.join(self.dataset_rows_options())} draw on nothing",
+                RuntimeWarning, stacklevel=2)
         raw = self.buffer.sample(hp.batch_size, hp.gamma, self.future_offset,
                                  hp.dataset_fraction)
         return {k: torch.as_tensor(v, device=self.device) for k, v in raw.items()}
 
     future_offset: Literal["geometric", "uniform"] = "geometric"
+    _warned_no_dataset = False
+
+    def dataset_rows_options(self) -> list[str]:
+        """The options set that read the batch's dataset rows (a subclass adds its own)."""
+        return ["dataset_fraction"] if self.hparams.dataset_fraction is not None else []
+
+    def uses_dataset_rows(self) -> bool:
+        return bool(self.dataset_rows_options())
 
     def fit_inputs(self, rows: int = 100_000) -> None:
         """Fit the input statistics (``normalize_inputs``) on up to ``rows`` buffer samples: their

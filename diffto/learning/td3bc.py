@@ -22,7 +22,8 @@ Critic (TD3)
 Actor (TD3+BC), every ``policy_delay``-th update
     ``L(π) = −λ mean Q_1(s, π(s, g), g) + w · mean ‖(π(s, g) − a) / half_range‖²₂ / dim``,
     ``λ = α / mean |Q_1(s, π(s, g), g)|`` (held constant in the gradient), where ``(s, a)`` are
-    the batch's transitions (dataset or online) and ``g`` their relabelled goals. Normalizing by
+    the batch's transitions (dataset or online; the BC mean over the dataset's rows alone with
+    ``bc_data="dataset"``) and ``g`` their relabelled goals. Normalizing by
     the mean ``|Q|`` makes ``α`` (2.5 in the TD3+BC paper) independent of the reward's scale.
 
 The pull towards the data
@@ -92,8 +93,10 @@ class GoalTD3BC(GoalQLearning):
             raise ValueError(f"alpha_ramp_steps must be an int >= 0, got {alpha_ramp_steps!r}")
         if bc_data not in ("batch", "dataset"):
             raise ValueError(f"bc_data must be 'batch' or 'dataset', got {bc_data!r}")
-        if bc_data == "dataset" and self.hparams.pretrain_dataset is None:
-            raise ValueError("bc_data='dataset' needs pretrain_dataset (the rows to clone)")
+        if bc_data == "dataset" and (self.hparams.pretrain_dataset is None
+                                     or self.hparams.task_sequence is not None):
+            raise ValueError("bc_data='dataset' needs pretrain_dataset (the rows to clone) and "
+                             "a single task (no task_sequence)")
         self.actor_target = copy.deepcopy(self.actor)
         self.actor_target.inputs = self.actor.inputs  # one set of input statistics
         self.actor_target.requires_grad_(False)
@@ -144,14 +147,17 @@ class GoalTD3BC(GoalQLearning):
         bc = (((action - batch["action"]) / self.actor.half_range) ** 2).mean(-1)
         if self.hparams.bc_data == "dataset":
             rows = batch["from_dataset"].to(bc.dtype)
-            bc = (bc * rows).sum() / rows.sum().clamp_min(1.0)
+            n_rows = float(rows.sum())
+            bc = (bc * rows).sum() / max(n_rows, 1.0)  # 0 without dataset rows
         else:
-            bc = bc.mean()
+            n_rows, bc = float(bc.shape[0]), bc.mean()
         w = self.bc_weight()
         loss = -lam * q.mean() + w * bc
         metrics = {}
         if with_metrics:
-            metrics = {"loss/actor": float(loss.detach()), "actor/bc_mse": float(bc.detach()),
+            metrics = {"loss/actor": float(loss.detach()),
+                       "actor/bc_mse": float(bc.detach()) if n_rows else float("nan"),
+                       "actor/bc_rows": n_rows,
                        "actor/bc_weight": w, "actor/lambda": float(lam),
                        "actor/q_alpha": self.alpha()}
         return loss, metrics
@@ -170,6 +176,10 @@ class GoalTD3BC(GoalQLearning):
             for t, p in zip(self.actor_target.parameters(), self.actor.parameters(),
                             strict=True):
                 t.copy_(p)
+
+    def dataset_rows_options(self) -> list[str]:
+        return super().dataset_rows_options() + (
+            ["bc_data='dataset'"] if self.hparams.bc_data == "dataset" else [])
 
     def explore(self, obs: Tensor, goal: Tensor) -> Tensor:
         return self._noisy(self.actor.mode(obs, goal), self.hparams.exploration_noise)

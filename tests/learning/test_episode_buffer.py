@@ -196,5 +196,10 @@ def test_dataset_flags_survive_checkpoints_and_slot_reuse(tmp_path):
     np.testing.assert_array_equal(other.from_dataset[:4], [True, True, False, False])
     _fill(other, [[1, 1], [1, 1]])  # four more online episodes: the dataset's slots go first
     assert not other.from_dataset.any()
+    old_state = buf.state_dict()
+    del old_state["from_dataset"]  # a checkpoint from before the flag: every episode online
+    older = _buffer(capacity=60, T=10, seed=0)
+    older.load_state_dict(old_state)
+    assert older.episodes_stored == 4 and not older.from_dataset.any()
     with pytest.raises(ValueError, match="dataset_fraction"):
         other.sample(4, dataset_fraction=1.5)

@@ -455,12 +455,47 @@ def test_td3bc_can_clone_the_dataset_rows_alone(goal_batch, tmp_path, random_dat
 
 def test_dataset_episodes_longer_than_the_buffers_are_stored_in_pieces(tmp_path,
                                                                       random_dataset):
-    path = random_dataset(PANDA, tmp_path / "panda.npz", episodes=2, steps=25)
+    import dataclasses
+
+    from diffto.data.trajectories import load_trajectories, save_trajectories
+
+    data = load_trajectories(random_dataset(PANDA, tmp_path / "panda.npz", episodes=2,
+                                            steps=25))
+    terminal = np.zeros(50, bool)
+    terminal[24] = True  # the first episode ends in a terminal state
+    path = save_trajectories(tmp_path / "terminal.npz",
+                             dataclasses.replace(data, terminal=terminal))
     model = GoalTD3BC(**TINY, pretrain_dataset=str(path), pretrain_updates=1)  # 10-step slots
-    model._start_task(0)
-    assert len(model.buffer) == 50
-    np.testing.assert_array_equal(model.buffer.length[:6], [10, 10, 5, 10, 10, 5])
-    assert model.buffer.from_dataset[:6].all()
-    # consecutive pieces share their boundary state
-    np.testing.assert_array_equal(model.buffer.states["observation"][0, 10],
-                                  model.buffer.states["observation"][1, 0])
+    try:
+        model._start_task(0)
+        buf = model.buffer
+        assert len(buf) == 50
+        np.testing.assert_array_equal(buf.length[:6], [10, 10, 5, 10, 10, 5])
+        np.testing.assert_array_equal(buf.terminated[:6], [0, 0, 1, 0, 0, 0])  # its last piece
+        assert buf.from_dataset[:6].all()
+        # consecutive pieces share their boundary state
+        np.testing.assert_array_equal(buf.states["observation"][0, 10],
+                                      buf.states["observation"][1, 0])
+    finally:
+        model.teardown("fit")
+
+
+def test_without_dataset_episodes_the_dataset_options_warn(tmp_path, random_dataset):
+    path = random_dataset(PANDA, tmp_path / "panda.npz", episodes=2, steps=4)
+    model = GoalTD3BC(**TINY, pretrain_dataset=str(path), dataset_fraction=0.5,
+                      bc_data="dataset")
+    try:
+        model._start_task(0)
+        model.buffer.from_dataset[:] = False  # as if newer episodes had taken their slots
+        with pytest.warns(RuntimeWarning, match="dataset_fraction and bc_data='dataset' draw "
+                                                "on nothing"):
+            batch = model._batch()
+        assert not batch["from_dataset"].any()
+    finally:
+        model.teardown("fit")
+    for bad in (True, "half", 1.5):
+        with pytest.raises(ValueError, match="dataset_fraction must be a number"):
+            GoalTD3BC(**TINY, pretrain_dataset=str(path), dataset_fraction=bad)
+    with pytest.raises(ValueError, match="a single task"):
+        GoalTD3BC(**TINY, pretrain_dataset=str(path), dataset_fraction=0.5,
+                  task_sequence=[{}, {}])
