@@ -2,7 +2,9 @@
 
 A :class:`~diffto.learning.goal_off_policy.GoalOffPolicy` with twin critics
 ``Q_1, Q_2(s, a, g)`` (:class:`~diffto.learning.residual_mlp.ResidualMLP` of the base's width
-and depth), their Polyak-averaged targets ``Q̄_i`` (``Q̄ ← (1 − τ) Q̄ + τ Q`` after every
+and depth; ``num_critics`` > 2 makes an ensemble ``Q_1 … Q_N``, each fitted to the same
+target, whose minimum bootstraps and whose spread a subclass may use as pessimism), their
+Polyak-averaged targets ``Q̄_i`` (``Q̄ ← (1 − τ) Q̄ + τ Q`` after every
 update), hindsight goals and a reward computed from the relabelled goal. Subclasses give the
 TD target (:meth:`td_target`) and the actor's loss:
 :class:`~diffto.learning.goal_sac.GoalSAC`, :class:`~diffto.learning.td3bc.GoalTD3BC`,
@@ -74,6 +76,7 @@ class GoalQLearning(GoalOffPolicy):
             velocity term penalizes (``None``: no velocity term).
         action_weight: the action penalty's weight (both reward types).
         tau: Polyak rate of the target critics, in ``(0, 1]``.
+        num_critics: critics in the ensemble (2: twin critics), at least 2.
         **kwargs: :class:`GoalOffPolicy` arguments.
     """
 
@@ -82,7 +85,8 @@ class GoalQLearning(GoalOffPolicy):
     def __init__(self, her_ratio: float = 0.8, success_radius: float = 0.05,
                  reward_type: RewardType = "sparse", goal_weight: float = 10.0,
                  velocity_weight: float = 0.0, velocity_slice: tuple[int, int] | None = None,
-                 action_weight: float = 0.0, tau: float = 0.005, **kwargs: Any) -> None:
+                 action_weight: float = 0.0, tau: float = 0.005, num_critics: int = 2,
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.save_hyperparameters()
         if not 0.0 <= her_ratio <= 1.0:
@@ -102,7 +106,9 @@ class GoalQLearning(GoalOffPolicy):
                 <= self.state_dim):
             raise ValueError(f"velocity_slice must be [start, stop] within the networks' "
                              f"{self.state_dim} state entries, got {velocity_slice}")
-        self.q = nn.ModuleList(self._make_q() for _ in range(2))
+        if isinstance(num_critics, bool) or not isinstance(num_critics, int) or num_critics < 2:
+            raise ValueError(f"num_critics must be an int >= 2, got {num_critics!r}")
+        self.q = nn.ModuleList(self._make_q() for _ in range(num_critics))
         self.q_target = copy.deepcopy(self.q)  # in the state_dict, not in the optimizer
         self.q_target.requires_grad_(False)
 
@@ -121,7 +127,8 @@ class GoalQLearning(GoalOffPolicy):
         return list(self.q.parameters())
 
     def reset_critic(self) -> None:
-        self.reset_in_place(self.q, nn.ModuleList(self._make_q() for _ in range(2)))
+        self.reset_in_place(self.q, nn.ModuleList(
+            self._make_q() for _ in range(self.hparams.num_critics)))
         self.reset_targets()
 
     @torch.no_grad()

@@ -25,6 +25,9 @@ Actor (TD3+BC), every ``policy_delay``-th update
     the batch's transitions (dataset or online; the BC mean over the dataset's rows alone with
     ``bc_data="dataset"``) and ``g`` their relabelled goals. Normalizing by
     the mean ``|Q|`` makes ``α`` (2.5 in the TD3+BC paper) independent of the reward's scale.
+    With ``actor_pessimism = k`` the actor maximizes ``mean_i Q_i − k · std_i Q_i`` over the
+    critic ensemble (``num_critics``) instead of ``Q_1``: where the critics disagree, off the
+    data they were fitted on, the estimate is lowered and its action gradient with it.
 
 The pull towards the data
     The behaviour-cloning weight ``w`` is ``bc_weight`` during pre-training and anneals linearly
@@ -67,6 +70,7 @@ class GoalTD3BC(GoalQLearning):
             the online environment steps over which it rises to ``alpha`` (``0``: at once).
         bc_data: ``"batch"`` (every row) or ``"dataset"`` (the dataset's rows only): what the
             behaviour-cloning term clones.
+        actor_pessimism: ``k`` of the actor's ensemble estimate (``None``: ``Q_1``, TD3's).
         **kwargs: :class:`GoalQLearning` and :class:`GoalOffPolicy` arguments.
     """
 
@@ -75,7 +79,7 @@ class GoalTD3BC(GoalQLearning):
                  target_noise: float = 0.2, target_noise_clip: float = 0.5,
                  exploration_noise: float = 0.1, alpha_offline: float | None = None,
                  alpha_ramp_steps: int = 0, bc_data: Literal["batch", "dataset"] = "batch",
-                 **kwargs: Any) -> None:
+                 actor_pessimism: float | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.save_hyperparameters()
         for name, value in (("alpha", alpha), ("bc_weight", bc_weight),
@@ -91,6 +95,8 @@ class GoalTD3BC(GoalQLearning):
         if isinstance(alpha_ramp_steps, bool) or not isinstance(alpha_ramp_steps, int) \
                 or alpha_ramp_steps < 0:
             raise ValueError(f"alpha_ramp_steps must be an int >= 0, got {alpha_ramp_steps!r}")
+        if actor_pessimism is not None and not actor_pessimism >= 0.0:
+            raise ValueError(f"actor_pessimism must be >= 0 or None, got {actor_pessimism}")
         if bc_data not in ("batch", "dataset"):
             raise ValueError(f"bc_data must be 'batch' or 'dataset', got {bc_data!r}")
         if bc_data == "dataset" and (self.hparams.pretrain_dataset is None
@@ -142,7 +148,12 @@ class GoalTD3BC(GoalQLearning):
         goal = self.actor_goals(batch)
         obs = batch["observation"]
         action = self.actor.mode(obs, goal)
-        q = self.q_values(self.q[:1], obs, action, goal)[0]
+        k = self.hparams.actor_pessimism
+        if k is None:
+            q = self.q_values(self.q[:1], obs, action, goal)[0]
+        else:
+            qs = self.q_values(self.q, obs, action, goal)
+            q = qs.mean(0) - k * qs.std(0)
         lam = self.alpha() / q.abs().mean().detach().clamp_min(1e-6)
         bc = (((action - batch["action"]) / self.actor.half_range) ** 2).mean(-1)
         if self.hparams.bc_data == "dataset":

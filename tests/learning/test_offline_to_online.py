@@ -196,7 +196,9 @@ def test_iql_actor_weights_are_capped_advantages(goal_batch):
     (GoalIQL, "temperature_anneal_steps", 0), (GoalTD3BC, "alpha", -1.0),
     (GoalTD3BC, "policy_delay", 0), (GoalTD3BC, "bc_anneal_steps", 1.5),
     (GoalTD3BC, "exploration_noise", -0.1), (GoalTD3BC, "alpha_offline", -1.0),
-    (GoalTD3BC, "alpha_ramp_steps", -5), (GoalIQL, "report_conditions", {"a": 1})])
+    (GoalTD3BC, "alpha_ramp_steps", -5), (GoalIQL, "report_conditions", {"a": 1}),
+    (GoalTD3BC, "num_critics", 1), (GoalIQL, "num_critics", True),
+    (GoalTD3BC, "actor_pessimism", -1.0)])
 def test_bad_arguments_name_themselves(cls, name, value):
     with pytest.raises(ValueError, match=name):
         cls(**{**TINY, name: value})
@@ -499,3 +501,28 @@ def test_without_dataset_episodes_the_dataset_options_warn(tmp_path, random_data
     with pytest.raises(ValueError, match="a single task"):
         GoalTD3BC(**TINY, pretrain_dataset=str(path), dataset_fraction=0.5,
                   task_sequence=[{}, {}])
+
+
+def test_td3bc_actor_can_maximize_a_pessimistic_ensemble_estimate(goal_batch):
+    torch.manual_seed(0)
+    model = GoalTD3BC(**TINY, alpha=2.5, bc_weight=0.0, bc_weight_final=0.0, num_critics=4,
+                      actor_pessimism=1.5)
+    assert len(model.q) == 4 and len(model.q_target) == 4
+    batch = goal_batch(model)
+    goal = model.relabel(batch)
+    loss, _ = model.actor_loss(batch)
+    pi = model.actor.mode(batch["observation"], goal)
+    x = torch.cat([pi, batch["observation"], goal], -1)
+    qs = torch.stack([net(x).squeeze(-1) for net in model.q])
+    q = qs.mean(0) - 1.5 * qs.std(0)
+    torch.testing.assert_close(loss, -2.5 / q.abs().mean() * q.mean())
+    # every critic of the ensemble regresses on the same target: 4 terms in its loss
+    torch.manual_seed(1)  # the same target policy smoothing noise in both
+    critic_loss, _ = model.critic_loss(batch)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        target = model.clip_target(model.td_target(batch, goal, model.reward(batch, goal)))
+    q_data = model.q_values(model.q, batch["observation"], batch["action"], goal)
+    torch.testing.assert_close(critic_loss, ((q_data - target) ** 2).mean(-1).sum())
+    model.reset_critic()
+    assert len(model.q) == 4
