@@ -521,7 +521,9 @@ class GoalOffPolicy(L.LightningModule):
         hp = self.hparams
         metrics: dict[str, float] = {}
         t0 = time.perf_counter()
-        show = self._trainer is None or self.trainer.is_global_zero
+        # the trainer's --trainer.enable_progress_bar=false silences this bar too
+        show = self._trainer is None or (self.trainer.is_global_zero
+                                         and self.trainer.progress_bar_callback is not None)
         for i in tqdm(range(hp.pretrain_updates), desc="offline pre-training", unit="update",
                       disable=not show, leave=False):
             metrics = self.update(last=i == hp.pretrain_updates - 1, actor=hp.pretrain_actor,
