@@ -45,7 +45,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-__all__ = ["EpisodeReplayBuffer"]
+__all__ = ["EpisodeReplayBuffer", "check_dataset_fraction"]
 
 
 class EpisodeReplayBuffer:
@@ -219,11 +219,7 @@ class EpisodeReplayBuffer:
             raise ValueError(f"offset must be 'geometric' or 'uniform', got {offset!r}")
         if not 0.0 < gamma < 1.0:
             raise ValueError(f"gamma must be in (0, 1), got {gamma}")
-        if dataset_fraction is not None and (
-                isinstance(dataset_fraction, bool) or not isinstance(dataset_fraction, int | float)
-                or not 0.0 <= dataset_fraction <= 1.0):
-            raise ValueError(f"dataset_fraction must be in [0, 1] or None, got "
-                             f"{dataset_fraction}")
+        check_dataset_fraction(dataset_fraction)
         rng = self.rng
         dataset, online = valid[self.from_dataset[valid]], valid[~self.from_dataset[valid]]
         if dataset_fraction is None or dataset.size == 0 or online.size == 0:
@@ -297,6 +293,13 @@ class EpisodeReplayBuffer:
         self._next_id = int(state["next_id"])
         self._open[:] = -1
         self.rng.bit_generator.state = state["rng"]
+
+
+def check_dataset_fraction(value: Any) -> None:
+    """Raise unless ``value`` is ``None`` or a number in ``[0, 1]`` (not a bool)."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)
+                              or not 0.0 <= value <= 1.0):
+        raise ValueError(f"dataset_fraction must be a number in [0, 1] or None, got {value!r}")
 
 
 def _as_numpy(state: Any) -> Any:

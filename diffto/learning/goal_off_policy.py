@@ -99,7 +99,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from diffto.learning.episode_buffer import EpisodeReplayBuffer
+from diffto.learning.episode_buffer import EpisodeReplayBuffer, check_dataset_fraction
 from diffto.learning.goal_evaluation import (
     Evaluation,
     _write_json,
@@ -238,11 +238,8 @@ class GoalOffPolicy(L.LightningModule):
                              "or folder)")
         if not 0.0 < gamma < 1.0:
             raise ValueError(f"gamma must be in (0, 1), got {gamma}")
+        check_dataset_fraction(dataset_fraction)
         if dataset_fraction is not None:
-            if isinstance(dataset_fraction, bool) or not isinstance(dataset_fraction, int | float) \
-                    or not 0.0 <= dataset_fraction <= 1.0:
-                raise ValueError(f"dataset_fraction must be a number in [0, 1] or None, got "
-                                 f"{dataset_fraction!r}")
             if pretrain_dataset is None or task_sequence is not None:
                 raise ValueError("dataset_fraction needs pretrain_dataset and a single task "
                                  "(no task_sequence: the dataset fills the first task's buffer)")
