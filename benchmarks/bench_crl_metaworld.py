@@ -86,7 +86,7 @@ def variant_config(variant: str, task: str, iterations: int, val_every: int, see
                  for k, v in overrides.items()})
     data = args.get("pretrain_dataset")
     if data is not None and not Path(data).exists():
-        make = demos_command(task, data) if "{task}" in overrides["pretrain_dataset"] \
+        make = demos_command(task, data) if "{task}" in overrides.get("pretrain_dataset", "") \
             else "lightning predict --config lightning_configs/panda_to_dataset.yaml"
         raise SystemExit(f"variant {variant}: {data} does not exist; make it with\n  {make}")
     return cfg
