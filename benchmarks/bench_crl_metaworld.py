@@ -49,6 +49,11 @@ VARIANTS: dict[str, tuple[str, dict]] = {
         "goal_features": "achieved_goal_and_hand",
         "pretrain_dataset": "runs/datasets/metaworld_{task}", "pretrain_updates": 2000,
         "pretrain_actor": True}),
+    # the same demonstrations keeping a quarter of every batch once the buffer fills
+    "crl_hand_goal_demos_fraction": ("metaworld_crl.yaml", {
+        "goal_features": "achieved_goal_and_hand",
+        "pretrain_dataset": "runs/datasets/metaworld_{task}", "pretrain_updates": 2000,
+        "dataset_fraction": 0.25}),
     "sac_her": ("metaworld_sac_her.yaml", {}),
     "sac_her_utd_1_2": ("metaworld_sac_her.yaml", {"env_steps_per_update": 2}),
     "sac_her_hand_goal": ("metaworld_sac_her.yaml",

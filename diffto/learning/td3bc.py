@@ -36,9 +36,21 @@ The pull towards the data
     ``alpha_offline`` is ``α`` during pre-training (``None``: ``alpha``; ``0``: pure behaviour
     cloning, then online RL), and ``α`` rises linearly from it to ``alpha`` over the first
     ``alpha_ramp_steps`` online steps (``0``: at once), while the critic learns the states the
-    policy visits. ``bc_data="batch"`` clones every row of the batch, the policy's own online
-    actions too; ``"dataset"`` only the dataset's rows (the TO expert's actions), so the pull
-    stays towards the expert; with ``dataset_fraction`` they keep a fixed share of each batch.
+    policy visits; ``alpha_hold_steps`` holds it at ``alpha_offline`` for that many online steps
+    before the ramp starts (a critic warm-up: the critics fit the cloned policy's own rollouts
+    before their action gradient reaches it). ``bc_data="batch"`` clones every row of the
+    batch, the policy's own online actions too; ``"dataset"`` only the dataset's rows (the TO
+    expert's actions), so the pull stays towards the expert; with ``dataset_fraction`` they
+    keep a fixed share of each batch.
+
+A conservative critic (CQL), with ``conservative_weight = β > 0``
+    Each critic's loss gains ``β · mean_s [logsumexp_j Q_i(s, a_j, g) − log 2K − Q_i(s, a, g)]``
+    over ``K = conservative_actions`` actions drawn uniformly in the action box and ``K`` from
+    the exploration policy ``π(s, g) + ε``, with ``(s, a)`` the batch's transitions. The
+    logsumexp is a soft maximum of the critic over actions, so the term lowers ``Q`` where it
+    is high away from the batch's actions and raises it at them; it is zero when ``Q`` is flat
+    in the action. A critic fitted on a narrow dataset is otherwise free to rise just off the
+    data, and its action gradient leads the actor there.
 
 Exploration: ``π(s, g) + N(0, exploration_noise²)`` (half-range units), clipped to the box.
 """
@@ -46,6 +58,7 @@ Exploration: ``π(s, g) + N(0, exploration_noise²)`` (half-range units), clippe
 from __future__ import annotations
 
 import copy
+import math
 from typing import Any, Literal
 
 import torch
@@ -68,6 +81,9 @@ class GoalTD3BC(GoalQLearning):
         exploration_noise: standard deviation of the exploration noise.
         alpha_offline, alpha_ramp_steps: ``α`` during pre-training (``None``: ``alpha``) and
             the online environment steps over which it rises to ``alpha`` (``0``: at once).
+        alpha_hold_steps: online environment steps at ``alpha_offline`` before the ramp.
+        conservative_weight, conservative_actions: ``β`` and ``K`` of the conservative
+            critic term (``β = 0``: none, TD3's critics).
         bc_data: ``"batch"`` (every row) or ``"dataset"`` (the dataset's rows only): what the
             behaviour-cloning term clones.
         actor_pessimism: ``k`` of the actor's ensemble estimate (``None``: ``Q_1``, TD3's).
@@ -79,22 +95,27 @@ class GoalTD3BC(GoalQLearning):
                  target_noise: float = 0.2, target_noise_clip: float = 0.5,
                  exploration_noise: float = 0.1, alpha_offline: float | None = None,
                  alpha_ramp_steps: int = 0, bc_data: Literal["batch", "dataset"] = "batch",
-                 actor_pessimism: float | None = None, **kwargs: Any) -> None:
+                 actor_pessimism: float | None = None, alpha_hold_steps: int = 0,
+                 conservative_weight: float = 0.0, conservative_actions: int = 10,
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.save_hyperparameters()
         for name, value in (("alpha", alpha), ("bc_weight", bc_weight),
                             ("bc_weight_final", bc_weight_final), ("target_noise", target_noise),
                             ("target_noise_clip", target_noise_clip),
                             ("exploration_noise", exploration_noise),
+                            ("conservative_weight", conservative_weight),
                             ("alpha_offline", 0.0 if alpha_offline is None else alpha_offline)):
             if not value >= 0.0:
                 raise ValueError(f"{name} must be >= 0, got {value}")
-        for name, value in (("bc_anneal_steps", bc_anneal_steps), ("policy_delay", policy_delay)):
+        for name, value in (("bc_anneal_steps", bc_anneal_steps), ("policy_delay", policy_delay),
+                            ("conservative_actions", conservative_actions)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-        if isinstance(alpha_ramp_steps, bool) or not isinstance(alpha_ramp_steps, int) \
-                or alpha_ramp_steps < 0:
-            raise ValueError(f"alpha_ramp_steps must be an int >= 0, got {alpha_ramp_steps!r}")
+        for name, value in (("alpha_ramp_steps", alpha_ramp_steps),
+                            ("alpha_hold_steps", alpha_hold_steps)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
         if actor_pessimism is not None and not actor_pessimism >= 0.0:
             raise ValueError(f"actor_pessimism must be >= 0 or None, got {actor_pessimism}")
         if bc_data not in ("batch", "dataset"):
@@ -118,11 +139,13 @@ class GoalTD3BC(GoalQLearning):
         with ``alpha_offline=0``)."""
         hp = self.hparams
         start = hp.alpha if hp.alpha_offline is None else hp.alpha_offline
-        if self.env_steps == 0:
+        hold = hp.alpha_hold_steps
+        if self.env_steps == 0 or self.env_steps < hold:
             return start
         if hp.alpha_ramp_steps == 0:
             return hp.alpha
-        return start + (hp.alpha - start) * min(1.0, self.env_steps / hp.alpha_ramp_steps)
+        progress = min(1.0, (self.env_steps - hold) / hp.alpha_ramp_steps)
+        return start + (hp.alpha - start) * progress
 
     def _noisy(self, action: Tensor, std: float, clip: float | None = None) -> Tensor:
         """``action + ε`` with ``ε ~ N(0, std²)`` in half-range units (clipped to ``±clip``),
@@ -140,6 +163,26 @@ class GoalTD3BC(GoalQLearning):
                                   hp.target_noise_clip)
         next_q = self.q_values(self.q_target, obs, next_action, goal).min(0).values
         return reward + hp.gamma * (1.0 - batch["terminal"].float()) * next_q
+
+    def extra_critic_loss(self, batch: dict[str, Tensor], goal: Tensor) -> Tensor:
+        """The conservative term of the module docstring (zero with ``conservative_weight=0``)."""
+        hp = self.hparams
+        if hp.conservative_weight == 0.0:
+            return super().extra_critic_loss(batch, goal)
+        obs, k = batch["observation"], hp.conservative_actions
+        with torch.no_grad():
+            half, center = self.actor.half_range, self.actor.center
+            uniform = center + half * (2.0 * torch.rand(k, *batch["action"].shape,
+                                                        dtype=obs.dtype, device=obs.device) - 1.0)
+            policy = self._noisy(self.actor.mode(obs, goal).expand(k, -1, -1),
+                                 hp.exploration_noise)
+            actions = torch.cat([uniform, policy])  # (2K, B, A)
+        n, rows = 2 * k, obs.shape[0]
+        q_sampled = self.q_values(self.q, obs.repeat(n, 1), actions.reshape(n * rows, -1),
+                                  goal.repeat(n, 1)).view(len(self.q), n, rows)
+        q_data = self.q_values(self.q, obs, batch["action"], goal)
+        gap = torch.logsumexp(q_sampled, 1) - math.log(n) - q_data
+        return hp.conservative_weight * gap.mean(-1).sum()
 
     def actor_loss(self, batch: dict[str, Tensor], with_metrics: bool = False
                    ) -> tuple[Tensor | None, dict[str, float]]:

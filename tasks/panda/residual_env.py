@@ -38,9 +38,20 @@ alone is exact and grows while a payload holds the flange off the goal. Measured
 ``panda_residual_mpc.yaml`` (3 seeds, README): the mismatch figure rises on average within the
 seeds' spread, and the nominal offset of 8-9 mm stays, so memory is not what it lacks.
 
+``residual_gate = d₀`` (metres) fades the residual out at the goal instead, a residual that
+cannot move the arm where the base is exact:
+
+    a = clip(a_base + ρ · min(1, d / d₀) · clip(r, −1, 1), −1, 1),   d = ‖g − p‖,
+
+with ``p`` the flange before the step. Where a payload holds the flange a distance ``d`` off the
+goal the residual keeps the share ``d / d₀`` of its authority, so the arm settles where the
+base's pull and the gated residual together carry the load: nearer the goal for a smaller
+``d₀``, at the price of a residual that must push harder there.
+
 ``step``'s ``info`` adds ``base_action (7,)``, ``residual_action (7,)`` (the residual after
-clipping to ``[−1, 1]``) and ``action (7,)`` (what the reach env received, before its safety
-filter where one is on) to the reach env's own (``is_success``, ``distance``, ...).
+clipping to ``[−1, 1]``), ``residual_gate`` (``min(1, d / d₀)``, 1 without a gate) and
+``action (7,)`` (what the reach env received, before its safety filter where one is on) to the
+reach env's own (``is_success``, ``distance``, ...).
 ``compute_reward``, ``compute_terminated``, ``compute_truncated``, ``render``,
 ``max_episode_steps``, ``state``, ``nominal_model`` and the episode's ``goal`` are the reach
 env's.
@@ -80,6 +91,8 @@ class PandaResidualReachEnv(gym.Env):
             ``gravity_compensation`` is the env's and may not be given otherwise.
         observe_error_integral: append the flange error's integral ``e_int (3,)`` (module
             docstring) to ``observation``, which then has 17 entries.
+        residual_gate: ``d₀ > 0`` (m) of the gated residual (module docstring); ``None``:
+            the residual acts with its full weight everywhere.
         **kwargs: every other argument of :class:`PandaReachEnv` (``max_episode_steps``,
             ``payload_mass``, ``frictionloss``, ``actuator_gain``, ...).
 
@@ -96,12 +109,15 @@ class PandaResidualReachEnv(gym.Env):
         residual_scale: float = 0.2,
         base: dict[str, Any] | None = None,
         observe_error_integral: bool = False,
+        residual_gate: float | None = None,
         **kwargs: Any,
     ) -> None:
         if not isinstance(observe_error_integral, bool):
             raise ValueError(f"observe_error_integral must be a bool, got "
                              f"{observe_error_integral!r}")
         residual_scale = positive("residual_scale", residual_scale)
+        if residual_gate is not None:
+            residual_gate = positive("residual_gate", residual_gate)
         if base is not None and not isinstance(base, dict):
             raise ValueError(f"base must be a dict of PandaBaseController arguments or None, got "
                              f"{type(base).__name__}")
@@ -119,6 +135,8 @@ class PandaResidualReachEnv(gym.Env):
         base["gravity_compensation"] = gravity
         self.base_controller = PandaBaseController(**base)
         self.residual_scale = float(residual_scale)
+        self.residual_gate = residual_gate
+        self._distance = np.inf  # flange to goal at the current state (m)
         self.render_mode = self.reach.render_mode
         self.metadata = dict(self.reach.metadata)
         self.observe_error_integral = observe_error_integral
@@ -192,6 +210,7 @@ class PandaResidualReachEnv(gym.Env):
         super().reset(seed=seed)
         obs, info = self.reach.reset(seed=seed, options=options)
         self._error_integral = np.zeros(3)
+        self._distance = float(np.linalg.norm(obs["desired_goal"] - obs["achieved_goal"]))
         return self._observe(obs), info
 
     @property
@@ -226,9 +245,11 @@ class PandaResidualReachEnv(gym.Env):
             raise ValueError(f"action (the residual) must be finite, got {r}")
         r = np.clip(r, -1.0, 1.0)
         base = self.base_action()
-        applied = np.clip(base + self.residual_scale * r, -1.0, 1.0)
+        gate = 1.0 if self.residual_gate is None else min(1.0, self._distance / self.residual_gate)
+        applied = np.clip(base + self.residual_scale * gate * r, -1.0, 1.0)
         obs, reward, terminated, truncated, info = self.reach.step(applied)
-        info.update(base_action=base, residual_action=r, action=applied)
+        self._distance = float(np.linalg.norm(obs["desired_goal"] - obs["achieved_goal"]))
+        info.update(base_action=base, residual_action=r, action=applied, residual_gate=gate)
         if self.observe_error_integral:
             self._integrate(obs)
         return self._observe(obs), reward, terminated, truncated, info

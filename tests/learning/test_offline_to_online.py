@@ -107,6 +107,11 @@ def test_td3bc_q_term_starts_at_alpha_offline_and_ramps_to_alpha_online(goal_bat
     assert at_once.alpha() == 0.5
     at_once.env_steps = 1
     assert at_once.alpha() == 2.0
+    held = GoalTD3BC(**TINY, alpha=2.0, alpha_offline=0.0, alpha_ramp_steps=1000,
+                     alpha_hold_steps=300)
+    for steps, want in ((0, 0.0), (299, 0.0), (300, 0.0), (800, 1.0), (1300, 2.0)):
+        held.env_steps = steps
+        assert held.alpha() == pytest.approx(want)
     default = GoalTD3BC(**TINY, alpha=2.0)
     for steps in (0, 10):
         default.env_steps = steps
@@ -191,14 +196,44 @@ def test_iql_actor_weights_are_capped_advantages(goal_batch):
     assert model2.temperature() == pytest.approx(4.0)
 
 
+def test_td3bc_conservative_term_vanishes_for_a_flat_critic_and_lifts_the_datas_actions(
+        goal_batch):
+    torch.manual_seed(0)
+    model = GoalTD3BC(**TINY, conservative_weight=1.0, conservative_actions=4)
+    batch = goal_batch(model, 32)
+    goal = model.relabel(batch)
+    assert float(GoalTD3BC(**TINY).extra_critic_loss(batch, goal)) == 0.0
+    # a critic that ignores the action: every sampled action scores as the data's
+    model.q_values = lambda nets, obs, action, g: obs[:, 0].expand(len(nets), -1) * 3.0
+    assert float(model.extra_critic_loss(batch, goal)) == pytest.approx(0.0, abs=1e-5)
+    del model.q_values
+    obs, half, center = batch["observation"], model.actor.half_range, model.actor.center
+    uniform = center + half * (2.0 * torch.rand(batch["action"].shape) - 1.0)
+
+    def data_over_uniform():
+        with torch.no_grad():
+            return float((model.q_values(model.q, obs, batch["action"], goal)
+                          - model.q_values(model.q, obs, uniform, goal)).mean())
+
+    before = data_over_uniform()
+    opt = torch.optim.Adam(model.q.parameters(), lr=1e-2)
+    for _ in range(50):
+        opt.zero_grad()
+        model.extra_critic_loss(batch, goal).backward()
+        opt.step()
+    assert data_over_uniform() > before + 1.0
+
+
 @pytest.mark.parametrize(("cls", "name", "value"), [
     (GoalIQL, "expectile", 1.0), (GoalIQL, "temperature", 0.0), (GoalIQL, "max_weight", -1.0),
     (GoalIQL, "temperature_anneal_steps", 0), (GoalTD3BC, "alpha", -1.0),
     (GoalTD3BC, "policy_delay", 0), (GoalTD3BC, "bc_anneal_steps", 1.5),
     (GoalTD3BC, "exploration_noise", -0.1), (GoalTD3BC, "alpha_offline", -1.0),
-    (GoalTD3BC, "alpha_ramp_steps", -5), (GoalIQL, "report_conditions", {"a": 1}),
+    (GoalTD3BC, "alpha_ramp_steps", -5), (GoalTD3BC, "alpha_hold_steps", 1.5),
+    (GoalIQL, "report_conditions", {"a": 1}),
     (GoalTD3BC, "num_critics", 1), (GoalIQL, "num_critics", True),
-    (GoalTD3BC, "actor_pessimism", -1.0)])
+    (GoalTD3BC, "actor_pessimism", -1.0), (GoalTD3BC, "conservative_weight", -0.1),
+    (GoalTD3BC, "conservative_actions", 0)])
 def test_bad_arguments_name_themselves(cls, name, value):
     with pytest.raises(ValueError, match=name):
         cls(**{**TINY, name: value})

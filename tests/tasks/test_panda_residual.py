@@ -177,6 +177,31 @@ def test_residual_is_scaled_and_clipped():
     np.testing.assert_array_equal(info["action"], 1.0)
 
 
+def test_gated_residual_fades_out_at_the_goal():
+    """With residual_gate the residual's weight is min(1, d / d0) of the flange's distance
+    before the step: full far from the goal, none on it, so a residual cannot move an arm the
+    base holds exactly."""
+    env = PandaResidualReachEnv(residual_gate=0.01, max_episode_steps=60)
+    obs, _ = env.reset(seed=4)
+    r = np.linspace(-1.0, 1.0, 7)
+    for _ in range(60):
+        distance = np.linalg.norm(obs["desired_goal"] - obs["achieved_goal"])
+        base = env.base_action()
+        obs, _, _, _, info = env.step(r if distance > 0.05 else np.zeros(7))
+        gate = min(1.0, distance / 0.01)
+        assert info["residual_gate"] == pytest.approx(gate)
+        np.testing.assert_allclose(info["action"], np.clip(
+            base + 0.2 * gate * info["residual_action"], -1.0, 1.0))
+    assert np.linalg.norm(obs["desired_goal"] - obs["achieved_goal"]) < 1e-3
+    # at the goal the base alone acts, whatever the residual says
+    base = env.base_action()
+    _, _, _, _, info = env.step(np.ones(7))
+    assert info["residual_gate"] < 0.1
+    np.testing.assert_allclose(info["action"], np.clip(base + 0.2 * info["residual_gate"], -1, 1))
+    with pytest.raises(ValueError, match="residual_gate"):
+        PandaResidualReachEnv(residual_gate=0.0)
+
+
 @pytest.mark.parametrize("action", [np.zeros(6), np.zeros((1, 7)), np.full(7, np.inf)])
 def test_step_checks_the_residual(action):
     env = PandaResidualReachEnv()
