@@ -38,18 +38,21 @@ alone is exact and grows while a payload holds the flange off the goal. Measured
 ``panda_residual_mpc.yaml`` (3 seeds, README): the mismatch figure rises on average within the
 seeds' spread, and the nominal offset of 8-9 mm stays, so memory is not what it lacks.
 
-``residual_gate = d₀`` (metres) fades the residual out at the goal instead, a residual that
-cannot move the arm where the base is exact:
+``residual_gate = d₀`` (metres) fades the residual out at the goal instead, so that it cannot
+hold an arm off the goal where the base alone is exact:
 
-    a = clip(a_base + ρ · min(1, d / d₀) · clip(r, −1, 1), −1, 1),   d = ‖g − p‖,
+    a = clip(a_base + ρ · min(1, (d / d₀)²) · clip(r, −1, 1), −1, 1),   d = ‖g − p‖,
 
-with ``p`` the flange before the step. Where a payload holds the flange a distance ``d`` off the
-goal the residual keeps the share ``d / d₀`` of its authority, so the arm settles where the
-base's pull and the gated residual together carry the load: nearer the goal for a smaller
-``d₀``, at the price of a residual that must push harder there.
+with ``p`` the flange before the step. Why the square: near the goal the base's pull grows as
+``d`` (its task-space stiffness), and a residual weighted by ``d / d₀`` grows as fast, so a
+residual that learned a lift for the payload can still balance the base a few millimetres off
+the goal (measured: 5 mm on the nominal arm, against 8 mm ungated); weighted by ``(d / d₀)²``
+it vanishes faster than the pull, and the goal stays the nominal arm's rest point. Under a
+payload the flange settles where the base's pull and the gated residual together carry the
+load, a few millimetres off for ``d₀ = 1 cm``.
 
 ``step``'s ``info`` adds ``base_action (7,)``, ``residual_action (7,)`` (the residual after
-clipping to ``[−1, 1]``), ``residual_gate`` (``min(1, d / d₀)``, 1 without a gate) and
+clipping to ``[−1, 1]``), ``residual_gate`` (``min(1, (d / d₀)²)``, 1 without a gate) and
 ``action (7,)`` (what the reach env received, before its safety filter where one is on) to the
 reach env's own (``is_success``, ``distance``, ...).
 ``compute_reward``, ``compute_terminated``, ``compute_truncated``, ``render``,
@@ -245,7 +248,8 @@ class PandaResidualReachEnv(gym.Env):
             raise ValueError(f"action (the residual) must be finite, got {r}")
         r = np.clip(r, -1.0, 1.0)
         base = self.base_action()
-        gate = 1.0 if self.residual_gate is None else min(1.0, self._distance / self.residual_gate)
+        gate = 1.0 if self.residual_gate is None \
+            else min(1.0, (self._distance / self.residual_gate) ** 2)
         applied = np.clip(base + self.residual_scale * gate * r, -1.0, 1.0)
         obs, reward, terminated, truncated, info = self.reach.step(applied)
         self._distance = float(np.linalg.norm(obs["desired_goal"] - obs["achieved_goal"]))

@@ -178,7 +178,7 @@ def test_residual_is_scaled_and_clipped():
 
 
 def test_gated_residual_fades_out_at_the_goal():
-    """With residual_gate the residual's weight is min(1, d / d0) of the flange's distance
+    """With residual_gate the residual's weight is min(1, (d / d0)^2) of the flange's distance
     before the step: full far from the goal, none on it, so a residual cannot move an arm the
     base holds exactly."""
     env = PandaResidualReachEnv(residual_gate=0.01, max_episode_steps=60)
@@ -188,7 +188,7 @@ def test_gated_residual_fades_out_at_the_goal():
         distance = np.linalg.norm(obs["desired_goal"] - obs["achieved_goal"])
         base = env.base_action()
         obs, _, _, _, info = env.step(r if distance > 0.05 else np.zeros(7))
-        gate = min(1.0, distance / 0.01)
+        gate = min(1.0, (distance / 0.01) ** 2)
         assert info["residual_gate"] == pytest.approx(gate)
         np.testing.assert_allclose(info["action"], np.clip(
             base + 0.2 * gate * info["residual_action"], -1.0, 1.0))
