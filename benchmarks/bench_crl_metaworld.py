@@ -49,7 +49,7 @@ VARIANTS: dict[str, tuple[str, dict]] = {
         "goal_features": "achieved_goal_and_hand",
         "pretrain_dataset": "runs/datasets/metaworld_{task}", "pretrain_updates": 2000,
         "pretrain_actor": True}),
-    # the same demonstrations keeping a quarter of every batch once the buffer fills
+    # the same demonstrations keeping a quarter of every batch once online episodes arrive
     "crl_hand_goal_demos_fraction": ("metaworld_crl.yaml", {
         "goal_features": "achieved_goal_and_hand",
         "pretrain_dataset": "runs/datasets/metaworld_{task}", "pretrain_updates": 2000,

@@ -215,6 +215,21 @@ def test_td3bc_conservative_term_vanishes_for_a_flat_critic_and_lifts_the_datas_
             return float((model.q_values(model.q, obs, batch["action"], goal)
                           - model.q_values(model.q, obs, uniform, goal)).mean())
 
+    # the term itself, against a loop over the 2K sampled actions with the same draws
+    k, exploration = 4, model.hparams.exploration_noise
+    torch.manual_seed(3)
+    got = model.extra_critic_loss(batch, goal)
+    torch.manual_seed(3)
+    drawn = [center + half * (2.0 * torch.rand(k, *batch["action"].shape) - 1.0)]
+    with torch.no_grad():
+        mode = model.actor.mode(obs, goal)
+    noisy = mode + half * torch.randn(k, *mode.shape) * exploration
+    drawn.append(torch.maximum(torch.minimum(noisy, center + half), center - half))
+    q_each = torch.stack([model.q_values(model.q, obs, a, goal)
+                          for a in torch.cat(drawn)], 1)  # (critics, 2K, B)
+    q_data = model.q_values(model.q, obs, batch["action"], goal)
+    want = (torch.logsumexp(q_each, 1) - np.log(2 * k) - q_data).mean(-1).sum()
+    torch.testing.assert_close(got, want)
     before = data_over_uniform()
     opt = torch.optim.Adam(model.q.parameters(), lr=1e-2)
     for _ in range(50):

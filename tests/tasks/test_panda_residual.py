@@ -179,25 +179,25 @@ def test_residual_is_scaled_and_clipped():
 
 def test_gated_residual_fades_out_at_the_goal():
     """With residual_gate the residual's weight is min(1, (d / d0)^2) of the flange's distance
-    before the step: full far from the goal, none on it, so a residual cannot move an arm the
-    base holds exactly."""
-    env = PandaResidualReachEnv(residual_gate=0.01, max_episode_steps=60)
-    obs, _ = env.reset(seed=4)
-    r = np.linspace(-1.0, 1.0, 7)
-    for _ in range(60):
-        distance = np.linalg.norm(obs["desired_goal"] - obs["achieved_goal"])
-        base = env.base_action()
-        obs, _, _, _, info = env.step(r if distance > 0.05 else np.zeros(7))
-        gate = min(1.0, (distance / 0.01) ** 2)
-        assert info["residual_gate"] == pytest.approx(gate)
-        np.testing.assert_allclose(info["action"], np.clip(
-            base + 0.2 * gate * info["residual_action"], -1.0, 1.0))
-    assert np.linalg.norm(obs["desired_goal"] - obs["achieved_goal"]) < 1e-3
-    # at the goal the base alone acts, whatever the residual says
-    base = env.base_action()
-    _, _, _, _, info = env.step(np.ones(7))
-    assert info["residual_gate"] < 0.1
-    np.testing.assert_allclose(info["action"], np.clip(base + 0.2 * info["residual_gate"], -1, 1))
+    before the step. A constant residual that the base's pull beats at d0 moves an ungated
+    nominal arm off its goal, and a gated one not at all; one stronger than the pull at d0
+    holds the arm off the goal either way (outside d0, where the gate is open)."""
+    ends = {}
+    for gate, push in ((0.01, 0.1), (None, 0.1), (0.01, 0.3), (None, 0.3)):
+        env = PandaResidualReachEnv(residual_gate=gate, max_episode_steps=150,
+                                    terminate_on_success=False)
+        obs, _ = env.reset(seed=4)
+        r = np.full(7, push)
+        for _ in range(150):
+            distance = np.linalg.norm(obs["desired_goal"] - obs["achieved_goal"])
+            base = env.base_action()
+            obs, _, _, _, info = env.step(r)
+            weight = 1.0 if gate is None else min(1.0, (distance / gate) ** 2)
+            assert info["residual_gate"] == pytest.approx(weight)
+            np.testing.assert_allclose(info["action"], np.clip(base + 0.2 * weight * r, -1, 1))
+        ends[gate, push] = np.linalg.norm(obs["desired_goal"] - obs["achieved_goal"])
+    assert ends[0.01, 0.1] < 1e-4 < 5e-3 < ends[None, 0.1], ends
+    assert ends[0.01, 0.3] > 0.01 and ends[None, 0.3] > 0.01, ends
     with pytest.raises(ValueError, match="residual_gate"):
         PandaResidualReachEnv(residual_gate=0.0)
 
