@@ -52,7 +52,10 @@ the residual's push at ``d₀`` is weaker than the base's pull there (a constant
 on every joint: 0.02 mm from the goal gated, 7.8 mm ungated; one of 0.3 holds the arm 16 mm
 off either way, outside ``d₀`` where the gate is open). Under a payload the flange settles
 where the base's pull and the gated residual together carry the load. ``d`` is the distance of
-the observation the residual was computed from.
+the observation the residual was computed from. Measured with ``panda_residual_mpc.yaml`` and
+``d₀ = 1 cm`` (3 seeds, README): the nominal offset falls to 4, 8 and 4 mm from 8, 11 and 9,
+with the mismatch figure unchanged; within the training radius the sparse reward asks for no
+more.
 
 ``step``'s ``info`` adds ``base_action (7,)``, ``residual_action (7,)`` (the residual after
 clipping to ``[−1, 1]``), ``residual_gate`` (``min(1, (d / d₀)²)``, 1 without a gate) and
