@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
@@ -73,26 +74,42 @@ def run_config(config: dict, root: Path, max_epochs: int, val_every: int, seed: 
     return cfg
 
 
-def fit_once(cfg: dict, root: Path, log: Path, report: str = "report.json") -> dict:
+def fit_once(cfg: dict, root: Path, log: Path, report: str = "report.json",
+             resume: bool = False, finished: Callable[[dict], bool] | None = None) -> dict:
     """``python -m diffto fit`` of ``cfg`` unless ``root`` already holds its end-of-fit
     report (the JSON file named ``report`` in the run's log folder; so a benchmark reruns
     after a kill without repeating finished runs); returns the report with the run's
-    ``wall_time_s``."""
-    reports = sorted(root.glob(f"logs/version_*/{report}"))
+    ``wall_time_s`` (of the last process). With ``resume``, an unfinished run goes on from
+    ``root/checkpoints/last.ckpt`` where it exists (its log is appended to); otherwise it
+    starts again. ``finished`` tells a finished run's report from one written on the way
+    (default: any report is final)."""
+    reports = sorted(root.glob(f"logs/version_*/{report}"), key=_version_number)
     if reports:
-        return json.loads(reports[-1].read_text())
+        payload = json.loads(reports[-1].read_text())
+        if finished is None or finished(payload):
+            return payload
     root.mkdir(parents=True, exist_ok=True)
-    (root / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    last = root / "checkpoints" / "last.ckpt"
+    resuming = resume and last.exists()
+    if not resuming:
+        (root / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    command = [sys.executable, "-m", "diffto", "fit", "--config", str(root / "config.yaml")]
+    if resuming:
+        command += ["--ckpt_path", str(last)]
     t0 = time.perf_counter()
-    with open(log, "w") as fh:
-        subprocess.run([sys.executable, "-m", "diffto", "fit", "--config",
-                        str(root / "config.yaml")], stdout=fh, stderr=subprocess.STDOUT,
-                       check=True, env={**os.environ, "DIFFTO_NUM_THREADS": "1"})
-    path = sorted(root.glob(f"logs/version_*/{report}"))[-1]
+    with open(log, "a" if resuming else "w") as fh:
+        subprocess.run(command, stdout=fh, stderr=subprocess.STDOUT, check=True,
+                       env={**os.environ, "DIFFTO_NUM_THREADS": "1"})
+    path = sorted(root.glob(f"logs/version_*/{report}"), key=_version_number)[-1]
     payload = json.loads(path.read_text())
     payload["wall_time_s"] = time.perf_counter() - t0
     path.write_text(json.dumps(payload, indent=1))
     return payload
+
+
+def _version_number(path: Path) -> int:
+    """k of a ``logs/version_<k>/...`` path (so version_10 sorts after version_9)."""
+    return int(path.parent.name.removeprefix("version_"))
 
 
 def write_results(folder: Path, name: str, payload: dict, markdown: str) -> None:

@@ -7,7 +7,8 @@ per task, and collects each run's ``continual.json``: the success on every task 
 task, average performance, forgetting, and forward transfer of each variant against
 ``reset_all`` where that ran, else against ``reset_critic`` (said in the output). Results:
 ``benchmarks/results/<name>.{json,md}`` and ``<name>.png`` (the success matrices).
-A finished run is not repeated; an unfinished one is restarted from scratch.
+A finished run is not repeated; an unfinished one (killed, or stopped at a session's end)
+goes on from its last checkpoint, with its replay buffer (``checkpoint_buffer``).
 
 Usage::
 
@@ -18,8 +19,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
-import shutil
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -36,7 +35,8 @@ def config(variant: str, iterations_per_task: int, seed: int, root: Path) -> dic
     cfg = yaml.safe_load(CONFIG.read_text())
     cfg["seed_everything"] = seed
     args = cfg["model"]["init_args"]
-    args.update(continual_reset=RESETS[variant], iterations_per_task=iterations_per_task)
+    args.update(continual_reset=RESETS[variant], iterations_per_task=iterations_per_task,
+                checkpoint_buffer=True)
     tr = cfg["trainer"]
     tr.update(max_steps=iterations_per_task * len(args["task_sequence"]),
               val_check_interval=max(1, iterations_per_task // 5),  # 5 points per task curve
@@ -66,10 +66,10 @@ def main() -> None:
         root = Path(args.runs_dir) / f"{variant}_{args.iterations_per_task}" / f"seed{args.seed}"
         cfg = config(variant, args.iterations_per_task, args.seed, root)
         tasks = [t["task"] for t in cfg["model"]["init_args"]["task_sequence"]]
-        done = sorted(root.glob("logs/version_*/continual.json"))
-        if done and len(json.loads(done[-1].read_text())["after_task"]) < len(tasks):
-            shutil.rmtree(root)  # an unfinished run: start it again
-        runs[variant] = fit_once(cfg, root, root / "fit.log", report="continual.json")
+        n_tasks = len(tasks)
+        runs[variant] = fit_once(
+            cfg, root, root / "fit.log", report="continual.json", resume=True,
+            finished=lambda report, n_tasks=n_tasks: len(report["after_task"]) == n_tasks)
         print(variant, runs[variant]["metrics"])
     ref_name = "reset_all" if "reset_all" in runs else "reset_critic"
     if ref_name in runs:
@@ -95,14 +95,14 @@ def table(payload: dict) -> str:
     tasks = [t.removesuffix("-v3") for t in payload["tasks"]]
     lines = [f"### MT10 in sequence, {payload['iterations_per_task']} k environment steps per "
              f"task, seed {payload['seed']}", "",
-             "| variant | average performance | forgetting | forward transfer | run min |",
+             "| variant | average performance | forgetting | forward transfer | training min |",
              "|---|---|---|---|---|"]
     for v, r in payload["runs"].items():
         m = r["metrics"]
         ft = (f"{r['forward_transfer']:.2f} (vs {r['forward_transfer_reference']})"
               if "forward_transfer" in r else "reference")
         lines.append(f"| {v} | {m['average_performance']:.2f} | {m['forgetting']:.2f} | {ft} | "
-                     f"{r.get('wall_time_s', float('nan')) / 60:.0f} |")
+                     f"{training_minutes(r):.0f} |")
     for v, r in payload["runs"].items():
         lines += ["", f"{v}: success on each task (columns) after training task k (rows)", "",
                   "| after | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
@@ -110,6 +110,13 @@ def table(payload: dict) -> str:
             lines.append(f"| {tasks[row['task']]} | "
                          + " | ".join(f"{x:.1f}" for x in row["success"]) + " |")
     return "\n".join(lines) + "\n"
+
+
+def training_minutes(run: dict) -> float:
+    """Training minutes of a run over all its resumes (evaluations excluded), or the wall time
+    of its last process for reports that predate the per-task training time."""
+    seconds = run["after_task"][-1].get("training_time_s", run.get("wall_time_s", float("nan")))
+    return seconds / 60
 
 
 def plot(payload: dict, path: Path) -> None:

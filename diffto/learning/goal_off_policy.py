@@ -837,8 +837,8 @@ class GoalOffPolicy(L.LightningModule):
             return  # already evaluated (a resumed run)
         row = [self.evaluate(j)[0].summary()["success_any"] for j in range(self.num_tasks)]
         self.continual["after_task"].append(
-            {"task": k, "env_steps": self.env_steps, "success": row,
-             "auc": task_auc(self.history, k)})
+            {"task": k, "env_steps": self.env_steps, "training_time_s": self.wall_time,
+             "success": row, "auc": task_auc(self.history, k)})
         self.continual["metrics"] = continual_metrics(
             [r["success"] for r in self.continual["after_task"]])
         if self.trainer.is_global_zero:

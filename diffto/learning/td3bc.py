@@ -52,6 +52,14 @@ A conservative critic (CQL), with ``conservative_weight = β > 0``
     in the action. A critic fitted on a narrow dataset is otherwise free to rise just off the
     data, and its action gradient leads the actor there.
 
+A bounded residual on the cloned policy, with ``residual_scale = β``
+    The actor is a :class:`~diffto.learning.residual_actor.ResidualActor`: pre-training trains
+    its base (with ``alpha_offline: 0``, behaviour cloning of the dataset), and from the first
+    online step the base is frozen and the policy is ``clip(π_b(s, g) + β h ⊙ tanh(μ_r(s,
+    g)))``, the residual starting at zero. Everything above then acts on that policy: the Q
+    term's gradient reaches the residual alone, and the policy stays within ``β`` half ranges
+    of the cloned one, however far the critic's action gradient points.
+
 Exploration: ``π(s, g) + N(0, exploration_noise²)`` (half-range units), clipped to the box.
 """
 
@@ -65,6 +73,8 @@ import torch
 from torch import Tensor
 
 from diffto.learning.goal_q_learning import GoalQLearning
+from diffto.learning.residual_actor import ResidualActor
+from diffto.learning.tanh_gaussian_actor import TanhGaussianActor
 
 __all__ = ["GoalTD3BC"]
 
@@ -87,6 +97,9 @@ class GoalTD3BC(GoalQLearning):
         bc_data: ``"batch"`` (every row) or ``"dataset"`` (the dataset's rows only): what the
             behaviour-cloning term clones.
         actor_pessimism: ``k`` of the actor's ensemble estimate (``None``: ``Q_1``, TD3's).
+        residual_scale: ``β`` of a bounded residual on the pre-trained actor, in half ranges
+            of the action box (``None``: the actor itself is trained online); needs
+            ``pretrain_dataset`` and ``pretrain_actor``.
         **kwargs: :class:`GoalQLearning` and :class:`GoalOffPolicy` arguments.
     """
 
@@ -97,7 +110,10 @@ class GoalTD3BC(GoalQLearning):
                  alpha_ramp_steps: int = 0, bc_data: Literal["batch", "dataset"] = "batch",
                  actor_pessimism: float | None = None, alpha_hold_steps: int = 0,
                  conservative_weight: float = 0.0, conservative_actions: int = 10,
-                 **kwargs: Any) -> None:
+                 residual_scale: float | None = None, **kwargs: Any) -> None:
+        if residual_scale is not None and not 0.0 < residual_scale <= 1.0:
+            raise ValueError(f"residual_scale must be in (0, 1] (half ranges of the action "
+                             f"box) or None, got {residual_scale}")
         super().__init__(**kwargs)
         self.save_hyperparameters()
         for name, value in (("alpha", alpha), ("bc_weight", bc_weight),
@@ -124,9 +140,33 @@ class GoalTD3BC(GoalQLearning):
                                      or self.hparams.task_sequence is not None):
             raise ValueError("bc_data='dataset' needs pretrain_dataset (the rows to clone) and "
                              "a single task (no task_sequence)")
+        if residual_scale is not None and not (self.hparams.pretrain_dataset is not None
+                                               and self.hparams.pretrain_actor
+                                               and self.hparams.task_sequence is None):
+            raise ValueError("residual_scale needs pretrain_dataset and pretrain_actor=True "
+                             "(the base it corrects is the pre-trained actor) and a single "
+                             "task (no task_sequence)")
         self.actor_target = copy.deepcopy(self.actor)
-        self.actor_target.inputs = self.actor.inputs  # one set of input statistics
+        if isinstance(self.actor_target, ResidualActor):  # one set of input statistics
+            self.actor_target.share_inputs(self.actor.inputs)
+        else:
+            self.actor_target.inputs = self.actor.inputs
         self.actor_target.requires_grad_(False)
+
+    def _make_actor(self, act_space) -> TanhGaussianActor | ResidualActor:
+        base = super()._make_actor(act_space)
+        scale = self.hparams.get("residual_scale")
+        if scale is None:
+            return base
+        return ResidualActor(base, super()._make_actor(act_space), scale)
+
+    def pretrain(self) -> None:
+        """Pre-training (see :class:`GoalOffPolicy`); with ``residual_scale`` the base is then
+        frozen and the residual acts, in the actor and its target alike."""
+        super().pretrain()
+        if isinstance(self.actor, ResidualActor):
+            self.actor.activate()
+            self.actor_target.load_state_dict(self.actor.state_dict())
 
     def bc_weight(self) -> float:
         """The behaviour-cloning weight at the current online environment step."""

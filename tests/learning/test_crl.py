@@ -245,6 +245,8 @@ def test_continual_run_resets_the_critic_and_evaluates_every_task(reset, tmp_pat
     report = json.loads((tmp_path / "continual.json").read_text())
     assert [r["task"] for r in report["after_task"]] == [0, 1]
     assert all(len(r["success"]) == 2 for r in report["after_task"])
+    times = [r["training_time_s"] for r in report["after_task"]]
+    assert 0 < times[0] < times[1]  # training seconds so far, growing task by task
     assert set(report["metrics"]) >= {"average_performance", "forgetting"}
 
 

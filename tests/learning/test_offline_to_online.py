@@ -248,7 +248,8 @@ def test_td3bc_conservative_term_vanishes_for_a_flat_critic_and_lifts_the_datas_
     (GoalIQL, "report_conditions", {"a": 1}),
     (GoalTD3BC, "num_critics", 1), (GoalIQL, "num_critics", True),
     (GoalTD3BC, "actor_pessimism", -1.0), (GoalTD3BC, "conservative_weight", -0.1),
-    (GoalTD3BC, "conservative_actions", 0)])
+    (GoalTD3BC, "conservative_actions", 0), (GoalTD3BC, "residual_scale", 0.0),
+    (GoalTD3BC, "residual_scale", 1.5)])
 def test_bad_arguments_name_themselves(cls, name, value):
     with pytest.raises(ValueError, match=name):
         cls(**{**TINY, name: value})
@@ -356,6 +357,51 @@ def test_offline_pretraining_learns_the_data_and_resumes_without_repeating(cls, 
     assert len(resumed.history) == 1 and resumed.env_steps == 40
     for k, v in model.offline_actor.items():
         torch.testing.assert_close(resumed.offline_actor[k], v)
+
+
+def test_td3bc_residual_corrects_the_cloned_policy_within_its_bound(tmp_path, monkeypatch,
+                                                                   random_dataset):
+    """``residual_scale``: pre-training clones into the base, then online updates move the
+    residual alone, and the policy stays within the bound of the cloned one (across a
+    resume too)."""
+    from diffto.learning.residual_actor import ResidualActor
+
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    data = random_dataset(PANDA, tmp_path / "panda.npz", episodes=3, steps=10)
+    kwargs = dict(**TINY, **STAGE_COST, pretrain_dataset=str(data), pretrain_updates=20,
+                  pretrain_actor=True, checkpoint_buffer=True, alpha_offline=0.0,
+                  residual_scale=0.1, actor_lr=1e-2)
+
+    def fit(model, steps, ckpt=None):
+        trainer = L.Trainer(max_steps=steps, logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False,
+                            limit_val_batches=0, default_root_dir=tmp_path)
+        trainer.fit(model, ckpt_path=ckpt)
+        return trainer
+
+    model = GoalTD3BC(**kwargs)
+    assert isinstance(model.actor, ResidualActor) and not bool(model.actor.active)
+    trainer = fit(model, 3)
+    assert bool(model.actor.active) and bool(model.actor_target.active)
+    assert model.actor_target.inputs is model.actor.inputs
+    offline = model.offline_actor
+    assert not bool(offline["active"])  # the report's offline row is the base alone
+    for k, v in model.actor.base.state_dict().items():  # frozen online
+        torch.testing.assert_close(v, offline[f"base.{k}"])
+    assert model.actor.residual.net.head.weight.abs().sum() > 0  # the residual learned
+    obs, goal = torch.randn(64, model.state_dim), torch.rand(64, 3)
+    with torch.no_grad():
+        gap = (model.actor.mode(obs, goal) - model.actor.base.mode(obs, goal)).abs()
+    assert 0 < gap.max() and torch.all(gap <= 0.1 * model.actor.half_range + 1e-6)
+    trainer.save_checkpoint(tmp_path / "last.ckpt")
+    resumed = GoalTD3BC(**kwargs)
+    fit(resumed, 4, tmp_path / "last.ckpt")
+    assert bool(resumed.actor.active) and resumed.updates == model.updates + 2
+    for k, v in resumed.actor.base.state_dict().items():
+        torch.testing.assert_close(v, offline[f"base.{k}"])
+    with pytest.raises(ValueError, match="residual_scale needs pretrain_dataset"):
+        GoalTD3BC(**TINY, residual_scale=0.1)
 
 
 def test_td3bc_without_its_q_term_clones_the_data():
