@@ -132,6 +132,9 @@ class GoalTD3BC(GoalQLearning):
                             ("alpha_hold_steps", alpha_hold_steps)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+        if alpha_hold_steps and alpha_offline is None:
+            raise ValueError("alpha_hold_steps holds the Q term at alpha_offline: set "
+                             "alpha_offline too (without it there is nothing to hold)")
         if actor_pessimism is not None and not actor_pessimism >= 0.0:
             raise ValueError(f"actor_pessimism must be >= 0 or None, got {actor_pessimism}")
         if bc_data not in ("batch", "dataset"):

@@ -117,7 +117,9 @@ Limits
     torque held on every joint. A mismatched episode (an unknown payload, friction or gain)
     steps differently from the nominal prediction; the buffers absorb that, and under a payload
     up to 1 kg, friction up to 0.5 Nm and gains within 5 % it took ``velocity_buffer`` = 0.5
-    rad/s (the default 0.02 leaves about two velocity violations per episode).
+    rad/s (the default 0.02 leaves about two velocity violations per episode); under the
+    residual task's 1-3 kg, 0.5-2 Nm and gains of 70-100 % it takes 1.0 rad/s (0.5 leaves
+    0.3-0.4 per episode; ``benchmarks/bench_panda_filter_margin.py``).
 """
 
 from __future__ import annotations

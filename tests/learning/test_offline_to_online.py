@@ -112,6 +112,8 @@ def test_td3bc_q_term_starts_at_alpha_offline_and_ramps_to_alpha_online(goal_bat
     for steps, want in ((0, 0.0), (299, 0.0), (300, 0.0), (800, 1.0), (1300, 2.0)):
         held.env_steps = steps
         assert held.alpha() == pytest.approx(want)
+    with pytest.raises(ValueError, match="alpha_hold_steps holds the Q term at alpha_offline"):
+        GoalTD3BC(**TINY, alpha_hold_steps=300)  # nothing to hold without alpha_offline
     default = GoalTD3BC(**TINY, alpha=2.0)
     for steps in (0, 10):
         default.env_steps = steps
