@@ -102,6 +102,9 @@ def fit_once(cfg: dict, root: Path, log: Path, report: str = "report.json",
                        env={**os.environ, "DIFFTO_NUM_THREADS": "1"})
     path = sorted(root.glob(f"logs/version_*/{report}"), key=_version_number)[-1]
     payload = json.loads(path.read_text())
+    if finished is not None and not finished(payload):
+        raise RuntimeError(f"{root}: the fit ended without a finished {report} ({path}); see "
+                           f"{log}")
     payload["wall_time_s"] = time.perf_counter() - t0
     path.write_text(json.dumps(payload, indent=1))
     return payload

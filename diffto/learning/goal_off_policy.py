@@ -847,7 +847,10 @@ class GoalOffPolicy(L.LightningModule):
                          "continual_reset": self.hparams.continual_reset, **self.continual})
 
     def on_fit_end(self) -> None:
-        self._task_end(self._task_index)  # the last task of a sequence (or where fit stopped)
+        # the last task of a sequence (or where fit stopped); a run resumed from a checkpoint
+        # saved at its last step trains no further, so its task is the checkpoint's
+        task = self._task_index if self._task_index >= 0 else self._saved_task
+        self._task_end(-1 if task is None else task)
         if not self.trainer.is_global_zero:
             return
         out = self._out_dir()

@@ -99,7 +99,7 @@ class GoalTD3BC(GoalQLearning):
         actor_pessimism: ``k`` of the actor's ensemble estimate (``None``: ``Q_1``, TD3's).
         residual_scale: ``β`` of a bounded residual on the pre-trained actor, in half ranges
             of the action box (``None``: the actor itself is trained online); needs
-            ``pretrain_dataset`` and ``pretrain_actor``.
+            ``pretrain_dataset``, ``pretrain_actor`` and ``pretrain_updates > 0``.
         **kwargs: :class:`GoalQLearning` and :class:`GoalOffPolicy` arguments.
     """
 
@@ -145,10 +145,11 @@ class GoalTD3BC(GoalQLearning):
                              "a single task (no task_sequence)")
         if residual_scale is not None and not (self.hparams.pretrain_dataset is not None
                                                and self.hparams.pretrain_actor
+                                               and self.hparams.pretrain_updates > 0
                                                and self.hparams.task_sequence is None):
-            raise ValueError("residual_scale needs pretrain_dataset and pretrain_actor=True "
-                             "(the base it corrects is the pre-trained actor) and a single "
-                             "task (no task_sequence)")
+            raise ValueError("residual_scale needs pretrain_dataset, pretrain_actor=True and "
+                             "pretrain_updates > 0 (the base it corrects is the pre-trained "
+                             "actor) and a single task (no task_sequence)")
         self.actor_target = copy.deepcopy(self.actor)
         if isinstance(self.actor_target, ResidualActor):  # one set of input statistics
             self.actor_target.share_inputs(self.actor.inputs)

@@ -370,6 +370,25 @@ def test_resume_at_a_task_boundary_makes_the_switch(tmp_path, monkeypatch):
     assert [r["task"] for r in report["after_task"]] == [0, 1]
 
 
+def test_resume_after_the_last_step_still_evaluates_the_last_task(tmp_path, monkeypatch):
+    """A run killed during its final all-task evaluation resumes from a checkpoint at its last
+    step: no training is left, and the final evaluation is still made."""
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    kwargs = {**TINY, "task_sequence": [{"task": "reach-v3"},
+                                        {"task": "button-press-topdown-v3"}],
+              "iterations_per_task": 2}
+    model = ContrastiveRL(**kwargs)
+    model.on_fit_end = lambda: None  # killed before the final evaluation
+    trainer = _fit(model, tmp_path, 4)
+    trainer.save_checkpoint(tmp_path / "last.ckpt")
+    report = json.loads((tmp_path / "continual.json").read_text())
+    assert [r["task"] for r in report["after_task"]] == [0]
+    _fit(ContrastiveRL(**kwargs), tmp_path, 4, ckpt_path=tmp_path / "last.ckpt")
+    report = json.loads((tmp_path / "continual.json").read_text())
+    assert [r["task"] for r in report["after_task"]] == [0, 1]
+
+
 def test_resume_without_the_buffer_says_so(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     model = ContrastiveRL(**TINY)

@@ -391,7 +391,8 @@ def test_td3bc_residual_corrects_the_cloned_policy_within_its_bound(tmp_path, mo
     assert not bool(offline["active"])  # the report's offline row is the base alone
     for k, v in model.actor.base.state_dict().items():  # frozen online
         torch.testing.assert_close(v, offline[f"base.{k}"])
-    assert model.actor.residual.net.head.weight.abs().sum() > 0  # the residual learned
+    # the residual's mean rows (zero at the start) learned
+    assert model.actor.residual.net.head.weight[:model.action_dim].abs().sum() > 0
     obs, goal = torch.randn(64, model.state_dim), torch.rand(64, 3)
     with torch.no_grad():
         gap = (model.actor.mode(obs, goal) - model.actor.base.mode(obs, goal)).abs()
@@ -399,11 +400,14 @@ def test_td3bc_residual_corrects_the_cloned_policy_within_its_bound(tmp_path, mo
     trainer.save_checkpoint(tmp_path / "last.ckpt")
     resumed = GoalTD3BC(**kwargs)
     fit(resumed, 4, tmp_path / "last.ckpt")
-    assert bool(resumed.actor.active) and resumed.updates == model.updates + 2
+    assert bool(resumed.actor.active) and bool(resumed.actor_target.active)
+    assert resumed.updates == model.updates + 2
     for k, v in resumed.actor.base.state_dict().items():
         torch.testing.assert_close(v, offline[f"base.{k}"])
     with pytest.raises(ValueError, match="residual_scale needs pretrain_dataset"):
         GoalTD3BC(**TINY, residual_scale=0.1)
+    with pytest.raises(ValueError, match="pretrain_updates > 0"):  # never activated otherwise
+        GoalTD3BC(**{**kwargs, "pretrain_updates": 0})
 
 
 def test_td3bc_without_its_q_term_clones_the_data():
