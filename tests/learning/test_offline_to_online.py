@@ -438,12 +438,19 @@ def test_td3bc_without_its_q_term_clones_the_data():
 
 
 # ----------------------------------------------------------------------------- configs
-@pytest.mark.parametrize("config", ["panda_td3bc.yaml", "panda_iql.yaml"])
-def test_offline_to_online_configs_fast_dev_run(config, tmp_path, monkeypatch, random_dataset):
+RESIDUAL_RECIPE = ["--model.init_args.alpha_offline=0", "--model.init_args.alpha_ramp_steps=50000",
+                   "--model.init_args.actor_lr=1e-3", "--model.init_args.her_ratio=0.0",
+                   "--model.init_args.residual_scale=0.03"]  # the config's documented recipe
+
+
+@pytest.mark.parametrize(("config", "extra"), [("panda_td3bc.yaml", []), ("panda_iql.yaml", []),
+                                               ("panda_td3bc.yaml", RESIDUAL_RECIPE)])
+def test_offline_to_online_configs_fast_dev_run(config, extra, tmp_path, monkeypatch,
+                                                random_dataset):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr("sys.argv", ["lightning"])
     data = random_dataset(PANDA, tmp_path / "panda.npz", episodes=2, steps=6)
-    cli.main(["fit", "--config", config, "--trainer.fast_dev_run=true",
+    cli.main(["fit", "--config", config, "--trainer.fast_dev_run=true", *extra,
               f"--model.init_args.pretrain_dataset={data}",
               "--model.init_args.pretrain_updates=3", "--model.init_args.num_envs=2",
               "--model.init_args.env_steps_per_iteration=20",
