@@ -84,8 +84,7 @@ class ResidualActor(nn.Module):
         self.active.fill_(True)
 
     def _clip(self, action: Tensor) -> Tensor:
-        return torch.maximum(torch.minimum(action, self.center + self.half_range),
-                             self.center - self.half_range)
+        return action.clamp(self.center - self.half_range, self.center + self.half_range)
 
     def mode(self, obs: Tensor, goal: Tensor) -> Tensor:
         """The deterministic action: the base's, plus the bounded residual when active."""
