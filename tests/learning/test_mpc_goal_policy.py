@@ -177,6 +177,10 @@ def test_module_refuses_bad_settings():
         MPCGoalPolicy(**{**TINY, "via_steps": 5})
     with pytest.raises(ValueError, match="env_id 'diffto/PandaReach-v0' must observe"):
         MPCGoalPolicy(**{**TINY, "env_id": "diffto/PandaReach-v0"})
+    with pytest.raises(ValueError, match="refine_steps must be an int >= 0"):
+        MPCGoalPolicy(**{**TINY, "refine_steps": -1})
+    with pytest.raises(ValueError, match="refine_lr must be > 0"):
+        MPCGoalPolicy(**{**TINY, "refine_lr": 0.0})
 
 
 def test_rollout_follows_the_schedule_outside_training():
@@ -220,6 +224,27 @@ def test_training_moves_the_via_point_so_the_plan_clears_the_obstacle():
     assert last["collision"].item() <= 0.5 * first["collision"].item()
 
 
+def test_refinement_moves_each_via_point_out_of_the_obstacle_within_the_box():
+    """From the untrained policy (via-point = goal: every plan collides), refining the
+    via-points through their own model rollouts must cut the obstacle loss by most of it and
+    keep every via-point within ``goal ± max_offset``; with zero steps it is the policy's."""
+    module = MPCGoalPolicy(**{**TINY, "rollout_steps": 40, "via_steps": 20, "margin": 0.02,
+                              "max_offset": 0.2, "refine_lr": 0.02, "dtype": "float64"})
+    observation, goal = module.episode_starts([0, 1, 2]).tensors
+    with torch.no_grad():
+        policy_via = module.via_point(observation.double(), goal.double())
+        before = module.losses((observation, goal))
+    assert torch.equal(module.refine(observation, goal, 0), policy_via)
+    via = module.refine(observation, goal, 25)
+    with torch.no_grad():
+        after = module.losses((observation, goal), via)
+    assert before["collision"].item() == 1.0
+    assert after["loss_obstacle"].item() < 0.2 * before["loss_obstacle"].item()
+    assert ((via - goal.double()).abs() <= 0.2 + 1e-12).all()
+    assert not via.requires_grad and not any(p.grad is not None
+                                             for p in module.policy.parameters())
+
+
 def test_config_fast_dev_run_writes_a_report(tmp_path, monkeypatch):
     from diffto import cli
 
@@ -230,8 +255,10 @@ def test_config_fast_dev_run_writes_a_report(tmp_path, monkeypatch):
               "--model.init_args.rollout_steps=20", "--model.init_args.via_steps=10",
               "--model.init_args.horizon=10", "--model.init_args.eval_episodes=1",
               "--model.init_args.report_episodes=1", "--model.init_args.video_episodes=0",
+              "--model.init_args.refine_steps=1",
               "--model.init_args.env_kwargs.max_episode_steps=10"])
     report = json.loads(next(tmp_path.glob("**/report.json")).read_text())
-    assert set(report["results"]) == {"direct MPC (target = goal)", "learned target, final"}
+    assert set(report["results"]) == {"direct MPC (target = goal)", "learned target, final",
+                                      "learned target, final, refined (1 steps)"}
     assert report["env_steps"] == 0 and report["training_steps"] == 1
     assert "collision" in report["results"]["learned target, final"]
