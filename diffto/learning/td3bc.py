@@ -58,7 +58,9 @@ A bounded residual on the cloned policy, with ``residual_scale = β``
     online step the base is frozen and the policy is ``clip(π_b(s, g) + β h ⊙ tanh(μ_r(s,
     g)))``, the residual starting at zero. Everything above then acts on that policy: the Q
     term's gradient reaches the residual alone, and the policy stays within ``β`` half ranges
-    of the cloned one, however far the critic's action gradient points.
+    of the cloned one, however far the critic's action gradient points. ``panda_td3bc.yaml``
+    ships it with ``β = 0.03`` (on the Panda reach, goals reached 0.56 → 0.74 on average over
+    three training seeds; the whole actor trained online ends below its cloned policy).
 
 Exploration: ``π(s, g) + N(0, exploration_noise²)`` (half-range units), clipped to the box.
 """

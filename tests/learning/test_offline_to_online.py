@@ -438,13 +438,13 @@ def test_td3bc_without_its_q_term_clones_the_data():
 
 
 # ----------------------------------------------------------------------------- configs
-RESIDUAL_RECIPE = ["--model.init_args.alpha_offline=0", "--model.init_args.alpha_ramp_steps=50000",
-                   "--model.init_args.actor_lr=1e-3", "--model.init_args.her_ratio=0.0",
-                   "--model.init_args.residual_scale=0.03"]  # the config's documented recipe
+WHOLE_ACTOR = ["--model.init_args.residual_scale=null", "--model.init_args.alpha_offline=null",
+               "--model.init_args.alpha_ramp_steps=0", "--model.init_args.actor_lr=3e-4",
+               "--model.init_args.her_ratio=0.8"]  # the config's documented earlier settings
 
 
 @pytest.mark.parametrize(("config", "extra"), [("panda_td3bc.yaml", []), ("panda_iql.yaml", []),
-                                               ("panda_td3bc.yaml", RESIDUAL_RECIPE)])
+                                               ("panda_td3bc.yaml", WHOLE_ACTOR)])
 def test_offline_to_online_configs_fast_dev_run(config, extra, tmp_path, monkeypatch,
                                                 random_dataset):
     monkeypatch.chdir(tmp_path)
