@@ -39,6 +39,7 @@ RESULTS = Path(__file__).parent / "results"
 def closed_loop(module, seeds: list[int], via: np.ndarray) -> list[dict]:
     """One MuJoCo episode per seed: the MPC aims at ``via[i]`` for the first ``via_steps``
     control steps, then at the goal. Closest approach (m), collision, success, final distance."""
+    from diffto.tasks.panda import keep_out_penetration
     from diffto.tasks.registry import make_env
 
     hp = module.hparams
@@ -49,15 +50,18 @@ def closed_loop(module, seeds: list[int], via: np.ndarray) -> list[dict]:
         for i, seed in enumerate(seeds):
             obs, _ = env.reset(seed=seed)
             centre, radius = obs["observation"][14:17], obs["observation"][17]
+            start = -keep_out_penetration(obs["achieved_goal"], centre, radius, flange_radius)
             clearance, info, k, done = [], {}, 0, False
             while not done:
                 target = via[i:i + 1] if k < hp.via_steps else obs["desired_goal"][None]
                 action = module.mpc.act(obs["observation"][None, :14], target)[0]
                 obs, _, terminated, truncated, info = env.step(action)
-                clearance.append(np.linalg.norm(obs["achieved_goal"] - centre) - radius
-                                 - flange_radius)
+                clearance.append(-keep_out_penetration(obs["achieved_goal"], centre, radius,
+                                                       flange_radius))
                 k, done = k + 1, terminated or truncated
-            rows.append({"seed": seed, "clearance": float(min(clearance)),
+            rows.append({"seed": seed, "via_point": via[i].tolist(),
+                         "start_clearance": float(start), "clearance": float(min(clearance)),
+                         "closest_step": int(np.argmin(clearance)) + 1,
                          "collided": bool(env.unwrapped.collided),
                          "success": bool(info["is_success"]),
                          "final_distance": float(np.linalg.norm(obs["achieved_goal"]
@@ -86,15 +90,28 @@ def main() -> None:
     parser.add_argument("--episodes", type=int, default=None,
                         help="held-out episodes (default: the run's report_episodes)")
     parser.add_argument("--refine-steps", type=int, default=30)
+    parser.add_argument("--refine-lr", type=float, default=None,
+                        help="Adam's step (m; default: the checkpoint's refine_lr)")
     parser.add_argument("--name", default="panda_goal_policy_misses")
     args = parser.parse_args()
     if not args.checkpoint.is_file():
         parser.error(f"checkpoint {args.checkpoint} is not a file")
+    if args.episodes is not None and args.episodes < 1:
+        parser.error(f"--episodes must be >= 1, got {args.episodes}")
+    if args.refine_steps < 1:
+        parser.error(f"--refine-steps must be >= 1, got {args.refine_steps}")
     torch.set_num_threads(1)
     module = MPCGoalPolicy.load_from_checkpoint(args.checkpoint, map_location="cpu")
     module.eval()
     hp = module.hparams
-    seeds = eval_seeds(args.episodes or hp.report_episodes, hp.eval_episodes)
+    if args.refine_lr is not None:
+        if not args.refine_lr > 0:
+            parser.error(f"--refine-lr must be > 0, got {args.refine_lr}")
+        hp.refine_lr = args.refine_lr
+    episodes_n = args.episodes if args.episodes is not None else hp.report_episodes
+    if episodes_n < 1:
+        parser.error(f"the checkpoint's report_episodes is {episodes_n}: give --episodes")
+    seeds = eval_seeds(episodes_n, hp.eval_episodes)
     observation, goal = module.episode_starts(seeds).tensors
     with torch.no_grad():
         via = module.via_point(observation.to(module._dtype), goal.to(module._dtype))
@@ -114,7 +131,8 @@ def main() -> None:
     mujoco = np.array([r["clearance"] for r in episodes])
     payload = {
         "benchmark": "bench_panda_goal_policy_misses", "checkpoint": str(args.checkpoint),
-        "machine": machine_info(), "refine_steps": args.refine_steps, "episodes": episodes,
+        "machine": machine_info(), "refine_steps": args.refine_steps,
+        "refine_lr": hp.refine_lr, "max_offset": hp.max_offset, "episodes": episodes,
         "collided": len(missed),
         "collided_in_model_too": sum(episodes[i]["model_clearance"] < 0 for i in missed),
         "clearance_correlation": float(np.corrcoef(mujoco, in_model)[0, 1]),
@@ -125,14 +143,18 @@ def main() -> None:
              f"{len(missed)} collide in MuJoCo, {payload['collided_in_model_too']} of them in "
              f"the training's model rollout too; closest approach, MuJoCo against the model "
              f"rollout, correlation {payload['clearance_correlation']:.2f} over all episodes.",
-             "", f"| seed | MuJoCo clearance (cm) | model clearance (cm) | refined "
-             f"({args.refine_steps} steps): model (cm) | refined: MuJoCo (cm) | refined: "
-             f"success |", "|---|---|---|---|---|---|"]
+             "", f"| seed | clearance at the start (cm) | MuJoCo: closest (cm), at step | "
+             f"model: closest (cm) | refined ({args.refine_steps} Adam steps): model (cm) | "
+             f"refined: MuJoCo (cm) | refined: success | refined via-point − goal (cm) |",
+             "|---|---|---|---|---|---|---|---|"]
+    goals = goal.double().numpy()
     for i, r in zip(missed, refined, strict=True):
         e = episodes[i]
-        lines.append(f"| {e['seed']} | {100 * e['clearance']:.1f} | "
+        offset = ", ".join(f"{100 * x:+.0f}" for x in np.asarray(r["via_point"]) - goals[i])
+        lines.append(f"| {e['seed']} | {100 * e['start_clearance']:.1f} | "
+                     f"{100 * e['clearance']:.1f}, {e['closest_step']} | "
                      f"{100 * e['model_clearance']:.1f} | {100 * r['model_clearance']:.1f} | "
-                     f"{100 * r['clearance']:.1f} | {r['success']} |")
+                     f"{100 * r['clearance']:.1f} | {r['success']} | {offset} |")
     (RESULTS / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -48,8 +48,8 @@ Measured (seed 0, float32, one torch thread on 2 shared cores; ``position_weight
     0.06 and 94 % collisions for the MPC aimed at the goal; SAC + HER on torques: 0.00 after
     30 000 environment steps; the MPC layer took 82 % of the training time.
     ``lightning fit --config lightning_configs/panda_goal_policy.yaml`` (the same defaults,
-    5.2 min in all; its report's 50 held-out episodes): success 0.90, 10 % collisions, against
-    0.02 and 98 %.
+    6.4 min in all with the refined row; its report's 50 held-out episodes): success 0.90,
+    10 % collisions, against 0.02 and 98 %.
 
 Refinement at test time (``refine_steps``)
     The policy amortizes an optimization over episodes and misses some: with the defaults, the
@@ -64,7 +64,8 @@ Refinement at test time (``refine_steps``)
     backward (for the whole batch of episodes at once). Measured (the config, training seeds
     0 / 1 / 2, the report's 50 held-out episodes): success 0.90 / 0.92 / 0.88 with 10 / 8 /
     12 % collisions from the policy alone, 0.98 / 0.98 / 1.00 with 2 / 2 / 0 % after 30
-    refinement steps (0.7–1.3 s per episode here).
+    refinement steps (the batch's refinement: 0.45–0.49 s per episode with one other job on
+    the 2 cores; ``benchmarks/results/panda_goal_policy_seeds.json``).
 
 Timing
     ``time/mpc_share`` is the share of a training step spent in the MPC layer: its forward
@@ -112,9 +113,9 @@ def obstacle_reach_loss(
     penetration of the sphere grown by ``clearance``, summed over the path) and
     ``loss_goal = w_g · mean_b mean_k (k / k̄) ‖p_bk − g_b‖`` (distance averaged over the path
     with weights rising linearly in time, ``k̄`` the mean of ``k = 1 … K``: reach soon, and
-    above all be there at the end). Returns those two, their sum ``loss``, and diagnostics
-    ``collision`` (share of rows whose path enters the sphere grown by ``clearance``) and
-    ``final_distance`` (m, mean).
+    above all be there at the end). Returns those two, their sum ``loss``, ``row_loss (B,)``
+    (each path's share: ``loss = mean_b row_loss_b``), and diagnostics ``collision`` (share of
+    rows whose path enters the sphere grown by ``clearance``) and ``final_distance`` (m, mean).
 
     Args:
         path: ``(B, K, 3)`` flange positions. goal, center: ``(B, 3)``. radius: ``(B,)``.
@@ -130,11 +131,13 @@ def obstacle_reach_loss(
     depth = torch.relu(radius[:, None] + clearance -
                        torch.linalg.vector_norm(path - center[:, None], dim=-1))  # (B, K)
     distance = torch.linalg.vector_norm(path - goal[:, None], dim=-1)  # (B, K)
-    loss_obstacle = obstacle_weight * (depth ** 2).sum(1).mean()
+    row_obstacle = obstacle_weight * (depth ** 2).sum(1)  # (B,)
     ramp = torch.arange(1, path.shape[1] + 1, dtype=path.dtype, device=path.device)
-    loss_goal = goal_weight * (distance * (ramp / ramp.mean())).mean()
-    return {"loss": loss_obstacle + loss_goal, "loss_obstacle": loss_obstacle,
-            "loss_goal": loss_goal, "collision": (depth > 0).any(1).float().mean().detach(),
+    row_goal = goal_weight * (distance * (ramp / ramp.mean())).mean(1)  # (B,)
+    row_loss = row_obstacle + row_goal
+    return {"loss": row_loss.mean(), "row_loss": row_loss, "loss_obstacle": row_obstacle.mean(),
+            "loss_goal": row_goal.mean(),
+            "collision": (depth > 0).any(1).float().mean().detach(),
             "final_distance": distance[:, -1].mean().detach()}
 
 
@@ -264,6 +267,9 @@ class MPCGoalPolicy(L.LightningModule):
                             ("goal_weight", goal_weight), ("refine_lr", refine_lr)):
             if not value > 0:
                 raise ValueError(f"{name} must be > 0, got {value!r}")
+        if refine_steps > 0 and via_steps == 0:
+            raise ValueError(f"refine_steps must be 0 when via_steps is 0 (no via-point to "
+                             f"refine), got {refine_steps}")
         if not margin >= 0:
             raise ValueError(f"margin must be >= 0 (m), got {margin!r}")
         self.mpc = PandaTargetMPC(horizon, position_weight=position_weight,
@@ -366,26 +372,42 @@ class MPCGoalPolicy(L.LightningModule):
     def refine(self, observation: Tensor, goal: Tensor, steps: int) -> Tensor:
         """The policy's via-points ``(B, 3)`` for episode starts ``observation (B, 18)``,
         ``goal (B, 3)``, each improved by ``steps`` Adam steps on its own episode's model-
-        rollout loss and kept inside ``goal ± max_offset`` (see the module docstring). The
-        loss is the batch mean of independent rows, and Adam's steps do not depend on the
-        gradient's scale, so each via-point moves as it would alone."""
+        rollout loss and kept inside ``goal ± max_offset`` (see the module docstring); each
+        episode gets the iterate of lowest loss, the policy's own via-point included, so
+        refinement never ends worse in the model than it started. The loss is the batch mean
+        of independent rows, and Adam's steps do not depend on the gradient's scale, so each
+        via-point moves as it would alone. The training-step timer is left as it was."""
+        if torch.is_inference_mode_enabled():
+            raise RuntimeError("MPCGoalPolicy.refine differentiates the model rollout: call it "
+                               "outside torch.inference_mode() (e.g. from the fit loop, or "
+                               "with Trainer(inference_mode=False))")
         obs = observation.to(self._dtype)
         goal = goal.to(self._dtype)
         with torch.no_grad():
             via = self.via_point(obs, goal)
+        if steps == 0:
+            return via
         low = goal - self.hparams.max_offset
         high = goal + self.hparams.max_offset
+        best, best_loss = via.clone(), torch.full(goal.shape[:1], torch.inf, dtype=goal.dtype)
+        timer = dict(self._timer)
         via.requires_grad_(True)
         opt = torch.optim.Adam([via], lr=self.hparams.refine_lr)
         with torch.enable_grad():
-            for _ in range(steps):
-                loss = self.losses((obs, goal), via)["loss"]
+            for k in range(steps + 1):
+                out = self.losses((obs, goal), via)
+                with torch.no_grad():
+                    better = out["row_loss"] < best_loss
+                    best[better], best_loss[better] = via[better], out["row_loss"][better]
+                if k == steps:
+                    break
                 opt.zero_grad()
-                loss.backward()
+                out["loss"].backward()
                 opt.step()
                 with torch.no_grad():
                     via.copy_(torch.minimum(torch.maximum(via, low), high))
-        return via.detach()
+        self._timer = timer
+        return best
 
     # ------------------------------------------------------------------ training
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
@@ -394,8 +416,8 @@ class MPCGoalPolicy(L.LightningModule):
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         out = self.losses(batch)
         B = batch[0].shape[0]
-        self.log_dict({f"train/{k}": v.detach() for k, v in out.items()}, batch_size=B,
-                      prog_bar=False, on_step=True, on_epoch=False)
+        self.log_dict({f"train/{k}": v.detach() for k, v in out.items() if v.dim() == 0},
+                      batch_size=B, prog_bar=False, on_step=True, on_epoch=False)
         self.log("train/plan_collision", out["collision"], prog_bar=True, batch_size=B)
         return out["loss"]
 
@@ -418,8 +440,9 @@ class MPCGoalPolicy(L.LightningModule):
         """Closed-loop episodes in the environment (seeds ``EVAL_SEED_BASE + offset + j``);
         ``direct``: the MPC aimed at the goal (no policy); ``refine_steps``: the policy's
         via-points refined first (:meth:`refine`). Returns the summary (with ``collision``,
-        the share of episodes that hit the obstacle, and ``refine_s``, the refinement's
-        seconds per episode) and video frames."""
+        the share of episodes that hit the obstacle, and ``refine_s``: the refinement's wall
+        time, run once for all episodes as one batch, divided by their number) and video
+        frames."""
         hp = self.hparams
         state: dict[str, Any] = {"k": 0, "via": None, "envs": [], "refine_s": 0.0}
 
@@ -486,8 +509,8 @@ class MPCGoalPolicy(L.LightningModule):
             self.policy.load_state_dict(saved)
         rows["learned target, final"], frames = self.evaluate(n, offset, hp.video_episodes)
         if hp.refine_steps > 0:
-            rows[f"learned target, final, refined ({hp.refine_steps} steps)"] = self.evaluate(
-                n, offset, refine_steps=hp.refine_steps)[0]
+            name = f"learned target, final, refined (Adam steps: {hp.refine_steps})"
+            rows[name] = self.evaluate(n, offset, refine_steps=hp.refine_steps)[0]
         video = None
         if frames:
             fps = make_env_fps(hp.env_id, dict(hp.env_kwargs or {}))
@@ -496,12 +519,13 @@ class MPCGoalPolicy(L.LightningModule):
                  f"{self.global_step} training steps ({self.wall_time / 60:.1f} min, no "
                  f"environment steps)", "",
                  "| controller | success (last step) | success (any step) | collision | "
-                 "final distance (m) | steps to success | refinement (s / episode) |",
+                 "final distance (m) | steps to success | refinement (batch s / episodes) |",
                  "|---|---|---|---|---|---|---|"]
         for name, s in rows.items():
+            refine = f"{s['refine_s']:.2f}" if s["refine_s"] else "—"
             lines.append(f"| {name} | {s['success']:.2f} | {s['success_any']:.2f} | "
                          f"{s['collision']:.2f} | {s['final_distance']:.3f} | "
-                         f"{s['steps_to_success']:.1f} | {s['refine_s']:.2f} |")
+                         f"{s['steps_to_success']:.1f} | {refine} |")
         payload = {"env_id": hp.env_id, "env_kwargs": hp.env_kwargs, "episodes": n,
                    "seeds": eval_seeds(n, offset), "env_steps": 0,
                    "training_steps": int(self.global_step), "training_time_s": self.wall_time,
