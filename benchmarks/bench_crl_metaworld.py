@@ -54,6 +54,15 @@ VARIANTS: dict[str, tuple[str, dict]] = {
         "goal_features": "achieved_goal_and_hand",
         "pretrain_dataset": "runs/datasets/metaworld_{task}", "pretrain_updates": 2000,
         "dataset_fraction": 0.25}),
+    # ... and the actor pulled towards the demonstrations' actions on those rows (bc_weight)
+    "crl_hand_goal_demos_bc": ("metaworld_crl.yaml", {
+        "goal_features": "achieved_goal_and_hand",
+        "pretrain_dataset": "runs/datasets/metaworld_{task}", "pretrain_updates": 2000,
+        "dataset_fraction": 0.25, "bc_weight": 1.0}),
+    "crl_hand_goal_demos_bc_0_1": ("metaworld_crl.yaml", {
+        "goal_features": "achieved_goal_and_hand",
+        "pretrain_dataset": "runs/datasets/metaworld_{task}", "pretrain_updates": 2000,
+        "dataset_fraction": 0.25, "bc_weight": 0.1}),
     "sac_her": ("metaworld_sac_her.yaml", {}),
     "sac_her_utd_1_2": ("metaworld_sac_her.yaml", {"env_steps_per_update": 2}),
     "sac_her_hand_goal": ("metaworld_sac_her.yaml",

@@ -11,6 +11,18 @@ actor's argmax ignores (Eysenbach et al., 2022). The actor is the SAC tanh-Gauss
 relabelled from the future of the same episode (``actor_goal="future"``, or ``"shuffled"``:
 the future goals of other transitions of the batch).
 
+A pull towards demonstrations (``bc_weight = w > 0``, with ``pretrain_dataset``)
+    The actor's loss gains ``w · mean ‖(π(s, g) − a) / half_range‖²₂ / dim`` over the batch's
+    rows from the dataset, with ``π(s, g) = tanh(μ(s, g))`` (the policy's mode), ``(s, a)``
+    the dataset's transition and ``g`` its future goal from the same episode: goal-conditioned
+    behaviour cloning of the demonstrations beside the critic's objective, as in offline
+    contrastive RL (Eysenbach et al., 2022, there as a log-likelihood; the squared error on the
+    mode is used here because scripted experts saturate their actions at the box's bounds,
+    where a tanh-Gaussian's log-likelihood is unbounded). It anchors the actor on the states
+    the demonstrations visit, where maximizing the critic alone can drift from pushing the
+    object to motions the critic over-rates. ``dataset_fraction`` keeps those rows a fixed
+    share of every batch; without it the term fades as online data fills the buffer.
+
 Critic health is logged under ``critic/`` (accuracy, mean positive and negative logits,
 logsumexp; :func:`~diffto.learning.contrastive_critic.critic_metrics`) and a
 ``RuntimeWarning`` is raised once when the accuracy has stayed within twice chance
@@ -51,13 +63,15 @@ class ContrastiveRL(GoalOffPolicy):
         logsumexp_penalty: weight of the logsumexp² term.
         actor_goal: ``"future"`` or ``"shuffled"`` (see the module docstring).
         collapse_patience: iterations at chance accuracy before the collapse warning.
+        bc_weight: weight of the pull towards the dataset's actions (see the module
+            docstring; ``0``: none).
         **kwargs: :class:`GoalOffPolicy` arguments.
     """
 
     def __init__(self, repr_dim: int = 64, energy: Energy = "l2",
                  direction: Direction = "forward", logsumexp_penalty: float = 0.1,
                  actor_goal: Literal["future", "shuffled"] = "future",
-                 collapse_patience: int = 20, **kwargs: Any) -> None:
+                 collapse_patience: int = 20, bc_weight: float = 0.0, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.save_hyperparameters()
         if direction not in ("forward", "backward", "symmetric"):
@@ -68,6 +82,10 @@ class ContrastiveRL(GoalOffPolicy):
         if logsumexp_penalty < 0 or collapse_patience < 1:
             raise ValueError(f"logsumexp_penalty must be >= 0 and collapse_patience >= 1, got "
                              f"{logsumexp_penalty}, {collapse_patience}")
+        if bc_weight < 0 or (bc_weight > 0 and self.hparams.pretrain_dataset is None):
+            raise ValueError(f"bc_weight must be >= 0, and > 0 only with pretrain_dataset (the "
+                             f"demonstrations it clones), got {bc_weight} with pretrain_dataset="
+                             f"{self.hparams.pretrain_dataset!r}")
         self.critic = self._make_critic()
         self._chance_iterations = 0
         self._warned_collapse = False
@@ -99,6 +117,26 @@ class ContrastiveRL(GoalOffPolicy):
 
     def actor_value(self, obs: Tensor, action: Tensor, goal: Tensor) -> Tensor:
         return self.critic(obs, action, goal)
+
+    def actor_loss(self, batch: dict[str, Tensor], with_metrics: bool = False
+                   ) -> tuple[Tensor | None, dict[str, float]]:
+        loss, metrics = super().actor_loss(batch, with_metrics)
+        w = self.hparams.bc_weight
+        if w == 0.0:
+            return loss, metrics
+        rows = batch["from_dataset"]
+        n_rows = int(rows.sum())
+        if n_rows == 0:
+            return loss, {**metrics, "actor/bc_mse": math.nan} if with_metrics else metrics
+        obs, action = batch["observation"][rows], batch["action"][rows]
+        mode = self.actor.mode(obs, batch["future_goal"][rows])
+        bc = (((mode - action) / self.actor.half_range) ** 2).mean()
+        if with_metrics:
+            metrics = {**metrics, "actor/bc_mse": float(bc.detach()), "actor/bc_rows": n_rows}
+        return loss + w * bc, metrics
+
+    def dataset_rows_options(self) -> list[str]:
+        return super().dataset_rows_options() + (["bc_weight"] if self.hparams.bc_weight else [])
 
     def watch_critic(self, metrics: dict[str, float]) -> None:
         accuracy = metrics.get("critic/accuracy", math.nan)
