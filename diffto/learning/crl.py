@@ -126,13 +126,13 @@ class ContrastiveRL(GoalOffPolicy):
             return loss, metrics
         rows = batch["from_dataset"]
         n_rows = int(rows.sum())
-        if n_rows == 0:
-            return loss, {**metrics, "actor/bc_mse": math.nan} if with_metrics else metrics
-        obs, action = batch["observation"][rows], batch["action"][rows]
-        mode = self.actor.mode(obs, batch["future_goal"][rows])
-        bc = (((mode - action) / self.actor.half_range) ** 2).mean()
+        bc = torch.zeros((), device=loss.device)  # no dataset rows in this batch: no pull
+        if n_rows:
+            mode = self.actor.mode(batch["observation"][rows], batch["future_goal"][rows])
+            bc = (((mode - batch["action"][rows]) / self.actor.half_range) ** 2).mean()
         if with_metrics:
-            metrics = {**metrics, "actor/bc_mse": float(bc.detach()), "actor/bc_rows": n_rows}
+            metrics = {**metrics, "actor/bc_rows": n_rows,
+                       "actor/bc_mse": float(bc.detach()) if n_rows else math.nan}
         return loss + w * bc, metrics
 
     def dataset_rows_options(self) -> list[str]:

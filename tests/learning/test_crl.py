@@ -356,6 +356,7 @@ def test_bc_weight_adds_the_squared_error_on_the_dataset_rows(tmp_path):
     torch.manual_seed(1)
     none, metrics = model.actor_loss(batch, with_metrics=True)
     assert torch.isfinite(none) and math.isnan(metrics["actor/bc_mse"])
+    assert metrics["actor/bc_rows"] == 0
     model.teardown("fit")
     for bad in (dict(bc_weight=-1.0, pretrain_dataset=str(tmp_path / "demos.npz")),
                 dict(bc_weight=1.0)):
