@@ -395,7 +395,8 @@ class MPCGoalPolicy(L.LightningModule):
         opt = torch.optim.Adam([via], lr=self.hparams.refine_lr)
         with torch.enable_grad():
             for k in range(steps + 1):
-                out = self.losses((obs, goal), via)
+                with torch.set_grad_enabled(k < steps):  # the last iterate is only scored
+                    out = self.losses((obs, goal), via)
                 with torch.no_grad():
                     better = out["row_loss"] < best_loss
                     best[better], best_loss[better] = via[better], out["row_loss"][better]
