@@ -18,10 +18,10 @@ A pull towards demonstrations (``bc_weight = w > 0``, with ``pretrain_dataset``)
     behaviour cloning of the demonstrations beside the critic's objective, as in offline
     contrastive RL (Eysenbach et al., 2022, there as a log-likelihood; the squared error on the
     mode is used here because scripted experts saturate their actions at the box's bounds,
-    where a tanh-Gaussian's log-likelihood is unbounded). It anchors the actor on the states
-    the demonstrations visit, where maximizing the critic alone can drift from pushing the
-    object to motions the critic over-rates. ``dataset_fraction`` keeps those rows a fixed
-    share of every batch; without it the term fades as online data fills the buffer.
+    where a tanh-Gaussian's log-likelihood is unbounded). It holds the actor to the
+    demonstrations on the states they visit; elsewhere the critic alone steers it.
+    ``dataset_fraction`` keeps those rows a fixed share of every batch; without it the term
+    fades as online data fills the buffer.
 
 Critic health is logged under ``critic/`` (accuracy, mean positive and negative logits,
 logsumexp; :func:`~diffto.learning.contrastive_critic.critic_metrics`) and a
