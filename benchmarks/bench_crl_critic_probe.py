@@ -40,14 +40,16 @@ def probe_episode(module, seed: int) -> dict:
         target = obs["desired_goal"].copy()
         states, achieved, hand_object, object_target, success = [], [], [], [], False
         done = False
-        while not done:
+        hand = slice(*module.hparams.hand_slice)
+        while not done:  # the distances at the state whose action the critic scores
             states.append(obs["observation"].copy())
             achieved.append(obs["achieved_goal"].copy())
-            action = module.act(obs["observation"][None], target[None])[0]
-            obs, _, terminated, truncated, info = env.step(action)
-            hand_object.append(float(np.linalg.norm(obs["observation"][:3]
+            hand_object.append(float(np.linalg.norm(obs["observation"][hand]
                                                     - obs["achieved_goal"])))
             object_target.append(float(np.linalg.norm(obs["achieved_goal"] - target)))
+            inputs = np.concatenate([obs[k] for k in module.observation_keys])
+            action = module.act(inputs[None], target[None])[0]
+            obs, _, terminated, truncated, info = env.step(action)
             success = success or bool(info.get("success", False))
             done = terminated or truncated
     finally:
@@ -97,7 +99,7 @@ def main() -> None:
         dataset_fraction=None, bc_weight=0.0).eval()
     rows = [probe_episode(module, seed) for seed in eval_seeds(args.episodes)]
     payload = {"benchmark": "bench_crl_critic_probe", "checkpoint": str(args.checkpoint),
-               "task": module.hparams.env_kwargs.get("task"), "machine": machine_info(),
+               "task": (module.hparams.env_kwargs or {}).get("task"), "machine": machine_info(),
                "episodes": rows}
     write_atomic(RESULTS / f"{args.name}.json", payload)
     (RESULTS / f"{args.name}.md").write_text(table(rows))

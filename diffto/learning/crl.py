@@ -13,7 +13,8 @@ the future goals of other transitions of the batch).
 
 A pull towards demonstrations (``bc_weight = w > 0``, with ``pretrain_dataset``)
     The actor's loss gains ``w · mean ‖(π(s, g) − a) / half_range‖²₂ / dim`` over the batch's
-    rows from the dataset, with ``π(s, g) = tanh(μ(s, g))`` (the policy's mode), ``(s, a)``
+    rows from the dataset, with ``π(s, g) = center + half_range ⊙ tanh(μ(s, g))`` (the
+    policy's mode), ``(s, a)``
     the dataset's transition and ``g`` its future goal from the same episode: goal-conditioned
     behaviour cloning of the demonstrations beside the critic's objective, as in offline
     contrastive RL (Eysenbach et al., 2022, there as a log-likelihood; the squared error on the
@@ -82,9 +83,11 @@ class ContrastiveRL(GoalOffPolicy):
         if logsumexp_penalty < 0 or collapse_patience < 1:
             raise ValueError(f"logsumexp_penalty must be >= 0 and collapse_patience >= 1, got "
                              f"{logsumexp_penalty}, {collapse_patience}")
-        if bc_weight < 0 or (bc_weight > 0 and self.hparams.pretrain_dataset is None):
+        if not bc_weight >= 0 or (bc_weight > 0 and (self.hparams.pretrain_dataset is None or
+                                                     self.hparams.task_sequence is not None)):
             raise ValueError(f"bc_weight must be >= 0, and > 0 only with pretrain_dataset (the "
-                             f"demonstrations it clones), got {bc_weight} with pretrain_dataset="
+                             f"demonstrations it clones) and a single task (no task_sequence), "
+                             f"got {bc_weight} with pretrain_dataset="
                              f"{self.hparams.pretrain_dataset!r}")
         self.critic = self._make_critic()
         self._chance_iterations = 0

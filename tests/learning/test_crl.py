@@ -359,14 +359,14 @@ def test_bc_weight_adds_the_squared_error_on_the_dataset_rows(tmp_path):
     assert metrics["actor/bc_rows"] == 0
     model.teardown("fit")
     for bad in (dict(bc_weight=-1.0, pretrain_dataset=str(tmp_path / "demos.npz")),
-                dict(bc_weight=1.0)):
+                dict(bc_weight=1.0), dict(bc_weight=float("nan"))):
         with pytest.raises(ValueError, match="bc_weight"):
             ContrastiveRL(**{**TINY, **bad})
 
 
 def test_bc_weight_pulls_the_actor_onto_the_demonstrations(tmp_path):
     """200 updates on the demonstrations alone: with the pull the policy's mode comes within a
-    tenth of its initial squared error of the expert's actions, and within a third of where
+    tenth of its initial squared error of the expert's actions, and within half of where
     the critic alone brings it (the critic alone: 0.22 of the initial error, the pull 0.06)."""
     errors = {}
     for weight in (0.0, 10.0):
@@ -386,7 +386,7 @@ def test_bc_weight_pulls_the_actor_onto_the_demonstrations(tmp_path):
         model.pretrain()
         errors[weight] = error() / before
         model.teardown("fit")
-    assert errors[10.0] < 0.1 and errors[10.0] < errors[0.0] / 3, errors
+    assert errors[10.0] < 0.1 and errors[10.0] < errors[0.0] / 2, errors
 
 
 # ----------------------------------------------------------------------------- resuming
