@@ -14,12 +14,12 @@ the future goals of other transitions of the batch).
 A pull towards demonstrations (``bc_weight = w > 0``, with ``pretrain_dataset``)
     The actor's loss gains ``w · mean ‖(π(s, g) − a) / half_range‖²₂ / dim`` over the batch's
     rows from the dataset, with ``π(s, g) = center + half_range ⊙ tanh(μ(s, g))`` (the
-    policy's mode), ``(s, a)``
-    the dataset's transition and ``g`` its future goal from the same episode: goal-conditioned
-    behaviour cloning of the demonstrations beside the critic's objective, as in offline
-    contrastive RL (Eysenbach et al., 2022, there as a log-likelihood; the squared error on the
-    mode is used here because scripted experts saturate their actions at the box's bounds,
-    where a tanh-Gaussian's log-likelihood is unbounded). It holds the actor to the
+    policy's mode), ``(s, a)`` the dataset's transition and ``g`` its future goal from the
+    same episode: goal-conditioned behaviour cloning of the demonstrations beside the
+    critic's objective, as in offline contrastive RL (Eysenbach et al., 2022, there as a
+    log-likelihood; the squared error on the mode is used here because scripted experts
+    saturate their actions at the box's bounds, where a tanh-Gaussian's log-likelihood is
+    unbounded). It holds the actor to the
     demonstrations on the states they visit; elsewhere the critic alone steers it.
     ``dataset_fraction`` keeps those rows a fixed share of every batch; without it the term
     fades as online data fills the buffer.
