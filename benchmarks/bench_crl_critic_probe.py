@@ -2,9 +2,10 @@
 
 For a checkpoint of :class:`~diffto.learning.crl.ContrastiveRL` on a Metaworld object task
 (e.g. a ``bench_crl_metaworld.py`` push run), each held-out episode (the validation seeds
-``EVAL_SEED_BASE + j``, deterministic policy, the rollout goal ``[target, 0]``) is run, and the
-critic's value of the policy's own action, ``f(s_t, π(s_t, g), g)``, is recorded at every step
-beside the hand-to-object and object-to-target distances. A critic that ranks the states
+``EVAL_SEED_BASE + j``, deterministic policy, the rollout goal ``[target,
+goal_hand_offset]``) is run, and the critic's value of the policy's own action,
+``f(s_t, π(s_t, g), g)``, is recorded at every step beside the hand-to-object and
+object-to-target distances. A critic that ranks the states
 the policy reaches by its progress rises as the object nears the target; one that is flat or
 falls there gives the actor no gradient to finish the task.
 

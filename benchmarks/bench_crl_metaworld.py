@@ -63,6 +63,15 @@ VARIANTS: dict[str, tuple[str, dict]] = {
         "goal_features": "achieved_goal_and_hand",
         "pretrain_dataset": "runs/datasets/metaworld_{task}", "pretrain_updates": 2000,
         "dataset_fraction": 0.25, "bc_weight": 0.1}),
+    # the rollout goal's hand part where the demonstrations end (the hand above the held
+    # object, goal_hand_offset="dataset") instead of at the object's centre, out of reach
+    "crl_hand_goal_demos_offset": ("metaworld_crl.yaml", {
+        "goal_features": "achieved_goal_and_hand", "goal_hand_offset": "dataset",
+        "pretrain_dataset": "runs/datasets/metaworld_{task}", "pretrain_updates": 2000}),
+    "crl_hand_goal_demos_bc_offset": ("metaworld_crl.yaml", {
+        "goal_features": "achieved_goal_and_hand", "goal_hand_offset": "dataset",
+        "pretrain_dataset": "runs/datasets/metaworld_{task}", "pretrain_updates": 2000,
+        "dataset_fraction": 0.25, "bc_weight": 1.0}),
     "sac_her": ("metaworld_sac_her.yaml", {}),
     "sac_her_utd_1_2": ("metaworld_sac_her.yaml", {"env_steps_per_update": 2}),
     "sac_her_hand_goal": ("metaworld_sac_her.yaml",

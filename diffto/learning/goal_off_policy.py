@@ -22,9 +22,14 @@ Goals
     The critic's goals live in a goal space built from the env's dict
     (``goal_features``): ``"achieved_goal"`` (the env's achieved goal; the rollout goal is the
     desired goal) or ``"achieved_goal_and_hand"`` (``[achieved, hand − achieved]`` with the
-    hand at ``observation[hand_slice]``; the rollout goal is ``[desired, 0]``: the object at
-    the target and the hand at the object). The second gives a goal that changes whenever the
-    hand moves, so hindsight goals differ even while an object stays put. The state the
+    hand at ``observation[hand_slice]``; the rollout goal is ``[desired, goal_hand_offset]``:
+    the object at the target and the hand where it is when the task is done). The second gives
+    a goal that changes whenever the hand moves, so hindsight goals differ even while an object
+    stays put. The hand's part of the rollout goal must be a place the hand can be: Metaworld's
+    hand position is a point about 3.5 cm above the centre of an object its fingers hold, so
+    the default offset 0 asks the critic about goals no episode ever reaches (on push that
+    alone costs a trained policy up to two thirds of its success; ``"dataset"`` reads the
+    offset off the demonstrations' final states). The state the
     networks see is ``observation[observation_slice]`` (for Metaworld ``[0, 36]``: without
     the goal that the observation's last entries repeat, so relabelled goals are the only
     goals the networks see).
@@ -113,7 +118,8 @@ from diffto.learning.tanh_gaussian_actor import TanhGaussianActor
 from diffto.learning.vector_envs import IterationStream, info_values, make_vector_env
 from diffto.tasks.registry import make_env
 
-__all__ = ["GoalOffPolicy", "initial_achieved_goals", "achieved_goal_at_observation"]
+__all__ = ["GoalOffPolicy", "initial_achieved_goals", "achieved_goal_at_observation",
+           "dataset_hand_offset"]
 
 GoalFeatures = Literal["achieved_goal", "achieved_goal_and_hand"]
 ContinualReset = Literal["none", "critic", "all"]
@@ -137,6 +143,11 @@ class GoalOffPolicy(L.LightningModule):
         observation_slice: ``[start, stop]`` of ``observation`` the networks see (``None``:
             all of it).
         goal_features, hand_slice: the goal space (see the module docstring).
+        goal_hand_offset: the hand's part of the rollout goal with
+            ``goal_features="achieved_goal_and_hand"``: ``None`` (zeros: the hand at the
+            object), a list of goal-size offsets ``hand − achieved``, or ``"dataset"``: the
+            mean offset over the final states of ``pretrain_dataset``'s episodes (where the
+            demonstrations end; on Metaworld push ``[0.003, −0.004, 0.035]``).
         achieved_in_state: the networks' state is ``observation[observation_slice]`` followed
             by the env's achieved goal (e.g. the Panda's flange position, which its joint-space
             observation does not hold: a goal-reaching policy then sees where it stands in the
@@ -185,6 +196,7 @@ class GoalOffPolicy(L.LightningModule):
         observation_slice: tuple[int, int] | None = None,
         goal_features: GoalFeatures = "achieved_goal",
         hand_slice: tuple[int, int] = (0, 3),
+        goal_hand_offset: list[float] | Literal["dataset"] | None = None,
         achieved_in_state: bool = False,
         relative_goal: bool = False,
         normalize_inputs: bool = False,
@@ -290,6 +302,7 @@ class GoalOffPolicy(L.LightningModule):
             raise ValueError(f"relative_goal needs achieved_in_state=True and goal_features="
                              f"'achieved_goal', got {achieved_in_state} and {goal_features!r}")
         self.relative_goal_dims = goal_dim if relative_goal else 0
+        self.goal_hand_offset = self._resolve_goal_hand_offset(goal_dim)
         self.obs_slice = slice(lo, hi)
         self.obs_dim = obs_dim
         self.state_dim = hi - lo + (goal_dim if achieved_in_state else 0)
@@ -315,6 +328,29 @@ class GoalOffPolicy(L.LightningModule):
         self._saved_task: int | None = None  # task and its steps when a checkpoint was saved
         self._saved_task_steps = 0
         self._task_index = -1
+
+    def _resolve_goal_hand_offset(self, goal_dim: int) -> np.ndarray:
+        """The hand's part of the rollout goal ``(goal_dim,)`` (``goal_hand_offset``)."""
+        hp = self.hparams
+        offset = hp.goal_hand_offset
+        if offset is None:
+            return np.zeros(goal_dim, dtype=np.float32)
+        if hp.goal_features != "achieved_goal_and_hand":
+            raise ValueError(f"goal_hand_offset needs goal_features='achieved_goal_and_hand' "
+                             f"(the goal has no hand part otherwise), got {offset!r}")
+        if offset == "dataset":
+            if hp.pretrain_dataset is None:
+                raise ValueError("goal_hand_offset='dataset' needs pretrain_dataset (whose "
+                                 "episodes' final states give the offset)")
+            value = dataset_hand_offset(hp.pretrain_dataset, hp.hand_slice)
+            rank_zero_info(f"goal_hand_offset from the final states of {hp.pretrain_dataset}'s "
+                           f"episodes: {np.round(value, 4).tolist()}")
+            return value
+        value = np.asarray(offset, dtype=np.float64) if not isinstance(offset, str) else None
+        if value is None or value.shape != (goal_dim,) or not np.isfinite(value).all():
+            raise ValueError(f"goal_hand_offset must be None, 'dataset' or {goal_dim} finite "
+                             f"floats (hand − achieved goal), got {offset!r}")
+        return value.astype(np.float32)
 
     def _make_actor(self, act_space) -> TanhGaussianActor:
         hp = self.hparams
@@ -383,7 +419,8 @@ class GoalOffPolicy(L.LightningModule):
         """Goal-space features of the env's desired goals ``(n, goal_dim)``."""
         if self.hparams.goal_features == "achieved_goal":
             return desired
-        return np.concatenate([desired, np.zeros_like(desired)], -1)
+        hand = np.broadcast_to(self.goal_hand_offset.astype(desired.dtype), desired.shape)
+        return np.concatenate([desired, hand], -1)
 
     def network_state(self, observation: np.ndarray, achieved: np.ndarray) -> np.ndarray:
         """The state the networks see ``(n, state_dim)``: ``observation[observation_slice]``,
@@ -801,6 +838,9 @@ class GoalOffPolicy(L.LightningModule):
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if isinstance(self.hparams.goal_hand_offset, str):  # "dataset": record the numbers,
+            checkpoint.setdefault("hyper_parameters", {})[  # so that loading needs no dataset
+                "goal_hand_offset"] = self.goal_hand_offset.tolist()
         checkpoint["goal_off_policy"] = {
             "env_steps": self.env_steps, "wall_time": self.wall_time, "updates": self.updates,
             "offline_actor": self.offline_actor,
@@ -947,10 +987,32 @@ class GoalOffPolicy(L.LightningModule):
             "seeds": eval_seeds(n, offset), "training_time_s": self.wall_time,
             "best_checkpoint": best_path, "video": video,
             "results": rows}
+        if hp.goal_features == "achieved_goal_and_hand":
+            payload["goal_hand_offset"] = self.goal_hand_offset.tolist()
         _write_json(out / "report.json", payload)
         (out / "report.md").write_text(table)
         rank_zero_info(table + f"(report: {out / 'report.json'})")
         return payload
+
+
+def dataset_hand_offset(path: str, hand_slice: tuple[int, int]) -> np.ndarray:
+    """The mean ``hand − achieved goal`` ``(g,)`` over the final states of a trajectory set's
+    episodes (``next_observation[hand_slice]`` and ``achieved_goal`` at each episode's last
+    row): where the hand is when demonstrations of a task end."""
+    from diffto.data.trajectories import load_trajectories
+
+    data = load_trajectories(path)
+    arrays = data.arrays()
+    for key in ("next_observation", "achieved_goal"):
+        if key not in arrays:
+            raise ValueError(f"{path}: the set has no {key!r} array (it has {sorted(arrays)})")
+    last = [sl.stop - 1 for sl in data.episode_slices()]
+    hand = arrays["next_observation"][last][:, slice(*hand_slice)]
+    if hand.shape[1] != arrays["achieved_goal"].shape[1]:
+        raise ValueError(f"hand_slice {tuple(hand_slice)} selects {hand.shape[1]} entries of "
+                         f"{path}'s observations; its achieved goals have "
+                         f"{arrays['achieved_goal'].shape[1]}")
+    return (hand - arrays["achieved_goal"][last]).mean(0).astype(np.float32)
 
 
 def initial_achieved_goals(data, atol: float = 1e-6) -> list[np.ndarray | None]:

@@ -183,6 +183,41 @@ def test_goal_features_with_the_hand():
     np.testing.assert_allclose(model.goal_of_targets(np.ones((1, 3))), [[1, 1, 1, 0, 0, 0]])
 
 
+def test_goal_hand_offset_is_the_hand_part_of_the_rollout_goal(tmp_path):
+    """The rollout goal ``[target, offset]``: a given offset, or the mean hand offset at the
+    final states of the dataset's episodes (push's expert ends holding the cube, the hand
+    about 3.5 cm above its centre), recorded in the hyperparameters as numbers."""
+    from diffto.data.metaworld_demos import collect_demos
+    from diffto.data.trajectories import save_trajectories
+
+    push = {**TINY, "goal_features": "achieved_goal_and_hand",
+            "env_kwargs": {"task": "push-v3", "max_episode_steps": 10}}
+    given_offset = ContrastiveRL(**push, goal_hand_offset=[0.1, -0.2, 0.3])
+    np.testing.assert_allclose(given_offset.goal_of_targets(np.ones((2, 3))),
+                               [[1, 1, 1, 0.1, -0.2, 0.3]] * 2, rtol=1e-6)
+    data, _ = collect_demos("push-v3", range(2), range(2))
+    path = tmp_path / "push.npz"
+    save_trajectories(path, data)
+    model = ContrastiveRL(**push, goal_hand_offset="dataset", pretrain_dataset=str(path))
+    arrays = data.arrays()
+    last = [sl.stop - 1 for sl in data.episode_slices()]
+    want = (arrays["next_observation"][last, :3] - arrays["achieved_goal"][last]).mean(0)
+    np.testing.assert_allclose(model.goal_hand_offset, want, rtol=1e-5)
+    assert abs(want[2] - 0.035) < 0.01 and np.abs(want[:2]).max() < 0.01, want
+    np.testing.assert_allclose(model.goal_of_targets(np.zeros((1, 3)))[0, 3:], want, rtol=1e-5)
+    trainer = _fit(model, tmp_path, max_steps=1)
+    trainer.save_checkpoint(tmp_path / "push.ckpt")  # records the numbers, not "dataset"
+    path.unlink()  # so loading it needs no dataset
+    again = ContrastiveRL.load_from_checkpoint(tmp_path / "push.ckpt", pretrain_dataset=None)
+    assert again.hparams.goal_hand_offset == pytest.approx(want.tolist())
+    np.testing.assert_allclose(again.goal_hand_offset, model.goal_hand_offset)
+    for bad in (dict(goal_hand_offset=[0.0, 0.0]), dict(goal_hand_offset=[0, 0, float("nan")]),
+                dict(goal_hand_offset="demos"), dict(goal_hand_offset="dataset"),
+                dict(goal_hand_offset=[0, 0, 0], goal_features="achieved_goal")):
+        with pytest.raises(ValueError, match="goal_hand_offset"):
+            ContrastiveRL(**{**push, **bad})
+
+
 def test_bad_arguments_name_themselves():
     for bad, match in ((dict(direction="up"), "direction"), (dict(energy="cos"), "energy"),
                        (dict(env_steps_per_iteration=15), "env_steps_per_iteration"),
