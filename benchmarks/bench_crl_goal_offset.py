@@ -68,7 +68,7 @@ def rescore(checkpoint: Path, hand_offset: list[str], episodes: int) -> dict:
     for name, offset in (("own", module.goal_hand_offset.copy()), ("other", other)):
         module.goal_hand_offset = offset
         s = module.evaluate(episodes=episodes, offset=hp.eval_episodes)[0].summary()
-        row[name] = {"hand_offset": np.round(offset, 4).tolist(), "success_any":
+        row[name] = {"hand_offset": [round(float(x), 4) for x in offset], "success_any":
                      s["success_any"], "success": s["success"],
                      "time_at_goal": s["time_at_goal"], "final_distance": s["final_distance"]}
         print(f"{row['label']}: hand offset {row[name]['hand_offset']}: success "

@@ -27,12 +27,13 @@ Goals
     a goal that changes whenever the hand moves, so hindsight goals differ even while an object
     stays put. The hand's part of the rollout goal must be a place the hand can be: Metaworld's
     hand position is a point about 3.5 cm above the centre of an object its fingers hold, so
-    the default offset 0 asks the critic about goals no episode ever reaches (on push that
-    alone costs a trained policy up to two thirds of its success; ``"dataset"`` reads the
-    offset off the demonstrations' final states). The state the
-    networks see is ``observation[observation_slice]`` (for Metaworld ``[0, 36]``: without
-    the goal that the observation's last entries repeat, so relabelled goals are the only
-    goals the networks see).
+    the default offset 0 asks the critic about goals no episode ever reaches (a push policy
+    that succeeds on 0.24 of held-out episodes asked for ``[target, 0]`` succeeds on 0.86
+    asked for the hand 3.5 cm above the cube; ``"dataset"`` reads the offset off the
+    demonstrations' final states). The state the networks see is
+    ``observation[observation_slice]`` (for Metaworld ``[0, 36]``: without the goal that the
+    observation's last entries repeat, so relabelled goals are the only goals the networks
+    see).
 
 Evaluation
     Every validation runs ``eval_episodes`` deterministic episodes (``tanh(μ)``) on the held-out
