@@ -9,7 +9,8 @@ with the rollout goal they were trained with, and with the hand offset given by
 checkpoint's ``pretrain_dataset`` episodes, :func:`~diffto.learning.goal_off_policy.
 dataset_hand_offset`). Nothing is retrained: a change in success is the goal alone.
 
-Usage (about 25 s per episode and goal here, on a free core)::
+Usage (about 10 min per checkpoint at 50 episodes with six training runs sharing the 2
+cores here)::
 
     OMP_NUM_THREADS=1 python benchmarks/bench_crl_goal_offset.py \\
         runs/bench_crl/push-v3/crl_hand_goal_demos/seed*/checkpoints/last.ckpt \\
@@ -30,7 +31,7 @@ from _results import machine_info, write_atomic
 RESULTS = Path(__file__).parent / "results"
 
 
-def label(checkpoint: Path) -> str:
+def run_label(checkpoint: Path) -> str:
     """``variant/seedK`` for a ``bench_crl_metaworld.py`` run's checkpoint, else the path."""
     parts = checkpoint.parts
     if len(parts) >= 4 and parts[-2] == "checkpoints" and parts[-3].startswith("seed"):
@@ -44,27 +45,23 @@ def rescore(checkpoint: Path, hand_offset: list[str], episodes: int) -> dict:
     from diffto.learning.crl import ContrastiveRL
     from diffto.learning.goal_off_policy import dataset_hand_offset
 
-    # evaluation needs neither the training's dataset nor its pre-training
-    module = ContrastiveRL.load_from_checkpoint(
-        checkpoint, map_location="cpu", pretrain_dataset=None, pretrain_updates=0,
-        dataset_fraction=None, bc_weight=0.0).eval()
+    # the dataset is not read (a checkpoint records a "dataset" hand offset as numbers)
+    module = ContrastiveRL.load_from_checkpoint(checkpoint, map_location="cpu").eval()
     hp = module.hparams
     if hp.goal_features != "achieved_goal_and_hand":
         raise SystemExit(f"{checkpoint}: goal_features is {hp.goal_features!r}; the goal has "
                          f"no hand part")
     if hand_offset == ["dataset"]:
-        dataset = torch.load(checkpoint, map_location="cpu", weights_only=False)[
-            "hyper_parameters"].get("pretrain_dataset")
-        if dataset is None:
+        if hp.pretrain_dataset is None:
             raise SystemExit(f"--hand-offset dataset: {checkpoint} was trained without "
                              f"pretrain_dataset")
-        other = dataset_hand_offset(dataset, hp.hand_slice)
+        other = dataset_hand_offset(hp.pretrain_dataset, hp.hand_slice)
     else:
         other = np.asarray([float(x) for x in hand_offset], dtype=np.float32)
     if other.shape != module.goal_hand_offset.shape:
         raise SystemExit(f"--hand-offset must have {module.goal_hand_offset.size} numbers, "
                          f"got {hand_offset}")
-    row = {"checkpoint": str(checkpoint), "label": label(checkpoint)}
+    row = {"checkpoint": str(checkpoint), "label": run_label(checkpoint)}
     for name, offset in (("own", module.goal_hand_offset.copy()), ("other", other)):
         module.goal_hand_offset = offset
         s = module.evaluate(episodes=episodes, offset=hp.eval_episodes)[0].summary()

@@ -23,7 +23,7 @@ Goals
     (``goal_features``): ``"achieved_goal"`` (the env's achieved goal; the rollout goal is the
     desired goal) or ``"achieved_goal_and_hand"`` (``[achieved, hand − achieved]`` with the
     hand at ``observation[hand_slice]``; the rollout goal is ``[desired, goal_hand_offset]``:
-    the object at the target and the hand where it is when the task is done). The second gives
+    the object at the target and the hand at that offset from it, by default 0). The second gives
     a goal that changes whenever the hand moves, so hindsight goals differ even while an object
     stays put. The hand's part of the rollout goal must be a place the hand can be: Metaworld's
     hand position is a point about 3.5 cm above the centre of an object its fingers hold, so
@@ -303,7 +303,7 @@ class GoalOffPolicy(L.LightningModule):
             raise ValueError(f"relative_goal needs achieved_in_state=True and goal_features="
                              f"'achieved_goal', got {achieved_in_state} and {goal_features!r}")
         self.relative_goal_dims = goal_dim if relative_goal else 0
-        self.goal_hand_offset = self._resolve_goal_hand_offset(goal_dim)
+        self.goal_hand_offset = self._resolve_goal_hand_offset(env_goal_dim=goal_dim)
         self.obs_slice = slice(lo, hi)
         self.obs_dim = obs_dim
         self.state_dim = hi - lo + (goal_dim if achieved_in_state else 0)
@@ -330,16 +330,16 @@ class GoalOffPolicy(L.LightningModule):
         self._saved_task_steps = 0
         self._task_index = -1
 
-    def _resolve_goal_hand_offset(self, goal_dim: int) -> np.ndarray:
-        """The hand's part of the rollout goal ``(goal_dim,)`` (``goal_hand_offset``)."""
+    def _resolve_goal_hand_offset(self, env_goal_dim: int) -> np.ndarray:
+        """The hand's part of the rollout goal ``(env_goal_dim,)`` (``goal_hand_offset``)."""
         hp = self.hparams
         offset = hp.goal_hand_offset
         if offset is None:
-            return np.zeros(goal_dim, dtype=np.float32)
+            return np.zeros(env_goal_dim, dtype=np.float32)
         if hp.goal_features != "achieved_goal_and_hand":
             raise ValueError(f"goal_hand_offset needs goal_features='achieved_goal_and_hand' "
                              f"(the goal has no hand part otherwise), got {offset!r}")
-        if offset == "dataset":
+        if isinstance(offset, str) and offset == "dataset":
             if hp.pretrain_dataset is None:
                 raise ValueError("goal_hand_offset='dataset' needs pretrain_dataset (whose "
                                  "episodes' final states give the offset)")
@@ -347,10 +347,10 @@ class GoalOffPolicy(L.LightningModule):
             rank_zero_info(f"goal_hand_offset from the final states of {hp.pretrain_dataset}'s "
                            f"episodes: {np.round(value, 4).tolist()}")
             return value
-        value = np.asarray(offset, dtype=np.float64) if not isinstance(offset, str) else None
-        if value is None or value.shape != (goal_dim,) or not np.isfinite(value).all():
-            raise ValueError(f"goal_hand_offset must be None, 'dataset' or {goal_dim} finite "
-                             f"floats (hand − achieved goal), got {offset!r}")
+        value = None if isinstance(offset, str) else np.asarray(offset, dtype=np.float64)
+        if value is None or value.shape != (env_goal_dim,) or not np.isfinite(value).all():
+            raise ValueError(f"goal_hand_offset must be None, 'dataset' or {env_goal_dim} "
+                             f"finite floats (hand − achieved goal), got {offset!r}")
         return value.astype(np.float32)
 
     def _make_actor(self, act_space) -> TanhGaussianActor:
@@ -852,6 +852,10 @@ class GoalOffPolicy(L.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        recorded = checkpoint.get("hyper_parameters", {}).get("goal_hand_offset")
+        if self.hparams.goal_features == "achieved_goal_and_hand" and isinstance(
+                recorded, list):  # a resumed run keeps the goal its buffer's episodes had
+            self.goal_hand_offset = np.asarray(recorded, dtype=np.float32)
         state = checkpoint.get("goal_off_policy", {})
         self.env_steps = int(state.get("env_steps", 0))
         self.updates = int(state.get("updates", 0))
@@ -1006,14 +1010,24 @@ def dataset_hand_offset(path: str, hand_slice: tuple[int, int]) -> np.ndarray:
     arrays = data.arrays()
     for key in ("next_observation", "achieved_goal"):
         if key not in arrays:
-            raise ValueError(f"{path}: the set has no {key!r} array (it has {sorted(arrays)})")
+            raise ValueError(f"pretrain_dataset {path}: the set has no {key!r} array (it has "
+                             f"{sorted(arrays)})")
+    if data.meta.get("achieved_goal_at") == "observation":
+        raise ValueError(f"pretrain_dataset {path}: its achieved goals are the ones at each "
+                         f"observation (meta 'achieved_goal_at'); the hand offset pairs "
+                         f"next_observation with the format's, after each action")
     last = [sl.stop - 1 for sl in data.episode_slices()]
     hand = arrays["next_observation"][last][:, slice(*hand_slice)]
-    if hand.shape[1] != arrays["achieved_goal"].shape[1]:
-        raise ValueError(f"hand_slice {tuple(hand_slice)} selects {hand.shape[1]} entries of "
-                         f"{path}'s observations; its achieved goals have "
-                         f"{arrays['achieved_goal'].shape[1]}")
-    return (hand - arrays["achieved_goal"][last]).mean(0).astype(np.float32)
+    if not last or hand.shape[1] != arrays["achieved_goal"].shape[1]:
+        raise ValueError(f"pretrain_dataset {path}: needs episodes whose observations' "
+                         f"hand_slice {tuple(hand_slice)} has the achieved goal's "
+                         f"{arrays['achieved_goal'].shape[1]} entries; got {len(last)} "
+                         f"episodes and {hand.shape[1]} entries")
+    offset = (hand - arrays["achieved_goal"][last]).mean(0)
+    if not np.isfinite(offset).all():
+        raise ValueError(f"pretrain_dataset {path}: the hand offset at its episodes' final "
+                         f"states is not finite: {offset}")
+    return offset.astype(np.float32)
 
 
 def initial_achieved_goals(data, atol: float = 1e-6) -> list[np.ndarray | None]:

@@ -208,9 +208,11 @@ def test_goal_hand_offset_is_the_hand_part_of_the_rollout_goal(tmp_path):
     trainer = _fit(model, tmp_path, max_steps=1)
     trainer.save_checkpoint(tmp_path / "push.ckpt")  # records the numbers, not "dataset"
     path.unlink()  # so loading it needs no dataset
-    again = ContrastiveRL.load_from_checkpoint(tmp_path / "push.ckpt", pretrain_dataset=None)
+    again = ContrastiveRL.load_from_checkpoint(tmp_path / "push.ckpt")
     assert again.hparams.goal_hand_offset == pytest.approx(want.tolist())
     np.testing.assert_allclose(again.goal_hand_offset, model.goal_hand_offset)
+    given_offset.on_load_checkpoint({"hyper_parameters": {"goal_hand_offset": [0, 0, 0.5]}})
+    np.testing.assert_allclose(given_offset.goal_hand_offset, [0, 0, 0.5])  # a resumed run's
     for bad in (dict(goal_hand_offset=[0.0, 0.0]), dict(goal_hand_offset=[0, 0, float("nan")]),
                 dict(goal_hand_offset="demos"), dict(goal_hand_offset="dataset"),
                 dict(goal_hand_offset=[0, 0, 0], goal_features="achieved_goal")):
