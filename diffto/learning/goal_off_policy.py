@@ -120,7 +120,7 @@ from diffto.learning.vector_envs import IterationStream, info_values, make_vecto
 from diffto.tasks.registry import make_env
 
 __all__ = ["GoalOffPolicy", "initial_achieved_goals", "achieved_goal_at_observation",
-           "dataset_hand_offset"]
+           "dataset_hand_offset", "load_goal_dataset"]
 
 GoalFeatures = Literal["achieved_goal", "achieved_goal_and_hand"]
 ContinualReset = Literal["none", "critic", "all"]
@@ -500,19 +500,8 @@ class GoalOffPolicy(L.LightningModule):
     # ------------------------------------------------------------------ pre-training
     def load_dataset_episodes(self, path: str) -> int:
         """Write the episodes of a trajectory set into the buffer; returns transitions."""
-        from diffto.data.trajectories import load_trajectories
-
-        data = load_trajectories(path)
-        arrays = data.arrays()
-        for key in ("observation", "action", "next_observation", "achieved_goal",
-                    "desired_goal"):
-            if key not in arrays:
-                raise ValueError(f"pretrain_dataset {path}: the set has no {key!r} array "
-                                 f"(it has {sorted(arrays)})")
-        if data.meta.get("achieved_goal_at") == "observation":
-            raise ValueError(f"pretrain_dataset {path}: its achieved goals are the ones at "
-                             f"each observation (meta 'achieved_goal_at', e.g. DAgger labels); "
-                             f"pre-training reads the format's, after each action")
+        data, arrays = load_goal_dataset(path, ("observation", "action", "next_observation",
+                                                "achieved_goal", "desired_goal"))
         if arrays["observation"].shape[1] < self.obs_slice.stop:
             raise ValueError(f"pretrain_dataset {path}: observations have "
                              f"{arrays['observation'].shape[1]} entries, fewer than "
@@ -1000,22 +989,29 @@ class GoalOffPolicy(L.LightningModule):
         return payload
 
 
-def dataset_hand_offset(path: str, hand_slice: tuple[int, int]) -> np.ndarray:
-    """The mean ``hand − achieved goal`` ``(g,)`` over the final states of a trajectory set's
-    episodes (``next_observation[hand_slice]`` and ``achieved_goal`` at each episode's last
-    row): where the hand is when demonstrations of a task end."""
+def load_goal_dataset(path: str, keys: tuple[str, ...]) -> tuple[Any, dict[str, np.ndarray]]:
+    """A trajectory set and its arrays, checked to hold ``keys`` and the format's achieved goals
+    (the ones after each action, paired with ``next_observation``)."""
     from diffto.data.trajectories import load_trajectories
 
     data = load_trajectories(path)
     arrays = data.arrays()
-    for key in ("next_observation", "achieved_goal"):
+    for key in keys:
         if key not in arrays:
             raise ValueError(f"pretrain_dataset {path}: the set has no {key!r} array (it has "
                              f"{sorted(arrays)})")
     if data.meta.get("achieved_goal_at") == "observation":
         raise ValueError(f"pretrain_dataset {path}: its achieved goals are the ones at each "
-                         f"observation (meta 'achieved_goal_at'); the hand offset pairs "
-                         f"next_observation with the format's, after each action")
+                         f"observation (meta 'achieved_goal_at', e.g. DAgger labels); "
+                         f"pre-training reads the format's, after each action")
+    return data, arrays
+
+
+def dataset_hand_offset(path: str, hand_slice: tuple[int, int]) -> np.ndarray:
+    """The mean ``hand − achieved goal`` ``(g,)`` over the final states of a trajectory set's
+    episodes (``next_observation[hand_slice]`` and ``achieved_goal`` at each episode's last
+    row): where the hand is when demonstrations of a task end."""
+    data, arrays = load_goal_dataset(path, ("next_observation", "achieved_goal"))
     last = [sl.stop - 1 for sl in data.episode_slices()]
     hand = arrays["next_observation"][last][:, slice(*hand_slice)]
     if not last or hand.shape[1] != arrays["achieved_goal"].shape[1]:
