@@ -76,6 +76,12 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "sac_her_utd_1_2": ("metaworld_sac_her.yaml", {"env_steps_per_update": 2}),
     "sac_her_hand_goal": ("metaworld_sac_her.yaml",
                           {"goal_features": "achieved_goal_and_hand"}),
+    # SAC + HER given what crl_hand_goal_demos_bc_offset is given: the same demonstrations,
+    # share of every batch, pull towards their actions and reachable rollout goal
+    "sac_her_hand_goal_demos_bc_offset": ("metaworld_sac_her.yaml", {
+        "goal_features": "achieved_goal_and_hand", "goal_hand_offset": "dataset",
+        "pretrain_dataset": "runs/datasets/metaworld_{task}", "pretrain_updates": 2000,
+        "dataset_fraction": 0.25, "bc_weight": 1.0}),
     # the Panda reach task (--task is then only the results' label)
     "panda_crl": ("panda_crl.yaml", {}),
     "panda_crl_pretrained": ("panda_crl.yaml", {"pretrain_dataset": "runs/datasets/panda_reach",

@@ -11,18 +11,10 @@ actor's argmax ignores (Eysenbach et al., 2022). The actor is the SAC tanh-Gauss
 relabelled from the future of the same episode (``actor_goal="future"``, or ``"shuffled"``:
 the future goals of other transitions of the batch).
 
-A pull towards demonstrations (``bc_weight = w > 0``, with ``pretrain_dataset``)
-    The actor's loss gains ``w · mean ‖(π(s, g) − a) / half_range‖²₂ / dim`` over the batch's
-    rows from the dataset, with ``π(s, g) = center + half_range ⊙ tanh(μ(s, g))`` (the
-    policy's mode), ``(s, a)`` the dataset's transition and ``g`` its future goal from the
-    same episode: goal-conditioned behaviour cloning of the demonstrations beside the
-    critic's objective, as in offline contrastive RL (Eysenbach et al., 2022, there as a
-    log-likelihood; the squared error on the mode is used here because scripted experts
-    saturate their actions at the box's bounds, where a tanh-Gaussian's log-likelihood is
-    unbounded). It holds the actor to the
-    demonstrations on the states they visit; elsewhere the critic alone steers it.
-    ``dataset_fraction`` keeps those rows a fixed share of every batch; without it the term
-    fades as online data fills the buffer.
+A pull towards demonstrations (``bc_weight = w > 0``, with ``pretrain_dataset``) is
+:class:`~diffto.learning.goal_off_policy.GoalOffPolicy`'s, shared with SAC + HER: the
+goal-conditioned behaviour cloning of offline contrastive RL (Eysenbach et al., 2022) beside
+the critic's objective.
 
 Critic health is logged under ``critic/`` (accuracy, mean positive and negative logits,
 logsumexp; :func:`~diffto.learning.contrastive_critic.critic_metrics`) and a
@@ -83,12 +75,7 @@ class ContrastiveRL(GoalOffPolicy):
         if logsumexp_penalty < 0 or collapse_patience < 1:
             raise ValueError(f"logsumexp_penalty must be >= 0 and collapse_patience >= 1, got "
                              f"{logsumexp_penalty}, {collapse_patience}")
-        if not bc_weight >= 0 or (bc_weight > 0 and (self.hparams.pretrain_dataset is None or
-                                                     self.hparams.task_sequence is not None)):
-            raise ValueError(f"bc_weight must be >= 0, and > 0 only with pretrain_dataset (the "
-                             f"demonstrations it clones) and a single task (no task_sequence), "
-                             f"got {bc_weight} with pretrain_dataset="
-                             f"{self.hparams.pretrain_dataset!r}")
+        self.check_bc_weight(bc_weight)
         self.critic = self._make_critic()
         self._chance_iterations = 0
         self._warned_collapse = False
@@ -121,25 +108,8 @@ class ContrastiveRL(GoalOffPolicy):
     def actor_value(self, obs: Tensor, action: Tensor, goal: Tensor) -> Tensor:
         return self.critic(obs, action, goal)
 
-    def actor_loss(self, batch: dict[str, Tensor], with_metrics: bool = False
-                   ) -> tuple[Tensor | None, dict[str, float]]:
-        loss, metrics = super().actor_loss(batch, with_metrics)
-        w = self.hparams.bc_weight
-        if w == 0.0:
-            return loss, metrics
-        rows = batch["from_dataset"]
-        n_rows = int(rows.sum())
-        bc = torch.zeros((), device=loss.device)  # no dataset rows in this batch: no pull
-        if n_rows:
-            mode = self.actor.mode(batch["observation"][rows], batch["future_goal"][rows])
-            bc = (((mode - batch["action"][rows]) / self.actor.half_range) ** 2).mean()
-        if with_metrics:
-            metrics = {**metrics, "actor/bc_rows": n_rows,
-                       "actor/bc_mse": float(bc.detach()) if n_rows else math.nan}
-        return loss + w * bc, metrics
-
-    def dataset_rows_options(self) -> list[str]:
-        return super().dataset_rows_options() + (["bc_weight"] if self.hparams.bc_weight else [])
+    def bc_pull_weight(self) -> float:
+        return self.hparams.bc_weight
 
     def watch_critic(self, metrics: dict[str, float]) -> None:
         accuracy = metrics.get("critic/accuracy", math.nan)

@@ -79,6 +79,19 @@ Pre-training on a dataset (``pretrain_dataset``, ``pretrain_updates``)
     report as ``offline policy (pre-trained)``: the online phase's gain is read against it.
     Pre-training shows a progress bar and counts in ``time/wall_s``.
 
+A pull towards demonstrations (``bc_weight = w > 0`` of ContrastiveRL and GoalSAC)
+    The actor's loss gains ``w · mean ‖(π(s, g) − a) / half_range‖²₂ / dim`` over the batch's
+    rows from ``pretrain_dataset``, with ``π(s, g) = center + half_range ⊙ tanh(μ(s, g))`` (the
+    policy's mode), ``(s, a)`` the dataset's transition and ``g`` its future goal from the
+    same episode: goal-conditioned behaviour cloning of the demonstrations beside the
+    critic's objective (offline contrastive RL, Eysenbach et al., 2022, writes it as a
+    log-likelihood; DDPG + HER with demonstrations, Nair et al., 2018, as this squared error;
+    the squared error on the mode is used here because scripted experts saturate their
+    actions at the box's bounds, where a tanh-Gaussian's log-likelihood is unbounded). It
+    holds the actor to the demonstrations on the states they visit; elsewhere the critic alone
+    steers it. ``dataset_fraction`` keeps those rows a fixed share of every batch; without it
+    the term fades as online data fills the buffer.
+
 Resuming (``--ckpt_path last``)
     Networks, optimizer, temperature, environment-step counter, wall time and learning curve
     are restored, and the run goes on in the task it was in (a checkpoint saved at a task's
@@ -686,7 +699,8 @@ class GoalOffPolicy(L.LightningModule):
 
     def dataset_rows_options(self) -> list[str]:
         """The options set that read the batch's dataset rows (a subclass adds its own)."""
-        return ["dataset_fraction"] if self.hparams.dataset_fraction is not None else []
+        return ((["dataset_fraction"] if self.hparams.dataset_fraction is not None else [])
+                + (["bc_weight"] if self.bc_pull_weight() > 0 else []))
 
     def uses_dataset_rows(self) -> bool:
         return bool(self.dataset_rows_options())
@@ -753,7 +767,38 @@ class GoalOffPolicy(L.LightningModule):
         if with_metrics:
             metrics = {"loss/actor": float(loss.detach()), "actor/alpha": float(alpha.detach()),
                        "actor/entropy": float(-log_prob.detach().mean())}
-        return loss + alpha_loss, metrics
+        loss = loss + alpha_loss
+        if self.bc_pull_weight() > 0:
+            loss, metrics = self.add_bc_pull(loss, metrics, batch, with_metrics)
+        return loss, metrics
+
+    def bc_pull_weight(self) -> float:
+        """Weight of the actor's pull towards the dataset's actions (module docstring): 0 here,
+        ``bc_weight`` in a subclass that offers it."""
+        return 0.0
+
+    def check_bc_weight(self, bc_weight: float) -> None:
+        """Raise unless ``bc_weight`` is >= 0, and > 0 only with demonstrations to clone."""
+        hp = self.hparams
+        if not bc_weight >= 0 or (bc_weight > 0 and (hp.pretrain_dataset is None
+                                                     or hp.task_sequence is not None)):
+            raise ValueError(f"bc_weight must be >= 0, and > 0 only with pretrain_dataset (the "
+                             f"demonstrations it clones) and a single task (no task_sequence), "
+                             f"got {bc_weight} with pretrain_dataset={hp.pretrain_dataset!r}")
+
+    def add_bc_pull(self, loss: Tensor, metrics: dict[str, float], batch: dict[str, Tensor],
+                    with_metrics: bool) -> tuple[Tensor, dict[str, float]]:
+        """``loss`` plus the pull towards the dataset rows' actions (module docstring)."""
+        rows = batch["from_dataset"]
+        n_rows = int(rows.sum())
+        bc = torch.zeros((), device=loss.device)  # no dataset rows in this batch: no pull
+        if n_rows:
+            mode = self.actor.mode(batch["observation"][rows], batch["future_goal"][rows])
+            bc = (((mode - batch["action"][rows]) / self.actor.half_range) ** 2).mean()
+        if with_metrics:
+            metrics = {**metrics, "actor/bc_rows": n_rows,
+                       "actor/bc_mse": float(bc.detach()) if n_rows else math.nan}
+        return loss + self.bc_pull_weight() * bc, metrics
 
     def training_step(self, batch: Tensor, batch_idx: int) -> None:
         hp = self.hparams

@@ -16,9 +16,16 @@ TD target
     and the critic loss is ``Σ_i mean (Q_i(s, a, g) − y)²``. The entropy bonus can push an
     unclipped target above 0 (or, with a negative entropy, below the floor): the clip of
     :meth:`~diffto.learning.goal_q_learning.GoalQLearning.clip_target` applies.
+
+With ``pretrain_dataset`` and ``bc_weight > 0`` the actor is also pulled towards the
+demonstrations' actions (:class:`~diffto.learning.goal_off_policy.GoalOffPolicy`'s pull, the
+same as :class:`~diffto.learning.crl.ContrastiveRL`'s): SAC + HER with demonstrations, the
+reward-based baseline of contrastive RL given the same data.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 from torch import Tensor
 
@@ -30,7 +37,20 @@ __all__ = ["GoalSAC"]
 class GoalSAC(GoalQLearning):
     """SAC with HER over a goal env (see the module docstring; the reward, relabelling and
     critic arguments are :class:`GoalQLearning`'s, the environment, buffer, evaluation and
-    continual-learning ones :class:`GoalOffPolicy`'s)."""
+    continual-learning ones :class:`GoalOffPolicy`'s).
+
+    Args:
+        bc_weight: weight of the pull towards the dataset's actions (``0``: none).
+        **kwargs: :class:`GoalQLearning` and :class:`GoalOffPolicy` arguments.
+    """
+
+    def __init__(self, bc_weight: float = 0.0, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.save_hyperparameters()
+        self.check_bc_weight(bc_weight)
+
+    def bc_pull_weight(self) -> float:
+        return self.hparams.bc_weight
 
     def td_target(self, batch: dict[str, Tensor], goal: Tensor, reward: Tensor) -> Tensor:
         next_action, next_log_prob = self.actor(batch["next_observation"], goal)

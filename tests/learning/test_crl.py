@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from diffto.learning.continual_metrics import continual_metrics, forward_transfer, task_auc
 from diffto.learning.contrastive_critic import ContrastiveCritic, critic_metrics, infonce_loss
 from diffto.learning.crl import ContrastiveRL
+from diffto.learning.goal_sac import GoalSAC
 from diffto.learning.residual_mlp import ResidualMLP
 from diffto.learning.tanh_gaussian_actor import TanhGaussianActor
 
@@ -355,15 +356,20 @@ def test_pretraining_on_a_dataset_fills_the_buffer_and_trains_only_the_critic(tm
         ContrastiveRL(**{**TINY, "pretrain_updates": 3})
 
 
-def _demo_module(tmp_path, **overrides):
+def _tiny(cls) -> dict:
+    """TINY without the contrastive critic's arguments for another learner."""
+    return TINY if cls is ContrastiveRL else {k: v for k, v in TINY.items() if k != "repr_dim"}
+
+
+def _demo_module(tmp_path, cls=ContrastiveRL, **overrides):
     from diffto.data.metaworld_demos import collect_demos
     from diffto.data.trajectories import save_trajectories
 
     data, _ = collect_demos("reach-v3", range(2), range(2))
     path = tmp_path / "demos.npz"
     save_trajectories(path, data)
-    model = ContrastiveRL(**{**TINY, "env_kwargs": {"task": "reach-v3", "max_episode_steps": 200},
-                             "pretrain_dataset": str(path), **overrides})
+    model = cls(**{**_tiny(cls), "env_kwargs": {"task": "reach-v3", "max_episode_steps": 200},
+                   "pretrain_dataset": str(path), **overrides})
     opt = model.configure_optimizers()
     model.optimizers = lambda: type("O", (), {"zero_grad": opt.zero_grad, "step": opt.step,
                                               "optimizer": opt})()
@@ -372,13 +378,17 @@ def _demo_module(tmp_path, **overrides):
     return model
 
 
-def test_bc_weight_adds_the_squared_error_on_the_dataset_rows(tmp_path):
-    model = _demo_module(tmp_path, bc_weight=2.0)
+@pytest.mark.parametrize("cls", [ContrastiveRL, GoalSAC])
+def test_bc_weight_adds_the_squared_error_on_the_dataset_rows(tmp_path, cls):
+    """The pull is the same for both learners: SAC + HER is given the demonstrations as CRL."""
+    model = _demo_module(tmp_path, cls, bc_weight=2.0)
+    assert "bc_weight" in model.dataset_rows_options()  # warned about when no dataset is left
     torch.manual_seed(0)
     batch = model._batch()
     rows = batch["from_dataset"].clone()
     rows[: len(rows) // 2] = False  # as if half the batch came from the environments
     batch["from_dataset"] = rows
+    model.actor_goals(batch)  # SAC's hindsight goals: drawn once, kept in the batch
     torch.manual_seed(1)
     with_bc, metrics = model.actor_loss(batch, with_metrics=True)
     model.hparams.bc_weight = 0.0
@@ -398,7 +408,7 @@ def test_bc_weight_adds_the_squared_error_on_the_dataset_rows(tmp_path):
     for bad in (dict(bc_weight=-1.0, pretrain_dataset=str(tmp_path / "demos.npz")),
                 dict(bc_weight=1.0), dict(bc_weight=float("nan"))):
         with pytest.raises(ValueError, match="bc_weight"):
-            ContrastiveRL(**{**TINY, **bad})
+            cls(**{**_tiny(cls), **bad})
 
 
 def test_bc_weight_pulls_the_actor_onto_the_demonstrations(tmp_path):
