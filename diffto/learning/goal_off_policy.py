@@ -774,7 +774,8 @@ class GoalOffPolicy(L.LightningModule):
 
     def bc_pull_weight(self) -> float:
         """Weight of the actor's pull towards the dataset's actions (module docstring): 0 here,
-        ``bc_weight`` in a subclass that offers it."""
+        ``bc_weight`` in ContrastiveRL and GoalSAC (GoalTD3BC's own, annealed ``bc_weight`` is
+        a different term, in its own actor loss)."""
         return 0.0
 
     def check_bc_weight(self, bc_weight: float) -> None:

@@ -40,7 +40,8 @@ class GoalSAC(GoalQLearning):
     continual-learning ones :class:`GoalOffPolicy`'s).
 
     Args:
-        bc_weight: weight of the pull towards the dataset's actions (``0``: none).
+        bc_weight: weight of the pull towards the dataset's actions (``0``: none; > 0 needs
+            ``pretrain_dataset`` and a single task).
         **kwargs: :class:`GoalQLearning` and :class:`GoalOffPolicy` arguments.
     """
 
